@@ -1,0 +1,303 @@
+//! The relay's single `Config`: every limit, timeout, rate and quota, each with its default.
+//! Values come from (lowest to highest precedence) the defaults, an optional TOML file, `BOTD_*`
+//! environment variables (one per field, e.g. `BOTD_MAX_CONNECTIONS=5000`,
+//! `BOTD_HANDSHAKE_TIMEOUT=5s`) and command-line flags.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ratelimit::Rate;
+
+/// Default TCP port of BOTD #2.
+pub const DEFAULT_PORT: u16 = 9945;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("invalid value in environment variable {var}: {message}")]
+    Env { var: String, message: String },
+    #[error("invalid setting: {0}")]
+    Invalid(String),
+}
+
+/// Where the Prometheus exporter listens, or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricsListen {
+    Off,
+    At(SocketAddr),
+}
+
+impl std::str::FromStr for MetricsListen {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        if text.eq_ignore_ascii_case("off") {
+            return Ok(MetricsListen::Off);
+        }
+        text.parse()
+            .map(MetricsListen::At)
+            .map_err(|err| format!("expected ADDR:PORT or off, got {text:?}: {err}"))
+    }
+}
+
+impl std::fmt::Display for MetricsListen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MetricsListen::Off => f.write_str("off"),
+            MetricsListen::At(addr) => write!(f, "{addr}"),
+        }
+    }
+}
+
+impl Serialize for MetricsListen {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for MetricsListen {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    // --- Network ---
+    /// Address the relay listens on for nodes.
+    pub listen: SocketAddr,
+    /// Directory holding the relay's identity key and its store.
+    pub data_dir: PathBuf,
+    /// Address of the Prometheus exporter (`off` disables it).
+    pub metrics_listen: MetricsListen,
+
+    // --- Transport limits ---
+    /// Largest frame body accepted, in bytes; announced in `Welcome`. Longer frames close the
+    /// connection before their body is read.
+    pub max_frame_len: u32,
+    /// Open connections at once; further connections are closed at accept.
+    pub max_connections: usize,
+    /// Handshakes in progress at once; further connections wait at most `handshake_timeout`.
+    pub max_handshakes_in_flight: usize,
+    /// Time from accept to a completed handshake.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// Ephemeral keys of recent `Init`s remembered to refuse replays.
+    pub replay_cache_capacity: usize,
+    /// Handshake attempts per source IP address (token bucket).
+    pub handshake_rate_per_ip: Rate,
+    /// Source addresses tracked by the handshake rate limiter at once.
+    pub max_tracked_ips: usize,
+
+    // --- Session timers ---
+    /// A peer may ping at most once per this interval (BOTD #2: 30 s); a second ping closes it.
+    #[serde(with = "humantime_serde")]
+    pub ping_min_interval: Duration,
+    /// The relay pings a peer it has heard nothing from for this long.
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Duration,
+    /// How long the relay waits for the Pong before closing the session.
+    #[serde(with = "humantime_serde")]
+    pub pong_timeout: Duration,
+    /// A session whose peer sent nothing but Pongs for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// A write to a peer that makes no progress for this long closes the session.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
+    /// Sealed bytes queued towards one session; past this it gets `SLOW_CONSUMER` and is closed.
+    pub max_outbound_bytes: usize,
+    /// On shutdown, how long sessions get to flush before they are dropped.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)),
+            data_dir: PathBuf::from("./botd-data"),
+            metrics_listen: MetricsListen::At(SocketAddr::from(([127, 0, 0, 1], 9946))),
+            max_frame_len: 1 << 20,
+            max_connections: 10_000,
+            max_handshakes_in_flight: 512,
+            handshake_timeout: Duration::from_secs(10),
+            replay_cache_capacity: 100_000,
+            handshake_rate_per_ip: Rate::new(50.0, 512),
+            max_tracked_ips: 65_536,
+            ping_min_interval: Duration::from_secs(30),
+            ping_interval: Duration::from_secs(60),
+            pong_timeout: Duration::from_secs(20),
+            idle_timeout: Duration::from_secs(600),
+            write_timeout: Duration::from_secs(30),
+            max_outbound_bytes: 8 << 20,
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Config {
+    /// Defaults, overlaid with the TOML file (if any), then with `BOTD_*` variables from `env`.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut table = toml::Table::try_from(Config::default()).expect("config serializes");
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            })?;
+            let parsed: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+                path: path.to_owned(),
+                source,
+            })?;
+            table = toml::Table::try_from(parsed).expect("config serializes");
+        }
+        for (var, value) in env {
+            let Some(field) = var.strip_prefix("BOTD_") else {
+                continue;
+            };
+            let key = field.to_ascii_lowercase();
+            let Some(slot) = table.get_mut(&key) else {
+                continue;
+            };
+            *slot = parse_env_value(slot, &value).map_err(|message| ConfigError::Env {
+                var: var.clone(),
+                message,
+            })?;
+        }
+        let config: Config = table
+            .try_into()
+            .map_err(|err: toml::de::Error| ConfigError::Env {
+                var: "BOTD_*".into(),
+                message: err.to_string(),
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Rejects settings that cannot work together.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |msg: &str| Err(ConfigError::Invalid(msg.to_owned()));
+        if self.max_frame_len < 1024 {
+            return fail("max_frame_len must be at least 1024");
+        }
+        if self.max_connections == 0 || self.max_handshakes_in_flight == 0 {
+            return fail("max_connections and max_handshakes_in_flight must be positive");
+        }
+        if self.ping_interval < self.ping_min_interval {
+            return fail("ping_interval must not be shorter than ping_min_interval");
+        }
+        if self.handshake_rate_per_ip.burst == 0 || self.handshake_rate_per_ip.per_second < 0.0 {
+            return fail("handshake_rate_per_ip needs a positive burst and a non-negative rate");
+        }
+        Ok(())
+    }
+}
+
+/// Reads an environment value with the type of the field it replaces.
+fn parse_env_value(current: &toml::Value, text: &str) -> Result<toml::Value, String> {
+    use toml::Value;
+    match current {
+        Value::Integer(_) => text
+            .trim()
+            .replace('_', "")
+            .parse()
+            .map(Value::Integer)
+            .map_err(|err| format!("expected an integer: {err}")),
+        Value::Float(_) => text
+            .trim()
+            .parse()
+            .map(Value::Float)
+            .map_err(|err| format!("expected a number: {err}")),
+        Value::Boolean(_) => text
+            .trim()
+            .parse()
+            .map(Value::Boolean)
+            .map_err(|err| format!("expected true or false: {err}")),
+        Value::Table(_) => {
+            // Inline-table syntax, e.g. BOTD_HANDSHAKE_RATE_PER_IP="{ per_second = 10.0, burst = 20 }".
+            toml::from_str::<toml::Table>(&format!("v = {text}"))
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .ok_or_else(|| {
+                    "expected an inline table like { per_second = 10.0, burst = 20 }".to_owned()
+                })
+        }
+        _ => Ok(Value::String(text.to_owned())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_are_valid_and_documented_values() {
+        let config = Config::load(None, vars(&[])).unwrap();
+        assert_eq!(config, Config::default());
+        assert_eq!(config.listen.port(), 9945);
+        assert_eq!(config.handshake_timeout, Duration::from_secs(10));
+        assert!(config.handshake_rate_per_ip.burst >= 256);
+    }
+
+    #[test]
+    fn file_then_env_override() {
+        let dir = std::env::temp_dir().join(format!("botd-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("relay.toml");
+        std::fs::write(
+            &path,
+            "max_connections = 7\nhandshake_timeout = \"3s\"\nmetrics_listen = \"off\"\n",
+        )
+        .unwrap();
+        let config = Config::load(
+            Some(&path),
+            vars(&[
+                ("BOTD_MAX_CONNECTIONS", "9"),
+                ("BOTD_PONG_TIMEOUT", "5s"),
+                (
+                    "BOTD_HANDSHAKE_RATE_PER_IP",
+                    "{ per_second = 1.5, burst = 3 }",
+                ),
+                ("UNRELATED", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.max_connections, 9);
+        assert_eq!(config.handshake_timeout, Duration::from_secs(3));
+        assert_eq!(config.pong_timeout, Duration::from_secs(5));
+        assert_eq!(config.metrics_listen, MetricsListen::Off);
+        assert_eq!(config.handshake_rate_per_ip, Rate::new(1.5, 3));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let err = Config::load(None, vars(&[("BOTD_MAX_CONNECTIONS", "many")])).unwrap_err();
+        assert!(err.to_string().contains("BOTD_MAX_CONNECTIONS"), "{err}");
+        let err = Config::load(None, vars(&[("BOTD_MAX_FRAME_LEN", "10")])).unwrap_err();
+        assert!(err.to_string().contains("max_frame_len"), "{err}");
+    }
+}

@@ -1,0 +1,575 @@
+//! An established botd/1 session without IO: it opens incoming frame bodies, seals outgoing
+//! frames into an outbox, and enforces the session rules (Welcome first, the 30-second ping rule,
+//! liveness probes, idle and pong timeouts). Time is passed in; the caller sleeps until
+//! [`Session::next_deadline`] and then calls [`Session::on_timeout`].
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use prost::Message;
+use tokio::time::Instant;
+
+use super::cipher::{CipherError, Opener, Sealer, TAG_LEN};
+use super::handshake::SessionKeys;
+use crate::proto::{random_id, valid_id, Body, ErrorCode, Frame, Ping, Pong, Welcome};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SessionError {
+    #[error("{0}")]
+    Cipher(#[from] CipherError),
+    #[error("peer pinged twice within {0:?}")]
+    PingFlood(Duration),
+    #[error("no pong within {0:?}")]
+    PongTimeout(Duration),
+    #[error("idle for {0:?}")]
+    Idle(Duration),
+    #[error("first frame from the responder was not Welcome")]
+    ExpectedWelcome,
+    #[error("frame of {len} bytes exceeds the peer's limit of {max}")]
+    FrameTooLarge { len: usize, max: u32 },
+}
+
+impl SessionError {
+    /// Short stable label for metrics and logs.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            SessionError::Cipher(CipherError::BadTag) => "bad_tag",
+            SessionError::Cipher(CipherError::Truncated) => "truncated_frame",
+            SessionError::PingFlood(_) => "ping_flood",
+            SessionError::PongTimeout(_) => "pong_timeout",
+            SessionError::Idle(_) => "idle",
+            SessionError::ExpectedWelcome => "expected_welcome",
+            SessionError::FrameTooLarge { .. } => "frame_too_large",
+        }
+    }
+}
+
+/// The timing rules of one side of a session.
+#[derive(Debug, Clone)]
+pub struct Timers {
+    /// A peer may ping at most once per this interval (BOTD: 30 s); we keep to it too.
+    pub ping_min_interval: Duration,
+    /// Ping the peer when nothing was received from it for this long.
+    pub probe_after: Option<Duration>,
+    /// Ping the peer when nothing was sent to it for this long (keeps our own session alive).
+    pub keepalive_after: Option<Duration>,
+    /// How long an unanswered ping may stay unanswered.
+    pub pong_timeout: Duration,
+    /// Close when the peer sent nothing but Pongs for this long.
+    pub idle_timeout: Option<Duration>,
+}
+
+/// What the session is waiting for from the peer.
+#[derive(Debug)]
+enum Phase {
+    /// Initiator only: the responder's first encrypted frame must be `Welcome`.
+    AwaitingWelcome,
+    Open,
+}
+
+#[derive(Debug)]
+enum Liveness {
+    Quiet,
+    AwaitingPong { ping_id: String, deadline: Instant },
+}
+
+pub struct Session {
+    sealer: Sealer,
+    opener: Opener,
+    phase: Phase,
+    timers: Timers,
+    /// Largest frame body the peer accepts.
+    peer_max_frame_len: u32,
+    last_received: Instant,
+    last_active: Instant,
+    last_sent: Instant,
+    last_peer_ping: Option<Instant>,
+    last_own_ping: Option<Instant>,
+    liveness: Liveness,
+    outbox: VecDeque<Bytes>,
+    outbox_bytes: usize,
+}
+
+impl Session {
+    /// The responder's side; it must send `Welcome` as its first frame.
+    pub fn responder(
+        keys: SessionKeys,
+        timers: Timers,
+        peer_max_frame_len: u32,
+        now: Instant,
+    ) -> Self {
+        Self::new(keys, timers, peer_max_frame_len, Phase::Open, now)
+    }
+
+    /// The initiator's side; the first frame it accepts is `Welcome`.
+    pub fn initiator(
+        keys: SessionKeys,
+        timers: Timers,
+        peer_max_frame_len: u32,
+        now: Instant,
+    ) -> Self {
+        Self::new(
+            keys,
+            timers,
+            peer_max_frame_len,
+            Phase::AwaitingWelcome,
+            now,
+        )
+    }
+
+    fn new(
+        keys: SessionKeys,
+        timers: Timers,
+        peer_max_frame_len: u32,
+        phase: Phase,
+        now: Instant,
+    ) -> Self {
+        Self {
+            sealer: Sealer::new(keys.send),
+            opener: Opener::new(keys.recv),
+            phase,
+            timers,
+            peer_max_frame_len,
+            last_received: now,
+            last_active: now,
+            last_sent: now,
+            last_peer_ping: None,
+            last_own_ping: None,
+            liveness: Liveness::Quiet,
+            outbox: VecDeque::new(),
+            outbox_bytes: 0,
+        }
+    }
+
+    /// Replaces the timing rules, e.g. once the initiator learns the relay's from `Welcome`.
+    pub fn set_timers(&mut self, timers: Timers) {
+        self.timers = timers;
+    }
+
+    pub fn set_peer_max_frame_len(&mut self, max: u32) {
+        self.peer_max_frame_len = max;
+    }
+
+    /// Opens one frame body. Session-level frames (Ping, Pong, bodies nobody understands,
+    /// undecodable plaintext) are answered here; anything else is returned for the layer above.
+    /// An `Err` means: flush the outbox, then close.
+    pub fn on_frame(
+        &mut self,
+        body: BytesMut,
+        now: Instant,
+    ) -> Result<Option<Frame>, SessionError> {
+        let plaintext = self.opener.open(body)?;
+        self.last_received = now;
+        let frame = match Frame::decode(plaintext.freeze()) {
+            Ok(frame) => frame,
+            Err(err) => {
+                self.last_active = now;
+                self.send(&Frame::error(
+                    0,
+                    ErrorCode::BadRequest,
+                    format!("frame does not decode: {err}"),
+                ))?;
+                return Ok(None);
+            }
+        };
+        if let Phase::AwaitingWelcome = self.phase {
+            return match frame.body {
+                Some(Body::Welcome(_)) => {
+                    self.phase = Phase::Open;
+                    self.last_active = now;
+                    Ok(Some(frame))
+                }
+                _ => Err(SessionError::ExpectedWelcome),
+            };
+        }
+        if !matches!(frame.body, Some(Body::Pong(_))) {
+            self.last_active = now;
+        }
+        match frame.body {
+            Some(Body::Ping(ping)) => self.on_ping(frame.id, ping, now).map(|()| None),
+            Some(Body::Pong(pong)) => {
+                self.on_pong(pong);
+                Ok(None)
+            }
+            None => {
+                self.send(&Frame::error(
+                    frame.id,
+                    ErrorCode::Unsupported,
+                    "missing or unknown frame body",
+                ))?;
+                Ok(None)
+            }
+            Some(_) => Ok(Some(frame)),
+        }
+    }
+
+    fn on_ping(&mut self, frame_id: u64, ping: Ping, now: Instant) -> Result<(), SessionError> {
+        if let Some(previous) = self.last_peer_ping {
+            if now.saturating_duration_since(previous) < self.timers.ping_min_interval {
+                let limit = self.timers.ping_min_interval;
+                self.send(&Frame::error(
+                    frame_id,
+                    ErrorCode::PingFlood,
+                    format!("more than one ping within {}s", limit.as_secs()),
+                ))?;
+                return Err(SessionError::PingFlood(limit));
+            }
+        }
+        if !valid_id(&ping.id) {
+            return self.send(&Frame::error(
+                frame_id,
+                ErrorCode::BadRequest,
+                "ping id must be 1 to 64 bytes",
+            ));
+        }
+        self.last_peer_ping = Some(now);
+        self.send(&Frame::new(
+            frame_id,
+            Body::Pong(Pong {
+                id: random_id(),
+                ping_id: ping.id,
+            }),
+        ))
+    }
+
+    fn on_pong(&mut self, pong: Pong) {
+        if let Liveness::AwaitingPong { ping_id, .. } = &self.liveness {
+            if *ping_id == pong.ping_id {
+                self.liveness = Liveness::Quiet;
+            }
+        }
+    }
+
+    /// Earliest moment at which a ping may be sent without breaking the 30-second rule.
+    fn ping_allowed_at(&self) -> Option<Instant> {
+        self.last_own_ping
+            .map(|at| at + self.timers.ping_min_interval)
+    }
+
+    /// Sends a Ping now, if the 30-second rule allows it; returns its id.
+    pub fn ping(&mut self, now: Instant) -> Result<Option<String>, SessionError> {
+        if self.ping_allowed_at().is_some_and(|at| now < at) {
+            return Ok(None);
+        }
+        let id = random_id();
+        self.send(&Frame::new(0, Body::Ping(Ping { id: id.clone() })))?;
+        self.last_own_ping = Some(now);
+        self.liveness = Liveness::AwaitingPong {
+            ping_id: id.clone(),
+            deadline: now + self.timers.pong_timeout,
+        };
+        Ok(Some(id))
+    }
+
+    /// When [`Session::on_timeout`] has something to do next.
+    pub fn next_deadline(&self) -> Instant {
+        let mut candidates: Vec<Instant> = Vec::with_capacity(4);
+        match &self.liveness {
+            Liveness::AwaitingPong { deadline, .. } => candidates.push(*deadline),
+            Liveness::Quiet => {
+                let floor = self.ping_allowed_at();
+                let probe = self.timers.probe_after.map(|d| self.last_received + d);
+                let keepalive = self.timers.keepalive_after.map(|d| self.last_sent + d);
+                for due in [probe, keepalive].into_iter().flatten() {
+                    candidates.push(floor.map_or(due, |floor| due.max(floor)));
+                }
+            }
+        }
+        if let Some(idle) = self.timers.idle_timeout {
+            candidates.push(self.last_active + idle);
+        }
+        candidates
+            .into_iter()
+            .min()
+            .unwrap_or_else(|| self.last_received + Duration::from_secs(24 * 3600))
+    }
+
+    /// Runs the timers due at `now`: closes dead or idle sessions, pings silent peers.
+    pub fn on_timeout(&mut self, now: Instant) -> Result<(), SessionError> {
+        if let Liveness::AwaitingPong { deadline, .. } = &self.liveness {
+            if now >= *deadline {
+                let waited = self.timers.pong_timeout;
+                self.send(&Frame::error(0, ErrorCode::Timeout, "no pong in time"))?;
+                return Err(SessionError::PongTimeout(waited));
+            }
+        }
+        if let Some(idle) = self.timers.idle_timeout {
+            if now >= self.last_active + idle {
+                self.send(&Frame::error(0, ErrorCode::Timeout, "idle session closed"))?;
+                return Err(SessionError::Idle(idle));
+            }
+        }
+        if let Liveness::Quiet = self.liveness {
+            let probe_due = self
+                .timers
+                .probe_after
+                .is_some_and(|d| now >= self.last_received + d);
+            let keepalive_due = self
+                .timers
+                .keepalive_after
+                .is_some_and(|d| now >= self.last_sent + d);
+            if probe_due || keepalive_due {
+                self.ping(now)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Seals a frame into the outbox.
+    pub fn send(&mut self, frame: &Frame) -> Result<(), SessionError> {
+        let len = frame.encoded_len();
+        if len + TAG_LEN > self.peer_max_frame_len as usize {
+            return Err(SessionError::FrameTooLarge {
+                len: len + TAG_LEN,
+                max: self.peer_max_frame_len,
+            });
+        }
+        let wire = self.sealer.seal_with(len, |buf| {
+            frame.encode_raw(buf);
+        });
+        self.outbox_bytes += wire.len();
+        self.outbox.push_back(wire);
+        Ok(())
+    }
+
+    /// Records that queued frames were handed to the transport at `now`.
+    pub fn mark_sent(&mut self, now: Instant) {
+        self.last_sent = now;
+    }
+
+    /// The next sealed wire frame (length prefix included) to write.
+    pub fn poll_transmit(&mut self) -> Option<Bytes> {
+        let wire = self.outbox.pop_front()?;
+        self.outbox_bytes -= wire.len();
+        Some(wire)
+    }
+
+    /// Bytes sealed but not yet taken by [`Session::poll_transmit`].
+    pub fn outbox_bytes(&self) -> usize {
+        self.outbox_bytes
+    }
+
+    /// A `Welcome` frame as the responder's first message.
+    pub fn send_welcome(&mut self, welcome: Welcome) -> Result<(), SessionError> {
+        self.send(&Frame::new(0, Body::Welcome(welcome)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::handshake::{respond, AwaitingAck};
+    use crate::core::keys::KeyPair;
+    use crate::proto::Error as ErrorBody;
+
+    const SECOND: Duration = Duration::from_secs(1);
+
+    fn server_timers() -> Timers {
+        Timers {
+            ping_min_interval: 30 * SECOND,
+            probe_after: Some(60 * SECOND),
+            keepalive_after: None,
+            pong_timeout: 20 * SECOND,
+            idle_timeout: Some(300 * SECOND),
+        }
+    }
+
+    fn client_timers() -> Timers {
+        Timers {
+            ping_min_interval: 30 * SECOND,
+            probe_after: None,
+            keepalive_after: Some(120 * SECOND),
+            pong_timeout: 20 * SECOND,
+            idle_timeout: None,
+        }
+    }
+
+    /// A connected pair after a real handshake, with `Welcome` already exchanged.
+    fn pair(now: Instant) -> (Session, Session) {
+        let (client_key, server_key) = (KeyPair::generate(), KeyPair::generate());
+        let (waiting, init) = AwaitingAck::start(&client_key, *server_key.public());
+        let response = respond(&server_key, &init, |_| true).unwrap();
+        let client_keys = waiting
+            .on_ack(&client_key, &response.ack_body)
+            .unwrap()
+            .keys;
+        let mut server =
+            Session::responder(response.established.keys, server_timers(), 1 << 20, now);
+        let mut client = Session::initiator(client_keys, client_timers(), 1 << 20, now);
+        server.send_welcome(Welcome::default()).unwrap();
+        let welcome = deliver(&mut server, &mut client, now).unwrap();
+        assert!(matches!(welcome[0].body, Some(Body::Welcome(_))));
+        (server, client)
+    }
+
+    /// Moves every queued frame from `from` to `to`; returns what `to` passed up.
+    fn deliver(
+        from: &mut Session,
+        to: &mut Session,
+        now: Instant,
+    ) -> Result<Vec<Frame>, SessionError> {
+        let mut up = Vec::new();
+        while let Some(wire) = from.poll_transmit() {
+            if let Some(frame) = to.on_frame(BytesMut::from(&wire[4..]), now)? {
+                up.push(frame);
+            }
+        }
+        Ok(up)
+    }
+
+    fn error_code(frame: &Frame) -> ErrorCode {
+        match &frame.body {
+            Some(Body::Error(ErrorBody { code, .. })) => ErrorCode::try_from(*code).unwrap(),
+            other => panic!("expected an error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn initiator_requires_welcome_first() {
+        let now = Instant::now();
+        let (client_key, server_key) = (KeyPair::generate(), KeyPair::generate());
+        let (waiting, init) = AwaitingAck::start(&client_key, *server_key.public());
+        let response = respond(&server_key, &init, |_| true).unwrap();
+        let keys = waiting
+            .on_ack(&client_key, &response.ack_body)
+            .unwrap()
+            .keys;
+        let mut server =
+            Session::responder(response.established.keys, server_timers(), 1 << 20, now);
+        let mut client = Session::initiator(keys, client_timers(), 1 << 20, now);
+        server
+            .send(&Frame::error(0, ErrorCode::Internal, "x"))
+            .unwrap();
+        assert_eq!(
+            deliver(&mut server, &mut client, now),
+            Err(SessionError::ExpectedWelcome)
+        );
+    }
+
+    #[test]
+    fn ping_pong_and_ping_flood() {
+        let now = Instant::now();
+        let (mut server, mut client) = pair(now);
+        let id = client.ping(now).unwrap().expect("first ping allowed");
+        assert!(deliver(&mut client, &mut server, now).unwrap().is_empty());
+        assert!(deliver(&mut server, &mut client, now).unwrap().is_empty());
+        assert!(
+            matches!(client.liveness, Liveness::Quiet),
+            "pong {id} cleared the wait"
+        );
+
+        // The client's own guard refuses a second ping within 30 s ...
+        assert_eq!(client.ping(now + 10 * SECOND).unwrap(), None);
+        // ... but a peer that ignores the rule gets PING_FLOOD and is closed.
+        client.last_own_ping = None;
+        client.ping(now + 10 * SECOND).unwrap();
+        let err = deliver(&mut client, &mut server, now + 10 * SECOND).unwrap_err();
+        assert_eq!(err, SessionError::PingFlood(30 * SECOND));
+        let up = deliver(&mut server, &mut client, now).unwrap();
+        assert_eq!(error_code(&up[0]), ErrorCode::PingFlood);
+    }
+
+    #[test]
+    fn ping_after_thirty_seconds_is_fine() {
+        let now = Instant::now();
+        let (mut server, mut client) = pair(now);
+        for round in 0..3u32 {
+            let at = now + 31 * round * SECOND;
+            client.ping(at).unwrap().unwrap();
+            deliver(&mut client, &mut server, at).unwrap();
+            deliver(&mut server, &mut client, at).unwrap();
+        }
+    }
+
+    #[test]
+    fn silent_peer_is_probed_then_closed() {
+        let now = Instant::now();
+        let (mut server, mut client) = pair(now);
+        assert_eq!(server.next_deadline(), now + 60 * SECOND);
+        server.on_timeout(now + 60 * SECOND).unwrap();
+        let probe = server.poll_transmit().expect("a ping was queued");
+        assert!(server.poll_transmit().is_none());
+        assert_eq!(server.next_deadline(), now + 80 * SECOND);
+        // A live peer answers and the probe is satisfied.
+        client
+            .on_frame(BytesMut::from(&probe[4..]), now + 61 * SECOND)
+            .unwrap();
+        deliver(&mut client, &mut server, now + 61 * SECOND).unwrap();
+        assert!(matches!(server.liveness, Liveness::Quiet));
+        // Next time nobody answers.
+        let next = server.next_deadline();
+        assert_eq!(next, now + 121 * SECOND);
+        server.on_timeout(next).unwrap();
+        let deadline = server.next_deadline();
+        assert_eq!(
+            server.on_timeout(deadline),
+            Err(SessionError::PongTimeout(20 * SECOND))
+        );
+        let up = deliver(&mut server, &mut client, deadline);
+        assert_eq!(
+            error_code(&up.unwrap().last().unwrap().clone()),
+            ErrorCode::Timeout
+        );
+    }
+
+    #[test]
+    fn idle_peer_is_closed_even_when_it_answers_pings() {
+        let now = Instant::now();
+        let (mut server, mut client) = pair(now);
+        let mut at = now;
+        for _ in 0..10 {
+            at = server.next_deadline();
+            match server.on_timeout(at) {
+                Ok(()) => {
+                    deliver(&mut server, &mut client, at).unwrap();
+                    deliver(&mut client, &mut server, at).unwrap();
+                }
+                Err(err) => {
+                    assert_eq!(err, SessionError::Idle(300 * SECOND));
+                    break;
+                }
+            }
+        }
+        assert_eq!(at, now + 300 * SECOND);
+    }
+
+    #[test]
+    fn unknown_body_and_garbage_plaintext_get_errors_and_session_goes_on() {
+        let now = Instant::now();
+        let (mut server, mut client) = pair(now);
+        client.send(&Frame { id: 7, body: None }).unwrap();
+        // A plaintext that is not a Frame: field 1 with wire type 7 (invalid).
+        let garbage = client.sealer.seal(&[0x0f, 0xff]);
+        client.outbox_bytes += garbage.len();
+        client.outbox.push_back(garbage);
+        assert!(deliver(&mut client, &mut server, now).unwrap().is_empty());
+        let replies = deliver(&mut server, &mut client, now).unwrap();
+        assert_eq!(replies.len(), 2);
+        assert_eq!(
+            (replies[0].id, error_code(&replies[0])),
+            (7, ErrorCode::Unsupported)
+        );
+        assert_eq!(
+            (replies[1].id, error_code(&replies[1])),
+            (0, ErrorCode::BadRequest)
+        );
+        // The session still carries requests afterwards.
+        client
+            .send(&Frame::new(9, Body::Done(Default::default())))
+            .unwrap();
+        assert_eq!(deliver(&mut client, &mut server, now).unwrap()[0].id, 9);
+    }
+
+    #[test]
+    fn oversized_outbound_frame_is_refused() {
+        let now = Instant::now();
+        let (mut server, _client) = pair(now);
+        server.set_peer_max_frame_len(64);
+        let big = Frame::error(1, ErrorCode::Internal, "x".repeat(100));
+        assert!(matches!(
+            server.send(&big),
+            Err(SessionError::FrameTooLarge { .. })
+        ));
+    }
+}
