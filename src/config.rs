@@ -88,6 +88,8 @@ pub struct Config {
     /// Largest frame body accepted, in bytes; announced in `Welcome`. Longer frames close the
     /// connection before their body is read.
     pub max_frame_len: u32,
+    /// Largest `Send.payload` accepted, in bytes; announced in `Welcome`.
+    pub max_payload_len: u32,
     /// Open connections at once; further connections are closed at accept.
     pub max_connections: usize,
     /// Handshakes in progress at once; further connections wait at most `handshake_timeout`.
@@ -132,6 +134,7 @@ impl Default for Config {
             data_dir: PathBuf::from("./botd-data"),
             metrics_listen: MetricsListen::At(SocketAddr::from(([127, 0, 0, 1], 9946))),
             max_frame_len: 1 << 20,
+            max_payload_len: 256 << 10,
             max_connections: 10_000,
             max_handshakes_in_flight: 512,
             handshake_timeout: Duration::from_secs(10),
@@ -195,6 +198,9 @@ impl Config {
         let fail = |msg: &str| Err(ConfigError::Invalid(msg.to_owned()));
         if self.max_frame_len < 1024 {
             return fail("max_frame_len must be at least 1024");
+        }
+        if u64::from(self.max_payload_len) + 4096 > u64::from(self.max_frame_len) {
+            return fail("max_payload_len plus 4096 bytes of envelope must fit in max_frame_len");
         }
         if self.max_connections == 0 || self.max_handshakes_in_flight == 0 {
             return fail("max_connections and max_handshakes_in_flight must be positive");

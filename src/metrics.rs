@@ -1,1 +1,59 @@
+//! Metric names (all `botd_`-prefixed) and the Prometheus exporter. The library only records
+//! through the `metrics` facade; the binary decides whether an exporter is installed.
 
+use std::net::SocketAddr;
+
+use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder};
+
+pub const CONNECTIONS_OPEN: &str = "botd_connections_open";
+pub const CONNECTIONS_REJECTED: &str = "botd_connections_rejected_total";
+pub const HANDSHAKES: &str = "botd_handshakes_total";
+pub const HANDSHAKE_SECONDS: &str = "botd_handshake_duration_seconds";
+pub const FRAMES_IN: &str = "botd_frames_in_total";
+pub const FRAMES_OUT: &str = "botd_frames_out_total";
+pub const BYTES_IN: &str = "botd_bytes_in_total";
+pub const BYTES_OUT: &str = "botd_bytes_out_total";
+pub const SESSIONS_CLOSED: &str = "botd_sessions_closed_total";
+
+/// Installs the global recorder and serves `/metrics` on `addr`.
+pub fn install_prometheus(addr: SocketAddr) -> Result<(), BuildError> {
+    PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .set_buckets_for_metric(
+            Matcher::Full(HANDSHAKE_SECONDS.to_owned()),
+            &[
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ],
+        )?
+        .install()?;
+    describe();
+    Ok(())
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_gauge!(CONNECTIONS_OPEN, "TCP connections currently open");
+    describe_counter!(
+        CONNECTIONS_REJECTED,
+        "connections closed at accept, by reason"
+    );
+    describe_counter!(HANDSHAKES, "handshakes by outcome and failure reason");
+    describe_histogram!(
+        HANDSHAKE_SECONDS,
+        Unit::Seconds,
+        "accept to completed handshake"
+    );
+    describe_counter!(FRAMES_IN, "frames received");
+    describe_counter!(FRAMES_OUT, "frames sent");
+    describe_counter!(
+        BYTES_IN,
+        Unit::Bytes,
+        "bytes received, length prefixes included"
+    );
+    describe_counter!(
+        BYTES_OUT,
+        Unit::Bytes,
+        "bytes sent, length prefixes included"
+    );
+    describe_counter!(SESSIONS_CLOSED, "connections closed, by reason");
+}

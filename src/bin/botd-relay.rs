@@ -1,1 +1,164 @@
-fn main() {}
+//! The relay server: `botd-relay [--listen ADDR] [--data-dir DIR] [--metrics-listen ADDR|off]
+//! [--config FILE]`, and `botd-relay pubkey --data-dir DIR`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use botd_relay::config::{Config, MetricsListen};
+use botd_relay::keyfile;
+use botd_relay::net::{Server, TransportOnly};
+use clap::{Parser, Subcommand};
+use tracing::{error, info};
+
+/// File name of the relay's identity key inside the data directory.
+const IDENTITY_FILE: &str = "identity.key";
+
+#[derive(Parser, Debug)]
+#[command(name = "botd-relay", version, about = "BOTD #2 relay server (botd/1)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// Address to listen on for nodes [default: 0.0.0.0:9945]
+    #[arg(long, value_name = "ADDR", global = true)]
+    listen: Option<std::net::SocketAddr>,
+    /// Directory for the identity key and the store [default: ./botd-data]
+    #[arg(long, value_name = "DIR", global = true)]
+    data_dir: Option<PathBuf>,
+    /// Prometheus exporter address, or `off` [default: 127.0.0.1:9946]
+    #[arg(long, value_name = "ADDR|off", global = true)]
+    metrics_listen: Option<MetricsListen>,
+    /// TOML file with any `Config` field (see README); flags and BOTD_* variables override it
+    #[arg(long, value_name = "FILE", global = true)]
+    config: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the relay (the default)
+    Run,
+    /// Print the relay's public key (creating the key if the data dir has none)
+    Pubkey,
+}
+
+fn load_config(args: &RunArgs) -> Result<Config, String> {
+    let mut config =
+        Config::load(args.config.as_deref(), std::env::vars()).map_err(|e| e.to_string())?;
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    if let Some(dir) = &args.data_dir {
+        config.data_dir = dir.clone();
+    }
+    if let Some(metrics) = args.metrics_listen {
+        config.metrics_listen = metrics;
+    }
+    Ok(config)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BOTD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = match load_config(&cli.run) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("botd-relay: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    let key_path = config.data_dir.join(IDENTITY_FILE);
+    let (identity, created) = match keyfile::load_or_create(&key_path) {
+        Ok(loaded) => loaded,
+        Err(err) => {
+            eprintln!("botd-relay: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if created {
+        eprintln!("botd-relay: created identity key {}", key_path.display());
+    }
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Pubkey => {
+            println!("{}", identity.public());
+            ExitCode::SUCCESS
+        }
+        Command::Run => {
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(runtime) => runtime,
+                Err(err) => {
+                    eprintln!("botd-relay: cannot start the runtime: {err}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(run(config, identity)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    error!("{err}");
+                    eprintln!("botd-relay: {err}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+async fn run(config: Config, identity: botd_relay::core::keys::KeyPair) -> Result<(), String> {
+    if let MetricsListen::At(addr) = config.metrics_listen {
+        botd_relay::metrics::install_prometheus(addr)
+            .map_err(|err| format!("cannot serve metrics on {addr}: {err}"))?;
+        info!(%addr, "metrics exporter listening");
+    }
+    let listen = config.listen;
+    let server = Server::bind(config, identity, TransportOnly)
+        .await
+        .map_err(|err| format!("cannot listen on {listen}: {err}"))?;
+    let addr = server.local_addr().map_err(|err| err.to_string())?;
+    println!(
+        "botd-relay listening on {addr} as {}",
+        server.identity().public()
+    );
+    let handle = server.handle();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        info!("shutdown requested");
+        handle.shutdown();
+    });
+    server.run().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) {
+            (Ok(mut int), Ok(mut term)) => {
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

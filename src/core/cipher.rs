@@ -91,6 +91,14 @@ impl DirectionState {
         ctr.apply_keystream(data);
     }
 
+    /// Encrypts `input` into `out` in one pass: cheaper than copying, then encrypting in place.
+    fn keystream_into(&self, input: &[u8], out: &mut [u8]) {
+        let core = ctr::CtrCore::inner_iv_init(self.aes.clone(), &Self::iv(self.seq).into());
+        let mut ctr: Aes256Ctr = StreamCipherCoreWrapper::from_core(core);
+        ctr.apply_keystream_b2b(input, out)
+            .expect("input and output have the same length");
+    }
+
     fn tag_mac(&self, ciphertext: &[u8]) -> HmacSha256 {
         let mut mac = self.mac.clone();
         mac.update(&self.seq.to_be_bytes());
@@ -141,17 +149,28 @@ impl Sealer {
             4 + plaintext_len,
             "writer wrote the announced length"
         );
-        let state = &mut self.0;
-        state.keystream(&mut buf[4..]);
-        let tag = state.tag_mac(&buf[4..]).finalize().into_bytes();
-        buf.extend_from_slice(&tag[..TAG_LEN]);
-        state.advance();
-        buf.freeze()
+        self.0.keystream(&mut buf[4..]);
+        self.finish(buf)
     }
 
     /// Seals a plaintext given as bytes; see [`Sealer::seal_with`].
     pub fn seal(&mut self, plaintext: &[u8]) -> Bytes {
-        self.seal_with(plaintext.len(), |buf| buf.extend_from_slice(plaintext))
+        let body_len = plaintext.len() + TAG_LEN;
+        let mut buf = BytesMut::with_capacity(4 + body_len);
+        buf.put_u32(body_len as u32);
+        buf.resize(4 + plaintext.len(), 0);
+        let state = &mut self.0;
+        state.keystream_into(plaintext, &mut buf[4..]);
+        self.finish(buf)
+    }
+
+    /// Appends the tag over the encrypted body and moves to the next frame.
+    fn finish(&mut self, mut buf: BytesMut) -> Bytes {
+        let state = &mut self.0;
+        let tag = state.tag_mac(&buf[4..]).finalize().into_bytes();
+        buf.extend_from_slice(&tag[..TAG_LEN]);
+        state.advance();
+        buf.freeze()
     }
 }
 

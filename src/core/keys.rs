@@ -175,6 +175,24 @@ pub fn sha256(parts: &[&[u8]]) -> [u8; 32] {
     hasher.finalize().into()
 }
 
+/// Replaces `s` by `n - s`, turning a low-S signature into its equally valid high-S twin. Used by
+/// tests and the test-vector generator to build the malleated form peers must reject.
+pub fn negate_s(sig: &[u8; SIGNATURE_LEN]) -> [u8; SIGNATURE_LEN] {
+    const N: [u8; 32] = [
+        0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF,
+        0xFE, 0xBA, 0xAE, 0xDC, 0xE6, 0xAF, 0x48, 0xA0, 0x3B, 0xBF, 0xD2, 0x5E, 0x8C, 0xD0, 0x36,
+        0x41, 0x41,
+    ];
+    let mut out = *sig;
+    let mut borrow = 0i16;
+    for i in (0..32).rev() {
+        let diff = N[i] as i16 - sig[32 + i] as i16 - borrow;
+        out[32 + i] = diff.rem_euclid(256) as u8;
+        borrow = i16::from(diff < 0);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,22 +241,4 @@ mod tests {
         let b = KeyPair::generate();
         assert_eq!(*a.ecdh(b.public()), *b.ecdh(a.public()));
     }
-}
-
-/// Replaces `s` by `n - s`, turning a low-S signature into its equally valid high-S twin. Used by
-/// tests and the test-vector generator to build the malleated form peers must reject.
-pub fn negate_s(sig: &[u8; SIGNATURE_LEN]) -> [u8; SIGNATURE_LEN] {
-    const N: [u8; 32] = [
-        0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF,
-        0xFE, 0xBA, 0xAE, 0xDC, 0xE6, 0xAF, 0x48, 0xA0, 0x3B, 0xBF, 0xD2, 0x5E, 0x8C, 0xD0, 0x36,
-        0x41, 0x41,
-    ];
-    let mut out = *sig;
-    let mut borrow = 0i16;
-    for i in (0..32).rev() {
-        let diff = N[i] as i16 - sig[32 + i] as i16 - borrow;
-        out[32 + i] = diff.rem_euclid(256) as u8;
-        borrow = i16::from(diff < 0);
-    }
-    out
 }

@@ -142,6 +142,10 @@ impl Session {
         }
     }
 
+    pub fn timers(&self) -> &Timers {
+        &self.timers
+    }
+
     /// Replaces the timing rules, e.g. once the initiator learns the relay's from `Welcome`.
     pub fn set_timers(&mut self, timers: Timers) {
         self.timers = timers;
@@ -151,8 +155,9 @@ impl Session {
         self.peer_max_frame_len = max;
     }
 
-    /// Opens one frame body. Session-level frames (Ping, Pong, bodies nobody understands,
-    /// undecodable plaintext) are answered here; anything else is returned for the layer above.
+    /// Opens one frame body. Pings, bodies nobody understands and undecodable plaintext are
+    /// answered here; a Pong satisfies the pending ping and is also passed up (a client may be
+    /// waiting for it); anything else is returned for the layer above.
     /// An `Err` means: flush the outbox, then close.
     pub fn on_frame(
         &mut self,
@@ -189,8 +194,8 @@ impl Session {
         match frame.body {
             Some(Body::Ping(ping)) => self.on_ping(frame.id, ping, now).map(|()| None),
             Some(Body::Pong(pong)) => {
-                self.on_pong(pong);
-                Ok(None)
+                self.on_pong(&pong);
+                Ok(Some(Frame::new(frame.id, Body::Pong(pong))))
             }
             None => {
                 self.send(&Frame::error(
@@ -233,7 +238,7 @@ impl Session {
         ))
     }
 
-    fn on_pong(&mut self, pong: Pong) {
+    fn on_pong(&mut self, pong: &Pong) {
         if let Liveness::AwaitingPong { ping_id, .. } = &self.liveness {
             if *ping_id == pong.ping_id {
                 self.liveness = Liveness::Quiet;
@@ -247,13 +252,14 @@ impl Session {
             .map(|at| at + self.timers.ping_min_interval)
     }
 
-    /// Sends a Ping now, if the 30-second rule allows it; returns its id.
-    pub fn ping(&mut self, now: Instant) -> Result<Option<String>, SessionError> {
+    /// Sends a Ping in a frame with `frame_id` now, if the 30-second rule allows it; returns the
+    /// ping's id. The Pong comes back in a frame with the same `frame_id`.
+    pub fn ping(&mut self, frame_id: u64, now: Instant) -> Result<Option<String>, SessionError> {
         if self.ping_allowed_at().is_some_and(|at| now < at) {
             return Ok(None);
         }
         let id = random_id();
-        self.send(&Frame::new(0, Body::Ping(Ping { id: id.clone() })))?;
+        self.send(&Frame::new(frame_id, Body::Ping(Ping { id: id.clone() })))?;
         self.last_own_ping = Some(now);
         self.liveness = Liveness::AwaitingPong {
             ping_id: id.clone(),
@@ -310,7 +316,7 @@ impl Session {
                 .keepalive_after
                 .is_some_and(|d| now >= self.last_sent + d);
             if probe_due || keepalive_due {
-                self.ping(now)?;
+                self.ping(0, now)?;
             }
         }
         Ok(())
@@ -331,6 +337,12 @@ impl Session {
         self.outbox_bytes += wire.len();
         self.outbox.push_back(wire);
         Ok(())
+    }
+
+    /// Seals bytes that need not be a `Frame` and returns the wire frame without queuing it.
+    /// For conformance tests that must send what a correct peer never would.
+    pub fn seal_plaintext(&mut self, plaintext: &[u8]) -> Bytes {
+        self.sealer.seal(plaintext)
     }
 
     /// Records that queued frames were handed to the transport at `now`.
@@ -451,19 +463,23 @@ mod tests {
     fn ping_pong_and_ping_flood() {
         let now = Instant::now();
         let (mut server, mut client) = pair(now);
-        let id = client.ping(now).unwrap().expect("first ping allowed");
+        let id = client.ping(1, now).unwrap().expect("first ping allowed");
         assert!(deliver(&mut client, &mut server, now).unwrap().is_empty());
-        assert!(deliver(&mut server, &mut client, now).unwrap().is_empty());
-        assert!(
-            matches!(client.liveness, Liveness::Quiet),
-            "pong {id} cleared the wait"
-        );
+        let pongs = deliver(&mut server, &mut client, now).unwrap();
+        match &pongs[..] {
+            [Frame {
+                id: 1,
+                body: Some(Body::Pong(pong)),
+            }] => assert_eq!(pong.ping_id, id),
+            other => panic!("expected one pong, got {other:?}"),
+        }
+        assert!(matches!(client.liveness, Liveness::Quiet));
 
         // The client's own guard refuses a second ping within 30 s ...
-        assert_eq!(client.ping(now + 10 * SECOND).unwrap(), None);
+        assert_eq!(client.ping(2, now + 10 * SECOND).unwrap(), None);
         // ... but a peer that ignores the rule gets PING_FLOOD and is closed.
         client.last_own_ping = None;
-        client.ping(now + 10 * SECOND).unwrap();
+        client.ping(2, now + 10 * SECOND).unwrap();
         let err = deliver(&mut client, &mut server, now + 10 * SECOND).unwrap_err();
         assert_eq!(err, SessionError::PingFlood(30 * SECOND));
         let up = deliver(&mut server, &mut client, now).unwrap();
@@ -476,7 +492,7 @@ mod tests {
         let (mut server, mut client) = pair(now);
         for round in 0..3u32 {
             let at = now + 31 * round * SECOND;
-            client.ping(at).unwrap().unwrap();
+            client.ping(1, at).unwrap().unwrap();
             deliver(&mut client, &mut server, at).unwrap();
             deliver(&mut server, &mut client, at).unwrap();
         }

@@ -1,0 +1,326 @@
+//! The initiator side: connects over TCP, runs the handshake, checks `Welcome`, then offers typed
+//! requests matched to responses by frame id, a stream of pushes, and ping. One background task
+//! owns the socket and the session; the [`Client`] talks to it over bounded channels.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{sleep_until, timeout, Instant};
+use tokio_util::codec::FramedRead;
+
+use crate::core::codec::{encode_frame, CodecError, FrameCodec};
+use crate::core::handshake::{AwaitingAck, HandshakeError};
+use crate::core::keys::{KeyPair, PublicKeyBytes};
+use crate::core::session::{Session, SessionError, Timers};
+use crate::proto::{Body, ErrorCode, Frame, Welcome};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("framing: {0}")]
+    Codec(#[from] CodecError),
+    #[error("handshake: {0}")]
+    Handshake(#[from] HandshakeError),
+    #[error("session: {0}")]
+    Session(#[from] SessionError),
+    #[error("relay answered {code:?}: {message}")]
+    Remote {
+        code: ErrorCode,
+        message: String,
+        retry_after_ms: u64,
+    },
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the connection is closed")]
+    Closed,
+    #[error("relay closed the connection during the handshake")]
+    HandshakeRefused,
+    #[error("unexpected answer: {0}")]
+    UnexpectedResponse(&'static str),
+    #[error("a ping was sent less than 30 s ago; BOTD forbids another")]
+    PingTooSoon,
+}
+
+impl ClientError {
+    /// The relay's error code, if this is an answer from the relay.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Remote { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+/// Knobs of the client side.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Time for TCP connect plus handshake plus `Welcome`.
+    pub connect_timeout: Duration,
+    /// Time a request may wait for its answer.
+    pub request_timeout: Duration,
+    /// Largest frame accepted from the relay before `Welcome` tells its own limit.
+    pub max_frame_len: u32,
+    /// Pushes buffered for the application before the connection stops reading.
+    pub push_buffer: usize,
+    /// Send keepalive pings so the relay does not close a quiet session (e.g. a listener).
+    pub keepalive: bool,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            max_frame_len: 1 << 20,
+            push_buffer: 1024,
+            keepalive: true,
+        }
+    }
+}
+
+type Reply = oneshot::Sender<Result<Frame, ClientError>>;
+
+enum Command {
+    Request(Box<Body>, Reply),
+    Ping(Reply),
+}
+
+/// A connected, authenticated client session.
+pub struct Client {
+    commands: mpsc::Sender<Command>,
+    pushes: mpsc::Receiver<Frame>,
+    welcome: Welcome,
+    relay: PublicKeyBytes,
+    request_timeout: Duration,
+}
+
+impl Client {
+    /// Connects to `addr`, authenticates as `identity` and checks that the relay holds `relay`.
+    pub async fn connect(
+        addr: SocketAddr,
+        identity: Arc<KeyPair>,
+        relay: PublicKeyBytes,
+        options: ClientOptions,
+    ) -> Result<Self, ClientError> {
+        let budget = options.connect_timeout;
+        timeout(budget, Self::establish(addr, identity, relay, options))
+            .await
+            .map_err(|_| ClientError::Timeout(budget))?
+    }
+
+    async fn establish(
+        addr: SocketAddr,
+        identity: Arc<KeyPair>,
+        relay: PublicKeyBytes,
+        options: ClientOptions,
+    ) -> Result<Self, ClientError> {
+        let stream = TcpStream::connect(addr).await?;
+        let _ = stream.set_nodelay(true);
+        let (read, mut write) = stream.into_split();
+        let mut reader = FramedRead::new(read, FrameCodec::new(options.max_frame_len));
+
+        let (waiting, init) = AwaitingAck::start(&identity, relay);
+        write.write_all(&encode_frame(&init)).await?;
+        let ack = reader.next().await.ok_or(ClientError::HandshakeRefused)??;
+        let established = waiting.on_ack(&identity, &ack)?;
+
+        let timers = Timers {
+            ping_min_interval: Duration::from_secs(30),
+            probe_after: None,
+            keepalive_after: None,
+            pong_timeout: Duration::from_secs(20),
+            idle_timeout: None,
+        };
+        let mut session = Session::initiator(
+            established.keys,
+            timers,
+            options.max_frame_len,
+            Instant::now(),
+        );
+        let body = reader.next().await.ok_or(ClientError::Closed)??;
+        let welcome = match session.on_frame(body, Instant::now())? {
+            Some(Frame {
+                body: Some(Body::Welcome(welcome)),
+                ..
+            }) => welcome,
+            _ => return Err(ClientError::UnexpectedResponse("expected Welcome")),
+        };
+        reader
+            .decoder_mut()
+            .set_max_frame_len(welcome.max_frame_len.max(1024));
+        session.set_peer_max_frame_len(welcome.max_frame_len.max(1024));
+        if options.keepalive {
+            // Ping well inside the relay's idle timeout, never faster than the 30-second rule.
+            let idle = Duration::from_millis(welcome.idle_timeout_ms);
+            session.set_timers(Timers {
+                keepalive_after: Some((idle / 3).max(Duration::from_secs(31))),
+                ..session.timers().clone()
+            });
+        }
+
+        let (commands, command_rx) = mpsc::channel(256);
+        let (push_tx, pushes) = mpsc::channel(options.push_buffer.max(1));
+        let driver = Driver {
+            session,
+            reader,
+            writer: write,
+            pending: HashMap::new(),
+            next_id: 1,
+            pushes: push_tx,
+        };
+        tokio::spawn(driver.run(command_rx));
+        Ok(Self {
+            commands,
+            pushes,
+            welcome,
+            relay,
+            request_timeout: options.request_timeout,
+        })
+    }
+
+    /// What the relay announced.
+    pub fn welcome(&self) -> &Welcome {
+        &self.welcome
+    }
+
+    pub fn relay_key(&self) -> &PublicKeyBytes {
+        &self.relay
+    }
+
+    /// Sends a request and waits for the frame answering it. An `Error` answer becomes
+    /// [`ClientError::Remote`].
+    pub async fn request(&self, body: Body) -> Result<Body, ClientError> {
+        let frame = self
+            .call(|reply| Command::Request(Box::new(body), reply))
+            .await?;
+        match frame.body {
+            Some(Body::Error(error)) => Err(ClientError::Remote {
+                code: error.code(),
+                message: error.message,
+                retry_after_ms: error.retry_after_ms,
+            }),
+            Some(body) => Ok(body),
+            None => Err(ClientError::UnexpectedResponse("empty frame")),
+        }
+    }
+
+    /// Pings the relay and returns the round-trip time. BOTD allows one ping per 30 s.
+    pub async fn ping(&self) -> Result<Duration, ClientError> {
+        let started = Instant::now();
+        let frame = self.call(Command::Ping).await?;
+        match frame.body {
+            Some(Body::Pong(_)) => Ok(started.elapsed()),
+            Some(Body::Error(error)) => Err(ClientError::Remote {
+                code: error.code(),
+                message: error.message,
+                retry_after_ms: error.retry_after_ms,
+            }),
+            _ => Err(ClientError::UnexpectedResponse("expected Pong")),
+        }
+    }
+
+    async fn call(&self, command: impl FnOnce(Reply) -> Command) -> Result<Frame, ClientError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(command(reply))
+            .await
+            .map_err(|_| ClientError::Closed)?;
+        match timeout(self.request_timeout, answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(ClientError::Closed),
+            Err(_) => Err(ClientError::Timeout(self.request_timeout)),
+        }
+    }
+
+    /// The next unsolicited frame from the relay (`None` once the connection is gone). Errors
+    /// with id 0 (e.g. `SHUTTING_DOWN`, `REPLACED`) arrive here too.
+    pub async fn next_push(&mut self) -> Option<Frame> {
+        self.pushes.recv().await
+    }
+}
+
+/// Owns the socket and the session; answers commands and routes frames.
+struct Driver {
+    session: Session,
+    reader: FramedRead<tokio::net::tcp::OwnedReadHalf, FrameCodec>,
+    writer: tokio::net::tcp::OwnedWriteHalf,
+    pending: HashMap<u64, Reply>,
+    next_id: u64,
+    pushes: mpsc::Sender<Frame>,
+}
+
+impl Driver {
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        let result = self.run_inner(&mut commands).await;
+        if let Err(err) = &result {
+            tracing::debug!(error = %err, "client connection ended");
+        }
+        for (_, reply) in self.pending.drain() {
+            let _ = reply.send(Err(ClientError::Closed));
+        }
+        let _ = self.writer.shutdown().await;
+    }
+
+    fn next_id(&mut self) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    async fn run_inner(
+        &mut self,
+        commands: &mut mpsc::Receiver<Command>,
+    ) -> Result<(), ClientError> {
+        loop {
+            self.flush().await?;
+            tokio::select! {
+                command = commands.recv() => match command {
+                    None => return Ok(()),
+                    Some(Command::Request(body, reply)) => {
+                        let id = self.next_id();
+                        self.session.send(&Frame::new(id, *body))?;
+                        self.pending.insert(id, reply);
+                    }
+                    Some(Command::Ping(reply)) => {
+                        let id = self.next_id();
+                        match self.session.ping(id, Instant::now())? {
+                            Some(_) => { self.pending.insert(id, reply); }
+                            None => { let _ = reply.send(Err(ClientError::PingTooSoon)); }
+                        }
+                    }
+                },
+                frame = self.reader.next() => {
+                    let body = frame.ok_or(ClientError::Closed)??;
+                    let Some(frame) = self.session.on_frame(body, Instant::now())? else { continue };
+                    if let Some(reply) = self.pending.remove(&frame.id).filter(|_| frame.id != 0) {
+                        let _ = reply.send(Ok(frame));
+                    } else if !matches!(frame.body, Some(Body::Pong(_))) {
+                        // Backpressure: a full push buffer stops reading, which stops the relay.
+                        // An error means nobody listens for pushes; requests still work.
+                        let _ = self.pushes.send(frame).await;
+                    }
+                }
+                _ = sleep_until(self.session.next_deadline()) => self.session.on_timeout(Instant::now())?,
+            }
+        }
+    }
+
+    async fn flush(&mut self) -> Result<(), ClientError> {
+        let mut wrote = false;
+        while let Some(wire) = self.session.poll_transmit() {
+            self.writer.write_all(&wire).await?;
+            wrote = true;
+        }
+        if wrote {
+            self.session.mark_sent(Instant::now());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,217 @@
+//! Shared loopback harness: a relay on 127.0.0.1:0 and raw-socket helpers for hostile peers.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use botd_relay::client::{Client, ClientOptions};
+use botd_relay::config::{Config, MetricsListen};
+use botd_relay::core::keys::{KeyPair, PublicKeyBytes};
+use botd_relay::net::{Handler, Server, ServerHandle, TransportOnly};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+
+pub struct Relay {
+    pub addr: SocketAddr,
+    pub key: PublicKeyBytes,
+    pub handle: ServerHandle,
+    pub task: JoinHandle<()>,
+}
+
+pub fn test_config() -> Config {
+    Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: MetricsListen::Off,
+        data_dir: std::env::temp_dir(),
+        ..Config::default()
+    }
+}
+
+pub async fn start_with<H: Handler>(config: Config, handler: H) -> Relay {
+    let identity = KeyPair::generate();
+    let key = *identity.public();
+    let server = Server::bind(config, identity, handler).await.unwrap();
+    let addr = server.local_addr().unwrap();
+    let handle = server.handle();
+    let task = tokio::spawn(server.run());
+    Relay {
+        addr,
+        key,
+        handle,
+        task,
+    }
+}
+
+pub async fn start(config: Config) -> Relay {
+    start_with(config, TransportOnly).await
+}
+
+impl Relay {
+    pub async fn client(&self) -> Client {
+        self.client_as(Arc::new(KeyPair::generate())).await
+    }
+
+    pub async fn client_as(&self, identity: Arc<KeyPair>) -> Client {
+        Client::connect(self.addr, identity, self.key, ClientOptions::default())
+            .await
+            .expect("client connects")
+    }
+
+    /// A good peer still gets served: handshake, Welcome and a ping round trip.
+    pub async fn assert_serving(&self) {
+        let client = self.client().await;
+        client.ping().await.expect("ping answered");
+    }
+
+    pub async fn stop(self) {
+        self.handle.shutdown();
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("server stops in time")
+            .unwrap();
+    }
+}
+
+/// Reads until the peer closes; returns what arrived. Fails if the peer keeps it open.
+pub async fn read_until_closed(stream: &mut TcpStream, within: Duration) -> Vec<u8> {
+    let mut received = Vec::new();
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(within, async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => received.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .expect("connection closed by the relay in time");
+    received
+}
+
+pub async fn write_frame(stream: &mut TcpStream, body: &[u8]) {
+    stream
+        .write_all(&botd_relay::core::codec::encode_frame(body))
+        .await
+        .unwrap();
+}
+
+/// A peer that does the handshake by hand over a socket, so tests can then misbehave.
+pub struct RawPeer {
+    pub stream: TcpStream,
+    pub session: botd_relay::core::session::Session,
+    pub identity: KeyPair,
+    buffer: bytes::BytesMut,
+    codec: botd_relay::core::codec::FrameCodec,
+}
+
+impl RawPeer {
+    pub async fn connect(relay: &Relay) -> RawPeer {
+        use botd_relay::core::handshake::AwaitingAck;
+        use botd_relay::core::session::{Session, Timers};
+        let identity = KeyPair::generate();
+        let mut stream = TcpStream::connect(relay.addr).await.unwrap();
+        let (waiting, init) = AwaitingAck::start(&identity, relay.key);
+        write_frame(&mut stream, &init).await;
+        let mut peer = RawPeer {
+            stream,
+            session: Session::initiator(
+                botd_relay::core::handshake::SessionKeys {
+                    send: zero_keys(),
+                    recv: zero_keys(),
+                },
+                Timers {
+                    ping_min_interval: Duration::from_secs(30),
+                    probe_after: None,
+                    keepalive_after: None,
+                    pong_timeout: Duration::from_secs(20),
+                    idle_timeout: None,
+                },
+                1 << 20,
+                tokio::time::Instant::now(),
+            ),
+            identity,
+            buffer: bytes::BytesMut::new(),
+            codec: botd_relay::core::codec::FrameCodec::new(1 << 20),
+        };
+        let ack = peer.read_body().await.expect("ack");
+        let established = waiting.on_ack(&peer.identity, &ack).expect("valid ack");
+        let timers = peer.session.timers().clone();
+        peer.session = Session::initiator(
+            established.keys,
+            timers,
+            1 << 20,
+            tokio::time::Instant::now(),
+        );
+        let welcome = peer.recv().await.expect("welcome");
+        assert!(matches!(
+            welcome.body,
+            Some(botd_relay::proto::Body::Welcome(_))
+        ));
+        peer
+    }
+
+    /// Reads one raw frame body, or `None` when the relay closed.
+    pub async fn read_body(&mut self) -> Option<bytes::BytesMut> {
+        use tokio_util::codec::Decoder;
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if let Some(body) = self
+                    .codec
+                    .decode(&mut self.buffer)
+                    .expect("relay frames well")
+                {
+                    return Some(body);
+                }
+                if self.stream.read_buf(&mut self.buffer).await.ok()? == 0 {
+                    return None;
+                }
+            }
+        })
+        .await
+        .expect("relay answered in time")
+    }
+
+    /// Reads and opens the next frame the session passes up.
+    pub async fn recv(&mut self) -> Option<botd_relay::proto::Frame> {
+        loop {
+            let body = self.read_body().await?;
+            let frame = self
+                .session
+                .on_frame(body, tokio::time::Instant::now())
+                .expect("relay frames open");
+            if let Some(frame) = frame {
+                return Some(frame);
+            }
+        }
+    }
+
+    /// Seals a frame and returns its wire bytes without sending them.
+    pub fn seal(&mut self, frame: &botd_relay::proto::Frame) -> bytes::Bytes {
+        self.session.send(frame).unwrap();
+        self.session.poll_transmit().unwrap()
+    }
+
+    pub async fn send(&mut self, frame: &botd_relay::proto::Frame) {
+        let wire = self.seal(frame);
+        self.stream.write_all(&wire).await.unwrap();
+    }
+}
+
+fn zero_keys() -> botd_relay::core::cipher::DirectionKeys {
+    botd_relay::core::cipher::DirectionKeys {
+        enc: [0; 32],
+        mac: [0; 32],
+    }
+}
+
+/// The code of an `Error` frame.
+pub fn error_code(frame: &botd_relay::proto::Frame) -> botd_relay::proto::ErrorCode {
+    match &frame.body {
+        Some(botd_relay::proto::Body::Error(error)) => error.code(),
+        other => panic!("expected an Error frame, got {other:?}"),
+    }
+}
