@@ -2,7 +2,11 @@
 //! is needed, and generates the prost types into `OUT_DIR`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/handshake.proto", "proto/frame.proto"];
+    let files = [
+        "proto/handshake.proto",
+        "proto/frame.proto",
+        "proto/store.proto",
+    ];
     for file in files {
         println!("cargo:rerun-if-changed={file}");
     }

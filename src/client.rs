@@ -18,7 +18,11 @@ use crate::core::codec::{encode_frame, CodecError, FrameCodec};
 use crate::core::handshake::{AwaitingAck, HandshakeError};
 use crate::core::keys::{KeyPair, PublicKeyBytes};
 use crate::core::session::{Session, SessionError, Timers};
-use crate::proto::{Body, ErrorCode, Frame, Welcome};
+use bytes::Bytes;
+
+use crate::core::keys::sha256;
+use crate::proto::{self, Body, ErrorCode, Frame, Welcome};
+use crate::relay::message_digest;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -98,6 +102,7 @@ pub struct Client {
     pushes: mpsc::Receiver<Frame>,
     welcome: Welcome,
     relay: PublicKeyBytes,
+    identity: Arc<KeyPair>,
     request_timeout: Duration,
 }
 
@@ -127,6 +132,7 @@ impl Client {
         let mut reader = FramedRead::new(read, FrameCodec::new(options.max_frame_len));
 
         let (waiting, init) = AwaitingAck::start(&identity, relay);
+        let identity_for_client = identity.clone();
         write.write_all(&encode_frame(&init)).await?;
         let ack = reader.next().await.ok_or(ClientError::HandshakeRefused)??;
         let established = waiting.on_ack(&identity, &ack)?;
@@ -181,6 +187,7 @@ impl Client {
             pushes,
             welcome,
             relay,
+            identity: identity_for_client,
             request_timeout: options.request_timeout,
         })
     }
@@ -192,6 +199,11 @@ impl Client {
 
     pub fn relay_key(&self) -> &PublicKeyBytes {
         &self.relay
+    }
+
+    /// The identity this session authenticated as.
+    pub fn identity(&self) -> &PublicKeyBytes {
+        self.identity.public()
     }
 
     /// Sends a request and waits for the frame answering it. An `Error` answer becomes
@@ -323,4 +335,226 @@ impl Driver {
         }
         Ok(())
     }
+}
+
+/// Answers the request with the expected body variant, or says what came instead.
+macro_rules! expect {
+    ($client:expr, $request:expr, $variant:ident) => {
+        match $client.request($request).await? {
+            Body::$variant(answer) => Ok(answer),
+            other => Err(ClientError::UnexpectedResponse(other.kind())),
+        }
+    };
+}
+
+/// Typed relay requests.
+impl Client {
+    pub async fn register(
+        &self,
+        request: proto::Register,
+    ) -> Result<proto::Registered, ClientError> {
+        expect!(self, Body::Register(request), Registered)
+    }
+
+    pub async fn unregister(&self, device_id: u32) -> Result<proto::Unregistered, ClientError> {
+        expect!(
+            self,
+            Body::Unregister(proto::Unregister { device_id }),
+            Unregistered
+        )
+    }
+
+    pub async fn upload_prekeys(
+        &self,
+        request: proto::UploadPreKeys,
+    ) -> Result<proto::PreKeyCount, ClientError> {
+        expect!(self, Body::UploadPreKeys(request), PreKeyCount)
+    }
+
+    pub async fn prekey_count(&self, device_id: u32) -> Result<proto::PreKeyCount, ClientError> {
+        expect!(
+            self,
+            Body::GetPreKeyCount(proto::GetPreKeyCount { device_id }),
+            PreKeyCount
+        )
+    }
+
+    /// One bundle per device of `identity` (all devices when `device_ids` is empty).
+    pub async fn fetch_prekeys(
+        &self,
+        identity: &PublicKeyBytes,
+        device_ids: Vec<u32>,
+    ) -> Result<Vec<proto::PreKeyBundle>, ClientError> {
+        let request = proto::FetchPreKeys {
+            identity: Bytes::copy_from_slice(identity.as_bytes()),
+            device_ids,
+        };
+        expect!(self, Body::FetchPreKeys(request), PreKeyBundles).map(|b| b.bundles)
+    }
+
+    /// Signs and sends `payload` to `recipient`'s device. `nonce` makes retries idempotent: the
+    /// same nonce to the same mailbox returns the first message id with `duplicate = true`.
+    pub async fn send_message(&self, message: OutgoingMessage) -> Result<proto::Sent, ClientError> {
+        let request = message.sign(&self.identity);
+        expect!(self, Body::Send(request), Sent)
+    }
+
+    /// A raw `Send`, for callers that build and sign it themselves.
+    pub async fn send_raw(&self, request: proto::Send) -> Result<proto::Sent, ClientError> {
+        expect!(self, Body::Send(request), Sent)
+    }
+
+    /// Subscribes to a device's mailbox; `Deliver` pushes follow on [`Client::next_push`].
+    pub async fn subscribe(
+        &self,
+        device_id: u32,
+        after_id: u64,
+    ) -> Result<proto::Subscribed, ClientError> {
+        expect!(
+            self,
+            Body::Subscribe(proto::Subscribe {
+                device_id,
+                after_id
+            }),
+            Subscribed
+        )
+    }
+
+    pub async fn get_message(
+        &self,
+        device_id: u32,
+        message_id: u64,
+    ) -> Result<proto::Deliver, ClientError> {
+        expect!(
+            self,
+            Body::GetMessage(proto::GetMessage {
+                device_id,
+                message_id
+            }),
+            Deliver
+        )
+    }
+
+    pub async fn ack(
+        &self,
+        device_id: u32,
+        message_ids: Vec<u64>,
+    ) -> Result<proto::Acked, ClientError> {
+        expect!(
+            self,
+            Body::AckMessages(proto::AckMessages {
+                device_id,
+                message_ids
+            }),
+            Acked
+        )
+    }
+
+    pub async fn set_policy(&self, accept: proto::Accept) -> Result<(), ClientError> {
+        expect!(
+            self,
+            Body::SetPolicy(proto::SetPolicy {
+                accept: accept as i32
+            }),
+            Done
+        )
+        .map(drop)
+    }
+
+    pub async fn add_contact(&self, identity: &PublicKeyBytes) -> Result<(), ClientError> {
+        let identity = Bytes::copy_from_slice(identity.as_bytes());
+        expect!(self, Body::AddContact(proto::AddContact { identity }), Done).map(drop)
+    }
+
+    pub async fn remove_contact(&self, identity: &PublicKeyBytes) -> Result<(), ClientError> {
+        let identity = Bytes::copy_from_slice(identity.as_bytes());
+        expect!(
+            self,
+            Body::RemoveContact(proto::RemoveContact { identity }),
+            Done
+        )
+        .map(drop)
+    }
+
+    pub async fn create_ticket(&self, ttl_s: u32, uses: u32) -> Result<proto::Ticket, ClientError> {
+        expect!(
+            self,
+            Body::CreateTicket(proto::CreateTicket { ttl_s, uses }),
+            Ticket
+        )
+    }
+}
+
+/// A message to send; [`Client::send_message`] hashes and signs it.
+#[derive(Debug, Clone)]
+pub struct OutgoingMessage {
+    pub recipient: PublicKeyBytes,
+    pub recipient_device: u32,
+    pub sender_device: u32,
+    pub nonce: [u8; 8],
+    pub payload: Bytes,
+    /// A ticket of the recipient, needed for first contact when it accepts contacts only.
+    pub ticket: Bytes,
+}
+
+impl OutgoingMessage {
+    /// A message with a fresh random nonce and no ticket.
+    pub fn new(
+        recipient: PublicKeyBytes,
+        recipient_device: u32,
+        sender_device: u32,
+        payload: impl Into<Bytes>,
+    ) -> Self {
+        Self {
+            recipient,
+            recipient_device,
+            sender_device,
+            nonce: rand::random(),
+            payload: payload.into(),
+            ticket: Bytes::new(),
+        }
+    }
+
+    /// The `Send` request, with `payload_hash` and `sender_signature` filled in.
+    pub fn sign(&self, sender: &KeyPair) -> proto::Send {
+        let payload_hash = sha256(&[&self.payload]);
+        let digest = message_digest(
+            sender.public().as_bytes(),
+            self.recipient.as_bytes(),
+            self.recipient_device,
+            &self.nonce,
+            &payload_hash,
+        );
+        proto::Send {
+            recipient: Bytes::copy_from_slice(self.recipient.as_bytes()),
+            recipient_device: self.recipient_device,
+            sender_device: self.sender_device,
+            sender_nonce: Bytes::copy_from_slice(&self.nonce),
+            payload_hash: Bytes::copy_from_slice(&payload_hash),
+            sender_signature: Bytes::copy_from_slice(&sender.sign(&digest)),
+            payload: self.payload.clone(),
+            ticket: self.ticket.clone(),
+        }
+    }
+}
+
+/// Checks a delivered message end to end: the payload hash and the sender's signature.
+pub fn verify_delivery(
+    deliver: &proto::Deliver,
+    recipient: &PublicKeyBytes,
+) -> Result<PublicKeyBytes, crate::core::keys::KeyError> {
+    use crate::core::keys::KeyError;
+    let sender = PublicKeyBytes::parse(&deliver.sender)?;
+    if deliver.payload_hash[..] != sha256(&[&deliver.payload])[..] {
+        return Err(KeyError::BadSignature);
+    }
+    let digest = message_digest(
+        sender.as_bytes(),
+        recipient.as_bytes(),
+        deliver.recipient_device,
+        &deliver.sender_nonce,
+        &deliver.payload_hash,
+    );
+    sender.verify(&digest, &deliver.sender_signature)?;
+    Ok(sender)
 }

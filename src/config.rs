@@ -125,6 +125,53 @@ pub struct Config {
     /// On shutdown, how long sessions get to flush before they are dropped.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+
+    // --- Relay application ---
+    /// Verify every `Send.sender_signature` at the relay. Off by default: the session already
+    /// authenticates the sender, recipients verify end to end, and a verify per message costs
+    /// about as much as the rest of a send.
+    pub verify_message_signatures: bool,
+    /// Messages older than this are removed, delivered or not.
+    #[serde(with = "humantime_serde")]
+    pub message_ttl: Duration,
+    /// How often expired messages are swept.
+    #[serde(with = "humantime_serde")]
+    pub expiry_interval: Duration,
+    /// Messages one mailbox (identity + device) may hold; more get `MAILBOX_FULL`.
+    pub mailbox_max_messages: usize,
+    /// Payload bytes one mailbox may hold; more get `MAILBOX_FULL`.
+    pub mailbox_max_bytes: usize,
+    /// Deliveries in flight (pushed, not acked) per subscription; more follow as acks arrive.
+    pub max_unacked: usize,
+    /// Devices one identity may have registered at once.
+    pub max_devices_per_identity: usize,
+    /// Largest key, signature or other key-material field accepted, in bytes.
+    pub max_key_len: usize,
+    /// One-time prekeys accepted in one `Register` or `UploadPreKeys`.
+    pub max_prekeys_per_upload: usize,
+    /// One-time prekeys stored per device.
+    pub max_prekeys_per_device: usize,
+    /// When a fetch leaves a device with fewer one-time prekeys than this, its owner is told.
+    pub prekey_low_threshold: u32,
+    /// Contacts one identity may keep.
+    pub max_contacts: usize,
+    /// Unexpired tickets one identity may hold.
+    pub max_tickets_per_identity: usize,
+    /// Longest ticket lifetime a `CreateTicket` may ask for.
+    #[serde(with = "humantime_serde")]
+    pub max_ticket_ttl: Duration,
+    /// Most uses a single ticket may allow.
+    pub max_ticket_uses: u32,
+    /// Sends per sender identity (token bucket).
+    pub send_rate_per_identity: Rate,
+    /// Sends per sender -> recipient pair (token bucket).
+    pub send_rate_per_pair: Rate,
+    /// Prekey fetches per requesting identity (token bucket).
+    pub prekey_fetch_rate: Rate,
+    /// Keys tracked by each application rate limiter at once.
+    pub max_rate_limited_keys: usize,
+    /// Independent locks the in-memory store is split into.
+    pub store_shards: usize,
 }
 
 impl Default for Config {
@@ -148,6 +195,26 @@ impl Default for Config {
             write_timeout: Duration::from_secs(30),
             max_outbound_bytes: 8 << 20,
             shutdown_grace: Duration::from_secs(5),
+            verify_message_signatures: false,
+            message_ttl: Duration::from_secs(30 * 24 * 3600),
+            expiry_interval: Duration::from_secs(10),
+            mailbox_max_messages: 10_000,
+            mailbox_max_bytes: 64 << 20,
+            max_unacked: 256,
+            max_devices_per_identity: 16,
+            max_key_len: 256,
+            max_prekeys_per_upload: 100,
+            max_prekeys_per_device: 1_000,
+            prekey_low_threshold: 10,
+            max_contacts: 10_000,
+            max_tickets_per_identity: 1_000,
+            max_ticket_ttl: Duration::from_secs(30 * 24 * 3600),
+            max_ticket_uses: 1_000,
+            send_rate_per_identity: Rate::new(200.0, 1_000),
+            send_rate_per_pair: Rate::new(50.0, 200),
+            prekey_fetch_rate: Rate::new(5.0, 100),
+            max_rate_limited_keys: 100_000,
+            store_shards: 64,
         }
     }
 }
@@ -207,6 +274,20 @@ impl Config {
         }
         if self.ping_interval < self.ping_min_interval {
             return fail("ping_interval must not be shorter than ping_min_interval");
+        }
+        if self.store_shards == 0 || self.max_unacked == 0 {
+            return fail("store_shards and max_unacked must be positive");
+        }
+        for (name, rate) in [
+            ("send_rate_per_identity", self.send_rate_per_identity),
+            ("send_rate_per_pair", self.send_rate_per_pair),
+            ("prekey_fetch_rate", self.prekey_fetch_rate),
+        ] {
+            if rate.burst == 0 || rate.per_second < 0.0 {
+                return Err(ConfigError::Invalid(format!(
+                    "{name} needs a positive burst and a non-negative rate"
+                )));
+            }
         }
         if self.handshake_rate_per_ip.burst == 0 || self.handshake_rate_per_ip.per_second < 0.0 {
             return fail("handshake_rate_per_ip needs a positive burst and a non-negative rate");

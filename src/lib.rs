@@ -14,5 +14,6 @@ pub mod metrics;
 pub mod net;
 pub mod proto;
 pub mod ratelimit;
+pub mod relay;
 
 pub use config::Config;

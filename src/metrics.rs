@@ -14,6 +14,18 @@ pub const FRAMES_OUT: &str = "botd_frames_out_total";
 pub const BYTES_IN: &str = "botd_bytes_in_total";
 pub const BYTES_OUT: &str = "botd_bytes_out_total";
 pub const SESSIONS_CLOSED: &str = "botd_sessions_closed_total";
+pub const REQUESTS: &str = "botd_requests_total";
+pub const MESSAGES_SENT: &str = "botd_messages_sent_total";
+pub const MESSAGES_DUPLICATE: &str = "botd_messages_duplicate_total";
+pub const MESSAGES_DELIVERED: &str = "botd_messages_delivered_total";
+pub const MESSAGES_ACKED: &str = "botd_messages_acked_total";
+pub const MESSAGES_EXPIRED: &str = "botd_messages_expired_total";
+pub const MAILBOX_MESSAGES: &str = "botd_mailbox_messages";
+pub const MAILBOX_BYTES: &str = "botd_mailbox_bytes";
+pub const PREKEYS_HANDED_OUT: &str = "botd_prekeys_handed_out_total";
+pub const PREKEYS_EXHAUSTED: &str = "botd_prekeys_exhausted_total";
+pub const RATE_LIMITED: &str = "botd_rate_limited_total";
+pub const QUOTA_HITS: &str = "botd_quota_hits_total";
 
 /// Installs the global recorder and serves `/metrics` on `addr`.
 pub fn install_prometheus(addr: SocketAddr) -> Result<(), BuildError> {
@@ -56,4 +68,32 @@ fn describe() {
         "bytes sent, length prefixes included"
     );
     describe_counter!(SESSIONS_CLOSED, "connections closed, by reason");
+    describe_counter!(
+        REQUESTS,
+        "requests by kind and outcome (ok or an error code)"
+    );
+    describe_counter!(MESSAGES_SENT, "messages stored for delivery");
+    describe_counter!(
+        MESSAGES_DUPLICATE,
+        "sends answered with an existing message id"
+    );
+    describe_counter!(MESSAGES_DELIVERED, "Deliver pushes to subscribers");
+    describe_counter!(MESSAGES_ACKED, "messages deleted by an ack");
+    describe_counter!(MESSAGES_EXPIRED, "messages removed by the retention TTL");
+    describe_gauge!(MAILBOX_MESSAGES, "messages stored in all mailboxes");
+    describe_gauge!(
+        MAILBOX_BYTES,
+        Unit::Bytes,
+        "payload bytes stored in all mailboxes"
+    );
+    describe_counter!(PREKEYS_HANDED_OUT, "one-time prekeys handed out");
+    describe_counter!(
+        PREKEYS_EXHAUSTED,
+        "bundles handed out without a one-time prekey"
+    );
+    describe_counter!(RATE_LIMITED, "requests refused by a rate limit, by limit");
+    describe_counter!(
+        QUOTA_HITS,
+        "requests refused by a quota or size limit, by kind"
+    );
 }

@@ -5,6 +5,20 @@
 
 include!(concat!(env!("OUT_DIR"), "/botd.v1.rs"));
 
+/// Store events: the records of the journal (`proto/store.proto`).
+pub mod store {
+    mod v1 {
+        #![allow(clippy::doc_lazy_continuation)]
+        include!(concat!(env!("OUT_DIR"), "/botd.store.v1.rs"));
+    }
+    pub use v1::*;
+}
+
+/// The path under which the generated store types find `botd.v1` messages.
+mod v1 {
+    pub use super::{Accept, PreKey, SignedPreKey};
+}
+
 pub use frame::Body;
 
 /// Protocol name announced in `Welcome`.

@@ -6,7 +6,10 @@ use std::process::ExitCode;
 
 use botd_relay::config::{Config, MetricsListen};
 use botd_relay::keyfile;
-use botd_relay::net::{Server, TransportOnly};
+use std::sync::Arc;
+
+use botd_relay::net::Server;
+use botd_relay::relay::{NoJournal, Relay};
 use clap::{Parser, Subcommand};
 use tracing::{error, info};
 
@@ -120,7 +123,15 @@ async fn run(config: Config, identity: botd_relay::core::keys::KeyPair) -> Resul
         info!(%addr, "metrics exporter listening");
     }
     let listen = config.listen;
-    let server = Server::bind(config, identity, TransportOnly)
+    let config = Arc::new(config);
+    let relay = Arc::new(Relay::new(
+        config.clone(),
+        *identity.public(),
+        Arc::new(NoJournal),
+    ));
+    let maintenance = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(relay.clone().run_maintenance(maintenance.clone()));
+    let server = Server::bind((*config).clone(), identity, relay)
         .await
         .map_err(|err| format!("cannot listen on {listen}: {err}"))?;
     let addr = server.local_addr().map_err(|err| err.to_string())?;
@@ -135,6 +146,7 @@ async fn run(config: Config, identity: botd_relay::core::keys::KeyPair) -> Resul
         handle.shutdown();
     });
     server.run().await;
+    maintenance.cancel();
     Ok(())
 }
 

@@ -49,6 +49,54 @@ pub async fn start(config: Config) -> Relay {
     start_with(config, TransportOnly).await
 }
 
+/// A relay serving the application (in memory, no journal).
+pub async fn start_relay(config: Config) -> (Relay, Arc<botd_relay::relay::Relay>) {
+    let identity = KeyPair::generate();
+    let key = *identity.public();
+    let config = Arc::new(config);
+    let app = Arc::new(botd_relay::relay::Relay::new(
+        config.clone(),
+        key,
+        Arc::new(botd_relay::relay::NoJournal),
+    ));
+    let server = Server::bind((*config).clone(), identity, app.clone())
+        .await
+        .unwrap();
+    let addr = server.local_addr().unwrap();
+    let handle = server.handle();
+    let task = tokio::spawn(server.run());
+    (
+        Relay {
+            addr,
+            key,
+            handle,
+            task,
+        },
+        app,
+    )
+}
+
+/// A `Register` with a signed prekey and `one_time` one-time prekeys numbered from 1.
+pub fn registration(device_id: u32, one_time: u32) -> botd_relay::proto::Register {
+    use botd_relay::proto::{PreKey, Register, SignedPreKey};
+    Register {
+        device_id,
+        registration_id: 1000 + device_id,
+        identity_key: bytes::Bytes::from(vec![0x05; 33]),
+        signed_prekey: Some(SignedPreKey {
+            id: 1,
+            public_key: bytes::Bytes::from(vec![0x06; 33]),
+            signature: bytes::Bytes::from(vec![0x07; 64]),
+        }),
+        one_time_prekeys: (1..=one_time)
+            .map(|id| PreKey {
+                id,
+                public_key: bytes::Bytes::from(vec![id as u8; 33]),
+            })
+            .collect(),
+    }
+}
+
 impl Relay {
     pub async fn client(&self) -> Client {
         self.client_as(Arc::new(KeyPair::generate())).await

@@ -1,0 +1,66 @@
+//! Errors of the relay application, each mapped to the wire `ErrorCode` it is answered with.
+
+use std::time::Duration;
+
+use crate::proto::{self, ErrorCode, Frame};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RelayError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("device {0} is not registered for this identity")]
+    NotRegistered(u32),
+    #[error("no such identity or device")]
+    UnknownRecipient,
+    #[error("no such message")]
+    NotFound,
+    #[error("payload of {len} bytes exceeds the limit of {max}")]
+    PayloadTooLarge { len: usize, max: usize },
+    #[error("mailbox is full ({0})")]
+    MailboxFull(&'static str),
+    #[error("too many {what}; retry in {} ms", retry_after.as_millis())]
+    RateLimited {
+        what: &'static str,
+        retry_after: Duration,
+    },
+    #[error("{0}")]
+    Forbidden(&'static str),
+    #[error("ticket is unknown, used up or expired")]
+    TicketInvalid,
+}
+
+impl RelayError {
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        RelayError::BadRequest(message.into())
+    }
+
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            RelayError::BadRequest(_) => ErrorCode::BadRequest,
+            RelayError::NotRegistered(_) => ErrorCode::NotRegistered,
+            RelayError::UnknownRecipient => ErrorCode::UnknownRecipient,
+            RelayError::NotFound => ErrorCode::NotFound,
+            RelayError::PayloadTooLarge { .. } => ErrorCode::PayloadTooLarge,
+            RelayError::MailboxFull(_) => ErrorCode::MailboxFull,
+            RelayError::RateLimited { .. } => ErrorCode::RateLimited,
+            RelayError::Forbidden(_) => ErrorCode::Forbidden,
+            RelayError::TicketInvalid => ErrorCode::TicketInvalid,
+        }
+    }
+
+    /// The `Error` frame answering request `id`.
+    pub fn to_frame(&self, id: u64) -> Frame {
+        let retry_after_ms = match self {
+            RelayError::RateLimited { retry_after, .. } => retry_after.as_millis().max(1) as u64,
+            _ => 0,
+        };
+        Frame::new(
+            id,
+            proto::Body::Error(proto::Error {
+                code: self.code() as i32,
+                message: self.to_string(),
+                retry_after_ms,
+            }),
+        )
+    }
+}

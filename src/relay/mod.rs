@@ -1,0 +1,393 @@
+//! The relay application served over authenticated sessions: registration, prekeys, mailboxes
+//! with live delivery, contacts and tickets. The sender of every request is the identity the
+//! session authenticated, never a field of the request, so a session can only read, ack or
+//! configure its own mailboxes.
+
+pub mod error;
+pub mod store;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::time::Instant;
+
+pub use error::RelayError;
+pub use store::{EventSink, NoJournal, Store, StoreLimits};
+
+use crate::config::Config;
+use crate::core::keys::{sha256, PublicKeyBytes};
+use crate::metrics as m;
+use crate::net::{unsupported_unless_ignorable, Handler, PushHandle};
+use crate::proto::{Acked, Body, Done, Frame, PreKeysLow, Send, Sent, Subscribed, Unregistered};
+use crate::ratelimit::KeyedLimiter;
+use store::{validate_send, Identity};
+
+/// Unix time in milliseconds that follows tokio's clock, so paused-time tests can move it.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    base_ms: u64,
+    base: Instant,
+}
+
+impl Clock {
+    pub fn new() -> Self {
+        let base_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        Self {
+            base_ms,
+            base: Instant::now(),
+        }
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        self.base_ms + self.base.elapsed().as_millis() as u64
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The digest a sender signs for `Send.sender_signature`:
+/// SHA-256("botd/1 message" || sender || recipient || recipient_device u32 BE || nonce || payload_hash).
+pub fn message_digest(
+    sender: &[u8],
+    recipient: &[u8],
+    recipient_device: u32,
+    nonce: &[u8],
+    payload_hash: &[u8],
+) -> [u8; 32] {
+    sha256(&[
+        b"botd/1 message",
+        sender,
+        recipient,
+        &recipient_device.to_be_bytes(),
+        nonce,
+        payload_hash,
+    ])
+}
+
+struct Limiters {
+    sends: Mutex<KeyedLimiter<Identity>>,
+    pairs: Mutex<KeyedLimiter<(Identity, Identity)>>,
+    fetches: Mutex<KeyedLimiter<Identity>>,
+}
+
+pub struct Relay {
+    store: Store,
+    config: Arc<Config>,
+    clock: Clock,
+    relay_key: PublicKeyBytes,
+    limiters: Limiters,
+    /// Open sessions per identity, for notices such as `PreKeysLow`. Bounded by the connection cap.
+    sessions: Mutex<HashMap<Identity, Vec<PushHandle>>>,
+}
+
+/// Per-session state: who the peer is and which mailboxes it listens to.
+pub struct RelaySession {
+    identity: Identity,
+    push: PushHandle,
+    subscriptions: Vec<u32>,
+}
+
+impl Relay {
+    pub fn new(config: Arc<Config>, relay_key: PublicKeyBytes, sink: Arc<dyn EventSink>) -> Self {
+        let store = Store::new(config.store_shards, StoreLimits::from(&*config), sink);
+        Self::with_store(config, relay_key, store)
+    }
+
+    /// A relay over an existing (e.g. recovered) store.
+    pub fn with_store(config: Arc<Config>, relay_key: PublicKeyBytes, store: Store) -> Self {
+        let keys = config.max_rate_limited_keys;
+        let limiters = Limiters {
+            sends: Mutex::new(KeyedLimiter::new(config.send_rate_per_identity, keys)),
+            pairs: Mutex::new(KeyedLimiter::new(config.send_rate_per_pair, keys)),
+            fetches: Mutex::new(KeyedLimiter::new(config.prekey_fetch_rate, keys)),
+        };
+        Self {
+            store,
+            config,
+            clock: Clock::new(),
+            relay_key,
+            limiters,
+            sessions: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    /// Removes messages past the retention TTL; returns how many.
+    pub fn expire_now(&self) -> usize {
+        let ttl = self.config.message_ttl.as_millis() as u64;
+        let expired = self.store.expire(self.clock.now_ms().saturating_sub(ttl));
+        metrics::counter!(m::MESSAGES_EXPIRED).increment(expired as u64);
+        expired
+    }
+
+    /// Sweeps expired messages every `expiry_interval` and refreshes the store gauges, until
+    /// `shutdown` fires.
+    pub async fn run_maintenance(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
+        let mut tick = tokio::time::interval(self.config.expiry_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {
+                    self.expire_now();
+                    let stats = self.store.stats();
+                    metrics::gauge!(m::MAILBOX_MESSAGES).set(stats.messages as f64);
+                    metrics::gauge!(m::MAILBOX_BYTES).set(stats.payload_bytes as f64);
+                }
+            }
+        }
+    }
+
+    fn rate_limit(
+        &self,
+        limiter: &Mutex<KeyedLimiter<Identity>>,
+        key: &Identity,
+        what: &'static str,
+    ) -> Result<(), RelayError> {
+        limiter
+            .lock()
+            .try_take(key, Instant::now())
+            .map_err(|retry_after| {
+                metrics::counter!(m::RATE_LIMITED, "limit" => what).increment(1);
+                RelayError::RateLimited { what, retry_after }
+            })
+    }
+
+    fn send(&self, sender: &Identity, req: Send) -> Result<Sent, RelayError> {
+        if let Err(err) = validate_send(&req, self.config.max_payload_len as usize) {
+            if let RelayError::PayloadTooLarge { .. } = err {
+                metrics::counter!(m::QUOTA_HITS, "kind" => "payload_too_large").increment(1);
+            }
+            return Err(err);
+        }
+        self.rate_limit(&self.limiters.sends, sender, "sends")?;
+        let recipient: Identity = req.recipient[..].try_into().expect("validated length");
+        self.limiters
+            .pairs
+            .lock()
+            .try_take(&(*sender, recipient), Instant::now())
+            .map_err(|retry_after| {
+                metrics::counter!(m::RATE_LIMITED, "limit" => "sends_to_recipient").increment(1);
+                RelayError::RateLimited {
+                    what: "sends to this recipient",
+                    retry_after,
+                }
+            })?;
+        if !self.store.is_registered(sender, req.sender_device) {
+            return Err(RelayError::NotRegistered(req.sender_device));
+        }
+        if self.config.verify_message_signatures {
+            let digest = message_digest(
+                sender,
+                &req.recipient,
+                req.recipient_device,
+                &req.sender_nonce,
+                &req.payload_hash,
+            );
+            let key = PublicKeyBytes::parse(sender).expect("session identities are valid keys");
+            key.verify(&digest, &req.sender_signature)
+                .map_err(|err| RelayError::bad_request(format!("sender_signature: {err}")))?;
+        }
+        let outcome = self
+            .store
+            .send(sender, &req, self.clock.now_ms())
+            .inspect_err(|err| {
+                if let RelayError::MailboxFull(_) = err {
+                    metrics::counter!(m::QUOTA_HITS, "kind" => "mailbox_full").increment(1);
+                }
+            })?;
+        if outcome.duplicate {
+            metrics::counter!(m::MESSAGES_DUPLICATE).increment(1);
+        } else {
+            metrics::counter!(m::MESSAGES_SENT).increment(1);
+        }
+        Ok(Sent {
+            message_id: outcome.message_id,
+            duplicate: outcome.duplicate,
+        })
+    }
+
+    fn notify_owner(&self, identity: &Identity, frame: Frame) {
+        let sessions = self.sessions.lock();
+        for push in sessions.get(identity).into_iter().flatten() {
+            let _ = push.push(frame.clone());
+        }
+    }
+
+    /// Answers one request of `session`.
+    fn dispatch(&self, session: &mut RelaySession, body: Body) -> Result<Body, RelayError> {
+        let me = session.identity;
+        Ok(match body {
+            Body::Register(req) => Body::Registered(self.store.register(&me, req)?),
+            Body::Unregister(req) => {
+                self.store.unregister(&me, req.device_id)?;
+                session.subscriptions.retain(|d| *d != req.device_id);
+                Body::Unregistered(Unregistered {
+                    device_id: req.device_id,
+                })
+            }
+            Body::UploadPreKeys(req) => Body::PreKeyCount(self.store.upload_prekeys(&me, req)?),
+            Body::GetPreKeyCount(req) => {
+                Body::PreKeyCount(self.store.prekey_count(&me, req.device_id)?)
+            }
+            Body::FetchPreKeys(req) => {
+                self.rate_limit(&self.limiters.fetches, &me, "prekey fetches")?;
+                let target: Identity = req.identity[..]
+                    .try_into()
+                    .map_err(|_| RelayError::bad_request("identity must be a 33-byte key"))?;
+                let outcome = self.store.fetch_prekeys(
+                    &target,
+                    &req.device_ids,
+                    self.config.prekey_low_threshold,
+                )?;
+                metrics::counter!(m::PREKEYS_HANDED_OUT).increment(outcome.handed_out as u64);
+                metrics::counter!(m::PREKEYS_EXHAUSTED).increment(outcome.exhausted as u64);
+                for (device_id, count) in outcome.low {
+                    self.notify_owner(
+                        &target,
+                        Frame::new(0, Body::PreKeysLow(PreKeysLow { device_id, count })),
+                    );
+                }
+                Body::PreKeyBundles(outcome.bundles)
+            }
+            Body::Send(req) => Body::Sent(self.send(&me, req)?),
+            Body::Subscribe(req) => {
+                let (last_id, replaced) =
+                    self.store
+                        .subscribe(&me, req.device_id, req.after_id, session.push.clone())?;
+                if let Some(old) = replaced {
+                    let _ = old.push(store::replaced_notice(req.device_id));
+                }
+                if !session.subscriptions.contains(&req.device_id) {
+                    session.subscriptions.push(req.device_id);
+                }
+                Body::Subscribed(Subscribed {
+                    device_id: req.device_id,
+                    last_id,
+                })
+            }
+            Body::GetMessage(req) => {
+                Body::Deliver(self.store.get_message(&me, req.device_id, req.message_id)?)
+            }
+            Body::AckMessages(req) => {
+                let deleted = self.store.ack(&me, req.device_id, &req.message_ids)?;
+                metrics::counter!(m::MESSAGES_ACKED).increment(u64::from(deleted));
+                Body::Acked(Acked { deleted })
+            }
+            Body::SetPolicy(req) => {
+                self.store.set_policy(&me, req.accept())?;
+                Body::Done(Done {})
+            }
+            Body::AddContact(req) => {
+                self.store.add_contact(&me, &req.identity)?;
+                Body::Done(Done {})
+            }
+            Body::RemoveContact(req) => {
+                self.store.remove_contact(&me, &req.identity)?;
+                Body::Done(Done {})
+            }
+            Body::CreateTicket(req) => {
+                let mut ticket =
+                    self.store
+                        .create_ticket(&me, req.ttl_s, req.uses, self.clock.now_ms())?;
+                ticket.relay_pubkey = Bytes::copy_from_slice(self.relay_key.as_bytes());
+                Body::Ticket(ticket)
+            }
+            other => {
+                return Err(RelayError::bad_request(format!(
+                    "{} is not a request",
+                    other.kind()
+                )))
+            }
+        })
+    }
+}
+
+/// True for the bodies a node may send as requests.
+fn is_request(body: &Body) -> bool {
+    matches!(
+        body,
+        Body::Register(_)
+            | Body::Unregister(_)
+            | Body::UploadPreKeys(_)
+            | Body::GetPreKeyCount(_)
+            | Body::FetchPreKeys(_)
+            | Body::Send(_)
+            | Body::Subscribe(_)
+            | Body::GetMessage(_)
+            | Body::AckMessages(_)
+            | Body::SetPolicy(_)
+            | Body::AddContact(_)
+            | Body::RemoveContact(_)
+            | Body::CreateTicket(_)
+    )
+}
+
+impl Handler for Arc<Relay> {
+    type Session = RelaySession;
+
+    fn connect(&self, peer: PublicKeyBytes, push: PushHandle) -> RelaySession {
+        let identity = *peer.as_bytes();
+        let mut sessions = self.sessions.lock();
+        let list = sessions.entry(identity).or_default();
+        list.retain(|p| !p.is_closed());
+        list.push(push.clone());
+        RelaySession {
+            identity,
+            push,
+            subscriptions: Vec::new(),
+        }
+    }
+
+    async fn request(&self, session: &mut RelaySession, frame: Frame) -> Vec<Frame> {
+        let id = frame.id;
+        let body = match frame.body {
+            Some(body) if is_request(&body) => body,
+            _ => return unsupported_unless_ignorable(&frame).into_iter().collect(),
+        };
+        let kind = body.kind();
+        if id == 0 {
+            return vec![RelayError::bad_request("requests need a non-zero frame id").to_frame(0)];
+        }
+        let answer = match self.dispatch(session, body) {
+            Ok(body) => {
+                metrics::counter!(m::REQUESTS, "kind" => kind, "outcome" => "ok").increment(1);
+                Frame::new(id, body)
+            }
+            Err(err) => {
+                metrics::counter!(m::REQUESTS, "kind" => kind, "outcome" => err.code().as_str_name()).increment(1);
+                err.to_frame(id)
+            }
+        };
+        vec![answer]
+    }
+
+    fn disconnect(&self, session: RelaySession) {
+        for device_id in &session.subscriptions {
+            self.store
+                .unsubscribe(&session.identity, *device_id, &session.push);
+        }
+        let mut sessions = self.sessions.lock();
+        if let Some(list) = sessions.get_mut(&session.identity) {
+            list.retain(|p| !p.same_session(&session.push) && !p.is_closed());
+            if list.is_empty() {
+                sessions.remove(&session.identity);
+            }
+        }
+    }
+}

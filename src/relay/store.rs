@@ -1,0 +1,1201 @@
+//! The relay's state in memory: accounts (identities with their devices, prekeys, policy,
+//! contacts, tickets) and per-device mailboxes, split into shards by identity so that every
+//! request locks exactly one shard, briefly.
+//!
+//! Every change is an [`Event`] applied by [`apply`], the one function that mutates durable
+//! state, both live and when a journal is replayed; live changes are also handed to the
+//! [`EventSink`] under the same lock, so a shard's events reach the sink in the order they were
+//! applied. Live subscriptions (who is listening to a mailbox) are not durable and sit beside
+//! the mailbox, outside the events.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+
+use super::error::RelayError;
+use crate::config::Config;
+use crate::core::keys::{sha256, PUBLIC_KEY_LEN, SIGNATURE_LEN};
+use crate::net::PushHandle;
+use crate::proto::store::{self as ev, event::Kind, Event, Removal};
+use crate::proto::{
+    Accept, Body, Deliver, ErrorCode, Frame, PreKey, PreKeyBundle, PreKeyBundles, PreKeyCount,
+    Registered, Send, SignedPreKey, Ticket,
+};
+
+/// An identity: the 33-byte compressed public key a session authenticated with.
+pub type Identity = [u8; PUBLIC_KEY_LEN];
+/// Length of `Send.sender_nonce`.
+pub const NONCE_LEN: usize = 8;
+/// Length of a ticket token.
+pub const TICKET_LEN: usize = 16;
+/// Message ids one `AckMessages` may name.
+pub const MAX_ACK_IDS: usize = 4096;
+
+/// Receives every applied event, in order per shard (the journal, in a durable relay).
+pub trait EventSink: std::marker::Send + Sync + 'static {
+    fn record(&self, event: &Event);
+}
+
+/// A sink that keeps nothing: the store lives only in memory.
+#[derive(Debug, Default)]
+pub struct NoJournal;
+
+impl EventSink for NoJournal {
+    fn record(&self, _event: &Event) {}
+}
+
+/// The limits the store enforces, taken from [`Config`].
+#[derive(Debug, Clone)]
+pub struct StoreLimits {
+    pub mailbox_max_messages: usize,
+    pub mailbox_max_bytes: usize,
+    pub max_unacked: usize,
+    pub max_devices_per_identity: usize,
+    pub max_key_len: usize,
+    pub max_prekeys_per_upload: usize,
+    pub max_prekeys_per_device: usize,
+    pub max_contacts: usize,
+    pub max_tickets_per_identity: usize,
+    pub max_ticket_ttl_ms: u64,
+    pub max_ticket_uses: u32,
+    pub max_payload_len: usize,
+}
+
+impl From<&Config> for StoreLimits {
+    fn from(c: &Config) -> Self {
+        Self {
+            mailbox_max_messages: c.mailbox_max_messages,
+            mailbox_max_bytes: c.mailbox_max_bytes,
+            max_unacked: c.max_unacked,
+            max_devices_per_identity: c.max_devices_per_identity,
+            max_key_len: c.max_key_len,
+            max_prekeys_per_upload: c.max_prekeys_per_upload,
+            max_prekeys_per_device: c.max_prekeys_per_device,
+            max_contacts: c.max_contacts,
+            max_tickets_per_identity: c.max_tickets_per_identity,
+            max_ticket_ttl_ms: c.max_ticket_ttl.as_millis() as u64,
+            max_ticket_uses: c.max_ticket_uses,
+            max_payload_len: c.max_payload_len as usize,
+        }
+    }
+}
+
+/// A message waiting in a mailbox.
+#[derive(Debug, Clone)]
+pub struct StoredMessage {
+    pub sender: Identity,
+    pub sender_device: u32,
+    pub sender_nonce: [u8; NONCE_LEN],
+    pub payload_hash: [u8; 32],
+    pub sender_signature: [u8; SIGNATURE_LEN],
+    pub payload: Bytes,
+    pub received_at_ms: u64,
+}
+
+impl StoredMessage {
+    fn deliver(&self, message_id: u64, recipient_device: u32) -> Deliver {
+        Deliver {
+            message_id,
+            sender: Bytes::copy_from_slice(&self.sender),
+            sender_device: self.sender_device,
+            recipient_device,
+            sender_nonce: Bytes::copy_from_slice(&self.sender_nonce),
+            payload_hash: Bytes::copy_from_slice(&self.payload_hash),
+            sender_signature: Bytes::copy_from_slice(&self.sender_signature),
+            payload: self.payload.clone(),
+            received_at_ms: self.received_at_ms,
+        }
+    }
+}
+
+/// A session listening to a mailbox, with its delivery window.
+#[derive(Debug)]
+struct Subscriber {
+    push: PushHandle,
+    /// Highest message id pushed so far.
+    cursor: u64,
+    /// Pushed and not yet acked.
+    in_flight: BTreeSet<u64>,
+}
+
+#[derive(Debug, Default)]
+struct Mailbox {
+    /// Next id to assign; never goes back, even across unregistration.
+    next_id: u64,
+    messages: BTreeMap<u64, StoredMessage>,
+    payload_bytes: usize,
+    /// (sender, nonce) of stored messages, for idempotent retries.
+    nonces: HashMap<(Identity, [u8; NONCE_LEN]), u64>,
+    subscriber: Option<Subscriber>,
+}
+
+impl Mailbox {
+    fn last_id(&self) -> u64 {
+        self.next_id.saturating_sub(1)
+    }
+
+    fn remove(&mut self, id: u64) -> bool {
+        let Some(message) = self.messages.remove(&id) else {
+            return false;
+        };
+        self.payload_bytes -= message.payload.len();
+        self.nonces.remove(&(message.sender, message.sender_nonce));
+        if let Some(sub) = &mut self.subscriber {
+            sub.in_flight.remove(&id);
+        }
+        true
+    }
+
+    fn clear(&mut self) {
+        self.messages.clear();
+        self.nonces.clear();
+        self.payload_bytes = 0;
+        self.subscriber = None;
+    }
+}
+
+#[derive(Debug)]
+struct DeviceKeys {
+    registration_id: u32,
+    identity_key: Bytes,
+    signed_prekey: SignedPreKey,
+    one_time_prekeys: VecDeque<PreKey>,
+}
+
+#[derive(Debug)]
+enum DeviceState {
+    Registered(DeviceKeys),
+    /// Unregistered; kept so the mailbox's ids are never reused if the device id comes back.
+    Retired,
+}
+
+#[derive(Debug)]
+struct Device {
+    state: DeviceState,
+    mailbox: Mailbox,
+}
+
+impl Device {
+    fn keys(&self) -> Option<&DeviceKeys> {
+        match &self.state {
+            DeviceState::Registered(keys) => Some(keys),
+            DeviceState::Retired => None,
+        }
+    }
+
+    fn keys_mut(&mut self) -> Option<&mut DeviceKeys> {
+        match &mut self.state {
+            DeviceState::Registered(keys) => Some(keys),
+            DeviceState::Retired => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct TicketState {
+    expires_at_ms: u64,
+    uses_left: u32,
+}
+
+#[derive(Debug)]
+struct Account {
+    devices: BTreeMap<u32, Device>,
+    accept: Accept,
+    contacts: HashSet<Identity>,
+    tickets: HashMap<[u8; TICKET_LEN], TicketState>,
+}
+
+impl Default for Account {
+    fn default() -> Self {
+        Self {
+            devices: BTreeMap::new(),
+            accept: Accept::Open,
+            contacts: HashSet::new(),
+            tickets: HashMap::new(),
+        }
+    }
+}
+
+impl Account {
+    fn registered(&self, device_id: u32) -> Option<&Device> {
+        self.devices.get(&device_id).filter(|d| d.keys().is_some())
+    }
+
+    fn registered_mut(&mut self, device_id: u32) -> Option<&mut Device> {
+        self.devices
+            .get_mut(&device_id)
+            .filter(|d| d.keys().is_some())
+    }
+
+    fn active_devices(&self) -> usize {
+        self.devices.values().filter(|d| d.keys().is_some()).count()
+    }
+
+    fn is_registered(&self) -> bool {
+        self.active_devices() > 0
+    }
+}
+
+#[derive(Debug, Default)]
+struct Shard {
+    accounts: HashMap<Identity, Account>,
+}
+
+/// Why a replayed event could not be applied.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ApplyError {
+    #[error("event has no kind")]
+    Empty,
+    #[error("event field {0} has the wrong length")]
+    Field(&'static str),
+}
+
+fn fixed<const N: usize>(bytes: &[u8], field: &'static str) -> Result<[u8; N], ApplyError> {
+    bytes.try_into().map_err(|_| ApplyError::Field(field))
+}
+
+/// The identity whose shard an event belongs to.
+pub fn event_identity(event: &Event) -> Result<Identity, ApplyError> {
+    let bytes = match event.kind.as_ref().ok_or(ApplyError::Empty)? {
+        Kind::DeviceRegistered(e) => &e.identity,
+        Kind::DeviceUnregistered(e) => &e.identity,
+        Kind::PreKeysUploaded(e) => &e.identity,
+        Kind::PreKeysTaken(e) => &e.identity,
+        Kind::MessageStored(e) => &e.recipient,
+        Kind::MessagesRemoved(e) => &e.identity,
+        Kind::PolicySet(e) => &e.identity,
+        Kind::ContactAdded(e) => &e.identity,
+        Kind::ContactRemoved(e) => &e.identity,
+        Kind::TicketCreated(e) => &e.identity,
+    };
+    fixed(bytes, "identity")
+}
+
+/// Applies one event to the accounts of its shard. The only code that changes durable state.
+fn apply(accounts: &mut HashMap<Identity, Account>, event: &Event) -> Result<(), ApplyError> {
+    let identity = event_identity(event)?;
+    let kind = event.kind.as_ref().ok_or(ApplyError::Empty)?;
+    let account = accounts.entry(identity).or_default();
+    match kind {
+        Kind::DeviceRegistered(e) => {
+            let keys = DeviceKeys {
+                registration_id: e.registration_id,
+                identity_key: e.identity_key.clone(),
+                signed_prekey: e.signed_prekey.clone().unwrap_or_default(),
+                one_time_prekeys: e.one_time_prekeys.iter().cloned().collect(),
+            };
+            let device = account
+                .devices
+                .entry(e.device_id)
+                .or_insert_with(|| Device {
+                    state: DeviceState::Retired,
+                    mailbox: Mailbox {
+                        next_id: 1,
+                        ..Mailbox::default()
+                    },
+                });
+            device.state = DeviceState::Registered(keys);
+        }
+        Kind::DeviceUnregistered(e) => {
+            if let Some(device) = account.devices.get_mut(&e.device_id) {
+                device.state = DeviceState::Retired;
+                device.mailbox.clear();
+            }
+        }
+        Kind::PreKeysUploaded(e) => {
+            if let Some(keys) = account
+                .devices
+                .get_mut(&e.device_id)
+                .and_then(Device::keys_mut)
+            {
+                if let Some(signed) = &e.signed_prekey {
+                    keys.signed_prekey = signed.clone();
+                }
+                keys.one_time_prekeys
+                    .extend(e.one_time_prekeys.iter().cloned());
+            }
+        }
+        Kind::PreKeysTaken(e) => {
+            for taken in &e.taken {
+                if let Some(keys) = account
+                    .devices
+                    .get_mut(&taken.device_id)
+                    .and_then(Device::keys_mut)
+                {
+                    if let Some(pos) = keys
+                        .one_time_prekeys
+                        .iter()
+                        .position(|k| k.id == taken.prekey_id)
+                    {
+                        keys.one_time_prekeys.remove(pos);
+                    }
+                }
+            }
+        }
+        Kind::MessageStored(e) => {
+            let message = StoredMessage {
+                sender: fixed(&e.sender, "sender")?,
+                sender_device: e.sender_device,
+                sender_nonce: fixed(&e.sender_nonce, "sender_nonce")?,
+                payload_hash: fixed(&e.payload_hash, "payload_hash")?,
+                sender_signature: fixed(&e.sender_signature, "sender_signature")?,
+                payload: e.payload.clone(),
+                received_at_ms: e.received_at_ms,
+            };
+            if !e.ticket_used.is_empty() {
+                let token: [u8; TICKET_LEN] = fixed(&e.ticket_used, "ticket_used")?;
+                if let Some(ticket) = account.tickets.get_mut(&token) {
+                    ticket.uses_left = ticket.uses_left.saturating_sub(1);
+                    if ticket.uses_left == 0 {
+                        account.tickets.remove(&token);
+                    }
+                }
+            }
+            if e.contact_added {
+                account.contacts.insert(message.sender);
+            }
+            if let Some(device) = account.devices.get_mut(&e.device_id) {
+                let mailbox = &mut device.mailbox;
+                mailbox.next_id = mailbox.next_id.max(e.message_id + 1);
+                mailbox.payload_bytes += message.payload.len();
+                mailbox
+                    .nonces
+                    .insert((message.sender, message.sender_nonce), e.message_id);
+                mailbox.messages.insert(e.message_id, message);
+            }
+        }
+        Kind::MessagesRemoved(e) => {
+            if let Some(device) = account.devices.get_mut(&e.device_id) {
+                for id in &e.message_ids {
+                    device.mailbox.remove(*id);
+                }
+            }
+        }
+        Kind::PolicySet(e) => account.accept = e.accept(),
+        Kind::ContactAdded(e) => {
+            account.contacts.insert(fixed(&e.contact, "contact")?);
+        }
+        Kind::ContactRemoved(e) => {
+            account
+                .contacts
+                .remove(&fixed::<PUBLIC_KEY_LEN>(&e.contact, "contact")?);
+        }
+        Kind::TicketCreated(e) => {
+            account
+                .tickets
+                .retain(|_, t| t.expires_at_ms > e.created_at_ms);
+            account.tickets.insert(
+                fixed(&e.token, "token")?,
+                TicketState {
+                    expires_at_ms: e.expires_at_ms,
+                    uses_left: e.uses,
+                },
+            );
+        }
+    }
+    Ok(())
+}
+
+/// What a successful `Send` produced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SendOutcome {
+    pub message_id: u64,
+    pub duplicate: bool,
+}
+
+/// What a prekey fetch produced, plus the devices now running low.
+#[derive(Debug)]
+pub struct FetchOutcome {
+    pub bundles: PreKeyBundles,
+    pub handed_out: usize,
+    pub exhausted: usize,
+    /// (device, remaining) for devices left below the threshold by this fetch.
+    pub low: Vec<(u32, u32)>,
+}
+
+/// Counts for metrics and `check`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct StoreStats {
+    pub identities: usize,
+    pub devices: usize,
+    pub messages: usize,
+    pub payload_bytes: usize,
+    pub one_time_prekeys: usize,
+}
+
+pub struct Store {
+    shards: Box<[Mutex<Shard>]>,
+    limits: StoreLimits,
+    sink: Arc<dyn EventSink>,
+}
+
+impl Store {
+    pub fn new(shards: usize, limits: StoreLimits, sink: Arc<dyn EventSink>) -> Self {
+        Self {
+            shards: (0..shards.max(1))
+                .map(|_| Mutex::new(Shard::default()))
+                .collect(),
+            limits,
+            sink,
+        }
+    }
+
+    pub fn limits(&self) -> &StoreLimits {
+        &self.limits
+    }
+
+    fn shard(&self, identity: &Identity) -> &Mutex<Shard> {
+        // Keys are points with uniformly distributed x-coordinates.
+        let h = u64::from_le_bytes(identity[1..9].try_into().expect("8 bytes"));
+        &self.shards[(h % self.shards.len() as u64) as usize]
+    }
+
+    /// Applies an event and hands it to the sink while the shard is still locked.
+    fn commit(&self, shard: &mut Shard, kind: Kind) {
+        let event = Event { kind: Some(kind) };
+        match apply(&mut shard.accounts, &event) {
+            Ok(()) => self.sink.record(&event),
+            Err(err) => tracing::error!(error = %err, "live event could not be applied"),
+        }
+    }
+
+    /// Applies an event read back from the journal.
+    pub fn replay(&self, event: &Event) -> Result<(), ApplyError> {
+        let identity = event_identity(event)?;
+        apply(&mut self.shard(&identity).lock().accounts, event)
+    }
+
+    fn check_key(&self, field: &'static str, bytes: &[u8]) -> Result<(), RelayError> {
+        if bytes.is_empty() || bytes.len() > self.limits.max_key_len {
+            return Err(RelayError::bad_request(format!(
+                "{field} must be 1 to {} bytes",
+                self.limits.max_key_len
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_prekeys(
+        &self,
+        signed: Option<&SignedPreKey>,
+        one_time: &[PreKey],
+    ) -> Result<(), RelayError> {
+        if let Some(signed) = signed {
+            self.check_key("signed_prekey.public_key", &signed.public_key)?;
+            self.check_key("signed_prekey.signature", &signed.signature)?;
+        }
+        if one_time.len() > self.limits.max_prekeys_per_upload {
+            return Err(RelayError::bad_request(format!(
+                "at most {} one-time prekeys per request",
+                self.limits.max_prekeys_per_upload
+            )));
+        }
+        let mut ids = HashSet::with_capacity(one_time.len());
+        for key in one_time {
+            self.check_key("one_time_prekeys.public_key", &key.public_key)?;
+            if !ids.insert(key.id) {
+                return Err(RelayError::bad_request(format!(
+                    "one-time prekey id {} appears twice",
+                    key.id
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn register(
+        &self,
+        me: &Identity,
+        req: crate::proto::Register,
+    ) -> Result<Registered, RelayError> {
+        if req.device_id == 0 {
+            return Err(RelayError::bad_request("device_id must be at least 1"));
+        }
+        self.check_key("identity_key", &req.identity_key)?;
+        let signed = req
+            .signed_prekey
+            .as_ref()
+            .ok_or_else(|| RelayError::bad_request("signed_prekey is required"))?;
+        self.check_prekeys(Some(signed), &req.one_time_prekeys)?;
+        let mut shard = self.shard(me).lock();
+        if let Some(account) = shard.accounts.get(me) {
+            let new_device = account.registered(req.device_id).is_none();
+            if new_device && account.active_devices() >= self.limits.max_devices_per_identity {
+                return Err(RelayError::bad_request(format!(
+                    "at most {} devices per identity",
+                    self.limits.max_devices_per_identity
+                )));
+            }
+            // Retired device ids are kept to protect message ids; bound them too.
+            if new_device
+                && !account.devices.contains_key(&req.device_id)
+                && account.devices.len() >= 4 * self.limits.max_devices_per_identity
+            {
+                return Err(RelayError::bad_request(
+                    "too many device ids used by this identity",
+                ));
+            }
+        }
+        let count = req.one_time_prekeys.len() as u32;
+        self.commit(
+            &mut shard,
+            Kind::DeviceRegistered(ev::DeviceRegistered {
+                identity: Bytes::copy_from_slice(me),
+                device_id: req.device_id,
+                registration_id: req.registration_id,
+                identity_key: req.identity_key,
+                signed_prekey: req.signed_prekey,
+                one_time_prekeys: req.one_time_prekeys,
+            }),
+        );
+        Ok(Registered {
+            device_id: req.device_id,
+            one_time_prekeys: count,
+        })
+    }
+
+    pub fn unregister(&self, me: &Identity, device_id: u32) -> Result<(), RelayError> {
+        let mut shard = self.shard(me).lock();
+        let registered = shard
+            .accounts
+            .get(me)
+            .and_then(|a| a.registered(device_id))
+            .is_some();
+        if !registered {
+            return Err(RelayError::NotRegistered(device_id));
+        }
+        self.commit(
+            &mut shard,
+            Kind::DeviceUnregistered(ev::DeviceUnregistered {
+                identity: Bytes::copy_from_slice(me),
+                device_id,
+            }),
+        );
+        Ok(())
+    }
+
+    pub fn upload_prekeys(
+        &self,
+        me: &Identity,
+        req: crate::proto::UploadPreKeys,
+    ) -> Result<PreKeyCount, RelayError> {
+        self.check_prekeys(req.signed_prekey.as_ref(), &req.one_time_prekeys)?;
+        let mut shard = self.shard(me).lock();
+        let keys = shard
+            .accounts
+            .get(me)
+            .and_then(|a| a.registered(req.device_id))
+            .and_then(Device::keys)
+            .ok_or(RelayError::NotRegistered(req.device_id))?;
+        let stored = keys.one_time_prekeys.len();
+        if stored + req.one_time_prekeys.len() > self.limits.max_prekeys_per_device {
+            return Err(RelayError::bad_request(format!(
+                "a device stores at most {} one-time prekeys ({stored} stored)",
+                self.limits.max_prekeys_per_device
+            )));
+        }
+        if let Some(dup) = req
+            .one_time_prekeys
+            .iter()
+            .find(|new| keys.one_time_prekeys.iter().any(|old| old.id == new.id))
+        {
+            return Err(RelayError::bad_request(format!(
+                "one-time prekey id {} is already stored",
+                dup.id
+            )));
+        }
+        let count = (stored + req.one_time_prekeys.len()) as u32;
+        self.commit(
+            &mut shard,
+            Kind::PreKeysUploaded(ev::PreKeysUploaded {
+                identity: Bytes::copy_from_slice(me),
+                device_id: req.device_id,
+                signed_prekey: req.signed_prekey,
+                one_time_prekeys: req.one_time_prekeys,
+            }),
+        );
+        Ok(PreKeyCount {
+            device_id: req.device_id,
+            count,
+        })
+    }
+
+    pub fn prekey_count(&self, me: &Identity, device_id: u32) -> Result<PreKeyCount, RelayError> {
+        let shard = self.shard(me).lock();
+        let keys = shard
+            .accounts
+            .get(me)
+            .and_then(|a| a.registered(device_id))
+            .and_then(Device::keys)
+            .ok_or(RelayError::NotRegistered(device_id))?;
+        Ok(PreKeyCount {
+            device_id,
+            count: keys.one_time_prekeys.len() as u32,
+        })
+    }
+
+    /// Hands out one bundle per device, popping one one-time prekey from each for good.
+    pub fn fetch_prekeys(
+        &self,
+        target: &Identity,
+        device_ids: &[u32],
+        low_threshold: u32,
+    ) -> Result<FetchOutcome, RelayError> {
+        if device_ids.len() > self.limits.max_devices_per_identity {
+            return Err(RelayError::bad_request("too many device ids in one fetch"));
+        }
+        let mut shard = self.shard(target).lock();
+        let account = shard
+            .accounts
+            .get(target)
+            .filter(|a| a.is_registered())
+            .ok_or(RelayError::UnknownRecipient)?;
+        let wanted: Vec<u32> = if device_ids.is_empty() {
+            account
+                .devices
+                .iter()
+                .filter(|(_, d)| d.keys().is_some())
+                .map(|(id, _)| *id)
+                .collect()
+        } else {
+            for id in device_ids {
+                account
+                    .registered(*id)
+                    .ok_or(RelayError::UnknownRecipient)?;
+            }
+            let mut ids = device_ids.to_vec();
+            ids.sort_unstable();
+            ids.dedup();
+            ids
+        };
+        let mut bundles = Vec::with_capacity(wanted.len());
+        let mut taken = Vec::new();
+        let mut low = Vec::new();
+        let mut exhausted = 0;
+        for device_id in wanted {
+            let keys = account
+                .registered(device_id)
+                .and_then(Device::keys)
+                .expect("checked above");
+            let one_time_prekey = keys.one_time_prekeys.front().cloned();
+            match &one_time_prekey {
+                Some(key) => {
+                    taken.push(ev::TakenPreKey {
+                        device_id,
+                        prekey_id: key.id,
+                    });
+                    let remaining = keys.one_time_prekeys.len() as u32 - 1;
+                    if remaining < low_threshold {
+                        low.push((device_id, remaining));
+                    }
+                }
+                None => exhausted += 1,
+            }
+            bundles.push(PreKeyBundle {
+                device_id,
+                registration_id: keys.registration_id,
+                identity_key: keys.identity_key.clone(),
+                signed_prekey: Some(keys.signed_prekey.clone()),
+                one_time_prekey,
+            });
+        }
+        let handed_out = taken.len();
+        if !taken.is_empty() {
+            self.commit(
+                &mut shard,
+                Kind::PreKeysTaken(ev::PreKeysTaken {
+                    identity: Bytes::copy_from_slice(target),
+                    taken,
+                }),
+            );
+        }
+        Ok(FetchOutcome {
+            bundles: PreKeyBundles { bundles },
+            handed_out,
+            exhausted,
+            low,
+        })
+    }
+
+    /// True when `identity` has `device_id` registered.
+    pub fn is_registered(&self, identity: &Identity, device_id: u32) -> bool {
+        self.shard(identity)
+            .lock()
+            .accounts
+            .get(identity)
+            .and_then(|a| a.registered(device_id))
+            .is_some()
+    }
+
+    /// Stores a message (the request already validated by [`validate_send`]) and pushes it to a
+    /// live subscriber.
+    pub fn send(
+        &self,
+        sender: &Identity,
+        req: &Send,
+        now_ms: u64,
+    ) -> Result<SendOutcome, RelayError> {
+        let recipient: Identity = fixed(&req.recipient, "recipient")
+            .map_err(|_| RelayError::bad_request("recipient must be a 33-byte key"))?;
+        let nonce: [u8; NONCE_LEN] = req.sender_nonce[..]
+            .try_into()
+            .map_err(|_| RelayError::bad_request("sender_nonce must be 8 bytes"))?;
+        let mut shard = self.shard(&recipient).lock();
+        let account = shard
+            .accounts
+            .get(&recipient)
+            .ok_or(RelayError::UnknownRecipient)?;
+        let device = account
+            .registered(req.recipient_device)
+            .ok_or(RelayError::UnknownRecipient)?;
+        let mailbox = &device.mailbox;
+        if let Some(&message_id) = mailbox.nonces.get(&(*sender, nonce)) {
+            return Ok(SendOutcome {
+                message_id,
+                duplicate: true,
+            });
+        }
+        let mut ticket_used = Bytes::new();
+        let mut contact_added = false;
+        if account.accept == Accept::ContactsOnly
+            && *sender != recipient
+            && !account.contacts.contains(sender)
+        {
+            if req.ticket.is_empty() {
+                return Err(RelayError::Forbidden(
+                    "recipient accepts contacts only; a ticket is required",
+                ));
+            }
+            let token: [u8; TICKET_LEN] = req.ticket[..]
+                .try_into()
+                .map_err(|_| RelayError::TicketInvalid)?;
+            match account.tickets.get(&token) {
+                Some(t) if t.expires_at_ms > now_ms && t.uses_left > 0 => {}
+                _ => return Err(RelayError::TicketInvalid),
+            }
+            if account.contacts.len() >= self.limits.max_contacts {
+                return Err(RelayError::MailboxFull("recipient's contact list is full"));
+            }
+            ticket_used = req.ticket.clone();
+            contact_added = true;
+        }
+        if mailbox.messages.len() >= self.limits.mailbox_max_messages {
+            return Err(RelayError::MailboxFull("message count"));
+        }
+        if mailbox.payload_bytes + req.payload.len() > self.limits.mailbox_max_bytes {
+            return Err(RelayError::MailboxFull("bytes"));
+        }
+        let message_id = mailbox.next_id;
+        let device_id = req.recipient_device;
+        self.commit(
+            &mut shard,
+            Kind::MessageStored(ev::MessageStored {
+                recipient: req.recipient.clone(),
+                device_id,
+                message_id,
+                sender: Bytes::copy_from_slice(sender),
+                sender_device: req.sender_device,
+                sender_nonce: req.sender_nonce.clone(),
+                payload_hash: req.payload_hash.clone(),
+                sender_signature: req.sender_signature.clone(),
+                payload: req.payload.clone(),
+                received_at_ms: now_ms,
+                ticket_used,
+                contact_added,
+            }),
+        );
+        if let Some(device) = shard
+            .accounts
+            .get_mut(&recipient)
+            .and_then(|a| a.devices.get_mut(&device_id))
+        {
+            pump(&mut device.mailbox, device_id, self.limits.max_unacked);
+        }
+        Ok(SendOutcome {
+            message_id,
+            duplicate: false,
+        })
+    }
+
+    /// Makes `push` the mailbox's subscriber from `after_id` on; returns the last id and the
+    /// subscriber it replaced, if that was another session.
+    pub fn subscribe(
+        &self,
+        me: &Identity,
+        device_id: u32,
+        after_id: u64,
+        push: PushHandle,
+    ) -> Result<(u64, Option<PushHandle>), RelayError> {
+        let mut shard = self.shard(me).lock();
+        let device = shard
+            .accounts
+            .get_mut(me)
+            .and_then(|a| a.registered_mut(device_id))
+            .ok_or(RelayError::NotRegistered(device_id))?;
+        let mailbox = &mut device.mailbox;
+        let previous = mailbox
+            .subscriber
+            .take()
+            .map(|s| s.push)
+            .filter(|old| !old.same_session(&push) && !old.is_closed());
+        mailbox.subscriber = Some(Subscriber {
+            push,
+            cursor: after_id,
+            in_flight: BTreeSet::new(),
+        });
+        let last_id = mailbox.last_id();
+        pump(mailbox, device_id, self.limits.max_unacked);
+        Ok((last_id, previous))
+    }
+
+    /// Ends `push`'s subscription to a mailbox, if it still holds it.
+    pub fn unsubscribe(&self, me: &Identity, device_id: u32, push: &PushHandle) {
+        let mut shard = self.shard(me).lock();
+        if let Some(device) = shard
+            .accounts
+            .get_mut(me)
+            .and_then(|a| a.devices.get_mut(&device_id))
+        {
+            if device
+                .mailbox
+                .subscriber
+                .as_ref()
+                .is_some_and(|s| s.push.same_session(push))
+            {
+                device.mailbox.subscriber = None;
+            }
+        }
+    }
+
+    pub fn get_message(
+        &self,
+        me: &Identity,
+        device_id: u32,
+        message_id: u64,
+    ) -> Result<Deliver, RelayError> {
+        let shard = self.shard(me).lock();
+        let device = shard
+            .accounts
+            .get(me)
+            .and_then(|a| a.registered(device_id))
+            .ok_or(RelayError::NotRegistered(device_id))?;
+        device
+            .mailbox
+            .messages
+            .get(&message_id)
+            .map(|m| m.deliver(message_id, device_id))
+            .ok_or(RelayError::NotFound)
+    }
+
+    /// Deletes acknowledged messages; unknown ids are ignored. Returns how many were deleted.
+    pub fn ack(&self, me: &Identity, device_id: u32, ids: &[u64]) -> Result<u32, RelayError> {
+        if ids.len() > MAX_ACK_IDS {
+            return Err(RelayError::bad_request(format!(
+                "at most {MAX_ACK_IDS} ids per ack"
+            )));
+        }
+        let mut shard = self.shard(me).lock();
+        let device = shard
+            .accounts
+            .get(me)
+            .and_then(|a| a.registered(device_id))
+            .ok_or(RelayError::NotRegistered(device_id))?;
+        let mut present: Vec<u64> = ids
+            .iter()
+            .copied()
+            .filter(|id| device.mailbox.messages.contains_key(id))
+            .collect();
+        present.sort_unstable();
+        present.dedup();
+        let deleted = present.len() as u32;
+        if !present.is_empty() {
+            self.commit(
+                &mut shard,
+                Kind::MessagesRemoved(ev::MessagesRemoved {
+                    identity: Bytes::copy_from_slice(me),
+                    device_id,
+                    message_ids: present,
+                    reason: Removal::Acked as i32,
+                }),
+            );
+        }
+        if let Some(device) = shard
+            .accounts
+            .get_mut(me)
+            .and_then(|a| a.devices.get_mut(&device_id))
+        {
+            pump(&mut device.mailbox, device_id, self.limits.max_unacked);
+        }
+        Ok(deleted)
+    }
+
+    fn with_registered_account(
+        &self,
+        me: &Identity,
+    ) -> Result<parking_lot::MutexGuard<'_, Shard>, RelayError> {
+        let shard = self.shard(me).lock();
+        if !shard.accounts.get(me).is_some_and(Account::is_registered) {
+            return Err(RelayError::NotRegistered(0));
+        }
+        Ok(shard)
+    }
+
+    pub fn set_policy(&self, me: &Identity, accept: Accept) -> Result<(), RelayError> {
+        let mut shard = self.with_registered_account(me)?;
+        self.commit(
+            &mut shard,
+            Kind::PolicySet(ev::PolicySet {
+                identity: Bytes::copy_from_slice(me),
+                accept: accept as i32,
+            }),
+        );
+        Ok(())
+    }
+
+    pub fn add_contact(&self, me: &Identity, contact: &[u8]) -> Result<(), RelayError> {
+        let contact: Identity = fixed(contact, "contact")
+            .map_err(|_| RelayError::bad_request("identity must be a 33-byte key"))?;
+        let mut shard = self.with_registered_account(me)?;
+        let account = shard.accounts.get(me).expect("checked registered");
+        if account.contacts.contains(&contact) {
+            return Ok(());
+        }
+        if account.contacts.len() >= self.limits.max_contacts {
+            return Err(RelayError::bad_request(format!(
+                "at most {} contacts",
+                self.limits.max_contacts
+            )));
+        }
+        self.commit(
+            &mut shard,
+            Kind::ContactAdded(ev::ContactAdded {
+                identity: Bytes::copy_from_slice(me),
+                contact: Bytes::copy_from_slice(&contact),
+            }),
+        );
+        Ok(())
+    }
+
+    pub fn remove_contact(&self, me: &Identity, contact: &[u8]) -> Result<(), RelayError> {
+        let contact: Identity = fixed(contact, "contact")
+            .map_err(|_| RelayError::bad_request("identity must be a 33-byte key"))?;
+        let mut shard = self.with_registered_account(me)?;
+        if !shard
+            .accounts
+            .get(me)
+            .expect("checked registered")
+            .contacts
+            .contains(&contact)
+        {
+            return Ok(());
+        }
+        self.commit(
+            &mut shard,
+            Kind::ContactRemoved(ev::ContactRemoved {
+                identity: Bytes::copy_from_slice(me),
+                contact: Bytes::copy_from_slice(&contact),
+            }),
+        );
+        Ok(())
+    }
+
+    /// Creates a ticket; `ttl_s` 0 means one day, `uses` 0 means one use.
+    pub fn create_ticket(
+        &self,
+        me: &Identity,
+        ttl_s: u32,
+        uses: u32,
+        now_ms: u64,
+    ) -> Result<Ticket, RelayError> {
+        let ttl_ms = if ttl_s == 0 {
+            86_400_000
+        } else {
+            u64::from(ttl_s) * 1000
+        };
+        if ttl_ms > self.limits.max_ticket_ttl_ms {
+            return Err(RelayError::bad_request(format!(
+                "ttl_s may be at most {}",
+                self.limits.max_ticket_ttl_ms / 1000
+            )));
+        }
+        let uses = uses.max(1);
+        if uses > self.limits.max_ticket_uses {
+            return Err(RelayError::bad_request(format!(
+                "uses may be at most {}",
+                self.limits.max_ticket_uses
+            )));
+        }
+        let mut shard = self.with_registered_account(me)?;
+        let live = shard
+            .accounts
+            .get(me)
+            .expect("checked registered")
+            .tickets
+            .values()
+            .filter(|t| t.expires_at_ms > now_ms)
+            .count();
+        if live >= self.limits.max_tickets_per_identity {
+            return Err(RelayError::bad_request(format!(
+                "at most {} unexpired tickets per identity",
+                self.limits.max_tickets_per_identity
+            )));
+        }
+        let token: [u8; TICKET_LEN] = rand::random();
+        let expires_at_ms = now_ms + ttl_ms;
+        self.commit(
+            &mut shard,
+            Kind::TicketCreated(ev::TicketCreated {
+                identity: Bytes::copy_from_slice(me),
+                token: Bytes::copy_from_slice(&token),
+                expires_at_ms,
+                uses,
+                created_at_ms: now_ms,
+            }),
+        );
+        Ok(Ticket {
+            token: Bytes::copy_from_slice(&token),
+            expires_at_ms,
+            relay_pubkey: Bytes::new(),
+            identity: Bytes::copy_from_slice(me),
+            uses,
+        })
+    }
+
+    /// Removes messages received at or before `cutoff_ms`; returns how many.
+    pub fn expire(&self, cutoff_ms: u64) -> usize {
+        let mut expired = 0;
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock();
+            let mut removals = Vec::new();
+            for (identity, account) in &shard.accounts {
+                for (device_id, device) in &account.devices {
+                    // Ids are assigned in receive order, so the expired ones are a prefix.
+                    let ids: Vec<u64> = device
+                        .mailbox
+                        .messages
+                        .iter()
+                        .take_while(|(_, m)| m.received_at_ms <= cutoff_ms)
+                        .map(|(id, _)| *id)
+                        .collect();
+                    if !ids.is_empty() {
+                        removals.push((*identity, *device_id, ids));
+                    }
+                }
+            }
+            for (identity, device_id, ids) in removals {
+                expired += ids.len();
+                self.commit(
+                    &mut shard,
+                    Kind::MessagesRemoved(ev::MessagesRemoved {
+                        identity: Bytes::copy_from_slice(&identity),
+                        device_id,
+                        message_ids: ids,
+                        reason: Removal::Expired as i32,
+                    }),
+                );
+                if let Some(device) = shard
+                    .accounts
+                    .get_mut(&identity)
+                    .and_then(|a| a.devices.get_mut(&device_id))
+                {
+                    pump(&mut device.mailbox, device_id, self.limits.max_unacked);
+                }
+            }
+        }
+        expired
+    }
+
+    pub fn stats(&self) -> StoreStats {
+        let mut stats = StoreStats::default();
+        for shard in self.shards.iter() {
+            let shard = shard.lock();
+            for account in shard.accounts.values() {
+                if account.is_registered() {
+                    stats.identities += 1;
+                }
+                for device in account.devices.values() {
+                    if let Some(keys) = device.keys() {
+                        stats.devices += 1;
+                        stats.one_time_prekeys += keys.one_time_prekeys.len();
+                    }
+                    stats.messages += device.mailbox.messages.len();
+                    stats.payload_bytes += device.mailbox.payload_bytes;
+                }
+            }
+        }
+        stats
+    }
+}
+
+/// Checks a `Send` before any lock is taken: sizes, lengths and the payload hash.
+pub fn validate_send(req: &Send, max_payload_len: usize) -> Result<(), RelayError> {
+    if req.payload.len() > max_payload_len {
+        return Err(RelayError::PayloadTooLarge {
+            len: req.payload.len(),
+            max: max_payload_len,
+        });
+    }
+    if req.recipient.len() != PUBLIC_KEY_LEN {
+        return Err(RelayError::bad_request("recipient must be a 33-byte key"));
+    }
+    if req.recipient_device == 0 {
+        return Err(RelayError::bad_request(
+            "recipient_device must be at least 1",
+        ));
+    }
+    if req.sender_nonce.len() != NONCE_LEN {
+        return Err(RelayError::bad_request("sender_nonce must be 8 bytes"));
+    }
+    if req.sender_signature.len() != SIGNATURE_LEN {
+        return Err(RelayError::bad_request("sender_signature must be 64 bytes"));
+    }
+    if !req.ticket.is_empty() && req.ticket.len() != TICKET_LEN {
+        return Err(RelayError::TicketInvalid);
+    }
+    if req.payload_hash.len() != 32 || req.payload_hash[..] != sha256(&[&req.payload])[..] {
+        return Err(RelayError::bad_request(
+            "payload_hash is not SHA-256 of the payload",
+        ));
+    }
+    Ok(())
+}
+
+/// Pushes stored messages past the subscriber's cursor, in id order, while its window allows.
+/// A refused push (session gone or too slow) ends the subscription; the messages stay stored.
+fn pump(mailbox: &mut Mailbox, device_id: u32, max_unacked: usize) {
+    let Some(sub) = mailbox.subscriber.as_mut() else {
+        return;
+    };
+    let mut delivered = 0u64;
+    while sub.in_flight.len() < max_unacked {
+        let Some((&id, message)) = mailbox
+            .messages
+            .range(sub.cursor.saturating_add(1)..)
+            .next()
+        else {
+            break;
+        };
+        let frame = Frame::new(0, Body::Deliver(message.deliver(id, device_id)));
+        if sub.push.push(frame).is_err() {
+            mailbox.subscriber = None;
+            break;
+        }
+        sub.cursor = id;
+        sub.in_flight.insert(id);
+        delivered += 1;
+    }
+    if delivered > 0 {
+        metrics::counter!(crate::metrics::MESSAGES_DELIVERED).increment(delivered);
+    }
+}
+
+/// A `REPLACED` notice for a subscription taken over by another session.
+pub fn replaced_notice(device_id: u32) -> Frame {
+    Frame::error(
+        0,
+        ErrorCode::Replaced,
+        format!("another session subscribed to device {device_id}"),
+    )
+}
