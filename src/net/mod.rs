@@ -8,7 +8,7 @@ mod server;
 
 use std::future::Future;
 
-pub use push::{Push, PushHandle, PushReceiver};
+pub use push::{channel as push_channel, Push, PushError, PushHandle, PushReceiver};
 pub use server::{Server, ServerHandle};
 
 use crate::core::codec::CodecError;
