@@ -34,7 +34,7 @@ pub enum ClientError {
     Handshake(#[from] HandshakeError),
     #[error("session: {0}")]
     Session(#[from] SessionError),
-    #[error("relay answered {code:?}: {message}")]
+    #[error("relay answered {}: {message}", code.as_str_name())]
     Remote {
         code: ErrorCode,
         message: String,

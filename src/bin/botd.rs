@@ -1,14 +1,17 @@
-//! The `botd` command-line client: key management and talking to a relay.
+//! The `botd` command-line client: key management and every relay request.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
-use botd_relay::client::{Client, ClientOptions};
+use botd_relay::client::{verify_delivery, Client, ClientOptions, OutgoingMessage};
 use botd_relay::config::DEFAULT_PORT;
-use botd_relay::core::keys::{KeyPair, PublicKeyBytes};
+use botd_relay::core::keys::{sha256, KeyPair, PublicKeyBytes};
 use botd_relay::keyfile;
-use clap::{Parser, Subcommand};
+use botd_relay::proto::{self, Accept, Body, PreKey, SignedPreKey};
+use bytes::Bytes;
+use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -20,6 +23,18 @@ struct Cli {
     /// Identity key file [default: <config dir>/botd/identity.key]
     #[arg(long, value_name = "FILE", global = true, env = "BOTD_KEY")]
     key: Option<PathBuf>,
+    /// Relay address, HOST[:PORT]
+    #[arg(
+        long,
+        value_name = "ADDR",
+        global = true,
+        env = "BOTD_RELAY",
+        default_value = "127.0.0.1:9945"
+    )]
+    relay: String,
+    /// The relay's public key (66 hex characters), as printed by `botd-relay pubkey`
+    #[arg(long, value_name = "HEX", global = true, env = "BOTD_SERVER_KEY")]
+    server_key: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -32,12 +47,130 @@ enum Command {
     Id,
     /// Connect, authenticate, and measure one ping round trip
     Ping {
-        /// Relay address, HOST[:PORT] (default port 9945)
-        addr: String,
-        /// The relay's public key (66 hex characters), as printed by `botd-relay pubkey`
-        #[arg(long, value_name = "HEX")]
-        server_key: String,
+        /// Relay address, HOST[:PORT] (overrides --relay)
+        addr: Option<String>,
     },
+    /// Register this identity's device with a signed prekey and one-time prekeys
+    Register {
+        #[arg(long, default_value_t = 1)]
+        device: u32,
+        /// One-time prekeys to publish
+        #[arg(long, default_value_t = 20)]
+        prekeys: u32,
+        /// Registration id (random if omitted)
+        #[arg(long)]
+        registration_id: Option<u32>,
+    },
+    /// Unregister a device; its stored messages are dropped
+    Unregister {
+        #[arg(long, default_value_t = 1)]
+        device: u32,
+    },
+    /// Send a message to PUBKEY[:DEVICE]
+    Send {
+        /// Recipient, as 66 hex characters, optionally followed by :DEVICE (default 1)
+        #[arg(long, value_name = "PUBKEY[:DEVICE]")]
+        to: String,
+        /// Message text
+        #[arg(long, conflicts_with = "file", required_unless_present = "file")]
+        text: Option<String>,
+        /// File whose bytes are the payload
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// This identity's sending device
+        #[arg(long, default_value_t = 1)]
+        device: u32,
+        /// A ticket of the recipient (hex), for first contact
+        #[arg(long)]
+        ticket: Option<String>,
+    },
+    /// Subscribe to a device's mailbox, print and verify each message, and ack it
+    Listen {
+        #[arg(long, default_value_t = 1)]
+        device: u32,
+        /// Deliver messages with ids above this
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        /// Do not ack (messages stay stored)
+        #[arg(long)]
+        no_ack: bool,
+        /// Exit after this many messages
+        #[arg(long)]
+        count: Option<u64>,
+    },
+    /// Fetch one stored message by id
+    Get {
+        #[arg(long)]
+        id: u64,
+        #[arg(long, default_value_t = 1)]
+        device: u32,
+    },
+    /// Publish, count or fetch prekeys
+    Prekeys {
+        #[command(subcommand)]
+        action: PrekeysAction,
+    },
+    /// Create a one-time ticket others can use for first contact
+    Ticket {
+        #[command(subcommand)]
+        action: TicketAction,
+    },
+    /// Who may send to this identity
+    Policy { accept: PolicyArg },
+    /// Manage the contacts allowed under `policy contacts-only`
+    Contacts {
+        #[command(subcommand)]
+        action: ContactsAction,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PrekeysAction {
+    /// Upload fresh one-time prekeys (and optionally a new signed prekey)
+    Upload {
+        #[arg(long, default_value_t = 1)]
+        device: u32,
+        #[arg(long, default_value_t = 20)]
+        count: u32,
+        /// Also replace the signed prekey
+        #[arg(long)]
+        signed: bool,
+    },
+    /// Fetch prekey bundles of an identity (pops one one-time prekey per device)
+    Fetch {
+        pubkey: String,
+        /// Devices to fetch (all when omitted)
+        #[arg(long = "device")]
+        devices: Vec<u32>,
+    },
+    /// How many one-time prekeys a device has left
+    Count {
+        #[arg(long, default_value_t = 1)]
+        device: u32,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TicketAction {
+    Create {
+        /// Lifetime, e.g. 1h, 7d
+        #[arg(long, default_value = "1d", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ContactsAction {
+    Add { pubkey: String },
+    Remove { pubkey: String },
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum PolicyArg {
+    Open,
+    ContactsOnly,
 }
 
 fn default_key_path() -> PathBuf {
@@ -68,8 +201,129 @@ fn load_key(path: &Path) -> Result<KeyPair, String> {
     keyfile::load(path).map_err(|err| format!("{err} (create one with `botd keygen`)"))
 }
 
+fn parse_pubkey(text: &str) -> Result<PublicKeyBytes, String> {
+    PublicKeyBytes::from_hex(text).map_err(|err| format!("{text:?} is not a public key: {err}"))
+}
+
+/// Fresh prekey material: the relay stores it opaquely; private halves go next to the key file.
+fn fresh_prekeys(
+    identity: &KeyPair,
+    key_path: &Path,
+    first_id: u32,
+    count: u32,
+    signed: bool,
+) -> Result<(Option<SignedPreKey>, Vec<PreKey>), String> {
+    let mut secrets = String::new();
+    let signed = signed.then(|| {
+        let pair = KeyPair::generate();
+        secrets.push_str(&format!(
+            "signed {first_id} {}\n",
+            hex::encode(*pair.secret_bytes())
+        ));
+        let public = Bytes::copy_from_slice(pair.public().as_bytes());
+        let signature = identity.sign(&sha256(&[&public]));
+        SignedPreKey {
+            id: first_id,
+            public_key: public,
+            signature: Bytes::copy_from_slice(&signature),
+        }
+    });
+    let one_time = (0..count)
+        .map(|i| {
+            let pair = KeyPair::generate();
+            let id = first_id.wrapping_add(i);
+            secrets.push_str(&format!(
+                "one-time {id} {}\n",
+                hex::encode(*pair.secret_bytes())
+            ));
+            PreKey {
+                id,
+                public_key: Bytes::copy_from_slice(pair.public().as_bytes()),
+            }
+        })
+        .collect();
+    let path = key_path.with_extension("prekeys");
+    append_private(&path, &secrets)
+        .map_err(|err| format!("cannot write {}: {err}", path.display()))?;
+    Ok((signed, one_time))
+}
+
+fn append_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.create(true).append(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    options.open(path)?.write_all(text.as_bytes())
+}
+
+fn show_payload(payload: &[u8]) -> String {
+    match std::str::from_utf8(payload) {
+        Ok(text)
+            if !text
+                .chars()
+                .any(|c| c.is_control() && c != '\n' && c != '\t') =>
+        {
+            text.to_owned()
+        }
+        _ => format!("0x{}", hex::encode(payload)),
+    }
+}
+
+fn describe_delivery(deliver: &proto::Deliver, me: &PublicKeyBytes) -> String {
+    let check = match verify_delivery(deliver, me) {
+        Ok(_) => "signature ok".to_owned(),
+        Err(err) => format!("SIGNATURE INVALID: {err}"),
+    };
+    format!(
+        "#{} from {}:{} at {} ms ({} bytes, {check}): {}",
+        deliver.message_id,
+        hex::encode(&deliver.sender),
+        deliver.sender_device,
+        deliver.received_at_ms,
+        deliver.payload.len(),
+        show_payload(&deliver.payload)
+    )
+}
+
+struct Session {
+    client: Client,
+    identity: Arc<KeyPair>,
+    key_path: PathBuf,
+}
+
+async fn connect(
+    cli_relay: &str,
+    server_key: Option<&str>,
+    key_path: &Path,
+) -> Result<Session, String> {
+    let server_key =
+        server_key.ok_or("the relay's key is needed: --server-key HEX or BOTD_SERVER_KEY")?;
+    let relay =
+        PublicKeyBytes::from_hex(server_key).map_err(|err| format!("--server-key: {err}"))?;
+    let identity = Arc::new(load_key(key_path)?);
+    let socket = resolve(cli_relay).await?;
+    let client = Client::connect(socket, identity.clone(), relay, ClientOptions::default())
+        .await
+        .map_err(|err| format!("connect to {socket}: {err}"))?;
+    Ok(Session {
+        client,
+        identity,
+        key_path: key_path.to_owned(),
+    })
+}
+
+/// Turns a client error into the CLI's message, naming the step that failed.
+fn fail(what: &'static str) -> impl Fn(botd_relay::client::ClientError) -> String {
+    move |err| format!("{what}: {err}")
+}
+
 async fn run(cli: Cli) -> Result<(), String> {
-    let key_path = cli.key.unwrap_or_else(default_key_path);
+    let key_path = cli.key.clone().unwrap_or_else(default_key_path);
+    let server_key = cli.server_key.as_deref();
     match cli.command {
         Command::Keygen => {
             let pair = KeyPair::generate();
@@ -78,21 +332,242 @@ async fn run(cli: Cli) -> Result<(), String> {
             println!("{}", pair.public());
         }
         Command::Id => println!("{}", load_key(&key_path)?.public()),
-        Command::Ping { addr, server_key } => {
-            let relay = PublicKeyBytes::from_hex(&server_key)
-                .map_err(|err| format!("--server-key: {err}"))?;
-            let identity = Arc::new(load_key(&key_path)?);
-            let socket = resolve(&addr).await?;
-            let client = Client::connect(socket, identity, relay, ClientOptions::default())
-                .await
-                .map_err(|err| format!("connect to {socket}: {err}"))?;
-            let welcome = client.welcome();
+        Command::Ping { addr } => {
+            let relay_addr = addr.unwrap_or(cli.relay);
+            let s = connect(&relay_addr, server_key, &key_path).await?;
+            let welcome = s.client.welcome();
             println!(
-                "connected to {socket} ({} {}), relay key {relay}",
-                welcome.protocol, welcome.server_version
+                "connected to {relay_addr} ({} {}), relay key {}",
+                welcome.protocol,
+                welcome.server_version,
+                s.client.relay_key()
             );
-            let rtt = client.ping().await.map_err(|err| format!("ping: {err}"))?;
-            println!("pong from {socket} in {:.3} ms", rtt.as_secs_f64() * 1000.0);
+            let rtt = s.client.ping().await.map_err(fail("ping"))?;
+            println!("pong in {:.3} ms", rtt.as_secs_f64() * 1000.0);
+        }
+        Command::Register {
+            device,
+            prekeys,
+            registration_id,
+        } => {
+            let s = connect(&cli.relay, server_key, &key_path).await?;
+            let (signed, one_time) = fresh_prekeys(&s.identity, &s.key_path, 1, prekeys, true)?;
+            let registered = s
+                .client
+                .register(proto::Register {
+                    device_id: device,
+                    registration_id: registration_id
+                        .unwrap_or_else(|| rand::random::<u32>() & 0x3fff),
+                    identity_key: Bytes::copy_from_slice(s.identity.public().as_bytes()),
+                    signed_prekey: signed,
+                    one_time_prekeys: one_time,
+                })
+                .await
+                .map_err(fail("register"))?;
+            println!(
+                "registered {}:{} with {} one-time prekeys",
+                s.identity.public(),
+                registered.device_id,
+                registered.one_time_prekeys
+            );
+        }
+        Command::Unregister { device } => {
+            let s = connect(&cli.relay, server_key, &key_path).await?;
+            s.client
+                .unregister(device)
+                .await
+                .map_err(fail("unregister"))?;
+            println!("unregistered device {device}");
+        }
+        Command::Send {
+            to,
+            text,
+            file,
+            device,
+            ticket,
+        } => {
+            let (recipient, recipient_device) = match to.rsplit_once(':') {
+                Some((key, dev)) => (
+                    parse_pubkey(key)?,
+                    dev.parse().map_err(|_| format!("bad device in {to:?}"))?,
+                ),
+                None => (parse_pubkey(&to)?, 1),
+            };
+            let payload = match (text, file) {
+                (Some(text), _) => Bytes::from(text.into_bytes()),
+                (None, Some(path)) => Bytes::from(
+                    std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?,
+                ),
+                (None, None) => return Err("give --text or --file".into()),
+            };
+            let s = connect(&cli.relay, server_key, &key_path).await?;
+            let mut message = OutgoingMessage::new(recipient, recipient_device, device, payload);
+            if let Some(ticket) = ticket {
+                message.ticket =
+                    Bytes::from(hex::decode(ticket.trim()).map_err(|_| "--ticket must be hex")?);
+            }
+            let sent = s.client.send_message(message).await.map_err(fail("send"))?;
+            println!(
+                "sent message {}{}",
+                sent.message_id,
+                if sent.duplicate { " (duplicate)" } else { "" }
+            );
+        }
+        Command::Listen {
+            device,
+            after,
+            no_ack,
+            count,
+        } => {
+            let mut s = connect(&cli.relay, server_key, &key_path).await?;
+            let subscribed = s
+                .client
+                .subscribe(device, after)
+                .await
+                .map_err(fail("subscribe"))?;
+            eprintln!(
+                "listening on device {device} (mailbox last id {}); Ctrl-C to stop",
+                subscribed.last_id
+            );
+            let me = *s.identity.public();
+            let mut received = 0u64;
+            while count.is_none_or(|limit| received < limit) {
+                let Some(push) = s.client.next_push().await else {
+                    return Err("connection closed".into());
+                };
+                match push.body {
+                    Some(Body::Deliver(deliver)) => {
+                        println!("{}", describe_delivery(&deliver, &me));
+                        if !no_ack {
+                            s.client
+                                .ack(device, vec![deliver.message_id])
+                                .await
+                                .map_err(fail("ack"))?;
+                        }
+                        received += 1;
+                    }
+                    Some(Body::PreKeysLow(low)) => eprintln!(
+                        "note: device {} has {} one-time prekeys left",
+                        low.device_id, low.count
+                    ),
+                    Some(Body::Error(error)) => {
+                        return Err(format!("relay: {:?}: {}", error.code(), error.message))
+                    }
+                    other => eprintln!("note: unexpected push {other:?}"),
+                }
+            }
+        }
+        Command::Get { id, device } => {
+            let s = connect(&cli.relay, server_key, &key_path).await?;
+            let deliver = s
+                .client
+                .get_message(device, id)
+                .await
+                .map_err(fail("get"))?;
+            println!("{}", describe_delivery(&deliver, s.identity.public()));
+        }
+        Command::Prekeys { action } => {
+            let s = connect(&cli.relay, server_key, &key_path).await?;
+            match action {
+                PrekeysAction::Upload {
+                    device,
+                    count,
+                    signed,
+                } => {
+                    let first_id = rand::random::<u32>() & 0x00ff_ffff;
+                    let (signed_prekey, one_time_prekeys) =
+                        fresh_prekeys(&s.identity, &s.key_path, first_id, count, signed)?;
+                    let stored = s
+                        .client
+                        .upload_prekeys(proto::UploadPreKeys {
+                            device_id: device,
+                            signed_prekey,
+                            one_time_prekeys,
+                        })
+                        .await
+                        .map_err(fail("upload"))?;
+                    println!(
+                        "device {} now has {} one-time prekeys",
+                        stored.device_id, stored.count
+                    );
+                }
+                PrekeysAction::Fetch { pubkey, devices } => {
+                    let bundles = s
+                        .client
+                        .fetch_prekeys(&parse_pubkey(&pubkey)?, devices)
+                        .await
+                        .map_err(fail("fetch"))?;
+                    for b in bundles {
+                        let one_time = b.one_time_prekey.map_or("none left".to_owned(), |k| {
+                            format!("#{} {}", k.id, hex::encode(&k.public_key))
+                        });
+                        let signed = b.signed_prekey.unwrap_or_default();
+                        println!(
+                            "device {} registration {} identity_key {} signed_prekey #{} {} one_time {}",
+                            b.device_id,
+                            b.registration_id,
+                            hex::encode(&b.identity_key),
+                            signed.id,
+                            hex::encode(&signed.public_key),
+                            one_time
+                        );
+                    }
+                }
+                PrekeysAction::Count { device } => {
+                    let count = s.client.prekey_count(device).await.map_err(fail("count"))?;
+                    println!(
+                        "device {} has {} one-time prekeys",
+                        count.device_id, count.count
+                    );
+                }
+            }
+        }
+        Command::Ticket {
+            action: TicketAction::Create { ttl, uses },
+        } => {
+            let s = connect(&cli.relay, server_key, &key_path).await?;
+            let ttl_s = u32::try_from(ttl.as_secs().max(1)).map_err(|_| "--ttl is too long")?;
+            let ticket = s
+                .client
+                .create_ticket(ttl_s, uses)
+                .await
+                .map_err(fail("ticket"))?;
+            println!("{}", hex::encode(&ticket.token));
+            eprintln!(
+                "ticket for {} on relay {}: {} use(s), expires at {} ms",
+                hex::encode(&ticket.identity),
+                hex::encode(&ticket.relay_pubkey),
+                ticket.uses,
+                ticket.expires_at_ms
+            );
+        }
+        Command::Policy { accept } => {
+            let s = connect(&cli.relay, server_key, &key_path).await?;
+            let accept = match accept {
+                PolicyArg::Open => Accept::Open,
+                PolicyArg::ContactsOnly => Accept::ContactsOnly,
+            };
+            s.client.set_policy(accept).await.map_err(fail("policy"))?;
+            println!("policy set to {}", accept.as_str_name());
+        }
+        Command::Contacts { action } => {
+            let s = connect(&cli.relay, server_key, &key_path).await?;
+            match action {
+                ContactsAction::Add { pubkey } => {
+                    s.client
+                        .add_contact(&parse_pubkey(&pubkey)?)
+                        .await
+                        .map_err(fail("add contact"))?;
+                    println!("added {pubkey}");
+                }
+                ContactsAction::Remove { pubkey } => {
+                    s.client
+                        .remove_contact(&parse_pubkey(&pubkey)?)
+                        .await
+                        .map_err(fail("remove contact"))?;
+                    println!("removed {pubkey}");
+                }
+            }
         }
     }
     Ok(())
