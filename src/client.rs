@@ -158,6 +158,16 @@ impl Client {
             }) => welcome,
             _ => return Err(ClientError::UnexpectedResponse("expected Welcome")),
         };
+        if welcome.protocol != crate::proto::PROTOCOL_NAME {
+            return Err(ClientError::UnexpectedResponse(
+                "Welcome names another protocol",
+            ));
+        }
+        if !welcome.relay_pubkey.is_empty() && welcome.relay_pubkey[..] != relay.as_bytes()[..] {
+            return Err(ClientError::UnexpectedResponse(
+                "Welcome carries another relay key",
+            ));
+        }
         reader
             .decoder_mut()
             .set_max_frame_len(welcome.max_frame_len.max(1024));

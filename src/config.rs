@@ -32,6 +32,21 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// When the journal is flushed to stable storage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FsyncPolicy {
+    /// Every response that changed state waits for the fsync covering its record (group
+    /// commit). A crash loses nothing that was answered.
+    Always,
+    /// fsync every `fsync_interval`; responses do not wait. A crash of the machine (not just
+    /// the process) can lose the changes of the last interval.
+    Interval,
+    /// Never fsync; the kernel writes back when it likes. A process crash loses nothing that
+    /// reached the kernel; a machine crash can lose anything not yet written back.
+    Never,
+}
+
 /// Where the Prometheus exporter listens, or `off`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MetricsListen {
@@ -172,6 +187,20 @@ pub struct Config {
     pub max_rate_limited_keys: usize,
     /// Independent locks the in-memory store is split into.
     pub store_shards: usize,
+
+    // --- Durability ---
+    /// When the journal is fsynced: `always`, `interval` or `never` (see README).
+    pub fsync: FsyncPolicy,
+    /// The fsync period under `fsync = "interval"`.
+    #[serde(with = "humantime_serde")]
+    pub fsync_interval: Duration,
+    /// A journal segment is closed and a new one started past this size.
+    pub journal_segment_bytes: u64,
+    /// A snapshot is written this often (and on graceful shutdown).
+    #[serde(with = "humantime_serde")]
+    pub snapshot_interval: Duration,
+    /// A snapshot is also written once this many journal bytes accumulated since the last one.
+    pub snapshot_journal_bytes: u64,
 }
 
 impl Default for Config {
@@ -214,7 +243,12 @@ impl Default for Config {
             send_rate_per_pair: Rate::new(50.0, 200),
             prekey_fetch_rate: Rate::new(5.0, 100),
             max_rate_limited_keys: 100_000,
-            store_shards: 64,
+            store_shards: 256,
+            fsync: FsyncPolicy::Always,
+            fsync_interval: Duration::from_millis(10),
+            journal_segment_bytes: 64 << 20,
+            snapshot_interval: Duration::from_secs(300),
+            snapshot_journal_bytes: 256 << 20,
         }
     }
 }
@@ -271,6 +305,11 @@ impl Config {
         }
         if self.max_connections == 0 || self.max_handshakes_in_flight == 0 {
             return fail("max_connections and max_handshakes_in_flight must be positive");
+        }
+        if self.idle_timeout < 2 * self.ping_min_interval + Duration::from_secs(2) {
+            return fail(
+                "idle_timeout must leave room for two pings: at least 2 × ping_min_interval + 2s",
+            );
         }
         if self.ping_interval < self.ping_min_interval {
             return fail("ping_interval must not be shorter than ping_min_interval");

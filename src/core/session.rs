@@ -14,6 +14,9 @@ use super::cipher::{CipherError, Opener, Sealer, TAG_LEN};
 use super::handshake::SessionKeys;
 use crate::proto::{random_id, valid_id, Body, ErrorCode, Frame, Ping, Pong, Welcome};
 
+/// Extra wait beyond the peer's ping interval before we ping again.
+pub const OWN_PING_MARGIN: Duration = Duration::from_secs(1);
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SessionError {
     #[error("{0}")]
@@ -83,7 +86,10 @@ pub struct Session {
     peer_max_frame_len: u32,
     last_received: Instant,
     last_active: Instant,
+    /// When we last sent something other than a Pong (our own Pongs do not keep us alive).
     last_sent: Instant,
+    /// A frame other than a Pong was queued since the last [`Session::mark_sent`].
+    sent_active: bool,
     last_peer_ping: Option<Instant>,
     last_own_ping: Option<Instant>,
     liveness: Liveness,
@@ -134,6 +140,7 @@ impl Session {
             last_received: now,
             last_active: now,
             last_sent: now,
+            sent_active: false,
             last_peer_ping: None,
             last_own_ping: None,
             liveness: Liveness::Quiet,
@@ -168,6 +175,9 @@ impl Session {
         self.last_received = now;
         let frame = match Frame::decode(plaintext.freeze()) {
             Ok(frame) => frame,
+            Err(_) if matches!(self.phase, Phase::AwaitingWelcome) => {
+                return Err(SessionError::ExpectedWelcome)
+            }
             Err(err) => {
                 self.last_active = now;
                 self.send(&Frame::error(
@@ -246,10 +256,11 @@ impl Session {
         }
     }
 
-    /// Earliest moment at which a ping may be sent without breaking the 30-second rule.
+    /// Earliest moment at which a ping may be sent without breaking the 30-second rule. A
+    /// margin keeps network jitter from making two pings arrive too close together.
     fn ping_allowed_at(&self) -> Option<Instant> {
         self.last_own_ping
-            .map(|at| at + self.timers.ping_min_interval)
+            .map(|at| at + self.timers.ping_min_interval + OWN_PING_MARGIN)
     }
 
     /// Sends a Ping in a frame with `frame_id` now, if the 30-second rule allows it; returns the
@@ -331,6 +342,9 @@ impl Session {
                 max: self.peer_max_frame_len,
             });
         }
+        if !matches!(frame.body, Some(Body::Pong(_))) {
+            self.sent_active = true;
+        }
         let wire = self.sealer.seal_with(len, |buf| {
             frame.encode_raw(buf);
         });
@@ -347,7 +361,9 @@ impl Session {
 
     /// Records that queued frames were handed to the transport at `now`.
     pub fn mark_sent(&mut self, now: Instant) {
-        self.last_sent = now;
+        if std::mem::take(&mut self.sent_active) {
+            self.last_sent = now;
+        }
     }
 
     /// The next sealed wire frame (length prefix included) to write.
@@ -491,7 +507,7 @@ mod tests {
         let now = Instant::now();
         let (mut server, mut client) = pair(now);
         for round in 0..3u32 {
-            let at = now + 31 * round * SECOND;
+            let at = now + 32 * round * SECOND;
             client.ping(1, at).unwrap().unwrap();
             deliver(&mut client, &mut server, at).unwrap();
             deliver(&mut server, &mut client, at).unwrap();
@@ -526,6 +542,32 @@ mod tests {
         assert_eq!(
             error_code(&up.unwrap().last().unwrap().clone()),
             ErrorCode::Timeout
+        );
+    }
+
+    #[test]
+    fn answering_probes_does_not_postpone_our_keepalive() {
+        let now = Instant::now();
+        let (mut server, mut client) = pair(now);
+        client.mark_sent(now);
+        // The relay probes at 60 s; the client's Pong must not count as its own activity.
+        server.on_timeout(now + 60 * SECOND).unwrap();
+        deliver(&mut server, &mut client, now + 60 * SECOND).unwrap();
+        let pong = client.poll_transmit().expect("pong queued");
+        server
+            .on_frame(BytesMut::from(&pong[4..]), now + 60 * SECOND)
+            .unwrap();
+        client.mark_sent(now + 60 * SECOND);
+        assert_eq!(client.next_deadline(), now + 120 * SECOND);
+        client.on_timeout(now + 120 * SECOND).unwrap();
+        let ping = client.poll_transmit().expect("keepalive ping");
+        server
+            .on_frame(BytesMut::from(&ping[4..]), now + 120 * SECOND)
+            .unwrap();
+        assert_eq!(
+            server.last_active,
+            now + 120 * SECOND,
+            "the relay counts it as activity"
         );
     }
 
