@@ -15,5 +15,6 @@ pub mod net;
 pub mod proto;
 pub mod ratelimit;
 pub mod relay;
+pub mod storage;
 
 pub use config::Config;

@@ -9,7 +9,8 @@ use botd_relay::keyfile;
 use std::sync::Arc;
 
 use botd_relay::net::Server;
-use botd_relay::relay::{NoJournal, Relay};
+use botd_relay::relay::Relay;
+use botd_relay::storage;
 use clap::{Parser, Subcommand};
 use tracing::{error, info};
 
@@ -47,6 +48,8 @@ enum Command {
     Run,
     /// Print the relay's public key (creating the key if the data dir has none)
     Pubkey,
+    /// Verify the store's snapshot and journal files and print what they hold
+    Check,
 }
 
 fn load_config(args: &RunArgs) -> Result<Config, String> {
@@ -81,6 +84,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(Command::Check) = cli.command {
+        return check(&config);
+    }
     let key_path = config.data_dir.join(IDENTITY_FILE);
     let (identity, created) = match keyfile::load_or_create(&key_path) {
         Ok(loaded) => loaded,
@@ -93,6 +99,7 @@ fn main() -> ExitCode {
         eprintln!("botd-relay: created identity key {}", key_path.display());
     }
     match cli.command.unwrap_or(Command::Run) {
+        Command::Check => check(&config),
         Command::Pubkey => {
             println!("{}", identity.public());
             ExitCode::SUCCESS
@@ -124,15 +131,34 @@ async fn run(config: Config, identity: botd_relay::core::keys::KeyPair) -> Resul
         info!(%addr, "metrics exporter listening");
     }
     let listen = config.listen;
+    let recovered = storage::open(&config).map_err(|err| err.to_string())?;
+    let report = &recovered.report;
+    info!(
+        snapshot = report.snapshot.as_ref().map(|p| p.display().to_string()),
+        replayed = report.records_replayed,
+        torn_tail = report.torn_tail.is_some(),
+        identities = report.stats.identities,
+        messages = report.stats.messages,
+        elapsed_ms = report.elapsed_ms as u64,
+        "store recovered"
+    );
     let config = Arc::new(config);
-    let relay = Arc::new(Relay::new(
+    let storage = Arc::new(recovered.storage);
+    let relay = Arc::new(Relay::durable(
         config.clone(),
         *identity.public(),
-        Arc::new(NoJournal),
+        recovered.store,
+        storage.journal().clone(),
     ));
-    let maintenance = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(relay.clone().run_maintenance(maintenance.clone()));
-    let server = Server::bind((*config).clone(), identity, relay)
+    let background = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(relay.clone().run_maintenance(background.clone()));
+    tokio::spawn(storage::run_snapshots(
+        storage.clone(),
+        relay.clone(),
+        config.clone(),
+        background.clone(),
+    ));
+    let server = Server::bind((*config).clone(), identity, relay.clone())
         .await
         .map_err(|err| format!("cannot listen on {listen}: {err}"))?;
     let addr = server.local_addr().map_err(|err| err.to_string())?;
@@ -147,8 +173,56 @@ async fn run(config: Config, identity: botd_relay::core::keys::KeyPair) -> Resul
         handle.shutdown();
     });
     server.run().await;
-    maintenance.cancel();
+    background.cancel();
+    let now_ms = relay.clock().now_ms();
+    let closing = storage.clone();
+    tokio::task::spawn_blocking(move || closing.close(relay.store(), now_ms))
+        .await
+        .map_err(|err| err.to_string())?
+        .map_err(|err| format!("final snapshot failed: {err}"))?;
+    info!("store saved");
     Ok(())
+}
+
+fn check(config: &Config) -> ExitCode {
+    match storage::check(&config.data_dir) {
+        Ok(report) => {
+            println!("data dir:      {}", config.data_dir.display());
+            match &report.snapshot {
+                Some(path) => println!(
+                    "snapshot:      {} ({} events)",
+                    path.display(),
+                    report.snapshot_events
+                ),
+                None => println!("snapshot:      none"),
+            }
+            println!(
+                "journal:       {} segment(s), {} record(s) after the snapshot, {} covered by it",
+                report.segments, report.records_replayed, report.records_skipped
+            );
+            if let Some((path, offset)) = &report.torn_tail {
+                println!(
+                    "torn tail:     {} at offset {offset} (cut off at the next start)",
+                    path.display()
+                );
+            }
+            let s = report.stats;
+            println!("identities:    {}", s.identities);
+            println!("devices:       {}", s.devices);
+            println!(
+                "messages:      {} ({} payload bytes)",
+                s.messages, s.payload_bytes
+            );
+            println!("prekeys:       {} one-time", s.one_time_prekeys);
+            println!("next lsn:      {}", report.next_lsn);
+            println!("ok ({} ms)", report.elapsed_ms);
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("botd-relay check: {err}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 async fn wait_for_signal() {

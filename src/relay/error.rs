@@ -27,6 +27,8 @@ pub enum RelayError {
     Forbidden(&'static str),
     #[error("ticket is unknown, used up or expired")]
     TicketInvalid,
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl RelayError {
@@ -45,6 +47,7 @@ impl RelayError {
             RelayError::RateLimited { .. } => ErrorCode::RateLimited,
             RelayError::Forbidden(_) => ErrorCode::Forbidden,
             RelayError::TicketInvalid => ErrorCode::TicketInvalid,
+            RelayError::Internal(_) => ErrorCode::Internal,
         }
     }
 

@@ -80,6 +80,8 @@ struct Limiters {
 
 pub struct Relay {
     store: Store,
+    /// The journal, when the store is durable: changing requests wait for their records.
+    journal: Option<Arc<crate::storage::Journal>>,
     config: Arc<Config>,
     clock: Clock,
     relay_key: PublicKeyBytes,
@@ -93,6 +95,8 @@ pub struct RelaySession {
     identity: Identity,
     push: PushHandle,
     subscriptions: Vec<u32>,
+    /// A message this request stored, to push once its record is durable.
+    to_release: Option<(Identity, u32, u64)>,
 }
 
 impl Relay {
@@ -101,7 +105,19 @@ impl Relay {
         Self::with_store(config, relay_key, store)
     }
 
-    /// A relay over an existing (e.g. recovered) store.
+    /// A relay over a recovered store whose changes go to `journal`.
+    pub fn durable(
+        config: Arc<Config>,
+        relay_key: PublicKeyBytes,
+        store: Store,
+        journal: Arc<crate::storage::Journal>,
+    ) -> Self {
+        let mut relay = Self::with_store(config, relay_key, store);
+        relay.journal = Some(journal);
+        relay
+    }
+
+    /// A relay over an existing store.
     pub fn with_store(config: Arc<Config>, relay_key: PublicKeyBytes, store: Store) -> Self {
         let keys = config.max_rate_limited_keys;
         let limiters = Limiters {
@@ -111,6 +127,7 @@ impl Relay {
         };
         Self {
             store,
+            journal: None,
             config,
             clock: Clock::new(),
             relay_key,
@@ -153,6 +170,17 @@ impl Relay {
         }
     }
 
+    /// Under `fsync = always`, waits until every change made so far is durable (group commit:
+    /// one fsync covers many requests). The other policies answer at once.
+    async fn wait_durable(&self) -> Result<(), crate::storage::StorageError> {
+        match &self.journal {
+            Some(journal) if journal.policy() == crate::config::FsyncPolicy::Always => {
+                journal.wait_durable(journal.last_lsn()).await
+            }
+            _ => Ok(()),
+        }
+    }
+
     fn rate_limit(
         &self,
         limiter: &Mutex<KeyedLimiter<Identity>>,
@@ -168,7 +196,8 @@ impl Relay {
             })
     }
 
-    fn send(&self, sender: &Identity, req: Send) -> Result<Sent, RelayError> {
+    fn send(&self, session: &mut RelaySession, req: Send) -> Result<Sent, RelayError> {
+        let sender = &session.identity;
         if let Err(err) = validate_send(&req, self.config.max_payload_len as usize) {
             if let RelayError::PayloadTooLarge { .. } = err {
                 metrics::counter!(m::QUOTA_HITS, "kind" => "payload_too_large").increment(1);
@@ -216,6 +245,8 @@ impl Relay {
         } else {
             metrics::counter!(m::MESSAGES_SENT).increment(1);
         }
+        self.store
+            .release(&recipient, req.recipient_device, outcome.message_id);
         Ok(Sent {
             message_id: outcome.message_id,
             duplicate: outcome.duplicate,
@@ -265,7 +296,7 @@ impl Relay {
                 }
                 Body::PreKeyBundles(outcome.bundles)
             }
-            Body::Send(req) => Body::Sent(self.send(&me, req)?),
+            Body::Send(req) => Body::Sent(self.send(session, req)?),
             Body::Subscribe(req) => {
                 let (last_id, replaced) =
                     self.store
@@ -318,6 +349,14 @@ impl Relay {
     }
 }
 
+/// True for requests whose answer must wait until their change is durable.
+fn changes_state(body: &Body) -> bool {
+    !matches!(
+        body,
+        Body::GetPreKeyCount(_) | Body::Subscribe(_) | Body::GetMessage(_)
+    )
+}
+
 /// True for the bodies a node may send as requests.
 fn is_request(body: &Body) -> bool {
     matches!(
@@ -351,6 +390,7 @@ impl Handler for Arc<Relay> {
             identity,
             push,
             subscriptions: Vec::new(),
+            to_release: None,
         }
     }
 
@@ -364,7 +404,18 @@ impl Handler for Arc<Relay> {
         if id == 0 {
             return vec![RelayError::bad_request("requests need a non-zero frame id").to_frame(0)];
         }
-        let answer = match self.dispatch(session, body) {
+        let changes_state = changes_state(&body);
+        let mut outcome = self.dispatch(session, body);
+        if changes_state && outcome.is_ok() {
+            if let Err(err) = self.wait_durable().await {
+                outcome = Err(RelayError::Internal(err.to_string()));
+                session.to_release = None;
+            }
+        }
+        if let Some((recipient, device_id, message_id)) = session.to_release.take() {
+            self.store.release(&recipient, device_id, message_id);
+        }
+        let answer = match outcome {
             Ok(body) => {
                 metrics::counter!(m::REQUESTS, "kind" => kind, "outcome" => "ok").increment(1);
                 Frame::new(id, body)

@@ -33,9 +33,13 @@ pub const TICKET_LEN: usize = 16;
 /// Message ids one `AckMessages` may name.
 pub const MAX_ACK_IDS: usize = 4096;
 
-/// Receives every applied event, in order per shard (the journal, in a durable relay).
+/// Receives every applied event (the journal, in a durable relay). Called with the event's
+/// shard locked, so a shard's events are recorded in the order they were applied.
 pub trait EventSink: std::marker::Send + Sync + 'static {
-    fn record(&self, event: &Event);
+    /// Records the event and returns its log sequence number (increasing, never reused).
+    fn record(&self, event: &Event) -> u64;
+    /// The highest sequence number handed out so far.
+    fn last_lsn(&self) -> u64;
 }
 
 /// A sink that keeps nothing: the store lives only in memory.
@@ -43,7 +47,13 @@ pub trait EventSink: std::marker::Send + Sync + 'static {
 pub struct NoJournal;
 
 impl EventSink for NoJournal {
-    fn record(&self, _event: &Event) {}
+    fn record(&self, _event: &Event) -> u64 {
+        0
+    }
+
+    fn last_lsn(&self) -> u64 {
+        0
+    }
 }
 
 /// The limits the store enforces, taken from [`Config`].
@@ -128,6 +138,9 @@ struct Mailbox {
     payload_bytes: usize,
     /// (sender, nonce) of stored messages, for idempotent retries.
     nonces: HashMap<(Identity, [u8; NONCE_LEN]), u64>,
+    /// Highest id whose record is durable: only these are pushed, so an id a recipient saw can
+    /// never be reassigned after a crash.
+    deliverable_up_to: u64,
     subscriber: Option<Subscriber>,
 }
 
@@ -269,6 +282,7 @@ pub fn event_identity(event: &Event) -> Result<Identity, ApplyError> {
         Kind::ContactAdded(e) => &e.identity,
         Kind::ContactRemoved(e) => &e.identity,
         Kind::TicketCreated(e) => &e.identity,
+        Kind::MailboxState(e) => &e.identity,
     };
     fixed(bytes, "identity")
 }
@@ -382,6 +396,16 @@ fn apply(accounts: &mut HashMap<Identity, Account>, event: &Event) -> Result<(),
                 .contacts
                 .remove(&fixed::<PUBLIC_KEY_LEN>(&e.contact, "contact")?);
         }
+        Kind::MailboxState(e) => {
+            let device = account
+                .devices
+                .entry(e.device_id)
+                .or_insert_with(|| Device {
+                    state: DeviceState::Retired,
+                    mailbox: Mailbox::default(),
+                });
+            device.mailbox.next_id = device.mailbox.next_id.max(e.next_id);
+        }
         Kind::TicketCreated(e) => {
             account
                 .tickets
@@ -442,21 +466,70 @@ impl Store {
         }
     }
 
+    /// The same store recording into another sink (after recovery: the journal).
+    pub fn with_sink(mut self, sink: Arc<dyn EventSink>) -> Self {
+        self.sink = sink;
+        self
+    }
+
     pub fn limits(&self) -> &StoreLimits {
         &self.limits
     }
 
     fn shard(&self, identity: &Identity) -> &Mutex<Shard> {
-        // Keys are points with uniformly distributed x-coordinates.
-        let h = u64::from_le_bytes(identity[1..9].try_into().expect("8 bytes"));
-        &self.shards[(h % self.shards.len() as u64) as usize]
+        &self.shards[shard_index(identity, self.shards.len())]
+    }
+
+    pub fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// The events that rebuild shard `index` as it is now, and the highest sequence number
+    /// they cover. The shard is locked only while its state is copied.
+    pub fn snapshot_shard(&self, index: usize, now_ms: u64) -> (Vec<Event>, u64) {
+        let shard = self.shards[index].lock();
+        let cover = self.sink.last_lsn();
+        let mut events = Vec::new();
+        for (identity, account) in &shard.accounts {
+            describe_account(identity, account, now_ms, &mut events);
+        }
+        (events, cover)
+    }
+
+    /// Makes every stored message deliverable (after recovery: all of it is durable).
+    pub fn mark_all_deliverable(&self) {
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock();
+            for account in shard.accounts.values_mut() {
+                for device in account.devices.values_mut() {
+                    device.mailbox.deliverable_up_to = device.mailbox.last_id();
+                }
+            }
+        }
+    }
+
+    /// Marks `message_id` of a mailbox durable (so it and all before it may be pushed) and
+    /// pushes what a subscriber may now receive.
+    pub fn release(&self, recipient: &Identity, device_id: u32, message_id: u64) {
+        let mut shard = self.shard(recipient).lock();
+        if let Some(device) = shard
+            .accounts
+            .get_mut(recipient)
+            .and_then(|a| a.devices.get_mut(&device_id))
+        {
+            let mailbox = &mut device.mailbox;
+            mailbox.deliverable_up_to = mailbox.deliverable_up_to.max(message_id);
+            pump(mailbox, device_id, self.limits.max_unacked);
+        }
     }
 
     /// Applies an event and hands it to the sink while the shard is still locked.
     fn commit(&self, shard: &mut Shard, kind: Kind) {
         let event = Event { kind: Some(kind) };
         match apply(&mut shard.accounts, &event) {
-            Ok(()) => self.sink.record(&event),
+            Ok(()) => {
+                self.sink.record(&event);
+            }
             Err(err) => tracing::error!(error = %err, "live event could not be applied"),
         }
     }
@@ -729,8 +802,8 @@ impl Store {
             .is_some()
     }
 
-    /// Stores a message (the request already validated by [`validate_send`]) and pushes it to a
-    /// live subscriber.
+    /// Stores a message (the request already validated by [`validate_send`]). It is pushed to a
+    /// subscriber once the caller [`Store::release`]s it, after its record is durable.
     pub fn send(
         &self,
         sender: &Identity,
@@ -1126,6 +1199,75 @@ impl Store {
             }
         }
         stats
+    }
+}
+
+/// Shard of an identity among `count` shards. Keys are points with uniformly distributed
+/// x-coordinates, so a few bytes of x spread them evenly.
+pub fn shard_index(identity: &Identity, count: usize) -> usize {
+    let h = u64::from_le_bytes(identity[1..9].try_into().expect("8 bytes"));
+    (h % count.max(1) as u64) as usize
+}
+
+/// Appends the events that rebuild `account` to `out`.
+fn describe_account(identity: &Identity, account: &Account, now_ms: u64, out: &mut Vec<Event>) {
+    let id = || Bytes::copy_from_slice(identity);
+    let mut push = |kind| out.push(Event { kind: Some(kind) });
+    for (&device_id, device) in &account.devices {
+        if let DeviceState::Registered(keys) = &device.state {
+            push(Kind::DeviceRegistered(ev::DeviceRegistered {
+                identity: id(),
+                device_id,
+                registration_id: keys.registration_id,
+                identity_key: keys.identity_key.clone(),
+                signed_prekey: Some(keys.signed_prekey.clone()),
+                one_time_prekeys: keys.one_time_prekeys.iter().cloned().collect(),
+            }));
+        }
+        push(Kind::MailboxState(ev::MailboxState {
+            identity: id(),
+            device_id,
+            next_id: device.mailbox.next_id,
+        }));
+        for (&message_id, m) in &device.mailbox.messages {
+            push(Kind::MessageStored(ev::MessageStored {
+                recipient: id(),
+                device_id,
+                message_id,
+                sender: Bytes::copy_from_slice(&m.sender),
+                sender_device: m.sender_device,
+                sender_nonce: Bytes::copy_from_slice(&m.sender_nonce),
+                payload_hash: Bytes::copy_from_slice(&m.payload_hash),
+                sender_signature: Bytes::copy_from_slice(&m.sender_signature),
+                payload: m.payload.clone(),
+                received_at_ms: m.received_at_ms,
+                ticket_used: Bytes::new(),
+                contact_added: false,
+            }));
+        }
+    }
+    if account.accept != Accept::Open {
+        push(Kind::PolicySet(ev::PolicySet {
+            identity: id(),
+            accept: account.accept as i32,
+        }));
+    }
+    for contact in &account.contacts {
+        push(Kind::ContactAdded(ev::ContactAdded {
+            identity: id(),
+            contact: Bytes::copy_from_slice(contact),
+        }));
+    }
+    for (token, ticket) in &account.tickets {
+        if ticket.expires_at_ms > now_ms {
+            push(Kind::TicketCreated(ev::TicketCreated {
+                identity: id(),
+                token: Bytes::copy_from_slice(token),
+                expires_at_ms: ticket.expires_at_ms,
+                uses: ticket.uses_left,
+                created_at_ms: now_ms,
+            }));
+        }
     }
 }
 

@@ -1,0 +1,108 @@
+//! Snapshots: the whole store written as the events that rebuild it, shard by shard, each
+//! shard locked only while its state is copied. The trailer records, per shard, the highest
+//! journal lsn the shard's part covers, so recovery replays exactly the journal records that
+//! came after. Files are written to a temporary name, fsynced, renamed, and the directory is
+//! fsynced.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use prost::Message;
+
+use super::journal::sync_dir;
+use super::record::{append_record, file_header, StorageError};
+use crate::proto::store::{snapshot_record, SnapshotHeader, SnapshotRecord, SnapshotTrailer};
+use crate::relay::Store;
+
+pub const SNAPSHOT_MAGIC: &[u8; 8] = b"BOTDSNAP";
+
+pub fn snapshot_name(seq: u64) -> String {
+    format!("snapshot-{seq:020}.snap")
+}
+
+pub fn snapshot_seq(name: &str) -> Option<u64> {
+    name.strip_prefix("snapshot-")?
+        .strip_suffix(".snap")?
+        .parse()
+        .ok()
+}
+
+/// What a written snapshot holds.
+#[derive(Debug, Clone)]
+pub struct SnapshotInfo {
+    pub path: PathBuf,
+    pub events: u64,
+    pub bytes: u64,
+    /// The smallest per-shard cover: every journal record up to here is in the snapshot.
+    pub min_cover: u64,
+}
+
+/// Writes a snapshot of `store` as `snapshot-<seq>.snap` in `dir`.
+pub fn write(
+    dir: &Path,
+    seq: u64,
+    store: &Store,
+    now_ms: u64,
+) -> Result<SnapshotInfo, StorageError> {
+    let final_path = dir.join(snapshot_name(seq));
+    let tmp_path = dir.join(format!("{}.tmp", snapshot_name(seq)));
+    let io = |source| StorageError::Io {
+        path: tmp_path.clone(),
+        source,
+    };
+    let file = File::create(&tmp_path).map_err(io)?;
+    let mut out = BufWriter::with_capacity(1 << 20, file);
+    out.write_all(&file_header(SNAPSHOT_MAGIC)).map_err(io)?;
+    let mut bytes = super::record::FILE_HEADER_LEN as u64;
+    let mut buf = Vec::with_capacity(1 << 16);
+    let mut write_record =
+        |out: &mut BufWriter<File>, kind: snapshot_record::Kind, buf: &mut Vec<u8>| {
+            buf.clear();
+            let body = SnapshotRecord { kind: Some(kind) }.encode_to_vec();
+            append_record(buf, &[&body]);
+            bytes += buf.len() as u64;
+            out.write_all(buf)
+        };
+    let shard_count = store.shard_count();
+    write_record(
+        &mut out,
+        snapshot_record::Kind::Header(SnapshotHeader {
+            shard_count: shard_count as u32,
+            created_at_ms: now_ms,
+        }),
+        &mut buf,
+    )
+    .map_err(io)?;
+    let mut covers = Vec::with_capacity(shard_count);
+    let mut events = 0u64;
+    for index in 0..shard_count {
+        let (shard_events, cover) = store.snapshot_shard(index, now_ms);
+        covers.push(cover);
+        for event in shard_events {
+            write_record(&mut out, snapshot_record::Kind::Event(event), &mut buf).map_err(io)?;
+            events += 1;
+        }
+    }
+    let min_cover = covers.iter().copied().min().unwrap_or(0);
+    write_record(
+        &mut out,
+        snapshot_record::Kind::Trailer(SnapshotTrailer {
+            events,
+            cover_lsns: covers,
+        }),
+        &mut buf,
+    )
+    .map_err(io)?;
+    let file = out.into_inner().map_err(|e| io(e.into_error()))?;
+    file.sync_all().map_err(io)?;
+    drop(file);
+    std::fs::rename(&tmp_path, &final_path).map_err(StorageError::io(&final_path))?;
+    sync_dir(dir)?;
+    Ok(SnapshotInfo {
+        path: final_path,
+        events,
+        bytes,
+        min_cover,
+    })
+}
