@@ -486,14 +486,26 @@ impl Store {
 
     /// The events that rebuild shard `index` as it is now, and the highest sequence number
     /// they cover. The shard is locked only while its state is copied.
-    pub fn snapshot_shard(&self, index: usize, now_ms: u64) -> (Vec<Event>, u64) {
+    pub fn snapshot_shard(&self, index: usize) -> (Vec<Event>, u64) {
         let shard = self.shards[index].lock();
         let cover = self.sink.last_lsn();
         let mut events = Vec::new();
         for (identity, account) in &shard.accounts {
-            describe_account(identity, account, now_ms, &mut events);
+            describe_account(identity, account, &mut events);
         }
         (events, cover)
+    }
+
+    /// The whole durable state as sorted, encoded events: two stores with equal contents give
+    /// equal lists, whatever their shard counts or map orders.
+    pub fn canonical_state(&self) -> Vec<Vec<u8>> {
+        use prost::Message;
+        let mut all: Vec<Vec<u8>> = (0..self.shards.len())
+            .flat_map(|i| self.snapshot_shard(i).0)
+            .map(|event| event.encode_to_vec())
+            .collect();
+        all.sort();
+        all
     }
 
     /// Makes every stored message deliverable (after recovery: all of it is durable).
@@ -1210,7 +1222,7 @@ pub fn shard_index(identity: &Identity, count: usize) -> usize {
 }
 
 /// Appends the events that rebuild `account` to `out`.
-fn describe_account(identity: &Identity, account: &Account, now_ms: u64, out: &mut Vec<Event>) {
+fn describe_account(identity: &Identity, account: &Account, out: &mut Vec<Event>) {
     let id = || Bytes::copy_from_slice(identity);
     let mut push = |kind| out.push(Event { kind: Some(kind) });
     for (&device_id, device) in &account.devices {
@@ -1259,15 +1271,14 @@ fn describe_account(identity: &Identity, account: &Account, now_ms: u64, out: &m
         }));
     }
     for (token, ticket) in &account.tickets {
-        if ticket.expires_at_ms > now_ms {
-            push(Kind::TicketCreated(ev::TicketCreated {
-                identity: id(),
-                token: Bytes::copy_from_slice(token),
-                expires_at_ms: ticket.expires_at_ms,
-                uses: ticket.uses_left,
-                created_at_ms: now_ms,
-            }));
-        }
+        // As the live store holds it: expired tickets are pruned by the one apply path only.
+        push(Kind::TicketCreated(ev::TicketCreated {
+            identity: id(),
+            token: Bytes::copy_from_slice(token),
+            expires_at_ms: ticket.expires_at_ms,
+            uses: ticket.uses_left,
+            created_at_ms: 0,
+        }));
     }
 }
 

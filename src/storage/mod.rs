@@ -143,7 +143,14 @@ pub fn check(data_dir: &Path) -> Result<RecoveryReport, StorageError> {
     recover(data_dir, &store, false)
 }
 
-fn recover(data_dir: &Path, store: &Store, repair: bool) -> Result<RecoveryReport, StorageError> {
+/// Loads the newest snapshot and replays the journal of `data_dir` into `store`. With `repair`,
+/// a torn last record is cut off the file and leftovers of interrupted snapshots are removed;
+/// without it nothing is changed. The caller holds the directory's lock.
+pub fn recover(
+    data_dir: &Path,
+    store: &Store,
+    repair: bool,
+) -> Result<RecoveryReport, StorageError> {
     let started = Instant::now();
     let mut report = RecoveryReport::default();
     let snapshot_dir = data_dir.join(SNAPSHOT_DIR);
@@ -170,6 +177,8 @@ fn recover(data_dir: &Path, store: &Store, repair: bool) -> Result<RecoveryRepor
         }
     }
     let mut last_lsn = covers.iter().copied().max().unwrap_or(0);
+    // Records are appended in lsn order, across segments too.
+    let mut previous_in_file = 0u64;
 
     let segments = if journal_dir.exists() {
         list(&journal_dir, journal::segment_first_lsn)?
@@ -196,17 +205,18 @@ fn recover(data_dir: &Path, store: &Store, repair: bool) -> Result<RecoveryRepor
                     })?;
                     let identity = event_identity(&event)
                         .map_err(|err| reader.corrupt_at(offset, err.to_string()))?;
+                    if lsn <= previous_in_file {
+                        return Err(reader.corrupt_at(
+                            offset,
+                            format!("lsn {lsn} does not follow {previous_in_file}"),
+                        ));
+                    }
+                    previous_in_file = lsn;
                     let covered =
                         !covers.is_empty() && lsn <= covers[shard_index(&identity, covers.len())];
                     if covered {
                         report.records_skipped += 1;
                     } else {
-                        if lsn <= last_lsn {
-                            return Err(reader.corrupt_at(
-                                offset,
-                                format!("lsn {lsn} does not follow {last_lsn}"),
-                            ));
-                        }
                         store
                             .replay(&event)
                             .map_err(|err| reader.corrupt_at(offset, err.to_string()))?;

@@ -77,7 +77,7 @@ pub fn write(
     let mut covers = Vec::with_capacity(shard_count);
     let mut events = 0u64;
     for index in 0..shard_count {
-        let (shard_events, cover) = store.snapshot_shard(index, now_ms);
+        let (shard_events, cover) = store.snapshot_shard(index);
         covers.push(cover);
         for event in shard_events {
             write_record(&mut out, snapshot_record::Kind::Event(event), &mut buf).map_err(io)?;
