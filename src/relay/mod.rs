@@ -177,6 +177,9 @@ impl Relay {
             Some(journal) if journal.policy() == crate::config::FsyncPolicy::Always => {
                 journal.wait_durable(journal.last_lsn()).await
             }
+            Some(journal) if journal.failed() => Err(crate::storage::StorageError::WriterFailed(
+                "the journal can no longer be written".into(),
+            )),
             _ => Ok(()),
         }
     }

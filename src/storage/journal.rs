@@ -121,6 +121,11 @@ impl Journal {
         self.policy
     }
 
+    /// True once writing failed: no further change can be made durable.
+    pub fn failed(&self) -> bool {
+        matches!(*self.durable.borrow(), Durable::Failed(_))
+    }
+
     /// Bytes appended since the journal started.
     pub fn appended_bytes(&self) -> u64 {
         self.appended.load(Ordering::Relaxed)
@@ -296,6 +301,11 @@ impl EventSink for Journal {
         let mut pending = self.pending.lock();
         let lsn = pending.next_lsn;
         pending.next_lsn += 1;
+        if pending.shutdown || self.failed() {
+            // Nothing will write it: keep memory bounded; the change is refused by the caller.
+            self.last_lsn.store(lsn, Ordering::Release);
+            return lsn;
+        }
         let before = pending.buf.len();
         append_record(&mut pending.buf, &[&lsn.to_be_bytes(), &body]);
         self.appended
