@@ -28,6 +28,9 @@ use crate::proto::{ErrorCode, Frame, Welcome, PROTOCOL_NAME};
 pub const MAX_HANDSHAKE_FRAME_LEN: u32 = 1024;
 
 const WRITE_BUFFER: usize = 64 * 1024;
+/// How long, and how much, a closing connection still reads so its last frame is not reset away.
+const LINGER: Duration = Duration::from_millis(500);
+const LINGER_BYTES: usize = 1 << 20;
 
 /// How a session ended when nothing went wrong.
 #[derive(Debug, Clone, Copy)]
@@ -119,7 +122,7 @@ pub(super) async fn serve<H: Handler>(shared: Arc<Shared<H>>, stream: TcpStream,
             }
         }
     }
-    let _ = conn.writer.shutdown().await;
+    conn.close().await;
     metrics::gauge!(m::CONNECTIONS_OPEN).decrement(1.0);
 }
 
@@ -221,7 +224,12 @@ async fn session_loop<H: Handler>(
                 }
             }
             push = pushes.recv(), if pushes_open => match push {
-                Some(Push::Frame(frame)) => session.send(&frame)?,
+                Some(Push::Frame(frame)) => {
+                    session.send(&frame)?;
+                    if pushes.take_resume() {
+                        shared.handler.resume(app);
+                    }
+                }
                 Some(Push::SlowConsumer) => {
                     session.send(&Frame::error(0, ErrorCode::SlowConsumer, "outbound queue overflowed"))?;
                     return Ok(SessionEnd::SlowConsumer);
@@ -260,6 +268,27 @@ impl Conn {
             .await
             .map_err(|_| NetError::WriteTimeout(self.write_timeout))??;
         Ok(())
+    }
+
+    /// Half-closes, then reads and discards what the peer still sends for a short, bounded
+    /// while: closing a socket with unread input makes the kernel send a reset, which can
+    /// destroy the final `Error` frame before the peer reads it.
+    async fn close(&mut self) {
+        if self.writer.shutdown().await.is_err() {
+            return;
+        }
+        let stream = self.reader.get_mut();
+        let mut sink = [0u8; 4096];
+        let mut drained = 0usize;
+        let _ = timeout(LINGER, async {
+            while drained < LINGER_BYTES {
+                match tokio::io::AsyncReadExt::read(stream, &mut sink).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => drained += n,
+                }
+            }
+        })
+        .await;
     }
 
     /// Writes everything the session sealed, then flushes once.

@@ -66,6 +66,10 @@ pub trait Handler: Send + Sync + 'static {
         frame: Frame,
     ) -> impl Future<Output = Vec<Frame>> + Send;
 
+    /// The session's push queue drained after the application asked to hear of it
+    /// ([`PushHandle::request_resume`]): paused pushes may continue.
+    fn resume(&self, _session: &mut Self::Session) {}
+
     /// The session ended.
     fn disconnect(&self, session: Self::Session);
 }

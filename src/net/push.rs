@@ -22,6 +22,8 @@ pub enum Push {
 struct Depth {
     bytes: AtomicUsize,
     overflowed: AtomicBool,
+    /// The application paused its pushes and wants to hear when the queue has drained.
+    resume_wanted: AtomicBool,
     limit: usize,
 }
 
@@ -53,6 +55,7 @@ pub fn channel(limit: usize) -> (PushHandle, PushReceiver) {
     let depth = Arc::new(Depth {
         bytes: AtomicUsize::new(0),
         overflowed: AtomicBool::new(false),
+        resume_wanted: AtomicBool::new(false),
         limit,
     });
     (
@@ -87,6 +90,21 @@ impl PushHandle {
             })
     }
 
+    /// Bytes queued and not yet taken by the session.
+    pub fn queued_bytes(&self) -> usize {
+        self.depth.bytes.load(Ordering::Acquire)
+    }
+
+    /// The queue's limit in bytes; past it the session is closed as a slow consumer.
+    pub fn limit(&self) -> usize {
+        self.depth.limit
+    }
+
+    /// Asks the session to call the handler's `resume` once everything queued has been taken.
+    pub fn request_resume(&self) {
+        self.depth.resume_wanted.store(true, Ordering::Release);
+    }
+
     /// True once the session ended.
     pub fn is_closed(&self) -> bool {
         self.tx.is_closed()
@@ -108,6 +126,11 @@ impl PushReceiver {
     /// Bytes queued and not yet taken.
     pub fn queued_bytes(&self) -> usize {
         self.depth.bytes.load(Ordering::Acquire)
+    }
+
+    /// True (once) when a resume was requested and the queue is now empty.
+    pub fn take_resume(&self) -> bool {
+        self.queued_bytes() == 0 && self.depth.resume_wanted.swap(false, Ordering::AcqRel)
     }
 }
 

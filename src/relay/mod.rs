@@ -431,6 +431,13 @@ impl Handler for Arc<Relay> {
         vec![answer]
     }
 
+    fn resume(&self, session: &mut RelaySession) {
+        for device_id in &session.subscriptions {
+            self.store
+                .resume(&session.identity, *device_id, &session.push);
+        }
+    }
+
     fn disconnect(&self, session: RelaySession) {
         for device_id in &session.subscriptions {
             self.store

@@ -531,7 +531,7 @@ impl Store {
         {
             let mailbox = &mut device.mailbox;
             mailbox.deliverable_up_to = mailbox.deliverable_up_to.max(message_id);
-            pump(mailbox, device_id, self.limits.max_unacked);
+            pump(mailbox, device_id, self.limits.max_unacked, Pace::Other);
         }
     }
 
@@ -891,13 +891,6 @@ impl Store {
                 contact_added,
             }),
         );
-        if let Some(device) = shard
-            .accounts
-            .get_mut(&recipient)
-            .and_then(|a| a.devices.get_mut(&device_id))
-        {
-            pump(&mut device.mailbox, device_id, self.limits.max_unacked);
-        }
         Ok(SendOutcome {
             message_id,
             duplicate: false,
@@ -931,8 +924,37 @@ impl Store {
             in_flight: BTreeSet::new(),
         });
         let last_id = mailbox.last_id();
-        pump(mailbox, device_id, self.limits.max_unacked);
+        pump(
+            mailbox,
+            device_id,
+            self.limits.max_unacked,
+            Pace::OwnRequest,
+        );
         Ok((last_id, previous))
+    }
+
+    /// Continues paced deliveries to `push`'s subscription of a mailbox (its queue drained).
+    pub fn resume(&self, me: &Identity, device_id: u32, push: &PushHandle) {
+        let mut shard = self.shard(me).lock();
+        if let Some(device) = shard
+            .accounts
+            .get_mut(me)
+            .and_then(|a| a.devices.get_mut(&device_id))
+        {
+            if device
+                .mailbox
+                .subscriber
+                .as_ref()
+                .is_some_and(|s| s.push.same_session(push))
+            {
+                pump(
+                    &mut device.mailbox,
+                    device_id,
+                    self.limits.max_unacked,
+                    Pace::OwnRequest,
+                );
+            }
+        }
     }
 
     /// Ends `push`'s subscription to a mailbox, if it still holds it.
@@ -1011,7 +1033,12 @@ impl Store {
             .get_mut(me)
             .and_then(|a| a.devices.get_mut(&device_id))
         {
-            pump(&mut device.mailbox, device_id, self.limits.max_unacked);
+            pump(
+                &mut device.mailbox,
+                device_id,
+                self.limits.max_unacked,
+                Pace::OwnRequest,
+            );
         }
         Ok(deleted)
     }
@@ -1185,7 +1212,12 @@ impl Store {
                     .get_mut(&identity)
                     .and_then(|a| a.devices.get_mut(&device_id))
                 {
-                    pump(&mut device.mailbox, device_id, self.limits.max_unacked);
+                    pump(
+                        &mut device.mailbox,
+                        device_id,
+                        self.limits.max_unacked,
+                        Pace::Other,
+                    );
                 }
             }
         }
@@ -1315,9 +1347,19 @@ pub fn validate_send(req: &Send, max_payload_len: usize) -> Result<(), RelayErro
     Ok(())
 }
 
-/// Pushes stored messages past the subscriber's cursor, in id order, while its window allows.
+/// Who is pumping a mailbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pace {
+    /// The subscriber's own connection, which cannot drain its queue meanwhile.
+    OwnRequest,
+    /// Another session or a background task, while the subscriber's connection drains freely.
+    Other,
+}
+
+/// Pushes stored messages past the subscriber's cursor, in id order, while its window
+/// (`max_unacked` deliveries, half the session's outbound queue) allows.
 /// A refused push (session gone or too slow) ends the subscription; the messages stay stored.
-fn pump(mailbox: &mut Mailbox, device_id: u32, max_unacked: usize) {
+fn pump(mailbox: &mut Mailbox, device_id: u32, max_unacked: usize, pace: Pace) {
     let Some(sub) = mailbox.subscriber.as_mut() else {
         return;
     };
@@ -1331,6 +1373,16 @@ fn pump(mailbox: &mut Mailbox, device_id: u32, max_unacked: usize) {
             break;
         };
         let frame = Frame::new(0, Body::Deliver(message.deliver(id, device_id)));
+        // Pumping from the subscriber's own request: its queue cannot drain until the request
+        // returns, so stop at half of it and continue when it has drained. Only a peer that
+        // stops reading reaches the hard limit (SLOW_CONSUMER).
+        if pace == Pace::OwnRequest
+            && !sub.in_flight.is_empty()
+            && sub.push.queued_bytes() + prost::Message::encoded_len(&frame) > sub.push.limit() / 2
+        {
+            sub.push.request_resume();
+            break;
+        }
         if sub.push.push(frame).is_err() {
             mailbox.subscriber = None;
             break;
