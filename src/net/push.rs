@@ -105,6 +105,11 @@ impl PushHandle {
         self.depth.resume_wanted.store(true, Ordering::Release);
     }
 
+    /// True while a requested resume has not happened yet: the application paused its pushes.
+    pub fn resume_pending(&self) -> bool {
+        self.depth.resume_wanted.load(Ordering::Acquire)
+    }
+
     /// True once the session ended.
     pub fn is_closed(&self) -> bool {
         self.tx.is_closed()
@@ -119,6 +124,13 @@ impl PushHandle {
 impl PushReceiver {
     pub async fn recv(&mut self) -> Option<Push> {
         let (push, size) = self.rx.recv().await?;
+        self.depth.bytes.fetch_sub(size, Ordering::AcqRel);
+        Some(push)
+    }
+
+    /// The next queued push, if one is waiting.
+    pub fn try_recv(&mut self) -> Option<Push> {
+        let (push, size) = self.rx.try_recv().ok()?;
         self.depth.bytes.fetch_sub(size, Ordering::AcqRel);
         Some(push)
     }

@@ -10,6 +10,8 @@ pub enum RelayError {
     BadRequest(String),
     #[error("device {0} is not registered for this identity")]
     NotRegistered(u32),
+    #[error("this identity has no registered device")]
+    IdentityNotRegistered,
     #[error("no such identity or device")]
     UnknownRecipient,
     #[error("no such message")]
@@ -39,7 +41,9 @@ impl RelayError {
     pub fn code(&self) -> ErrorCode {
         match self {
             RelayError::BadRequest(_) => ErrorCode::BadRequest,
-            RelayError::NotRegistered(_) => ErrorCode::NotRegistered,
+            RelayError::NotRegistered(_) | RelayError::IdentityNotRegistered => {
+                ErrorCode::NotRegistered
+            }
             RelayError::UnknownRecipient => ErrorCode::UnknownRecipient,
             RelayError::NotFound => ErrorCode::NotFound,
             RelayError::PayloadTooLarge { .. } => ErrorCode::PayloadTooLarge,

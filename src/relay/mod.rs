@@ -248,8 +248,8 @@ impl Relay {
         } else {
             metrics::counter!(m::MESSAGES_SENT).increment(1);
         }
-        self.store
-            .release(&recipient, req.recipient_device, outcome.message_id);
+        // Pushed to a subscriber only after the durability wait (see `request`).
+        session.to_release = Some((recipient, req.recipient_device, outcome.message_id));
         Ok(Sent {
             message_id: outcome.message_id,
             duplicate: outcome.duplicate,
@@ -324,7 +324,10 @@ impl Relay {
                 Body::Acked(Acked { deleted })
             }
             Body::SetPolicy(req) => {
-                self.store.set_policy(&me, req.accept())?;
+                let accept = crate::proto::Accept::try_from(req.accept).map_err(|_| {
+                    RelayError::bad_request(format!("unknown accept value {}", req.accept))
+                })?;
+                self.store.set_policy(&me, accept)?;
                 Body::Done(Done {})
             }
             Body::AddContact(req) => {

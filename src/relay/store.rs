@@ -1049,7 +1049,7 @@ impl Store {
     ) -> Result<parking_lot::MutexGuard<'_, Shard>, RelayError> {
         let shard = self.shard(me).lock();
         if !shard.accounts.get(me).is_some_and(Account::is_registered) {
-            return Err(RelayError::NotRegistered(0));
+            return Err(RelayError::IdentityNotRegistered);
         }
         Ok(shard)
     }
@@ -1364,19 +1364,20 @@ fn pump(mailbox: &mut Mailbox, device_id: u32, max_unacked: usize, pace: Pace) {
         return;
     };
     let mut delivered = 0u64;
-    while sub.in_flight.len() < max_unacked {
+    while sub.in_flight.len() < max_unacked && sub.cursor < mailbox.deliverable_up_to {
         let Some((&id, message)) = mailbox
             .messages
-            .range(sub.cursor.saturating_add(1)..)
+            .range(sub.cursor.saturating_add(1)..=mailbox.deliverable_up_to)
             .next()
         else {
             break;
         };
         let frame = Frame::new(0, Body::Deliver(message.deliver(id, device_id)));
         // Pumping from the subscriber's own request: its queue cannot drain until the request
-        // returns, so stop at half of it and continue when it has drained. Only a peer that
-        // stops reading reaches the hard limit (SLOW_CONSUMER).
-        if pace == Pace::OwnRequest
+        // returns, so stop at half of it and continue when it has drained; once paused, every
+        // pump waits for that resume. Only a peer that stops reading while live messages keep
+        // coming reaches the hard limit (SLOW_CONSUMER).
+        if (pace == Pace::OwnRequest || sub.push.resume_pending())
             && !sub.in_flight.is_empty()
             && sub.push.queued_bytes() + prost::Message::encoded_len(&frame) > sub.push.limit() / 2
         {
@@ -1403,4 +1404,108 @@ pub fn replaced_notice(device_id: u32) -> Frame {
         ErrorCode::Replaced,
         format!("another session subscribed to device {device_id}"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::keys::KeyPair;
+    use crate::net::{push_channel, Push};
+
+    fn store(config: &Config) -> Store {
+        Store::new(4, StoreLimits::from(config), Arc::new(NoJournal))
+    }
+
+    fn identity() -> Identity {
+        *KeyPair::generate().public().as_bytes()
+    }
+
+    fn register(store: &Store, who: &Identity) {
+        let request = crate::proto::Register {
+            device_id: 1,
+            registration_id: 1,
+            identity_key: Bytes::from_static(&[1; 33]),
+            signed_prekey: Some(SignedPreKey {
+                id: 1,
+                public_key: Bytes::from_static(&[2; 33]),
+                signature: Bytes::from_static(&[3; 64]),
+            }),
+            one_time_prekeys: Vec::new(),
+        };
+        store.register(who, request).unwrap();
+    }
+
+    fn message(to: &Identity, nonce: u8, len: usize) -> Send {
+        let payload = Bytes::from(vec![nonce; len]);
+        Send {
+            recipient: Bytes::copy_from_slice(to),
+            recipient_device: 1,
+            sender_device: 1,
+            sender_nonce: Bytes::from(vec![nonce; NONCE_LEN]),
+            payload_hash: Bytes::copy_from_slice(&sha256(&[&payload])),
+            sender_signature: Bytes::from_static(&[0; SIGNATURE_LEN]),
+            payload,
+            ticket: Bytes::new(),
+        }
+    }
+
+    fn delivered(rx: &mut crate::net::PushReceiver) -> Vec<u64> {
+        let mut ids = Vec::new();
+        while let Some(push) = rx.try_recv() {
+            match push {
+                Push::Frame(frame) => match frame.body {
+                    Some(Body::Deliver(d)) => ids.push(d.message_id),
+                    other => panic!("unexpected push {other:?}"),
+                },
+                Push::SlowConsumer => panic!("slow consumer"),
+            }
+        }
+        ids
+    }
+
+    #[test]
+    fn a_message_is_pushed_only_once_released() {
+        let store = store(&Config::default());
+        let (alice, bob) = (identity(), identity());
+        register(&store, &alice);
+        register(&store, &bob);
+        let (push, mut rx) = push_channel(1 << 20);
+        store.subscribe(&bob, 1, 0, push).unwrap();
+        let sent = store.send(&alice, &message(&bob, 1, 10), 0).unwrap();
+        assert!(delivered(&mut rx).is_empty(), "not durable yet, not pushed");
+        store.release(&bob, 1, sent.message_id);
+        assert_eq!(delivered(&mut rx), vec![sent.message_id]);
+    }
+
+    #[test]
+    fn a_paused_subscription_is_not_overrun_by_live_sends() {
+        let config = Config::default();
+        let store = store(&config);
+        let (alice, bob) = (identity(), identity());
+        register(&store, &alice);
+        register(&store, &bob);
+        let limit = 64 * 1024;
+        for n in 0..20u8 {
+            let sent = store.send(&alice, &message(&bob, n, 10_000), 0).unwrap();
+            store.release(&bob, 1, sent.message_id);
+        }
+        let (push, mut rx) = push_channel(limit);
+        store.subscribe(&bob, 1, 0, push.clone()).unwrap();
+        assert!(push.resume_pending(), "the backlog is paced");
+        let paced = push.queued_bytes();
+        assert!(paced <= limit / 2 + 11_000, "{paced}");
+        // A live message while paused must not push the rest of the window at once.
+        let live = store.send(&alice, &message(&bob, 99, 10_000), 0).unwrap();
+        store.release(&bob, 1, live.message_id);
+        assert!(push.queued_bytes() <= limit / 2 + 11_000);
+        // Draining and resuming delivers everything, in order, without an overflow.
+        let mut ids = Vec::new();
+        for _ in 0..50 {
+            ids.extend(delivered(&mut rx));
+            if rx.take_resume() {
+                store.resume(&bob, 1, &push);
+            }
+        }
+        assert_eq!(ids, (1..=21).collect::<Vec<u64>>());
+    }
 }
