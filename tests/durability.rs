@@ -469,3 +469,42 @@ async fn under_fsync_always_answers_wait_for_their_record() {
     let report = storage::check(&dir.0).unwrap();
     assert_eq!(report.next_lsn, lsn + 1);
 }
+
+#[test]
+fn a_segment_cut_inside_its_header_is_removed_not_fatal() {
+    let dir = TempDir::new("header");
+    let config = config(&dir.0);
+    let ids = identities(2);
+    let mut rng = StdRng::seed_from_u64(21);
+    let expected = {
+        let recovered = storage::open(&config).unwrap();
+        for step in 0..20 {
+            random_op(&recovered.store, &mut rng, &ids, step);
+        }
+        recovered.storage.journal().shutdown();
+        recovered.store.canonical_state()
+    };
+    // The process died right after creating the next segment, mid-header.
+    let next = dir
+        .0
+        .join("journal")
+        .join("journal-00000000000099999999.log");
+    std::fs::write(&next, b"BOTDJ").unwrap();
+    let reopened = storage::open(&config).unwrap();
+    assert_eq!(reopened.store.canonical_state(), expected);
+    assert!(!next.exists());
+    reopened.storage.journal().shutdown();
+    drop(reopened);
+    // A damaged header elsewhere is still an error.
+    let first = dir
+        .0
+        .join("journal")
+        .join("journal-00000000000000000001.log");
+    let mut data = std::fs::read(&first).unwrap();
+    data[0] = b'X';
+    std::fs::write(&first, &data).unwrap();
+    assert!(matches!(
+        storage::open(&config),
+        Err(StorageError::BadHeader { .. })
+    ));
+}

@@ -189,6 +189,16 @@ pub fn recover(
     for (index, (_, path)) in segments.iter().enumerate() {
         let is_last = index + 1 == segments.len();
         let data = std::fs::read(path).map_err(StorageError::io(path))?;
+        // A crash right after a segment was created can leave its header unfinished.
+        let header = record::file_header(journal::JOURNAL_MAGIC);
+        if is_last && data.len() < header.len() && header.starts_with(&data) {
+            tracing::warn!(path = %path.display(), "last journal segment has no complete header; removing it");
+            report.torn_tail = Some((path.clone(), 0));
+            if repair {
+                std::fs::remove_file(path).map_err(StorageError::io(path))?;
+            }
+            continue;
+        }
         let mut reader = RecordReader::new(path, &data, journal::JOURNAL_MAGIC, "journal")?;
         let mut records = 0u64;
         loop {
