@@ -1,0 +1,1278 @@
+//! Durability-layer benchmarks: journal group commit, recovery, memory per stored message and
+//! send latency during a snapshot.
+//!
+//! Run with `cargo bench --bench storage` (about 3 to 5 minutes on 2 cores). A custom `main`
+//! first runs the measurements criterion does not suit and prints one `storage:` line per
+//! figure (repeated in a summary block at the end), then the criterion groups:
+//!
+//! 1. journal appends/s under fsync `always`, `interval` (10 ms) and `never` with 1, 16 and 256
+//!    writer tasks; the fsync count is inferred from the journal thread's write syscalls
+//!    (`/proc/self/task/<tid>/io`: one `write` per batch, and under `always` one `fdatasync`
+//!    per batch);
+//! 2. recovery of 1M stored 100-B messages: `storage::open` from the journal only, and from a
+//!    snapshot;
+//! 3. RSS per stored message beyond its payload, each variant in a fresh child process (this
+//!    binary re-run with `BOTD_STORAGE_BENCH_CHILD` set), with a breakdown and a prototype of a
+//!    compact layout;
+//! 4. p50/p99/max of `Store::send` normally, during `Storage::snapshot`, during a bare walk of
+//!    `Store::snapshot_shard` and beside a CPU hog, plus the per-shard lock hold.
+//!
+//! Without `--bench` (`cargo test --benches`) everything runs at a tiny scale, as a smoke test.
+//! `BOTD_BENCH_PARTS=1,2,3,4,criterion` selects parts (default: all).
+//! Format with `cargo fmt` or `rustfmt --edition 2021` (bare `rustfmt` assumes edition 2015,
+//! which has no `async` blocks).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::hash::BuildHasher;
+use std::hint::black_box;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use criterion::{criterion_group, Criterion, Throughput};
+use prost::Message;
+
+use botd_relay::config::{Config, FsyncPolicy};
+use botd_relay::core::cipher::TAG_LEN;
+use botd_relay::core::keys::{sha256, KeyPair, SIGNATURE_LEN};
+use botd_relay::proto::store::{
+    event::Kind, snapshot_record, Event, MessageStored, SnapshotRecord,
+};
+use botd_relay::proto::{self, Body, Frame, Send};
+use botd_relay::relay::store::{Identity, StoredMessage, NONCE_LEN};
+use botd_relay::relay::{EventSink, NoJournal, Store, StoreLimits};
+use botd_relay::storage::record::append_record;
+use botd_relay::storage::{self, Journal};
+
+const PAYLOAD_LEN: usize = 100;
+const SENDERS: usize = 16;
+const SHARDS: usize = 256;
+/// Initial read buffer of tokio-util's `FramedRead`, which the session's frames are split from.
+const READ_BUF: usize = 8 * 1024;
+const CHILD_ENV: &str = "BOTD_STORAGE_BENCH_CHILD";
+const SIGNATURE: &[u8; SIGNATURE_LEN] = &[1; SIGNATURE_LEN];
+
+/// How big each measurement is: the real one under `cargo bench`, a smoke test otherwise.
+#[derive(Debug, Clone, Copy)]
+struct Scale {
+    full: bool,
+    messages: usize,
+    /// Recipient identities (one device each) the messages are spread over; 1M / 1000 keeps
+    /// every mailbox at 1,000 messages, under the default quota of 10,000.
+    recipients: usize,
+    journal_window: Duration,
+    journal_reps: usize,
+    recovery_reps: usize,
+    latency_window: Duration,
+    /// Paced sends per second of each of the two latency threads.
+    latency_rate: f64,
+    /// Rounds of the alternating latency phases.
+    latency_rounds: usize,
+}
+
+impl Scale {
+    fn new(full: bool) -> Self {
+        if full {
+            Self {
+                full,
+                messages: 1_000_000,
+                recipients: 1_000,
+                journal_window: Duration::from_millis(1500),
+                journal_reps: 3,
+                recovery_reps: 3,
+                latency_window: Duration::from_millis(1500),
+                latency_rate: 5_000.0,
+                latency_rounds: 2,
+            }
+        } else {
+            Self {
+                full,
+                messages: 20_000,
+                recipients: 100,
+                journal_window: Duration::from_millis(100),
+                journal_reps: 1,
+                recovery_reps: 1,
+                latency_window: Duration::from_millis(200),
+                latency_rate: 2_000.0,
+                latency_rounds: 1,
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        let path = std::env::temp_dir().join(format!(
+            "botd-bench-storage-{tag}-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&path).expect("create temp dir");
+        Self(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Summary lines, printed as they come and again at the end.
+#[derive(Default)]
+struct Summary(Vec<String>);
+
+impl Summary {
+    fn line(&mut self, line: String) {
+        println!("storage: {line}");
+        self.0.push(line);
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Resident set size of this process, from `/proc/self/status`.
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().strip_suffix("kB"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// The id of this process's thread called `name`.
+fn find_thread(name: &str) -> Option<u64> {
+    for entry in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+        if let Ok(comm) = std::fs::read_to_string(entry.path().join("comm")) {
+            if comm.trim() == name {
+                return entry.file_name().to_str()?.parse().ok();
+            }
+        }
+    }
+    None
+}
+
+/// Write syscalls and bytes written by a thread so far (`syscw`, `wchar` of its io accounting).
+fn thread_writes(tid: Option<u64>) -> Option<(u64, u64)> {
+    let io = std::fs::read_to_string(format!("/proc/self/task/{}/io", tid?)).ok()?;
+    let field = |name: &str| {
+        io.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    Some((field("syscw:")?, field("wchar:")?))
+}
+
+/// Total size of the files in `dir`.
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// (CPU ticks the whole machine spent busy, ticks this process and its waited-for children
+/// spent), from `/proc/stat` and `/proc/self/stat`.
+fn cpu_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let machine: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal: all but idle and iowait.
+    let busy = machine.iter().take(8).sum::<u64>() - machine.get(3)? - machine.get(4)?;
+    let own = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // After the command's closing parenthesis come field 3 (state) onwards; utime, stime,
+    // cutime and cstime are fields 14 to 17.
+    let fields: Vec<&str> = own.rsplit_once(')')?.1.split_whitespace().collect();
+    let mine = fields
+        .get(11..15)?
+        .iter()
+        .map(|v| v.parse::<u64>().ok())
+        .sum::<Option<u64>>()?;
+    Some((busy, mine))
+}
+
+/// The file system holding `path` (longest matching mount point of `/proc/mounts`).
+fn filesystem_of(path: &Path) -> String {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let mut best: Option<(usize, String)> = None;
+    for line in mounts.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.len() < 3 || !path.starts_with(fields[1]) {
+            continue;
+        }
+        if best.as_ref().is_none_or(|(len, _)| fields[1].len() > *len) {
+            best = Some((
+                fields[1].len(),
+                format!("{} on {} ({})", fields[0], fields[1], fields[2]),
+            ));
+        }
+    }
+    best.map_or_else(|| "unknown".into(), |(_, fs)| fs)
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn us(ns: u64) -> String {
+    format!("{:.1} µs", ns as f64 / 1000.0)
+}
+
+fn payload(i: u64) -> Vec<u8> {
+    let mut p = vec![0x5a; PAYLOAD_LEN];
+    p[..8].copy_from_slice(&i.to_le_bytes());
+    p
+}
+
+fn register_request(device_id: u32) -> proto::Register {
+    proto::Register {
+        device_id,
+        registration_id: 7,
+        identity_key: Bytes::from_static(&[7; 33]),
+        signed_prekey: Some(proto::SignedPreKey {
+            id: 1,
+            public_key: Bytes::from_static(&[8; 33]),
+            signature: Bytes::from_static(&[9; 64]),
+        }),
+        one_time_prekeys: Vec::new(),
+    }
+}
+
+/// Recipients (one device each) and senders; the i-th message goes round-robin over both,
+/// with nonce i, so every message is new.
+struct Workload {
+    recipients: Vec<Identity>,
+    senders: Vec<Identity>,
+}
+
+impl Workload {
+    fn new(recipients: usize, senders: usize) -> Self {
+        let ids = |n| {
+            (0..n)
+                .map(|_| *KeyPair::generate().public().as_bytes())
+                .collect::<Vec<Identity>>()
+        };
+        Self {
+            recipients: ids(recipients),
+            senders: ids(senders),
+        }
+    }
+
+    fn register_all(&self, store: &Store) {
+        for id in self.recipients.iter().chain(&self.senders) {
+            store.register(id, register_request(1)).expect("register");
+        }
+    }
+
+    fn recipient(&self, i: u64) -> &Identity {
+        &self.recipients[i as usize % self.recipients.len()]
+    }
+
+    fn sender(&self, i: u64) -> &Identity {
+        &self.senders[i as usize % self.senders.len()]
+    }
+
+    fn send(&self, i: u64, payload: Bytes) -> Send {
+        Send {
+            recipient: Bytes::copy_from_slice(self.recipient(i)),
+            recipient_device: 1,
+            sender_device: 1,
+            sender_nonce: Bytes::copy_from_slice(&i.to_be_bytes()),
+            payload_hash: Bytes::copy_from_slice(&sha256(&[&payload])),
+            sender_signature: Bytes::from_static(SIGNATURE),
+            payload,
+            ticket: Bytes::new(),
+        }
+    }
+
+    /// Stores message i through the store's API, with the payload in its own allocation.
+    fn store_message(&self, store: &Store, i: u64, now_ms: u64) {
+        let req = self.send(i, Bytes::from(payload(i)));
+        store.send(self.sender(i), &req, now_ms).expect("send");
+    }
+}
+
+/// The journal record of a stored message, as `Store::send` produces it.
+fn message_stored(
+    recipient: &Identity,
+    sender: &Identity,
+    message_id: u64,
+    nonce: u64,
+    payload: Bytes,
+) -> Event {
+    Event {
+        kind: Some(Kind::MessageStored(MessageStored {
+            recipient: Bytes::copy_from_slice(recipient),
+            device_id: 1,
+            message_id,
+            sender: Bytes::copy_from_slice(sender),
+            sender_device: 1,
+            sender_nonce: Bytes::copy_from_slice(&nonce.to_be_bytes()),
+            payload_hash: Bytes::copy_from_slice(&sha256(&[&payload])),
+            sender_signature: Bytes::from_static(SIGNATURE),
+            payload,
+            received_at_ms: now_ms(),
+            ticket_used: Bytes::new(),
+            contact_added: false,
+        })),
+    }
+}
+
+fn config(data_dir: &Path) -> Config {
+    Config {
+        data_dir: data_dir.to_owned(),
+        fsync: FsyncPolicy::Never,
+        store_shards: SHARDS,
+        ..Config::default()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Journal appends per second
+// ---------------------------------------------------------------------------------------------
+
+struct JournalRun {
+    appends_per_s: f64,
+    /// Journal bytes that reached the segment files per second.
+    written_bytes_per_s: f64,
+    /// `write`s of record batches per second by the journal thread: one per batch, and under
+    /// `always` each batch is followed by one `fdatasync`.
+    batches_per_s: Option<f64>,
+}
+
+/// The journal thread's (write syscalls, bytes written) and the bytes in the segment files,
+/// read together (retried if the thread wrote in between).
+fn journal_counters(tid: Option<u64>, dir: &Path) -> (Option<(u64, u64)>, u64) {
+    let mut last = (None, 0);
+    for _ in 0..20 {
+        let before = thread_writes(tid);
+        let bytes = dir_bytes(dir);
+        let after = thread_writes(tid);
+        last = (after, bytes);
+        if before == after {
+            break;
+        }
+    }
+    last
+}
+
+fn journal_run(policy: FsyncPolicy, writers: usize, window: Duration) -> JournalRun {
+    let dir = TempDir::new("journal");
+    let journal = Journal::start(&dir.0, 1, policy, Duration::from_millis(10), 64 << 20)
+        .expect("start journal");
+    // The writer thread names itself once it runs.
+    let mut tid = None;
+    for _ in 0..100 {
+        tid = find_thread("botd-journal");
+        if tid.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let run = runtime.block_on(async {
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks: Vec<_> = (0..writers)
+            .map(|w| {
+                let (journal, stop) = (journal.clone(), stop.clone());
+                let mut recipient = [2u8; 33];
+                recipient[1..9].copy_from_slice(&(w as u64).to_le_bytes());
+                let mut event =
+                    message_stored(&recipient, &[3; 33], 0, w as u64, Bytes::from(payload(0)));
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        if let Some(Kind::MessageStored(m)) = &mut event.kind {
+                            m.message_id += 1;
+                        }
+                        let lsn = journal.record(&event);
+                        // Under `always` the relay answers only once the record is durable;
+                        // under the other policies at once.
+                        if policy == FsyncPolicy::Always {
+                            journal.wait_durable(lsn).await.expect("durable");
+                        } else {
+                            tokio::task::yield_now().await;
+                        }
+                    }
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (lsn0, t0) = (journal.last_lsn(), Instant::now());
+        let (io0, bytes0) = journal_counters(tid, &dir.0);
+        tokio::time::sleep(window).await;
+        let lsn1 = journal.last_lsn();
+        let (io1, bytes1) = journal_counters(tid, &dir.0);
+        let elapsed = t0.elapsed().as_secs_f64();
+        stop.store(true, Ordering::Relaxed);
+        for task in tasks {
+            task.await.expect("writer task");
+        }
+        let written = bytes1 - bytes0;
+        // The thread's other writes are 8-byte eventfd writes that wake parked runtime
+        // workers when the durable lsn is published; the rest are record batches.
+        let batches = io0
+            .zip(io1)
+            .map(|((calls0, bytes_w0), (calls1, bytes_w1))| {
+                let wakes = (bytes_w1 - bytes_w0).saturating_sub(written) / 8;
+                (calls1 - calls0).saturating_sub(wakes) as f64 / elapsed
+            });
+        JournalRun {
+            appends_per_s: (lsn1 - lsn0) as f64 / elapsed,
+            written_bytes_per_s: written as f64 / elapsed,
+            batches_per_s: batches,
+        }
+    });
+    journal.shutdown();
+    run
+}
+
+fn bench_journal(scale: Scale, summary: &mut Summary) {
+    println!(
+        "\n== 1. journal appends/s (MessageStored, 100-B payload; median of {} x {:?}) ==",
+        scale.journal_reps, scale.journal_window
+    );
+    let record_len = {
+        let event = message_stored(&[2; 33], &[3; 33], 1, 1, Bytes::from(payload(0)));
+        (event.encoded_len() + 8 + 12) as f64
+    };
+    println!("one record: {record_len:.0} B (12-B frame header, 8-B lsn, event)");
+    let policies = [
+        ("always", FsyncPolicy::Always),
+        ("interval(10ms)", FsyncPolicy::Interval),
+        ("never", FsyncPolicy::Never),
+    ];
+    for (name, policy) in policies {
+        for writers in [1, 16, 256] {
+            let mut appends = Vec::new();
+            let mut written = Vec::new();
+            let mut batches = Vec::new();
+            for _ in 0..scale.journal_reps {
+                let run = journal_run(policy, writers, scale.journal_window);
+                appends.push(run.appends_per_s);
+                written.push(run.written_bytes_per_s / record_len);
+                batches.extend(run.batches_per_s);
+            }
+            let range = format!(
+                "[{:.0}..{:.0}]",
+                appends.iter().copied().fold(f64::INFINITY, f64::min),
+                appends.iter().copied().fold(0.0, f64::max)
+            );
+            let appends = median(&mut appends);
+            let written = median(&mut written);
+            let batches = (!batches.is_empty()).then(|| median(&mut batches));
+            let fsync = match (policy, batches) {
+                (_, None) => "fsyncs: unknown (no /proc/self/task/<tid>/io)".to_string(),
+                (FsyncPolicy::Always, Some(b)) => format!(
+                    "fsyncs ≈ {b:.0}/s (one per batch), {:.1} appends per fsync",
+                    appends / b.max(1e-9)
+                ),
+                (FsyncPolicy::Interval, Some(b)) => format!(
+                    "fsyncs ≤ {:.0}/s (one per 10 ms at most), {b:.0} batches/s",
+                    b.min(100.0)
+                ),
+                (FsyncPolicy::Never, Some(b)) => format!("fsyncs: 0, {b:.0} batches/s"),
+            };
+            let lag = if policy == FsyncPolicy::Always {
+                String::new()
+            } else {
+                format!(", reached the file: {written:.0} records/s")
+            };
+            summary.line(format!(
+                "journal fsync={name:<14} writers={writers:<3} appends/s={appends:>9.0} {range:<19} {fsync}{lag}"
+            ));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Recovery and 4. latency during a snapshot
+// ---------------------------------------------------------------------------------------------
+
+/// Opens the store, checks it holds `messages`, and returns it with the time `open` took.
+fn timed_open(config: &Config, messages: usize) -> (storage::Recovered, Duration) {
+    let started = Instant::now();
+    let recovered = storage::open(config).expect("open");
+    let elapsed = started.elapsed();
+    assert_eq!(recovered.report.stats.messages, messages, "recovered store");
+    (recovered, elapsed)
+}
+
+fn close(recovered: storage::Recovered) {
+    recovered.storage.journal().shutdown();
+    drop(recovered);
+}
+
+fn bench_recovery_and_latency(scale: Scale, summary: &mut Summary) {
+    let n = scale.messages;
+    println!("\n== 2. recovery of {n} stored 100-B messages ==");
+    let dir = TempDir::new("recovery");
+    let config = config(&dir.0);
+    let workload = Workload::new(scale.recipients, SENDERS);
+
+    let recovered = storage::open(&config).expect("open empty");
+    workload.register_all(&recovered.store);
+    let started = Instant::now();
+    let now = now_ms();
+    for i in 0..n as u64 {
+        workload.store_message(&recovered.store, i, now);
+    }
+    let build = started.elapsed();
+    close(recovered);
+    let journal_bytes: u64 = std::fs::read_dir(dir.0.join("journal"))
+        .expect("journal dir")
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    println!(
+        "built through Store::send with the journal as sink (fsync never): {n} messages in {:.2} s ({:.0}/s), journal {:.0} MB",
+        build.as_secs_f64(),
+        n as f64 / build.as_secs_f64(),
+        journal_bytes as f64 / 1e6
+    );
+
+    let mut from_journal = Vec::new();
+    let mut recover_only = Vec::new();
+    let mut replayed = 0;
+    for _ in 0..scale.recovery_reps {
+        let (recovered, elapsed) = timed_open(&config, n);
+        replayed = recovered.report.records_replayed;
+        from_journal.push(elapsed.as_secs_f64());
+        recover_only.push(recovered.report.elapsed_ms as f64 / 1000.0);
+        close(recovered);
+    }
+    let all = format!("{from_journal:.2?}");
+    let journal_median = median(&mut from_journal);
+    summary.line(format!(
+        "recovery from journal only: {journal_median:.3} s (median of {all} s; recover() alone {:.3} s; {replayed} records replayed, {:.0} MB; warm page cache) target ≤ 2 s: {}",
+        median(&mut recover_only),
+        journal_bytes as f64 / 1e6,
+        if journal_median <= 2.0 { "met" } else { "MISSED" }
+    ));
+
+    let (recovered, _) = timed_open(&config, n);
+    let started = Instant::now();
+    let info = recovered
+        .storage
+        .snapshot(&recovered.store, now_ms())
+        .expect("snapshot");
+    let snapshot_time = started.elapsed();
+    close(recovered);
+    summary.line(format!(
+        "snapshot of {n} messages: {:.3} s, {} events, {:.0} MB (incl. fsync)",
+        snapshot_time.as_secs_f64(),
+        info.events,
+        info.bytes as f64 / 1e6
+    ));
+
+    let mut from_snapshot = Vec::new();
+    let mut recover_only = Vec::new();
+    let mut kept = None;
+    for rep in 0..scale.recovery_reps {
+        let (recovered, elapsed) = timed_open(&config, n);
+        assert!(
+            recovered.report.snapshot.is_some(),
+            "recovered from a snapshot"
+        );
+        from_snapshot.push(elapsed.as_secs_f64());
+        recover_only.push(recovered.report.elapsed_ms as f64 / 1000.0);
+        if rep + 1 == scale.recovery_reps {
+            kept = Some(recovered);
+        } else {
+            close(recovered);
+        }
+    }
+    let all = format!("{from_snapshot:.2?}");
+    let snapshot_median = median(&mut from_snapshot);
+    summary.line(format!(
+        "recovery from snapshot:     {snapshot_median:.3} s (median of {all} s; recover() alone {:.3} s; {} snapshot events; warm page cache) target ≤ 2 s: {}",
+        median(&mut recover_only),
+        info.events,
+        if snapshot_median <= 2.0 { "met" } else { "MISSED" }
+    ));
+
+    let recovered = kept.expect("kept store");
+    bench_latency(scale, &recovered, &workload, summary);
+    close(recovered);
+}
+
+/// Runs two paced sender threads while `during` runs; returns every send's duration in ns.
+fn paced_sends(
+    store: &Store,
+    workload: &Workload,
+    counter: &AtomicU64,
+    scale: Scale,
+    during: &mut dyn FnMut(),
+) -> Vec<u64> {
+    let stop = AtomicBool::new(false);
+    let interval = Duration::from_secs_f64(1.0 / scale.latency_rate);
+    let now = now_ms();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..2)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut latencies = Vec::with_capacity(1 << 16);
+                    let mut next = Instant::now();
+                    while !stop.load(Ordering::Acquire) {
+                        let now_i = Instant::now();
+                        if now_i < next {
+                            std::thread::sleep(next - now_i);
+                        }
+                        next = next.max(now_i) + interval;
+                        let i = counter.fetch_add(1, Ordering::Relaxed);
+                        let req = workload.send(i, Bytes::from(payload(i)));
+                        let started = Instant::now();
+                        store.send(workload.sender(i), &req, now).expect("send");
+                        latencies.push(started.elapsed().as_nanos() as u64);
+                    }
+                    latencies
+                })
+            })
+            .collect();
+        // Let the senders start before the phase begins.
+        std::thread::sleep(Duration::from_millis(20));
+        during();
+        stop.store(true, Ordering::Release);
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("sender thread"))
+            .collect::<Vec<u64>>()
+    })
+}
+
+/// The messages of a snapshot's events, as the store holds them.
+fn stored_messages(events: &[Event]) -> Vec<StoredMessage> {
+    events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            Some(Kind::MessageStored(m)) => Some(StoredMessage {
+                sender: m.sender[..].try_into().expect("sender"),
+                sender_device: m.sender_device,
+                sender_nonce: m.sender_nonce[..].try_into().expect("nonce"),
+                payload_hash: m.payload_hash[..].try_into().expect("hash"),
+                sender_signature: m.sender_signature[..].try_into().expect("signature"),
+                payload: m.payload.clone(),
+                received_at_ms: m.received_at_ms,
+            }),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The snapshot's events for `messages`, built as `snapshot_shard` builds them.
+fn events_of(messages: &[StoredMessage]) -> Vec<Event> {
+    messages
+        .iter()
+        .enumerate()
+        .map(|(id, m)| message_stored(&[2; 33], &m.sender, id as u64, 0, m.payload.clone()))
+        .collect()
+}
+
+fn bench_latency(
+    scale: Scale,
+    recovered: &storage::Recovered,
+    workload: &Workload,
+    summary: &mut Summary,
+) {
+    let (store, storage) = (&recovered.store, &recovered.storage);
+    let messages = store.stats().messages;
+    println!(
+        "\n== 4. Store::send latency, 2 threads x {:.0} paced sends/s, store of {messages} messages (journal fsync never) ==",
+        scale.latency_rate
+    );
+
+    // Lock hold per shard: snapshot_shard holds the shard's lock for its whole call.
+    let mut holds = Vec::with_capacity(store.shard_count());
+    let mut busiest: Vec<Event> = Vec::new();
+    for index in 0..store.shard_count() {
+        let started = Instant::now();
+        let (events, _) = store.snapshot_shard(index);
+        holds.push(started.elapsed().as_nanos() as u64);
+        if events.len() > busiest.len() {
+            busiest = events;
+        }
+    }
+    let total: u64 = holds.iter().sum();
+    holds.sort_unstable();
+    summary.line(format!(
+        "snapshot_shard lock hold over {} shards: median={} p99={} max={} sum={:.0} ms (busiest shard: {} events)",
+        holds.len(),
+        us(percentile(&holds, 0.5)),
+        us(percentile(&holds, 0.99)),
+        us(*holds.last().unwrap_or(&0)),
+        total as f64 / 1e6,
+        busiest.len()
+    ));
+
+    // What the hold would be if the shard's messages were only cloned under the lock and the
+    // events built after it is released.
+    let stored = stored_messages(&busiest);
+    drop(busiest);
+    let started = Instant::now();
+    let copy = black_box(stored.clone());
+    let clone_ns = started.elapsed().as_nanos() as u64;
+    let started = Instant::now();
+    let built = black_box(events_of(&copy));
+    let build_ns = started.elapsed().as_nanos() as u64;
+    drop((copy, built));
+    summary.line(format!(
+        "busiest shard ({} messages): Vec<StoredMessage>::clone {} vs building its events {} (a hold that only clones ≈ {:.0}% of today's)",
+        stored.len(),
+        us(clone_ns),
+        us(build_ns),
+        100.0 * clone_ns as f64 / build_ns.max(1) as f64
+    ));
+
+    let counter = AtomicU64::new(1 << 40);
+    let window = scale.latency_window;
+    let send = |during: &mut dyn FnMut()| paced_sends(store, workload, &counter, scale, during);
+    let scratch = TempDir::new("lockless");
+    let (mut normal, mut during_snapshot, mut during_walk, mut during_lockless, mut beside_hog) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut snapshot_times, mut walks) = (Vec::new(), 0);
+    // The phases alternate, so that a change of the machine's background load spreads over
+    // all of them.
+    for _ in 0..scale.latency_rounds {
+        normal.extend(send(&mut || std::thread::sleep(window)));
+
+        during_snapshot.extend(send(&mut || {
+            let started = Instant::now();
+            let mut taken = 0;
+            while taken == 0 || started.elapsed() < window {
+                let t = Instant::now();
+                storage.snapshot(store, now_ms()).expect("snapshot");
+                snapshot_times.push(t.elapsed().as_secs_f64());
+                taken += 1;
+            }
+        }));
+
+        during_walk.extend(send(&mut || {
+            let started = Instant::now();
+            let mut done = 0;
+            while done == 0 || started.elapsed() < window {
+                for index in 0..store.shard_count() {
+                    black_box(store.snapshot_shard(index));
+                }
+                done += 1;
+            }
+            walks += done;
+        }));
+
+        // The snapshot's work (build every message's event, encode, frame, write to a file)
+        // over as many messages as the store holds, but on a copy: no store lock is taken.
+        during_lockless.extend(send(&mut || {
+            let started = Instant::now();
+            let mut passes = 0;
+            while passes == 0 || started.elapsed() < window {
+                let file = std::fs::File::create(scratch.0.join("copy.snap")).expect("create");
+                let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+                let mut buf = Vec::with_capacity(1 << 16);
+                for _ in 0..messages.div_ceil(stored.len().max(1)) {
+                    let copy = stored.clone();
+                    for event in events_of(&copy) {
+                        buf.clear();
+                        let body = SnapshotRecord {
+                            kind: Some(snapshot_record::Kind::Event(event)),
+                        }
+                        .encode_to_vec();
+                        append_record(&mut buf, &[&body]);
+                        std::io::Write::write_all(&mut out, &buf).expect("write");
+                    }
+                }
+                passes += 1;
+            }
+        }));
+
+        beside_hog.extend(send(&mut || {
+            let started = Instant::now();
+            let mut block = [0u8; 64];
+            while started.elapsed() < window {
+                for _ in 0..1000 {
+                    let digest = sha256(&[&block]);
+                    block[..32].copy_from_slice(&digest);
+                }
+            }
+            black_box(block);
+        }));
+    }
+    drop(scratch);
+    for lat in [
+        &mut normal,
+        &mut during_snapshot,
+        &mut during_walk,
+        &mut during_lockless,
+        &mut beside_hog,
+    ] {
+        lat.sort_unstable();
+    }
+
+    let p99_normal = percentile(&normal, 0.99).max(1);
+    let mut describe = |name: &str, lat: &[u64], extra: String| {
+        let p99 = percentile(lat, 0.99);
+        summary.line(format!(
+            "send latency {name:<27} n={:<6} p50={:>9} p99={:>9} p99.9={:>9} max={:>9} >1ms={:<4} p99/normal={:.2}{extra}",
+            lat.len(),
+            us(percentile(lat, 0.50)),
+            us(p99),
+            us(percentile(lat, 0.999)),
+            us(*lat.last().unwrap_or(&0)),
+            lat.iter().filter(|&&ns| ns > 1_000_000).count(),
+            p99 as f64 / p99_normal as f64,
+        ));
+    };
+    describe("normal", &normal, String::new());
+    let ratio = percentile(&during_snapshot, 0.99) as f64 / p99_normal as f64;
+    describe(
+        "during Storage::snapshot",
+        &during_snapshot,
+        format!(
+            " ({} snapshot(s), {:.2} s each; target ≤ 2x: {})",
+            snapshot_times.len(),
+            median(&mut snapshot_times),
+            if ratio <= 2.0 { "met" } else { "MISSED" }
+        ),
+    );
+    describe(
+        "during snapshot_shard walk",
+        &during_walk,
+        format!(" ({walks} walk(s) over all shards, no file IO)"),
+    );
+    describe(
+        "during lock-free snapshot work",
+        &during_lockless,
+        " (same build/encode/write work on a copy, no store lock)".into(),
+    );
+    describe(
+        "beside a CPU hog",
+        &beside_hog,
+        " (sha256 loop: CPU contention only)".into(),
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Memory per stored message (each variant in a fresh process)
+// ---------------------------------------------------------------------------------------------
+
+/// The prototype of a compact mailbox: messages in a deque indexed by `id - first_id`,
+/// signature, nonce and payload in one exact-size allocation, the sender interned, no payload
+/// hash (recomputed at delivery), and nonces deduplicated through a 64-bit hash of
+/// (sender, nonce) that points at the message (compare on hit).
+#[allow(dead_code)] // only its memory is measured
+struct CompactMessage {
+    /// signature (64) || nonce (8) || payload
+    blob: Box<[u8]>,
+    received_at_ms: u64,
+    sender: u32,
+    sender_device: u32,
+}
+
+#[allow(dead_code)] // only its memory is measured
+#[derive(Default)]
+struct CompactMailbox {
+    first_id: u64,
+    slots: VecDeque<Option<CompactMessage>>,
+    nonces: HashMap<u64, u32>,
+}
+
+fn child_memory(spec: &str) {
+    let mut parts = spec.split(':');
+    let (variant, n, recipients) = (
+        parts.next().expect("variant").to_string(),
+        parts
+            .next()
+            .and_then(|v| v.parse::<usize>().ok())
+            .expect("count"),
+        parts
+            .next()
+            .and_then(|v| v.parse::<usize>().ok())
+            .expect("recipients"),
+    );
+    let now = now_ms();
+    let (before, after);
+    match variant.as_str() {
+        "store-vec" | "store-replayed" | "store-readbuf" => {
+            let store = Store::new(
+                SHARDS,
+                StoreLimits::from(&Config::default()),
+                Arc::new(NoJournal),
+            );
+            let workload = Workload::new(recipients, SENDERS);
+            workload.register_all(&store);
+            let mut read_buf = BytesMut::with_capacity(READ_BUF);
+            let mut encoded = Vec::with_capacity(512);
+            before = rss_bytes();
+            for i in 0..n as u64 {
+                match variant.as_str() {
+                    // The payload in its own allocation, as an API caller builds it.
+                    "store-vec" => workload.store_message(&store, i, now),
+                    // Recovery's path: the event decoded from the journal's bytes, replayed.
+                    "store-replayed" => {
+                        let id = i / workload.recipients.len() as u64 + 1;
+                        let event = message_stored(
+                            workload.recipient(i),
+                            workload.sender(i),
+                            id,
+                            i,
+                            Bytes::from(payload(i)),
+                        );
+                        encoded.clear();
+                        event.encode(&mut encoded).expect("encode");
+                        let decoded = Event::decode(&encoded[..]).expect("decode");
+                        store.replay(&decoded).expect("replay");
+                    }
+                    // The live path: a frame split from the session's 8 KiB read buffer
+                    // (length prefix, body, tag), decoded from the frozen plaintext.
+                    _ => {
+                        let req = workload.send(i, Bytes::from(payload(i)));
+                        encoded.clear();
+                        Frame::new(i + 1, Body::Send(req))
+                            .encode(&mut encoded)
+                            .expect("encode");
+                        read_buf.reserve(4 + encoded.len() + TAG_LEN);
+                        read_buf.put_u32(encoded.len() as u32);
+                        read_buf.extend_from_slice(&encoded);
+                        read_buf.extend_from_slice(&[0; TAG_LEN]);
+                        read_buf.advance(4);
+                        let mut body = read_buf.split_to(encoded.len() + TAG_LEN);
+                        drop(body.split_off(encoded.len()));
+                        let frame = Frame::decode(body.freeze()).expect("decode");
+                        let Some(Body::Send(req)) = frame.body else {
+                            unreachable!("a Send")
+                        };
+                        store.send(workload.sender(i), &req, now).expect("send");
+                    }
+                }
+            }
+            after = rss_bytes();
+            assert_eq!(store.stats().messages, n);
+            black_box(&store);
+        }
+        "btree" => {
+            let mut maps: Vec<BTreeMap<u64, StoredMessage>> =
+                (0..recipients).map(|_| BTreeMap::new()).collect();
+            before = rss_bytes();
+            for i in 0..n as u64 {
+                let message = StoredMessage {
+                    sender: [2; 33],
+                    sender_device: 1,
+                    sender_nonce: i.to_be_bytes(),
+                    payload_hash: [0; 32],
+                    sender_signature: *SIGNATURE,
+                    payload: Bytes::new(),
+                    received_at_ms: now,
+                };
+                maps[i as usize % recipients].insert(i / recipients as u64 + 1, message);
+            }
+            after = rss_bytes();
+            black_box(&maps);
+        }
+        "nonces" => {
+            let mut maps: Vec<HashMap<(Identity, [u8; NONCE_LEN]), u64>> =
+                (0..recipients).map(|_| HashMap::new()).collect();
+            before = rss_bytes();
+            for i in 0..n as u64 {
+                maps[i as usize % recipients].insert(([2; 33], i.to_be_bytes()), i);
+            }
+            after = rss_bytes();
+            black_box(&maps);
+        }
+        "payload-shared" | "payload-exact" => {
+            let mut slots = vec![Bytes::new(); n];
+            before = rss_bytes();
+            for (i, slot) in slots.iter_mut().enumerate() {
+                let bytes = Bytes::from(payload(i as u64));
+                // The store keeps a clone of the request's payload: the first clone of a
+                // Vec-backed `Bytes` allocates its shared header.
+                *slot = if variant == "payload-shared" {
+                    bytes.clone()
+                } else {
+                    bytes
+                };
+            }
+            after = rss_bytes();
+            black_box(&slots);
+        }
+        "compact" => {
+            let mut mailboxes: Vec<CompactMailbox> = (0..recipients)
+                .map(|_| CompactMailbox {
+                    first_id: 1,
+                    ..CompactMailbox::default()
+                })
+                .collect();
+            let hasher = std::collections::hash_map::RandomState::new();
+            before = rss_bytes();
+            for i in 0..n as u64 {
+                let payload = payload(i);
+                let nonce = i.to_be_bytes();
+                let mut blob = Vec::with_capacity(SIGNATURE_LEN + NONCE_LEN + payload.len());
+                blob.extend_from_slice(SIGNATURE);
+                blob.extend_from_slice(&nonce);
+                blob.extend_from_slice(&payload);
+                let sender = (i % SENDERS as u64) as u32;
+                let mailbox = &mut mailboxes[i as usize % recipients];
+                let index = mailbox.slots.len() as u32;
+                mailbox
+                    .nonces
+                    .insert(hasher.hash_one((sender, nonce)), index);
+                mailbox.slots.push_back(Some(CompactMessage {
+                    blob: blob.into_boxed_slice(),
+                    received_at_ms: now,
+                    sender,
+                    sender_device: 1,
+                }));
+            }
+            after = rss_bytes();
+            black_box(&mailboxes);
+        }
+        other => panic!("unknown memory variant {other}"),
+    }
+    println!("MEMRESULT {before} {after}");
+}
+
+/// Runs a memory variant in a fresh copy of this process; returns bytes per item.
+fn memory_variant(variant: &str, n: usize, recipients: usize) -> Option<f64> {
+    let exe = std::env::current_exe().ok()?;
+    let output = Command::new(exe)
+        .env(CHILD_ENV, format!("{variant}:{n}:{recipients}"))
+        .output()
+        .ok()?;
+    if !output.status.success() {
+        eprintln!(
+            "memory variant {variant} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        return None;
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = stdout.lines().find_map(|l| l.strip_prefix("MEMRESULT "))?;
+    let mut values = line.split_whitespace().map(|v| v.parse::<u64>().ok());
+    let (before, after) = (values.next()??, values.next()??);
+    Some(after.saturating_sub(before) as f64 / n as f64)
+}
+
+fn bench_memory(scale: Scale, summary: &mut Summary) {
+    let (n, r) = (scale.messages, scale.recipients);
+    let per_mailbox = n / r;
+    println!(
+        "\n== 3. memory per stored message: RSS delta of {n} messages over {r} mailboxes ({per_mailbox} each), fresh process per variant =="
+    );
+    println!(
+        "size_of: StoredMessage={} Bytes={} nonce key (Identity, [u8; 8])={} nonce entry={} ; BTreeMap<u64, StoredMessage> leaf node ≈ {} B for 11 entries (sequential inserts leave leaves ~6/11 full)",
+        std::mem::size_of::<StoredMessage>(),
+        std::mem::size_of::<Bytes>(),
+        std::mem::size_of::<(Identity, [u8; NONCE_LEN])>(),
+        std::mem::size_of::<((Identity, [u8; NONCE_LEN]), u64)>(),
+        (16 + 11 * (8 + std::mem::size_of::<StoredMessage>())).next_multiple_of(8)
+    );
+    let beyond = |v: Option<f64>, payload: f64| v.map(|b| b - payload);
+    let show = |v: Option<f64>| v.map_or_else(|| "n/a".to_string(), |b| format!("{b:.0} B"));
+    let store_vec = beyond(memory_variant("store-vec", n, r), PAYLOAD_LEN as f64);
+    let store_replayed = beyond(memory_variant("store-replayed", n, r), PAYLOAD_LEN as f64);
+    let store_readbuf = beyond(memory_variant("store-readbuf", n, r), PAYLOAD_LEN as f64);
+    let target = |v: Option<f64>| match v {
+        Some(b) if b <= 96.0 => "met",
+        Some(_) => "MISSED",
+        None => "n/a",
+    };
+    summary.line(format!(
+        "memory beyond payload, Store::send, payload in own allocation: {} per message (target ≤ 96 B: {})",
+        show(store_vec),
+        target(store_vec)
+    ));
+    summary.line(format!(
+        "memory beyond payload, as recovered (journal/snapshot replay): {} per message",
+        show(store_replayed)
+    ));
+    summary.line(format!(
+        "memory beyond payload, live path (payload sliced from an 8 KiB read buffer): {} per message",
+        show(store_readbuf)
+    ));
+    let btree = memory_variant("btree", n, r);
+    let nonces = memory_variant("nonces", n, r);
+    let shared = beyond(memory_variant("payload-shared", n, r), PAYLOAD_LEN as f64);
+    let exact = beyond(memory_variant("payload-exact", n, r), PAYLOAD_LEN as f64);
+    summary.line(format!(
+        "breakdown per message: BTreeMap<u64, StoredMessage> entry incl. the {}-B value {} | nonce HashMap entry {} | payload allocation beyond 100 B: {} promoted (shared header) / {} unpromoted",
+        std::mem::size_of::<StoredMessage>(),
+        show(btree),
+        show(nonces),
+        show(shared),
+        show(exact)
+    ));
+    let compact = beyond(memory_variant("compact", n, r), PAYLOAD_LEN as f64);
+    summary.line(format!(
+        "prototype compact mailbox (VecDeque slots, one blob sig|nonce|payload, interned sender, no hash, u64-hash nonce index): {} per message",
+        show(compact)
+    ));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Criterion groups
+// ---------------------------------------------------------------------------------------------
+
+fn criterion_config() -> Criterion {
+    Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(2))
+        .sample_size(30)
+}
+
+/// `Store::send` of a 100-B message into an in-memory store; every 1,000 sends the messages
+/// are acked (outside the timing) so the store stays small.
+fn store_send(c: &mut Criterion) {
+    let store = Store::new(
+        SHARDS,
+        StoreLimits::from(&Config::default()),
+        Arc::new(NoJournal),
+    );
+    let workload = Workload::new(64, SENDERS);
+    workload.register_all(&store);
+    let mut next = 0u64;
+    let mut group = c.benchmark_group("store");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("send_100B_no_journal", |b| {
+        b.iter_custom(|iters| {
+            let mut timed = Duration::ZERO;
+            let mut left = iters;
+            let now = now_ms();
+            while left > 0 {
+                let chunk = left.min(1000);
+                let requests: Vec<Send> = (next..next + chunk)
+                    .map(|i| workload.send(i, Bytes::from(payload(i))))
+                    .collect();
+                let started = Instant::now();
+                let mut ids = Vec::with_capacity(chunk as usize);
+                for (k, req) in requests.iter().enumerate() {
+                    let i = next + k as u64;
+                    let outcome = store.send(workload.sender(i), req, now).expect("send");
+                    ids.push((i, outcome.message_id));
+                }
+                timed += started.elapsed();
+                for (i, id) in ids {
+                    store.ack(workload.recipient(i), 1, &[id]).expect("ack");
+                }
+                next += chunk;
+                left -= chunk;
+            }
+            timed
+        })
+    });
+    group.finish();
+}
+
+/// `Store::snapshot_shard` of one shard holding 1M/256 messages: the lock hold per shard.
+fn snapshot_shard(c: &mut Criterion) {
+    let store = Store::new(
+        1,
+        StoreLimits::from(&Config::default()),
+        Arc::new(NoJournal),
+    );
+    let workload = Workload::new(4, SENDERS);
+    workload.register_all(&store);
+    let now = now_ms();
+    let per_shard = 1_000_000 / SHARDS;
+    for i in 0..per_shard as u64 {
+        workload.store_message(&store, i, now);
+    }
+    let mut group = c.benchmark_group("store");
+    group.throughput(Throughput::Elements(per_shard as u64));
+    group.bench_function(format!("snapshot_shard_{per_shard}_messages"), |b| {
+        b.iter_with_large_drop(|| store.snapshot_shard(0))
+    });
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = criterion_config();
+    targets = store_send, snapshot_shard
+}
+
+fn main() {
+    if let Ok(spec) = std::env::var(CHILD_ENV) {
+        child_memory(&spec);
+        return;
+    }
+    let scale = Scale::new(std::env::args().any(|a| a == "--bench"));
+    let parts = std::env::var("BOTD_BENCH_PARTS").unwrap_or_else(|_| "1,2,3,4,criterion".into());
+    let wants = |part: &str| parts.split(',').any(|p| p.trim() == part);
+    let started = Instant::now();
+    let ticks_at_start = cpu_ticks();
+    let mut summary = Summary::default();
+    summary.line(format!(
+        "machine: {} CPUs available, temp dir {} on {}; shared and noisy: figures vary run to run",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        std::env::temp_dir().display(),
+        filesystem_of(&std::env::temp_dir()),
+    ));
+    if !scale.full {
+        summary.line("smoke scale (no --bench): figures are not meaningful".into());
+    }
+    if wants("1") {
+        bench_journal(scale, &mut summary);
+    }
+    if wants("2") || wants("4") {
+        bench_recovery_and_latency(scale, &mut summary);
+    }
+    if wants("3") {
+        bench_memory(scale, &mut summary);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    if let (Some((busy0, mine0)), Some((busy1, mine1))) = (ticks_at_start, cpu_ticks()) {
+        // Ticks are 1/100 s on Linux.
+        let others = (busy1 - busy0).saturating_sub(mine1 - mine0) as f64 / 100.0 / elapsed;
+        summary.line(format!(
+            "noise: other processes kept {others:.2} of the {} CPUs busy during these {elapsed:.0} s (load average now: {})",
+            std::thread::available_parallelism().map_or(0, |n| n.get()),
+            std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim()
+        ));
+    }
+    println!("\n==== storage bench summary ({elapsed:.0} s) ====");
+    for line in &summary.0 {
+        println!("storage: {line}");
+    }
+    println!();
+    if wants("criterion") {
+        benches();
+        Criterion::default().configure_from_args().final_summary();
+    }
+}
