@@ -394,8 +394,13 @@ fn journal_counters(tid: Option<u64>, dir: &Path) -> (Option<(u64, u64)>, u64) {
 
 fn journal_run(policy: FsyncPolicy, writers: usize, window: Duration) -> JournalRun {
     let dir = TempDir::new("journal");
-    let journal = Journal::start(&dir.0, 1, policy, Duration::from_millis(10), 64 << 20)
-        .expect("start journal");
+    let options = botd_relay::storage::JournalOptions {
+        policy,
+        fsync_interval: Duration::from_millis(10),
+        segment_bytes: 64 << 20,
+        max_pending_bytes: 64 << 20,
+    };
+    let journal = Journal::start(&dir.0, 1, options).expect("start journal");
     // The writer thread names itself once it runs.
     let mut tid = None;
     for _ in 0..100 {

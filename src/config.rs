@@ -196,6 +196,8 @@ pub struct Config {
     pub fsync_interval: Duration,
     /// A journal segment is closed and a new one started past this size.
     pub journal_segment_bytes: u64,
+    /// Journal bytes waiting for the writer; past this, changes wait for the disk.
+    pub journal_max_pending_bytes: usize,
     /// A snapshot is written this often (and on graceful shutdown).
     #[serde(with = "humantime_serde")]
     pub snapshot_interval: Duration,
@@ -247,6 +249,7 @@ impl Default for Config {
             fsync: FsyncPolicy::Always,
             fsync_interval: Duration::from_millis(10),
             journal_segment_bytes: 64 << 20,
+            journal_max_pending_bytes: 64 << 20,
             snapshot_interval: Duration::from_secs(300),
             snapshot_journal_bytes: 256 << 20,
         }

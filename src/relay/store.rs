@@ -232,6 +232,38 @@ impl Default for Account {
 }
 
 impl Account {
+    /// The durable part of the account (what a snapshot writes), without live subscriptions
+    /// and the nonce index, which recovery rebuilds.
+    fn durable_copy(&self) -> Account {
+        let devices = self
+            .devices
+            .iter()
+            .map(|(&id, device)| {
+                let state = match &device.state {
+                    DeviceState::Registered(keys) => DeviceState::Registered(DeviceKeys {
+                        registration_id: keys.registration_id,
+                        identity_key: keys.identity_key.clone(),
+                        signed_prekey: keys.signed_prekey.clone(),
+                        one_time_prekeys: keys.one_time_prekeys.clone(),
+                    }),
+                    DeviceState::Retired => DeviceState::Retired,
+                };
+                let mailbox = Mailbox {
+                    next_id: device.mailbox.next_id,
+                    messages: device.mailbox.messages.clone(),
+                    ..Mailbox::default()
+                };
+                (id, Device { state, mailbox })
+            })
+            .collect();
+        Account {
+            devices,
+            accept: self.accept,
+            contacts: self.contacts.clone(),
+            tickets: self.tickets.clone(),
+        }
+    }
+
     fn registered(&self, device_id: u32) -> Option<&Device> {
         self.devices.get(&device_id).filter(|d| d.keys().is_some())
     }
@@ -487,10 +519,19 @@ impl Store {
     /// The events that rebuild shard `index` as it is now, and the highest sequence number
     /// they cover. The shard is locked only while its state is copied.
     pub fn snapshot_shard(&self, index: usize) -> (Vec<Event>, u64) {
-        let shard = self.shards[index].lock();
-        let cover = self.sink.last_lsn();
+        // Copying is a fraction of the cost of building events (payloads are shared, not
+        // copied), so the lock is held only for the copy.
+        let (copies, cover) = {
+            let shard = self.shards[index].lock();
+            let copies: Vec<(Identity, Account)> = shard
+                .accounts
+                .iter()
+                .map(|(identity, account)| (*identity, account.durable_copy()))
+                .collect();
+            (copies, self.sink.last_lsn())
+        };
         let mut events = Vec::new();
-        for (identity, account) in &shard.accounts {
+        for (identity, account) in &copies {
             describe_account(identity, account, &mut events);
         }
         (events, cover)

@@ -52,13 +52,37 @@ struct Pending {
     shutdown: bool,
 }
 
+/// How a journal writes.
+#[derive(Debug, Clone, Copy)]
+pub struct JournalOptions {
+    pub policy: FsyncPolicy,
+    pub fsync_interval: Duration,
+    pub segment_bytes: u64,
+    /// Encoded records waiting for the writer; past this, recording waits (backpressure).
+    pub max_pending_bytes: usize,
+}
+
+impl JournalOptions {
+    pub fn from_config(config: &crate::config::Config) -> Self {
+        Self {
+            policy: config.fsync,
+            fsync_interval: config.fsync_interval,
+            segment_bytes: config.journal_segment_bytes,
+            max_pending_bytes: config.journal_max_pending_bytes,
+        }
+    }
+}
+
 pub struct Journal {
     dir: PathBuf,
     policy: FsyncPolicy,
     fsync_interval: Duration,
     segment_bytes: u64,
+    max_pending_bytes: usize,
     pending: Mutex<Pending>,
     wake: Condvar,
+    /// Signalled when the writer takes a batch, for recorders waiting on a full buffer.
+    drained: Condvar,
     last_lsn: AtomicU64,
     /// Bytes appended since start, for the snapshot trigger.
     appended: AtomicU64,
@@ -71,16 +95,15 @@ impl Journal {
     pub fn start(
         dir: &Path,
         next_lsn: u64,
-        policy: FsyncPolicy,
-        fsync_interval: Duration,
-        segment_bytes: u64,
+        options: JournalOptions,
     ) -> Result<Arc<Self>, StorageError> {
         let (durable, _) = watch::channel(Durable::UpTo(next_lsn - 1));
         let journal = Arc::new(Self {
             dir: dir.to_owned(),
-            policy,
-            fsync_interval,
-            segment_bytes,
+            policy: options.policy,
+            fsync_interval: options.fsync_interval,
+            segment_bytes: options.segment_bytes,
+            max_pending_bytes: options.max_pending_bytes.max(1 << 16),
             pending: Mutex::new(Pending {
                 buf: Vec::with_capacity(1 << 20),
                 next_lsn,
@@ -88,6 +111,7 @@ impl Journal {
                 shutdown: false,
             }),
             wake: Condvar::new(),
+            drained: Condvar::new(),
             last_lsn: AtomicU64::new(next_lsn - 1),
             appended: AtomicU64::new(0),
             durable,
@@ -205,6 +229,7 @@ impl Journal {
                     }
                 }
                 std::mem::swap(&mut pending.buf, &mut batch);
+                self.drained.notify_all();
                 (
                     pending.next_lsn - 1,
                     pending.rotate_at.take(),
@@ -299,6 +324,12 @@ impl EventSink for Journal {
     fn record(&self, event: &Event) -> u64 {
         let body = event.encode_to_vec();
         let mut pending = self.pending.lock();
+        // Backpressure: a writer that falls behind (slow disk, `never` under overload) slows
+        // the requests down instead of letting the buffer grow without bound.
+        while pending.buf.len() >= self.max_pending_bytes && !pending.shutdown && !self.failed() {
+            self.drained
+                .wait_for(&mut pending, Duration::from_millis(100));
+        }
         let lsn = pending.next_lsn;
         pending.next_lsn += 1;
         if pending.shutdown || self.failed() {

@@ -21,7 +21,7 @@ use std::time::Instant;
 use parking_lot::Mutex;
 use prost::Message;
 
-pub use journal::Journal;
+pub use journal::{Journal, JournalOptions};
 pub use record::StorageError;
 use record::{Next, RecordReader};
 use snapshot::SnapshotInfo;
@@ -115,9 +115,7 @@ pub fn open(config: &Config) -> Result<Recovered, StorageError> {
     let journal = Journal::start(
         &journal_dir,
         report.next_lsn,
-        config.fsync,
-        config.fsync_interval,
-        config.journal_segment_bytes,
+        JournalOptions::from_config(config),
     )?;
     let store = store.with_sink(journal.clone());
     Ok(Recovered {
