@@ -137,7 +137,10 @@ struct Mailbox {
     messages: BTreeMap<u64, StoredMessage>,
     payload_bytes: usize,
     /// (sender, nonce) of stored messages, for idempotent retries.
-    nonces: HashMap<(Identity, [u8; NONCE_LEN]), u64>,
+    /// (sender, nonce) of stored messages -> id, for idempotent retries. Keyed by a 64-bit keyed
+    /// hash (16-byte entries instead of 49); a hit is confirmed against the stored message, so
+    /// a collision can only cost one of the two messages its idempotency, never give a wrong id.
+    nonces: HashMap<u64, u64>,
     /// Highest id whose record is durable: only these are pushed, so an id a recipient saw can
     /// never be reassigned after a crash.
     deliverable_up_to: u64,
@@ -154,7 +157,10 @@ impl Mailbox {
             return false;
         };
         self.payload_bytes -= message.payload.len();
-        self.nonces.remove(&(message.sender, message.sender_nonce));
+        let key = nonce_key(&message.sender, &message.sender_nonce);
+        if self.nonces.get(&key) == Some(&id) {
+            self.nonces.remove(&key);
+        }
         if let Some(sub) = &mut self.subscriber {
             sub.in_flight.remove(&id);
         }
@@ -406,9 +412,10 @@ fn apply(accounts: &mut HashMap<Identity, Account>, event: &Event) -> Result<(),
                 let mailbox = &mut device.mailbox;
                 mailbox.next_id = mailbox.next_id.max(e.message_id + 1);
                 mailbox.payload_bytes += message.payload.len();
-                mailbox
-                    .nonces
-                    .insert((message.sender, message.sender_nonce), e.message_id);
+                mailbox.nonces.insert(
+                    nonce_key(&message.sender, &message.sender_nonce),
+                    e.message_id,
+                );
                 mailbox.messages.insert(e.message_id, message);
             }
         }
@@ -877,7 +884,13 @@ impl Store {
             .registered(req.recipient_device)
             .ok_or(RelayError::UnknownRecipient)?;
         let mailbox = &device.mailbox;
-        if let Some(&message_id) = mailbox.nonces.get(&(*sender, nonce)) {
+        let earlier = mailbox.nonces.get(&nonce_key(sender, &nonce)).filter(|id| {
+            mailbox
+                .messages
+                .get(id)
+                .is_some_and(|m| m.sender == *sender && m.sender_nonce == nonce)
+        });
+        if let Some(&message_id) = earlier {
             return Ok(SendOutcome {
                 message_id,
                 duplicate: true,
@@ -926,7 +939,8 @@ impl Store {
                 sender_nonce: req.sender_nonce.clone(),
                 payload_hash: req.payload_hash.clone(),
                 sender_signature: req.sender_signature.clone(),
-                payload: req.payload.clone(),
+                // Its own allocation: a slice would keep the whole request frame alive.
+                payload: Bytes::copy_from_slice(&req.payload),
                 received_at_ms: now_ms,
                 ticket_used,
                 contact_added,
@@ -1285,6 +1299,14 @@ impl Store {
         }
         stats
     }
+}
+
+/// Index key of a (sender, nonce) pair; the hasher's key is random per process.
+fn nonce_key(sender: &Identity, nonce: &[u8; NONCE_LEN]) -> u64 {
+    use std::hash::BuildHasher;
+    static HASHER: std::sync::LazyLock<std::collections::hash_map::RandomState> =
+        std::sync::LazyLock::new(std::collections::hash_map::RandomState::new);
+    HASHER.hash_one((sender, nonce))
 }
 
 /// Shard of an identity among `count` shards. Keys are points with uniformly distributed
