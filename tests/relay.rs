@@ -1362,10 +1362,10 @@ async fn after_a_slow_consumer_a_new_session_subscribing_gets_the_stored_message
     relay.stop().await;
 }
 
-/// The same bug without a slow consumer before it: a backlog stored while the recipient was
-/// offline, whose first `max_unacked` messages together exceed `max_outbound_bytes`, can never
-/// be received through Subscribe, however fast the recipient reads and however often it
-/// reconnects. (With the defaults: 33 messages of 256 KiB against 8 MiB.)
+/// A backlog stored while the recipient was offline, whose first `max_unacked` messages together
+/// exceed `max_outbound_bytes`, is received in full by a recipient that reads: deliveries are
+/// paced to the outbound queue, not cut off as a slow consumer. (With the defaults: 33 messages
+/// of 256 KiB against 8 MiB.)
 #[tokio::test]
 async fn a_fast_reader_subscribing_to_a_backlog_larger_than_the_outbound_queue_gets_all_of_it() {
     let (relay, _app) = start_relay(Config {

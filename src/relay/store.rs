@@ -988,47 +988,42 @@ impl Store {
         Ok((last_id, previous))
     }
 
-    /// Continues paced deliveries to `push`'s subscription of a mailbox (its queue drained).
-    pub fn resume(&self, me: &Identity, device_id: u32, push: &PushHandle) {
+    /// Runs `f` on a mailbox of `me` if `push`'s session is its subscriber.
+    fn with_subscription(
+        &self,
+        me: &Identity,
+        device_id: u32,
+        push: &PushHandle,
+        f: impl FnOnce(&mut Mailbox),
+    ) {
         let mut shard = self.shard(me).lock();
-        if let Some(device) = shard
+        let mailbox = shard
             .accounts
             .get_mut(me)
             .and_then(|a| a.devices.get_mut(&device_id))
-        {
-            if device
-                .mailbox
-                .subscriber
-                .as_ref()
-                .is_some_and(|s| s.push.same_session(push))
-            {
-                pump(
-                    &mut device.mailbox,
-                    device_id,
-                    self.limits.max_unacked,
-                    Pace::OwnRequest,
-                );
-            }
+            .map(|device| &mut device.mailbox)
+            .filter(|mailbox| {
+                mailbox
+                    .subscriber
+                    .as_ref()
+                    .is_some_and(|s| s.push.same_session(push))
+            });
+        if let Some(mailbox) = mailbox {
+            f(mailbox);
         }
+    }
+
+    /// Continues paced deliveries to `push`'s subscription of a mailbox (its queue drained).
+    pub fn resume(&self, me: &Identity, device_id: u32, push: &PushHandle) {
+        let max_unacked = self.limits.max_unacked;
+        self.with_subscription(me, device_id, push, |mailbox| {
+            pump(mailbox, device_id, max_unacked, Pace::OwnRequest)
+        });
     }
 
     /// Ends `push`'s subscription to a mailbox, if it still holds it.
     pub fn unsubscribe(&self, me: &Identity, device_id: u32, push: &PushHandle) {
-        let mut shard = self.shard(me).lock();
-        if let Some(device) = shard
-            .accounts
-            .get_mut(me)
-            .and_then(|a| a.devices.get_mut(&device_id))
-        {
-            if device
-                .mailbox
-                .subscriber
-                .as_ref()
-                .is_some_and(|s| s.push.same_session(push))
-            {
-                device.mailbox.subscriber = None;
-            }
-        }
+        self.with_subscription(me, device_id, push, |mailbox| mailbox.subscriber = None);
     }
 
     pub fn get_message(

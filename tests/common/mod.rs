@@ -31,7 +31,11 @@ pub fn test_config() -> Config {
 }
 
 pub async fn start_with<H: Handler>(config: Config, handler: H) -> Relay {
-    let identity = KeyPair::generate();
+    start_as(config, KeyPair::generate(), handler).await
+}
+
+/// A relay with the given identity serving `handler`.
+pub async fn start_as<H: Handler>(config: Config, identity: KeyPair, handler: H) -> Relay {
     let key = *identity.public();
     let server = Server::bind(config, identity, handler).await.unwrap();
     let addr = server.local_addr().unwrap();
@@ -59,21 +63,8 @@ pub async fn start_relay(config: Config) -> (Relay, Arc<botd_relay::relay::Relay
         key,
         Arc::new(botd_relay::relay::NoJournal),
     ));
-    let server = Server::bind((*config).clone(), identity, app.clone())
-        .await
-        .unwrap();
-    let addr = server.local_addr().unwrap();
-    let handle = server.handle();
-    let task = tokio::spawn(server.run());
-    (
-        Relay {
-            addr,
-            key,
-            handle,
-            task,
-        },
-        app,
-    )
+    let relay = start_as((*config).clone(), identity, app.clone()).await;
+    (relay, app)
 }
 
 /// A `Register` with a signed prekey and `one_time` one-time prekeys numbered from 1.
