@@ -43,7 +43,7 @@ use botd_relay::proto::store::{
 };
 use botd_relay::proto::{self, Body, Frame, Send};
 use botd_relay::relay::store::{Identity, StoredMessage, NONCE_LEN};
-use botd_relay::relay::{EventSink, NoJournal, Store, StoreLimits};
+use botd_relay::relay::{EventSink, NoJournal, Store};
 use botd_relay::storage::record::append_record;
 use botd_relay::storage::{self, Journal};
 
@@ -935,11 +935,7 @@ fn child_memory(spec: &str) {
     let (before, after);
     match variant.as_str() {
         "store-vec" | "store-replayed" | "store-readbuf" => {
-            let store = Store::new(
-                SHARDS,
-                StoreLimits::from(&Config::default()),
-                Arc::new(NoJournal),
-            );
+            let store = Store::new(&shards_config(SHARDS), Arc::new(NoJournal));
             let workload = Workload::new(recipients, SENDERS);
             workload.register_all(&store);
             let mut read_buf = BytesMut::with_capacity(READ_BUF);
@@ -1164,11 +1160,7 @@ fn criterion_config() -> Criterion {
 /// `Store::send` of a 100-B message into an in-memory store; every 1,000 sends the messages
 /// are acked (outside the timing) so the store stays small.
 fn store_send(c: &mut Criterion) {
-    let store = Store::new(
-        SHARDS,
-        StoreLimits::from(&Config::default()),
-        Arc::new(NoJournal),
-    );
+    let store = Store::new(&shards_config(SHARDS), Arc::new(NoJournal));
     let workload = Workload::new(64, SENDERS);
     workload.register_all(&store);
     let mut next = 0u64;
@@ -1206,11 +1198,7 @@ fn store_send(c: &mut Criterion) {
 
 /// `Store::snapshot_shard` of one shard holding 1M/256 messages: the lock hold per shard.
 fn snapshot_shard(c: &mut Criterion) {
-    let store = Store::new(
-        1,
-        StoreLimits::from(&Config::default()),
-        Arc::new(NoJournal),
-    );
+    let store = Store::new(&shards_config(1), Arc::new(NoJournal));
     let workload = Workload::new(4, SENDERS);
     workload.register_all(&store);
     let now = now_ms();
@@ -1279,5 +1267,13 @@ fn main() {
     if wants("criterion") {
         benches();
         Criterion::default().configure_from_args().final_summary();
+    }
+}
+
+/// The default limits with `shards` store shards.
+fn shards_config(shards: usize) -> Config {
+    Config {
+        store_shards: shards,
+        ..Config::default()
     }
 }

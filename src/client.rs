@@ -53,6 +53,15 @@ pub enum ClientError {
 }
 
 impl ClientError {
+    /// The relay's `Error` answer as a client error.
+    pub fn remote(error: proto::Error) -> Self {
+        ClientError::Remote {
+            code: error.code(),
+            message: error.message,
+            retry_after_ms: error.retry_after_ms,
+        }
+    }
+
     /// The relay's error code, if this is an answer from the relay.
     pub fn code(&self) -> Option<ErrorCode> {
         match self {
@@ -223,11 +232,7 @@ impl Client {
             .call(|reply| Command::Request(Box::new(body), reply))
             .await?;
         match frame.body {
-            Some(Body::Error(error)) => Err(ClientError::Remote {
-                code: error.code(),
-                message: error.message,
-                retry_after_ms: error.retry_after_ms,
-            }),
+            Some(Body::Error(error)) => Err(ClientError::remote(error)),
             Some(body) => Ok(body),
             None => Err(ClientError::UnexpectedResponse("empty frame")),
         }
@@ -239,11 +244,7 @@ impl Client {
         let frame = self.call(Command::Ping).await?;
         match frame.body {
             Some(Body::Pong(_)) => Ok(started.elapsed()),
-            Some(Body::Error(error)) => Err(ClientError::Remote {
-                code: error.code(),
-                message: error.message,
-                retry_after_ms: error.retry_after_ms,
-            }),
+            Some(Body::Error(error)) => Err(ClientError::remote(error)),
             _ => Err(ClientError::UnexpectedResponse("expected Pong")),
         }
     }

@@ -321,6 +321,7 @@ impl Config {
             return fail("store_shards and max_unacked must be positive");
         }
         for (name, rate) in [
+            ("handshake_rate_per_ip", self.handshake_rate_per_ip),
             ("send_rate_per_identity", self.send_rate_per_identity),
             ("send_rate_per_pair", self.send_rate_per_pair),
             ("prekey_fetch_rate", self.prekey_fetch_rate),
@@ -330,9 +331,6 @@ impl Config {
                     "{name} needs a positive burst and a non-negative rate"
                 )));
             }
-        }
-        if self.handshake_rate_per_ip.burst == 0 || self.handshake_rate_per_ip.per_second < 0.0 {
-            return fail("handshake_rate_per_ip needs a positive burst and a non-negative rate");
         }
         Ok(())
     }

@@ -57,26 +57,43 @@ pub fn create(path: &Path, pair: &KeyPair) -> Result<(), KeyFileError> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(write_err)?;
     }
+    let mut file = private_options()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|source| {
+            if source.kind() == std::io::ErrorKind::AlreadyExists {
+                KeyFileError::Exists {
+                    path: path.to_owned(),
+                }
+            } else {
+                write_err(source)
+            }
+        })?;
+    let line = Zeroizing::new(format!("{}\n", hex::encode(*pair.secret_bytes())));
+    file.write_all(line.as_bytes()).map_err(write_err)?;
+    file.sync_all().map_err(write_err)?;
+    Ok(())
+}
+
+/// Options that create files readable by their owner only (mode 0600 on Unix).
+fn private_options() -> OpenOptions {
     let mut options = OpenOptions::new();
-    options.write(true).create_new(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
         options.mode(0o600);
     }
-    let mut file = options.open(path).map_err(|source| {
-        if source.kind() == std::io::ErrorKind::AlreadyExists {
-            KeyFileError::Exists {
-                path: path.to_owned(),
-            }
-        } else {
-            write_err(source)
-        }
-    })?;
-    let line = Zeroizing::new(format!("{}\n", hex::encode(*pair.secret_bytes())));
-    file.write_all(line.as_bytes()).map_err(write_err)?;
-    file.sync_all().map_err(write_err)?;
-    Ok(())
+    options
+}
+
+/// Appends secret text (e.g. prekey private halves) to `path`, creating it with mode 0600.
+pub fn append_secret(path: &Path, text: &str) -> std::io::Result<()> {
+    private_options()
+        .create(true)
+        .append(true)
+        .open(path)?
+        .write_all(text.as_bytes())
 }
 
 /// Loads the key at `path`, creating it first if there is none. Returns whether it was created.

@@ -9,7 +9,7 @@ use botd_relay::config::{Config, FsyncPolicy};
 use botd_relay::core::keys::{sha256, KeyPair};
 use botd_relay::proto::{self, Accept, PreKey, Send};
 use botd_relay::relay::store::Identity;
-use botd_relay::relay::{NoJournal, Store, StoreLimits};
+use botd_relay::relay::{NoJournal, Store};
 use botd_relay::storage::record::{Next, RecordReader};
 use botd_relay::storage::{self, StorageError};
 use bytes::Bytes;
@@ -46,11 +46,7 @@ fn config(dir: &Path) -> Config {
 }
 
 fn empty_store(config: &Config) -> Store {
-    Store::new(
-        config.store_shards,
-        StoreLimits::from(config),
-        Arc::new(NoJournal),
-    )
+    Store::new(config, Arc::new(NoJournal))
 }
 
 fn identities(n: usize) -> Vec<Identity> {

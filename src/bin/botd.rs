@@ -243,21 +243,9 @@ fn fresh_prekeys(
         })
         .collect();
     let path = key_path.with_extension("prekeys");
-    append_private(&path, &secrets)
+    keyfile::append_secret(&path, &secrets)
         .map_err(|err| format!("cannot write {}: {err}", path.display()))?;
     Ok((signed, one_time))
-}
-
-fn append_private(path: &Path, text: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut options = std::fs::OpenOptions::new();
-    options.create(true).append(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    options.open(path)?.write_all(text.as_bytes())
 }
 
 fn show_payload(payload: &[u8]) -> String {

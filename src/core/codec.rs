@@ -42,10 +42,6 @@ impl FrameCodec {
         Self { max_frame_len }
     }
 
-    pub fn max_frame_len(&self) -> u32 {
-        self.max_frame_len
-    }
-
     /// Changes the limit, e.g. from the small handshake bound to the session bound.
     pub fn set_max_frame_len(&mut self, max_frame_len: u32) {
         self.max_frame_len = max_frame_len;

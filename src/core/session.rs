@@ -94,7 +94,6 @@ pub struct Session {
     last_own_ping: Option<Instant>,
     liveness: Liveness,
     outbox: VecDeque<Bytes>,
-    outbox_bytes: usize,
 }
 
 impl Session {
@@ -145,7 +144,6 @@ impl Session {
             last_own_ping: None,
             liveness: Liveness::Quiet,
             outbox: VecDeque::new(),
-            outbox_bytes: 0,
         }
     }
 
@@ -281,23 +279,27 @@ impl Session {
 
     /// When [`Session::on_timeout`] has something to do next.
     pub fn next_deadline(&self) -> Instant {
-        let mut candidates: Vec<Instant> = Vec::with_capacity(4);
-        match &self.liveness {
-            Liveness::AwaitingPong { deadline, .. } => candidates.push(*deadline),
+        // Called once per frame by the connection loop, so it allocates nothing.
+        let (pong, probe, keepalive) = match &self.liveness {
+            Liveness::AwaitingPong { deadline, .. } => (Some(*deadline), None, None),
             Liveness::Quiet => {
                 let floor = self.ping_allowed_at();
-                let probe = self.timers.probe_after.map(|d| self.last_received + d);
-                let keepalive = self.timers.keepalive_after.map(|d| self.last_sent + d);
-                for due in [probe, keepalive].into_iter().flatten() {
-                    candidates.push(floor.map_or(due, |floor| due.max(floor)));
-                }
+                let not_before = |due: Instant| floor.map_or(due, |floor| due.max(floor));
+                let probe = self
+                    .timers
+                    .probe_after
+                    .map(|d| not_before(self.last_received + d));
+                let keepalive = self
+                    .timers
+                    .keepalive_after
+                    .map(|d| not_before(self.last_sent + d));
+                (None, probe, keepalive)
             }
-        }
-        if let Some(idle) = self.timers.idle_timeout {
-            candidates.push(self.last_active + idle);
-        }
-        candidates
+        };
+        let idle = self.timers.idle_timeout.map(|d| self.last_active + d);
+        [pong, probe, keepalive, idle]
             .into_iter()
+            .flatten()
             .min()
             .unwrap_or_else(|| self.last_received + Duration::from_secs(24 * 3600))
     }
@@ -348,7 +350,6 @@ impl Session {
         let wire = self.sealer.seal_with(len, |buf| {
             frame.encode_raw(buf);
         });
-        self.outbox_bytes += wire.len();
         self.outbox.push_back(wire);
         Ok(())
     }
@@ -368,14 +369,7 @@ impl Session {
 
     /// The next sealed wire frame (length prefix included) to write.
     pub fn poll_transmit(&mut self) -> Option<Bytes> {
-        let wire = self.outbox.pop_front()?;
-        self.outbox_bytes -= wire.len();
-        Some(wire)
-    }
-
-    /// Bytes sealed but not yet taken by [`Session::poll_transmit`].
-    pub fn outbox_bytes(&self) -> usize {
-        self.outbox_bytes
+        self.outbox.pop_front()
     }
 
     /// A `Welcome` frame as the responder's first message.
@@ -599,7 +593,6 @@ mod tests {
         client.send(&Frame { id: 7, body: None }).unwrap();
         // A plaintext that is not a Frame: field 1 with wire type 7 (invalid).
         let garbage = client.sealer.seal(&[0x0f, 0xff]);
-        client.outbox_bytes += garbage.len();
         client.outbox.push_back(garbage);
         assert!(deliver(&mut client, &mut server, now).unwrap().is_empty());
         let replies = deliver(&mut server, &mut client, now).unwrap();

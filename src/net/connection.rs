@@ -213,10 +213,7 @@ async fn session_loop<H: Handler>(
                     None => return Ok(SessionEnd::PeerClosed),
                     Some(result) => result?,
                 };
-                conn.traffic.frames_in += 1;
-                conn.traffic.bytes_in += (LEN_PREFIX + body.len()) as u64;
-                metrics::counter!(m::FRAMES_IN).increment(1);
-                metrics::counter!(m::BYTES_IN).increment((LEN_PREFIX + body.len()) as u64);
+                conn.count_in(body.len());
                 if let Some(frame) = session.on_frame(body, Instant::now())? {
                     for reply in shared.handler.request(app, frame).await {
                         session.send(&reply)?;
@@ -245,11 +242,17 @@ async fn session_loop<H: Handler>(
 impl Conn {
     async fn read_frame(&mut self) -> Result<bytes::BytesMut, NetError> {
         let body = self.reader.next().await.ok_or(NetError::PeerClosed)??;
-        self.traffic.frames_in += 1;
-        self.traffic.bytes_in += (LEN_PREFIX + body.len()) as u64;
-        metrics::counter!(m::FRAMES_IN).increment(1);
-        metrics::counter!(m::BYTES_IN).increment((LEN_PREFIX + body.len()) as u64);
+        self.count_in(body.len());
         Ok(body)
+    }
+
+    /// Accounts one received frame with a body of `body_len` bytes.
+    fn count_in(&mut self, body_len: usize) {
+        let wire_len = (LEN_PREFIX + body_len) as u64;
+        self.traffic.frames_in += 1;
+        self.traffic.bytes_in += wire_len;
+        metrics::counter!(m::FRAMES_IN).increment(1);
+        metrics::counter!(m::BYTES_IN).increment(wire_len);
     }
 
     async fn write_all(&mut self, wire: &[u8]) -> Result<(), NetError> {

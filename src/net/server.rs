@@ -82,10 +82,6 @@ impl<H: Handler> Server<H> {
         &self.shared.identity
     }
 
-    pub fn handler(&self) -> &H {
-        &self.shared.handler
-    }
-
     pub fn handle(&self) -> ServerHandle {
         ServerHandle {
             shutdown: self.shared.shutdown.clone(),

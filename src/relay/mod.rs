@@ -14,7 +14,7 @@ use parking_lot::Mutex;
 use tokio::time::Instant;
 
 pub use error::RelayError;
-pub use store::{EventSink, NoJournal, Store, StoreLimits};
+pub use store::{EventSink, NoJournal, Store};
 
 use crate::config::Config;
 use crate::core::keys::{sha256, PublicKeyBytes};
@@ -95,13 +95,14 @@ pub struct RelaySession {
     identity: Identity,
     push: PushHandle,
     subscriptions: Vec<u32>,
-    /// A message this request stored, to push once its record is durable.
-    to_release: Option<(Identity, u32, u64)>,
 }
+
+/// A stored message to push once its record is durable: (recipient, device, message id).
+type Release = (Identity, u32, u64);
 
 impl Relay {
     pub fn new(config: Arc<Config>, relay_key: PublicKeyBytes, sink: Arc<dyn EventSink>) -> Self {
-        let store = Store::new(config.store_shards, StoreLimits::from(&*config), sink);
+        let store = Store::new(&config, sink);
         Self::with_store(config, relay_key, store)
     }
 
@@ -144,12 +145,15 @@ impl Relay {
         &self.clock
     }
 
-    /// Removes messages past the retention TTL; returns how many.
+    /// Removes messages past the retention TTL and refreshes the store gauges; returns how
+    /// many were removed.
     pub fn expire_now(&self) -> usize {
         let ttl = self.config.message_ttl.as_millis() as u64;
-        let expired = self.store.expire(self.clock.now_ms().saturating_sub(ttl));
-        metrics::counter!(m::MESSAGES_EXPIRED).increment(expired as u64);
-        expired
+        let expiry = self.store.expire(self.clock.now_ms().saturating_sub(ttl));
+        metrics::counter!(m::MESSAGES_EXPIRED).increment(expiry.expired as u64);
+        metrics::gauge!(m::MAILBOX_MESSAGES).set(expiry.messages_left as f64);
+        metrics::gauge!(m::MAILBOX_BYTES).set(expiry.payload_bytes_left as f64);
+        expiry.expired
     }
 
     /// Sweeps expired messages every `expiry_interval` and refreshes the store gauges, until
@@ -162,9 +166,6 @@ impl Relay {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {
                     self.expire_now();
-                    let stats = self.store.stats();
-                    metrics::gauge!(m::MAILBOX_MESSAGES).set(stats.messages as f64);
-                    metrics::gauge!(m::MAILBOX_BYTES).set(stats.payload_bytes as f64);
                 }
             }
         }
@@ -184,42 +185,38 @@ impl Relay {
         }
     }
 
-    fn rate_limit(
-        &self,
-        limiter: &Mutex<KeyedLimiter<Identity>>,
-        key: &Identity,
+    /// Takes a token for `key`; `label` names the limit in metrics, `what` in the error.
+    fn rate_limit<K: std::hash::Hash + Eq + Clone>(
+        limiter: &Mutex<KeyedLimiter<K>>,
+        key: &K,
+        label: &'static str,
         what: &'static str,
     ) -> Result<(), RelayError> {
         limiter
             .lock()
             .try_take(key, Instant::now())
             .map_err(|retry_after| {
-                metrics::counter!(m::RATE_LIMITED, "limit" => what).increment(1);
+                metrics::counter!(m::RATE_LIMITED, "limit" => label).increment(1);
                 RelayError::RateLimited { what, retry_after }
             })
     }
 
-    fn send(&self, session: &mut RelaySession, req: Send) -> Result<Sent, RelayError> {
-        let sender = &session.identity;
+    fn send(&self, sender: &Identity, req: Send) -> Result<(Sent, Release), RelayError> {
         if let Err(err) = validate_send(&req, self.config.max_payload_len as usize) {
             if let RelayError::PayloadTooLarge { .. } = err {
                 metrics::counter!(m::QUOTA_HITS, "kind" => "payload_too_large").increment(1);
             }
             return Err(err);
         }
-        self.rate_limit(&self.limiters.sends, sender, "sends")?;
+        Self::rate_limit(&self.limiters.sends, sender, "sends", "sends")?;
         let recipient: Identity = req.recipient[..].try_into().expect("validated length");
-        self.limiters
-            .pairs
-            .lock()
-            .try_take(&(*sender, recipient), Instant::now())
-            .map_err(|retry_after| {
-                metrics::counter!(m::RATE_LIMITED, "limit" => "sends_to_recipient").increment(1);
-                RelayError::RateLimited {
-                    what: "sends to this recipient",
-                    retry_after,
-                }
-            })?;
+        let pair = (*sender, recipient);
+        Self::rate_limit(
+            &self.limiters.pairs,
+            &pair,
+            "sends_to_recipient",
+            "sends to this recipient",
+        )?;
         if !self.store.is_registered(sender, req.sender_device) {
             return Err(RelayError::NotRegistered(req.sender_device));
         }
@@ -248,12 +245,12 @@ impl Relay {
         } else {
             metrics::counter!(m::MESSAGES_SENT).increment(1);
         }
-        // Pushed to a subscriber only after the durability wait (see `request`).
-        session.to_release = Some((recipient, req.recipient_device, outcome.message_id));
-        Ok(Sent {
+        let sent = Sent {
             message_id: outcome.message_id,
             duplicate: outcome.duplicate,
-        })
+        };
+        // Pushed to a subscriber only after the durability wait (see `request`).
+        Ok((sent, (recipient, req.recipient_device, outcome.message_id)))
     }
 
     fn notify_owner(&self, identity: &Identity, frame: Frame) {
@@ -263,10 +260,14 @@ impl Relay {
         }
     }
 
-    /// Answers one request of `session`.
-    fn dispatch(&self, session: &mut RelaySession, body: Body) -> Result<Body, RelayError> {
+    /// Answers one request of `session`, with the message it stored, if any.
+    fn dispatch(
+        &self,
+        session: &mut RelaySession,
+        body: Body,
+    ) -> Result<(Body, Option<Release>), RelayError> {
         let me = session.identity;
-        Ok(match body {
+        let answer = match body {
             Body::Register(req) => Body::Registered(self.store.register(&me, req)?),
             Body::Unregister(req) => {
                 self.store.unregister(&me, req.device_id)?;
@@ -280,7 +281,12 @@ impl Relay {
                 Body::PreKeyCount(self.store.prekey_count(&me, req.device_id)?)
             }
             Body::FetchPreKeys(req) => {
-                self.rate_limit(&self.limiters.fetches, &me, "prekey fetches")?;
+                Self::rate_limit(
+                    &self.limiters.fetches,
+                    &me,
+                    "prekey_fetches",
+                    "prekey fetches",
+                )?;
                 let target: Identity = req.identity[..]
                     .try_into()
                     .map_err(|_| RelayError::bad_request("identity must be a 33-byte key"))?;
@@ -299,7 +305,10 @@ impl Relay {
                 }
                 Body::PreKeyBundles(outcome.bundles)
             }
-            Body::Send(req) => Body::Sent(self.send(session, req)?),
+            Body::Send(req) => {
+                let (sent, release) = self.send(&me, req)?;
+                return Ok((Body::Sent(sent), Some(release)));
+            }
             Body::Subscribe(req) => {
                 let (last_id, replaced) =
                     self.store
@@ -351,7 +360,8 @@ impl Relay {
                     other.kind()
                 )))
             }
-        })
+        };
+        Ok((answer, None))
     }
 }
 
@@ -396,7 +406,6 @@ impl Handler for Arc<Relay> {
             identity,
             push,
             subscriptions: Vec::new(),
-            to_release: None,
         }
     }
 
@@ -415,12 +424,14 @@ impl Handler for Arc<Relay> {
         if changes_state && outcome.is_ok() {
             if let Err(err) = self.wait_durable().await {
                 outcome = Err(RelayError::Internal(err.to_string()));
-                session.to_release = None;
             }
         }
-        if let Some((recipient, device_id, message_id)) = session.to_release.take() {
-            self.store.release(&recipient, device_id, message_id);
-        }
+        let outcome = outcome.map(|(body, release)| {
+            if let Some((recipient, device_id, message_id)) = release {
+                self.store.release(&recipient, device_id, message_id);
+            }
+            body
+        });
         let answer = match outcome {
             Ok(body) => {
                 metrics::counter!(m::REQUESTS, "kind" => kind, "outcome" => "ok").increment(1);

@@ -56,42 +56,6 @@ impl EventSink for NoJournal {
     }
 }
 
-/// The limits the store enforces, taken from [`Config`].
-#[derive(Debug, Clone)]
-pub struct StoreLimits {
-    pub mailbox_max_messages: usize,
-    pub mailbox_max_bytes: usize,
-    pub max_unacked: usize,
-    pub max_devices_per_identity: usize,
-    pub max_key_len: usize,
-    pub max_prekeys_per_upload: usize,
-    pub max_prekeys_per_device: usize,
-    pub max_contacts: usize,
-    pub max_tickets_per_identity: usize,
-    pub max_ticket_ttl_ms: u64,
-    pub max_ticket_uses: u32,
-    pub max_payload_len: usize,
-}
-
-impl From<&Config> for StoreLimits {
-    fn from(c: &Config) -> Self {
-        Self {
-            mailbox_max_messages: c.mailbox_max_messages,
-            mailbox_max_bytes: c.mailbox_max_bytes,
-            max_unacked: c.max_unacked,
-            max_devices_per_identity: c.max_devices_per_identity,
-            max_key_len: c.max_key_len,
-            max_prekeys_per_upload: c.max_prekeys_per_upload,
-            max_prekeys_per_device: c.max_prekeys_per_device,
-            max_contacts: c.max_contacts,
-            max_tickets_per_identity: c.max_tickets_per_identity,
-            max_ticket_ttl_ms: c.max_ticket_ttl.as_millis() as u64,
-            max_ticket_uses: c.max_ticket_uses,
-            max_payload_len: c.max_payload_len as usize,
-        }
-    }
-}
-
 /// A message waiting in a mailbox.
 #[derive(Debug, Clone)]
 pub struct StoredMessage {
@@ -175,7 +139,7 @@ impl Mailbox {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct DeviceKeys {
     registration_id: u32,
     identity_key: Bytes,
@@ -246,12 +210,7 @@ impl Account {
             .iter()
             .map(|(&id, device)| {
                 let state = match &device.state {
-                    DeviceState::Registered(keys) => DeviceState::Registered(DeviceKeys {
-                        registration_id: keys.registration_id,
-                        identity_key: keys.identity_key.clone(),
-                        signed_prekey: keys.signed_prekey.clone(),
-                        one_time_prekeys: keys.one_time_prekeys.clone(),
-                    }),
+                    DeviceState::Registered(keys) => DeviceState::Registered(keys.clone()),
                     DeviceState::Retired => DeviceState::Retired,
                 };
                 let mailbox = Mailbox {
@@ -478,6 +437,14 @@ pub struct FetchOutcome {
     pub low: Vec<(u32, u32)>,
 }
 
+/// What an expiry sweep removed and what it left.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Expiry {
+    pub expired: usize,
+    pub messages_left: usize,
+    pub payload_bytes_left: usize,
+}
+
 /// Counts for metrics and `check`.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct StoreStats {
@@ -490,17 +457,19 @@ pub struct StoreStats {
 
 pub struct Store {
     shards: Box<[Mutex<Shard>]>,
-    limits: StoreLimits,
+    /// Limits and quotas; the store reads them, nothing else.
+    config: Config,
     sink: Arc<dyn EventSink>,
 }
 
 impl Store {
-    pub fn new(shards: usize, limits: StoreLimits, sink: Arc<dyn EventSink>) -> Self {
+    /// An empty store of `config.store_shards` shards enforcing `config`'s limits.
+    pub fn new(config: &Config, sink: Arc<dyn EventSink>) -> Self {
         Self {
-            shards: (0..shards.max(1))
+            shards: (0..config.store_shards.max(1))
                 .map(|_| Mutex::new(Shard::default()))
                 .collect(),
-            limits,
+            config: config.clone(),
             sink,
         }
     }
@@ -509,10 +478,6 @@ impl Store {
     pub fn with_sink(mut self, sink: Arc<dyn EventSink>) -> Self {
         self.sink = sink;
         self
-    }
-
-    pub fn limits(&self) -> &StoreLimits {
-        &self.limits
     }
 
     fn shard(&self, identity: &Identity) -> &Mutex<Shard> {
@@ -579,7 +544,7 @@ impl Store {
         {
             let mailbox = &mut device.mailbox;
             mailbox.deliverable_up_to = mailbox.deliverable_up_to.max(message_id);
-            pump(mailbox, device_id, self.limits.max_unacked, Pace::Other);
+            pump(mailbox, device_id, self.config.max_unacked, Pace::Other);
         }
     }
 
@@ -601,10 +566,10 @@ impl Store {
     }
 
     fn check_key(&self, field: &'static str, bytes: &[u8]) -> Result<(), RelayError> {
-        if bytes.is_empty() || bytes.len() > self.limits.max_key_len {
+        if bytes.is_empty() || bytes.len() > self.config.max_key_len {
             return Err(RelayError::bad_request(format!(
                 "{field} must be 1 to {} bytes",
-                self.limits.max_key_len
+                self.config.max_key_len
             )));
         }
         Ok(())
@@ -619,10 +584,10 @@ impl Store {
             self.check_key("signed_prekey.public_key", &signed.public_key)?;
             self.check_key("signed_prekey.signature", &signed.signature)?;
         }
-        if one_time.len() > self.limits.max_prekeys_per_upload {
+        if one_time.len() > self.config.max_prekeys_per_upload {
             return Err(RelayError::bad_request(format!(
                 "at most {} one-time prekeys per request",
-                self.limits.max_prekeys_per_upload
+                self.config.max_prekeys_per_upload
             )));
         }
         let mut ids = HashSet::with_capacity(one_time.len());
@@ -655,16 +620,16 @@ impl Store {
         let mut shard = self.shard(me).lock();
         if let Some(account) = shard.accounts.get(me) {
             let new_device = account.registered(req.device_id).is_none();
-            if new_device && account.active_devices() >= self.limits.max_devices_per_identity {
+            if new_device && account.active_devices() >= self.config.max_devices_per_identity {
                 return Err(RelayError::bad_request(format!(
                     "at most {} devices per identity",
-                    self.limits.max_devices_per_identity
+                    self.config.max_devices_per_identity
                 )));
             }
             // Retired device ids are kept to protect message ids; bound them too.
             if new_device
                 && !account.devices.contains_key(&req.device_id)
-                && account.devices.len() >= 4 * self.limits.max_devices_per_identity
+                && account.devices.len() >= 4 * self.config.max_devices_per_identity
             {
                 return Err(RelayError::bad_request(
                     "too many device ids used by this identity",
@@ -723,10 +688,10 @@ impl Store {
             .and_then(Device::keys)
             .ok_or(RelayError::NotRegistered(req.device_id))?;
         let stored = keys.one_time_prekeys.len();
-        if stored + req.one_time_prekeys.len() > self.limits.max_prekeys_per_device {
+        if stored + req.one_time_prekeys.len() > self.config.max_prekeys_per_device {
             return Err(RelayError::bad_request(format!(
                 "a device stores at most {} one-time prekeys ({stored} stored)",
-                self.limits.max_prekeys_per_device
+                self.config.max_prekeys_per_device
             )));
         }
         if let Some(dup) = req
@@ -776,7 +741,7 @@ impl Store {
         device_ids: &[u32],
         low_threshold: u32,
     ) -> Result<FetchOutcome, RelayError> {
-        if device_ids.len() > self.limits.max_devices_per_identity {
+        if device_ids.len() > self.config.max_devices_per_identity {
             return Err(RelayError::bad_request("too many device ids in one fetch"));
         }
         let mut shard = self.shard(target).lock();
@@ -914,16 +879,16 @@ impl Store {
                 Some(t) if t.expires_at_ms > now_ms && t.uses_left > 0 => {}
                 _ => return Err(RelayError::TicketInvalid),
             }
-            if account.contacts.len() >= self.limits.max_contacts {
+            if account.contacts.len() >= self.config.max_contacts {
                 return Err(RelayError::MailboxFull("recipient's contact list is full"));
             }
             ticket_used = req.ticket.clone();
             contact_added = true;
         }
-        if mailbox.messages.len() >= self.limits.mailbox_max_messages {
+        if mailbox.messages.len() >= self.config.mailbox_max_messages {
             return Err(RelayError::MailboxFull("message count"));
         }
-        if mailbox.payload_bytes + req.payload.len() > self.limits.mailbox_max_bytes {
+        if mailbox.payload_bytes + req.payload.len() > self.config.mailbox_max_bytes {
             return Err(RelayError::MailboxFull("bytes"));
         }
         let message_id = mailbox.next_id;
@@ -982,7 +947,7 @@ impl Store {
         pump(
             mailbox,
             device_id,
-            self.limits.max_unacked,
+            self.config.max_unacked,
             Pace::OwnRequest,
         );
         Ok((last_id, previous))
@@ -1015,7 +980,7 @@ impl Store {
 
     /// Continues paced deliveries to `push`'s subscription of a mailbox (its queue drained).
     pub fn resume(&self, me: &Identity, device_id: u32, push: &PushHandle) {
-        let max_unacked = self.limits.max_unacked;
+        let max_unacked = self.config.max_unacked;
         self.with_subscription(me, device_id, push, |mailbox| {
             pump(mailbox, device_id, max_unacked, Pace::OwnRequest)
         });
@@ -1086,7 +1051,7 @@ impl Store {
             pump(
                 &mut device.mailbox,
                 device_id,
-                self.limits.max_unacked,
+                self.config.max_unacked,
                 Pace::OwnRequest,
             );
         }
@@ -1124,10 +1089,10 @@ impl Store {
         if account.contacts.contains(&contact) {
             return Ok(());
         }
-        if account.contacts.len() >= self.limits.max_contacts {
+        if account.contacts.len() >= self.config.max_contacts {
             return Err(RelayError::bad_request(format!(
                 "at most {} contacts",
-                self.limits.max_contacts
+                self.config.max_contacts
             )));
         }
         self.commit(
@@ -1171,22 +1136,23 @@ impl Store {
         uses: u32,
         now_ms: u64,
     ) -> Result<Ticket, RelayError> {
+        let max_ticket_ttl_ms = self.config.max_ticket_ttl.as_millis() as u64;
         let ttl_ms = if ttl_s == 0 {
             86_400_000
         } else {
             u64::from(ttl_s) * 1000
         };
-        if ttl_ms > self.limits.max_ticket_ttl_ms {
+        if ttl_ms > max_ticket_ttl_ms {
             return Err(RelayError::bad_request(format!(
                 "ttl_s may be at most {}",
-                self.limits.max_ticket_ttl_ms / 1000
+                max_ticket_ttl_ms / 1000
             )));
         }
         let uses = uses.max(1);
-        if uses > self.limits.max_ticket_uses {
+        if uses > self.config.max_ticket_uses {
             return Err(RelayError::bad_request(format!(
                 "uses may be at most {}",
-                self.limits.max_ticket_uses
+                self.config.max_ticket_uses
             )));
         }
         let mut shard = self.with_registered_account(me)?;
@@ -1198,10 +1164,10 @@ impl Store {
             .values()
             .filter(|t| t.expires_at_ms > now_ms)
             .count();
-        if live >= self.limits.max_tickets_per_identity {
+        if live >= self.config.max_tickets_per_identity {
             return Err(RelayError::bad_request(format!(
                 "at most {} unexpired tickets per identity",
-                self.limits.max_tickets_per_identity
+                self.config.max_tickets_per_identity
             )));
         }
         let token: [u8; TICKET_LEN] = rand::random();
@@ -1226,28 +1192,35 @@ impl Store {
     }
 
     /// Removes messages received at or before `cutoff_ms`; returns how many.
-    pub fn expire(&self, cutoff_ms: u64) -> usize {
-        let mut expired = 0;
+    /// In the same pass, counts what stays stored (for the mailbox gauges).
+    pub fn expire(&self, cutoff_ms: u64) -> Expiry {
+        let mut expiry = Expiry::default();
         for shard in self.shards.iter() {
             let mut shard = shard.lock();
             let mut removals = Vec::new();
             for (identity, account) in &shard.accounts {
                 for (device_id, device) in &account.devices {
+                    let mailbox = &device.mailbox;
                     // Ids are assigned in receive order, so the expired ones are a prefix.
-                    let ids: Vec<u64> = device
-                        .mailbox
+                    let mut expired_bytes = 0;
+                    let ids: Vec<u64> = mailbox
                         .messages
                         .iter()
                         .take_while(|(_, m)| m.received_at_ms <= cutoff_ms)
-                        .map(|(id, _)| *id)
+                        .map(|(id, m)| {
+                            expired_bytes += m.payload.len();
+                            *id
+                        })
                         .collect();
+                    expiry.messages_left += mailbox.messages.len() - ids.len();
+                    expiry.payload_bytes_left += mailbox.payload_bytes - expired_bytes;
                     if !ids.is_empty() {
                         removals.push((*identity, *device_id, ids));
                     }
                 }
             }
             for (identity, device_id, ids) in removals {
-                expired += ids.len();
+                expiry.expired += ids.len();
                 self.commit(
                     &mut shard,
                     Kind::MessagesRemoved(ev::MessagesRemoved {
@@ -1265,13 +1238,13 @@ impl Store {
                     pump(
                         &mut device.mailbox,
                         device_id,
-                        self.limits.max_unacked,
+                        self.config.max_unacked,
                         Pace::Other,
                     );
                 }
             }
         }
-        expired
+        expiry
     }
 
     pub fn stats(&self) -> StoreStats {
@@ -1471,7 +1444,11 @@ mod tests {
     use crate::net::{push_channel, Push};
 
     fn store(config: &Config) -> Store {
-        Store::new(4, StoreLimits::from(config), Arc::new(NoJournal))
+        let config = Config {
+            store_shards: 4,
+            ..config.clone()
+        };
+        Store::new(&config, Arc::new(NoJournal))
     }
 
     fn identity() -> Identity {
@@ -1533,6 +1510,31 @@ mod tests {
         assert!(delivered(&mut rx).is_empty(), "not durable yet, not pushed");
         store.release(&bob, 1, sent.message_id);
         assert_eq!(delivered(&mut rx), vec![sent.message_id]);
+    }
+
+    #[test]
+    fn expiry_removes_the_old_prefix_and_counts_what_stays() {
+        let store = store(&Config::default());
+        let (alice, bob) = (identity(), identity());
+        register(&store, &alice);
+        register(&store, &bob);
+        for (n, at) in [(1u8, 0u64), (2, 10), (3, 20)] {
+            store.send(&alice, &message(&bob, n, 10), at).unwrap();
+        }
+        let expiry = store.expire(10);
+        assert_eq!(
+            expiry,
+            Expiry {
+                expired: 2,
+                messages_left: 1,
+                payload_bytes_left: 10,
+            }
+        );
+        assert!(matches!(
+            store.get_message(&bob, 1, 2),
+            Err(RelayError::NotFound)
+        ));
+        assert!(store.get_message(&bob, 1, 3).is_ok());
     }
 
     #[test]

@@ -29,7 +29,7 @@ use snapshot::SnapshotInfo;
 use crate::config::Config;
 use crate::proto::store::{snapshot_record, Event, SnapshotRecord};
 use crate::relay::store::{event_identity, shard_index, StoreStats};
-use crate::relay::{NoJournal, Store, StoreLimits};
+use crate::relay::{NoJournal, Store};
 
 const LOCK_FILE: &str = "LOCK";
 const JOURNAL_DIR: &str = "journal";
@@ -105,11 +105,7 @@ pub fn open(config: &Config) -> Result<Recovered, StorageError> {
     for dir in [&journal_dir, &snapshot_dir] {
         std::fs::create_dir_all(dir).map_err(StorageError::io(dir))?;
     }
-    let store = Store::new(
-        config.store_shards,
-        StoreLimits::from(config),
-        Arc::new(NoJournal),
-    );
+    let store = Store::new(config, Arc::new(NoJournal));
     let report = recover(&config.data_dir, &store, true)?;
     store.mark_all_deliverable();
     let journal = Journal::start(
@@ -133,11 +129,11 @@ pub fn open(config: &Config) -> Result<Recovered, StorageError> {
 /// Verifies every file of a data directory without changing anything, and counts what it holds.
 pub fn check(data_dir: &Path) -> Result<RecoveryReport, StorageError> {
     let _lock = lock_dir(data_dir)?;
-    let store = Store::new(
-        1,
-        StoreLimits::from(&Config::default()),
-        Arc::new(NoJournal),
-    );
+    let scratch = Config {
+        store_shards: 1,
+        ..Config::default()
+    };
+    let store = Store::new(&scratch, Arc::new(NoJournal));
     recover(data_dir, &store, false)
 }
 
@@ -317,10 +313,6 @@ fn load_snapshot(path: &Path, store: &Store) -> Result<(u64, Vec<u64>), StorageE
 impl Storage {
     pub fn journal(&self) -> &Arc<Journal> {
         &self.journal
-    }
-
-    pub fn data_dir(&self) -> &Path {
-        &self.data_dir
     }
 
     /// Writes a snapshot, then removes the journal segments and older snapshots it covers.
