@@ -287,9 +287,7 @@ impl Relay {
                     "prekey_fetches",
                     "prekey fetches",
                 )?;
-                let target: Identity = req.identity[..]
-                    .try_into()
-                    .map_err(|_| RelayError::bad_request("identity must be a 33-byte key"))?;
+                let target = store::identity_field(&req.identity, "identity")?;
                 let outcome = self.store.fetch_prekeys(
                     &target,
                     &req.device_ids,

@@ -835,8 +835,7 @@ impl Store {
         req: &Send,
         now_ms: u64,
     ) -> Result<SendOutcome, RelayError> {
-        let recipient: Identity = fixed(&req.recipient, "recipient")
-            .map_err(|_| RelayError::bad_request("recipient must be a 33-byte key"))?;
+        let recipient = identity_field(&req.recipient, "recipient")?;
         let nonce: [u8; NONCE_LEN] = req.sender_nonce[..]
             .try_into()
             .map_err(|_| RelayError::bad_request("sender_nonce must be 8 bytes"))?;
@@ -1082,8 +1081,7 @@ impl Store {
     }
 
     pub fn add_contact(&self, me: &Identity, contact: &[u8]) -> Result<(), RelayError> {
-        let contact: Identity = fixed(contact, "contact")
-            .map_err(|_| RelayError::bad_request("identity must be a 33-byte key"))?;
+        let contact = identity_field(contact, "identity")?;
         let mut shard = self.with_registered_account(me)?;
         let account = shard.accounts.get(me).expect("checked registered");
         if account.contacts.contains(&contact) {
@@ -1106,8 +1104,7 @@ impl Store {
     }
 
     pub fn remove_contact(&self, me: &Identity, contact: &[u8]) -> Result<(), RelayError> {
-        let contact: Identity = fixed(contact, "contact")
-            .map_err(|_| RelayError::bad_request("identity must be a 33-byte key"))?;
+        let contact = identity_field(contact, "identity")?;
         let mut shard = self.with_registered_account(me)?;
         if !shard
             .accounts
@@ -1269,6 +1266,13 @@ impl Store {
     }
 }
 
+/// An identity named in a request field, or `BAD_REQUEST` naming the field.
+pub fn identity_field(bytes: &[u8], field: &str) -> Result<Identity, RelayError> {
+    bytes
+        .try_into()
+        .map_err(|_| RelayError::bad_request(format!("{field} must be a 33-byte key")))
+}
+
 /// Index key of a (sender, nonce) pair; the hasher's key is random per process.
 fn nonce_key(sender: &Identity, nonce: &[u8; NONCE_LEN]) -> u64 {
     use std::hash::BuildHasher;
@@ -1353,9 +1357,7 @@ pub fn validate_send(req: &Send, max_payload_len: usize) -> Result<(), RelayErro
             max: max_payload_len,
         });
     }
-    if req.recipient.len() != PUBLIC_KEY_LEN {
-        return Err(RelayError::bad_request("recipient must be a 33-byte key"));
-    }
+    identity_field(&req.recipient, "recipient")?;
     if req.recipient_device == 0 {
         return Err(RelayError::bad_request(
             "recipient_device must be at least 1",
