@@ -11,19 +11,18 @@
 //!    per batch);
 //! 2. recovery of 1M stored 100-B messages: `storage::open` from the journal only, and from a
 //!    snapshot;
-//! 3. RSS per stored message beyond its payload, each variant in a fresh child process (this
-//!    binary re-run with `BOTD_STORAGE_BENCH_CHILD` set), with a breakdown and a prototype of a
-//!    compact layout;
+//! 3. memory per stored message beyond its payload (RSS, and heap in use from `mallinfo2`), each
+//!    variant in a fresh child process (this binary re-run with `BOTD_STORAGE_BENCH_CHILD` set):
+//!    the target workload, the recovery and live paths, small mailboxes, distinct senders, and
+//!    half-acked mailboxes;
 //! 4. p50/p99/max of `Store::send` normally, during `Storage::snapshot`, during a bare walk of
-//!    `Store::snapshot_shard` and beside a CPU hog, plus the per-shard lock hold.
+//!    `Store::snapshot_shard` and beside a CPU hog, plus the per-shard `snapshot_shard` call.
 //!
 //! Without `--bench` (`cargo test --benches`) everything runs at a tiny scale, as a smoke test.
 //! `BOTD_BENCH_PARTS=1,2,3,4,criterion` selects parts (default: all).
 //! Format with `cargo fmt` or `rustfmt --edition 2021` (bare `rustfmt` assumes edition 2015,
 //! which has no `async` blocks).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::hash::BuildHasher;
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -38,13 +37,10 @@ use prost::Message;
 use botd_relay::config::{Config, FsyncPolicy};
 use botd_relay::core::cipher::TAG_LEN;
 use botd_relay::core::keys::{sha256, KeyPair, SIGNATURE_LEN};
-use botd_relay::proto::store::{
-    event::Kind, snapshot_record, Event, MessageStored, SnapshotRecord,
-};
+use botd_relay::proto::store::{event::Kind, Event, MessageStored};
 use botd_relay::proto::{self, Body, Frame, Send};
-use botd_relay::relay::store::{Identity, StoredMessage, NONCE_LEN};
+use botd_relay::relay::store::Identity;
 use botd_relay::relay::{EventSink, NoJournal, Store};
-use botd_relay::storage::record::append_record;
 use botd_relay::storage::{self, Journal};
 
 const PAYLOAD_LEN: usize = 100;
@@ -684,34 +680,6 @@ fn paced_sends(
     })
 }
 
-/// The messages of a snapshot's events, as the store holds them.
-fn stored_messages(events: &[Event]) -> Vec<StoredMessage> {
-    events
-        .iter()
-        .filter_map(|e| match &e.kind {
-            Some(Kind::MessageStored(m)) => Some(StoredMessage {
-                sender: m.sender[..].try_into().expect("sender"),
-                sender_device: m.sender_device,
-                sender_nonce: m.sender_nonce[..].try_into().expect("nonce"),
-                payload_hash: m.payload_hash[..].try_into().expect("hash"),
-                sender_signature: m.sender_signature[..].try_into().expect("signature"),
-                payload: m.payload.clone(),
-                received_at_ms: m.received_at_ms,
-            }),
-            _ => None,
-        })
-        .collect()
-}
-
-/// The snapshot's events for `messages`, built as `snapshot_shard` builds them.
-fn events_of(messages: &[StoredMessage]) -> Vec<Event> {
-    messages
-        .iter()
-        .enumerate()
-        .map(|(id, m)| message_stored(&[2; 33], &m.sender, id as u64, 0, m.payload.clone()))
-        .collect()
-}
-
 fn bench_latency(
     scale: Scale,
     recovered: &storage::Recovered,
@@ -725,54 +693,32 @@ fn bench_latency(
         scale.latency_rate
     );
 
-    // Lock hold per shard: snapshot_shard holds the shard's lock for its whole call.
-    let mut holds = Vec::with_capacity(store.shard_count());
-    let mut busiest: Vec<Event> = Vec::new();
+    // snapshot_shard per shard: the lock is held only while the shard is copied, the rest of
+    // the call builds events from the copy.
+    let mut calls = Vec::with_capacity(store.shard_count());
+    let mut busiest = 0;
     for index in 0..store.shard_count() {
         let started = Instant::now();
         let (events, _) = store.snapshot_shard(index);
-        holds.push(started.elapsed().as_nanos() as u64);
-        if events.len() > busiest.len() {
-            busiest = events;
-        }
+        calls.push(started.elapsed().as_nanos() as u64);
+        busiest = busiest.max(events.len());
     }
-    let total: u64 = holds.iter().sum();
-    holds.sort_unstable();
+    let total: u64 = calls.iter().sum();
+    calls.sort_unstable();
     summary.line(format!(
-        "snapshot_shard lock hold over {} shards: median={} p99={} max={} sum={:.0} ms (busiest shard: {} events)",
-        holds.len(),
-        us(percentile(&holds, 0.5)),
-        us(percentile(&holds, 0.99)),
-        us(*holds.last().unwrap_or(&0)),
+        "snapshot_shard call over {} shards: median={} p99={} max={} sum={:.0} ms (busiest shard: {busiest} events)",
+        calls.len(),
+        us(percentile(&calls, 0.5)),
+        us(percentile(&calls, 0.99)),
+        us(*calls.last().unwrap_or(&0)),
         total as f64 / 1e6,
-        busiest.len()
-    ));
-
-    // What the hold would be if the shard's messages were only cloned under the lock and the
-    // events built after it is released.
-    let stored = stored_messages(&busiest);
-    drop(busiest);
-    let started = Instant::now();
-    let copy = black_box(stored.clone());
-    let clone_ns = started.elapsed().as_nanos() as u64;
-    let started = Instant::now();
-    let built = black_box(events_of(&copy));
-    let build_ns = started.elapsed().as_nanos() as u64;
-    drop((copy, built));
-    summary.line(format!(
-        "busiest shard ({} messages): Vec<StoredMessage>::clone {} vs building its events {} (a hold that only clones ≈ {:.0}% of today's)",
-        stored.len(),
-        us(clone_ns),
-        us(build_ns),
-        100.0 * clone_ns as f64 / build_ns.max(1) as f64
     ));
 
     let counter = AtomicU64::new(1 << 40);
     let window = scale.latency_window;
     let send = |during: &mut dyn FnMut()| paced_sends(store, workload, &counter, scale, during);
-    let scratch = TempDir::new("lockless");
-    let (mut normal, mut during_snapshot, mut during_walk, mut during_lockless, mut beside_hog) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut normal, mut during_snapshot, mut during_walk, mut beside_hog) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut snapshot_times, mut walks) = (Vec::new(), 0);
     // The phases alternate, so that a change of the machine's background load spreads over
     // all of them.
@@ -802,31 +748,6 @@ fn bench_latency(
             walks += done;
         }));
 
-        // The snapshot's work (build every message's event, encode, frame, write to a file)
-        // over as many messages as the store holds, but on a copy: no store lock is taken.
-        during_lockless.extend(send(&mut || {
-            let started = Instant::now();
-            let mut passes = 0;
-            while passes == 0 || started.elapsed() < window {
-                let file = std::fs::File::create(scratch.0.join("copy.snap")).expect("create");
-                let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
-                let mut buf = Vec::with_capacity(1 << 16);
-                for _ in 0..messages.div_ceil(stored.len().max(1)) {
-                    let copy = stored.clone();
-                    for event in events_of(&copy) {
-                        buf.clear();
-                        let body = SnapshotRecord {
-                            kind: Some(snapshot_record::Kind::Event(event)),
-                        }
-                        .encode_to_vec();
-                        append_record(&mut buf, &[&body]);
-                        std::io::Write::write_all(&mut out, &buf).expect("write");
-                    }
-                }
-                passes += 1;
-            }
-        }));
-
         beside_hog.extend(send(&mut || {
             let started = Instant::now();
             let mut block = [0u8; 64];
@@ -839,12 +760,10 @@ fn bench_latency(
             black_box(block);
         }));
     }
-    drop(scratch);
     for lat in [
         &mut normal,
         &mut during_snapshot,
         &mut during_walk,
-        &mut during_lockless,
         &mut beside_hog,
     ] {
         lat.sort_unstable();
@@ -882,11 +801,6 @@ fn bench_latency(
         format!(" ({walks} walk(s) over all shards, no file IO)"),
     );
     describe(
-        "during lock-free snapshot work",
-        &during_lockless,
-        " (same build/encode/write work on a copy, no store lock)".into(),
-    );
-    describe(
         "beside a CPU hog",
         &beside_hog,
         " (sha256 loop: CPU contention only)".into(),
@@ -897,25 +811,26 @@ fn bench_latency(
 // 3. Memory per stored message (each variant in a fresh process)
 // ---------------------------------------------------------------------------------------------
 
-/// The prototype of a compact mailbox: messages in a deque indexed by `id - first_id`,
-/// signature, nonce and payload in one exact-size allocation, the sender interned, no payload
-/// hash (recomputed at delivery), and nonces deduplicated through a 64-bit hash of
-/// (sender, nonce) that points at the message (compare on hit).
-#[allow(dead_code)] // only its memory is measured
-struct CompactMessage {
-    /// signature (64) || nonce (8) || payload
-    blob: Box<[u8]>,
-    received_at_ms: u64,
-    sender: u32,
-    sender_device: u32,
+/// Bytes the allocator has handed out and not yet taken back (glibc's `mallinfo2`: chunk
+/// headers included, free holes excluded), so that memory freed by acks but kept by the
+/// allocator is not counted as live.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn heap_in_use() -> u64 {
+    // SAFETY: mallinfo2 only reads the allocator's statistics.
+    let info = unsafe { libc::mallinfo2() };
+    (info.uordblks + info.hblkhd) as u64
 }
 
-#[allow(dead_code)] // only its memory is measured
-#[derive(Default)]
-struct CompactMailbox {
-    first_id: u64,
-    slots: VecDeque<Option<CompactMessage>>,
-    nonces: HashMap<u64, u32>,
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn heap_in_use() -> u64 {
+    0
+}
+
+/// A sender identity that is not a key; the store only compares and interns it.
+fn synthetic_sender(i: u64) -> Identity {
+    let mut id = [3u8; 33];
+    id[1..9].copy_from_slice(&i.to_le_bytes());
+    id
 }
 
 fn child_memory(spec: &str) {
@@ -932,145 +847,99 @@ fn child_memory(spec: &str) {
             .expect("recipients"),
     );
     let now = now_ms();
-    let (before, after);
-    match variant.as_str() {
-        "store-vec" | "store-replayed" | "store-readbuf" => {
-            let store = Store::new(&shards_config(SHARDS), Arc::new(NoJournal));
-            let workload = Workload::new(recipients, SENDERS);
-            workload.register_all(&store);
-            let mut read_buf = BytesMut::with_capacity(READ_BUF);
-            let mut encoded = Vec::with_capacity(512);
-            before = rss_bytes();
-            for i in 0..n as u64 {
-                match variant.as_str() {
-                    // The payload in its own allocation, as an API caller builds it.
-                    "store-vec" => workload.store_message(&store, i, now),
-                    // Recovery's path: the event decoded from the journal's bytes, replayed.
-                    "store-replayed" => {
-                        let id = i / workload.recipients.len() as u64 + 1;
-                        let event = message_stored(
-                            workload.recipient(i),
-                            workload.sender(i),
-                            id,
-                            i,
-                            Bytes::from(payload(i)),
-                        );
-                        encoded.clear();
-                        event.encode(&mut encoded).expect("encode");
-                        let decoded = Event::decode(&encoded[..]).expect("decode");
-                        store.replay(&decoded).expect("replay");
-                    }
-                    // The live path: a frame split from the session's 8 KiB read buffer
-                    // (length prefix, body, tag), decoded from the frozen plaintext.
-                    _ => {
-                        let req = workload.send(i, Bytes::from(payload(i)));
-                        encoded.clear();
-                        Frame::new(i + 1, Body::Send(req))
-                            .encode(&mut encoded)
-                            .expect("encode");
-                        read_buf.reserve(4 + encoded.len() + TAG_LEN);
-                        read_buf.put_u32(encoded.len() as u32);
-                        read_buf.extend_from_slice(&encoded);
-                        read_buf.extend_from_slice(&[0; TAG_LEN]);
-                        read_buf.advance(4);
-                        let mut body = read_buf.split_to(encoded.len() + TAG_LEN);
-                        drop(body.split_off(encoded.len()));
-                        let frame = Frame::decode(body.freeze()).expect("decode");
-                        let Some(Body::Send(req)) = frame.body else {
-                            unreachable!("a Send")
-                        };
-                        store.send(workload.sender(i), &req, now).expect("send");
-                    }
-                }
+    let store = Store::new(&shards_config(SHARDS), Arc::new(NoJournal));
+    let workload = Workload::new(recipients, SENDERS);
+    workload.register_all(&store);
+    let mut read_buf = BytesMut::with_capacity(READ_BUF);
+    let mut encoded = Vec::with_capacity(512);
+    let (rss_before, heap_before) = (rss_bytes(), heap_in_use());
+    for i in 0..n as u64 {
+        match variant.as_str() {
+            // The payload in its own allocation, as an API caller builds it.
+            "store-vec" | "half-acked" | "small-swept" => workload.store_message(&store, i, now),
+            // Every message from another sender: nothing to share in the sender table.
+            "distinct-senders" => {
+                let req = workload.send(i, Bytes::from(payload(i)));
+                store.send(&synthetic_sender(i), &req, now).expect("send");
             }
-            after = rss_bytes();
-            assert_eq!(store.stats().messages, n);
-            black_box(&store);
-        }
-        "btree" => {
-            let mut maps: Vec<BTreeMap<u64, StoredMessage>> =
-                (0..recipients).map(|_| BTreeMap::new()).collect();
-            before = rss_bytes();
-            for i in 0..n as u64 {
-                let message = StoredMessage {
-                    sender: [2; 33],
-                    sender_device: 1,
-                    sender_nonce: i.to_be_bytes(),
-                    payload_hash: [0; 32],
-                    sender_signature: *SIGNATURE,
-                    payload: Bytes::new(),
-                    received_at_ms: now,
+            // Recovery's path: the event decoded from the journal's bytes, replayed.
+            "store-replayed" => {
+                let id = i / workload.recipients.len() as u64 + 1;
+                let event = message_stored(
+                    workload.recipient(i),
+                    workload.sender(i),
+                    id,
+                    i,
+                    Bytes::from(payload(i)),
+                );
+                encoded.clear();
+                event.encode(&mut encoded).expect("encode");
+                let decoded = Event::decode(&encoded[..]).expect("decode");
+                store.replay(&decoded).expect("replay");
+            }
+            // The live path: a frame split from the session's 8 KiB read buffer (length
+            // prefix, body, tag), decoded from the frozen plaintext.
+            "store-readbuf" => {
+                let req = workload.send(i, Bytes::from(payload(i)));
+                encoded.clear();
+                Frame::new(i + 1, Body::Send(req))
+                    .encode(&mut encoded)
+                    .expect("encode");
+                read_buf.reserve(4 + encoded.len() + TAG_LEN);
+                read_buf.put_u32(encoded.len() as u32);
+                read_buf.extend_from_slice(&encoded);
+                read_buf.extend_from_slice(&[0; TAG_LEN]);
+                read_buf.advance(4);
+                let mut body = read_buf.split_to(encoded.len() + TAG_LEN);
+                drop(body.split_off(encoded.len()));
+                let frame = Frame::decode(body.freeze()).expect("decode");
+                let Some(Body::Send(req)) = frame.body else {
+                    unreachable!("a Send")
                 };
-                maps[i as usize % recipients].insert(i / recipients as u64 + 1, message);
+                store.send(workload.sender(i), &req, now).expect("send");
             }
-            after = rss_bytes();
-            black_box(&maps);
+            other => panic!("unknown memory variant {other}"),
         }
-        "nonces" => {
-            let mut maps: Vec<HashMap<(Identity, [u8; NONCE_LEN]), u64>> =
-                (0..recipients).map(|_| HashMap::new()).collect();
-            before = rss_bytes();
-            for i in 0..n as u64 {
-                maps[i as usize % recipients].insert(([2; 33], i.to_be_bytes()), i);
-            }
-            after = rss_bytes();
-            black_box(&maps);
-        }
-        "payload-shared" | "payload-exact" => {
-            let mut slots = vec![Bytes::new(); n];
-            before = rss_bytes();
-            for (i, slot) in slots.iter_mut().enumerate() {
-                let bytes = Bytes::from(payload(i as u64));
-                // The store keeps a clone of the request's payload: the first clone of a
-                // Vec-backed `Bytes` allocates its shared header.
-                *slot = if variant == "payload-shared" {
-                    bytes.clone()
-                } else {
-                    bytes
-                };
-            }
-            after = rss_bytes();
-            black_box(&slots);
-        }
-        "compact" => {
-            let mut mailboxes: Vec<CompactMailbox> = (0..recipients)
-                .map(|_| CompactMailbox {
-                    first_id: 1,
-                    ..CompactMailbox::default()
-                })
-                .collect();
-            let hasher = std::collections::hash_map::RandomState::new();
-            before = rss_bytes();
-            for i in 0..n as u64 {
-                let payload = payload(i);
-                let nonce = i.to_be_bytes();
-                let mut blob = Vec::with_capacity(SIGNATURE_LEN + NONCE_LEN + payload.len());
-                blob.extend_from_slice(SIGNATURE);
-                blob.extend_from_slice(&nonce);
-                blob.extend_from_slice(&payload);
-                let sender = (i % SENDERS as u64) as u32;
-                let mailbox = &mut mailboxes[i as usize % recipients];
-                let index = mailbox.slots.len() as u32;
-                mailbox
-                    .nonces
-                    .insert(hasher.hash_one((sender, nonce)), index);
-                mailbox.slots.push_back(Some(CompactMessage {
-                    blob: blob.into_boxed_slice(),
-                    received_at_ms: now,
-                    sender,
-                    sender_device: 1,
-                }));
-            }
-            after = rss_bytes();
-            black_box(&mailboxes);
-        }
-        other => panic!("unknown memory variant {other}"),
     }
-    println!("MEMRESULT {before} {after}");
+    if variant == "half-acked" {
+        // Every other message of every mailbox acked: holes in every chunk.
+        let per_mailbox = (n / recipients) as u64;
+        for recipient in &workload.recipients {
+            let odd: Vec<u64> = (1..=per_mailbox).step_by(2).collect();
+            for ids in odd.chunks(4096) {
+                store.ack(recipient, 1, ids).expect("ack");
+            }
+        }
+    }
+    match variant.as_str() {
+        // As `storage::open` does after recovery.
+        "store-replayed" => botd_relay::memory::release_free_memory(),
+        // As the relay's maintenance sweep does (nothing is old enough to expire).
+        "small-swept" | "half-acked" => {
+            store.expire(0);
+            botd_relay::memory::release_free_memory();
+        }
+        _ => {}
+    }
+    let (rss_after, heap_after) = (rss_bytes(), heap_in_use());
+    let live = store.stats().messages;
+    black_box(&store);
+    println!(
+        "MEMRESULT {} {} {live}",
+        rss_after.saturating_sub(rss_before),
+        heap_after.saturating_sub(heap_before)
+    );
 }
 
-/// Runs a memory variant in a fresh copy of this process; returns bytes per item.
-fn memory_variant(variant: &str, n: usize, recipients: usize) -> Option<f64> {
+/// Bytes per live message of one variant, measured in a fresh copy of this process.
+#[derive(Debug, Clone, Copy)]
+struct MemoryUse {
+    rss: f64,
+    heap: f64,
+    live: usize,
+}
+
+fn memory_variant(variant: &str, n: usize, recipients: usize) -> Option<MemoryUse> {
     let exe = std::env::current_exe().ok()?;
     let output = Command::new(exe)
         .env(CHILD_ENV, format!("{variant}:{n}:{recipients}"))
@@ -1086,64 +955,79 @@ fn memory_variant(variant: &str, n: usize, recipients: usize) -> Option<f64> {
     let stdout = String::from_utf8_lossy(&output.stdout);
     let line = stdout.lines().find_map(|l| l.strip_prefix("MEMRESULT "))?;
     let mut values = line.split_whitespace().map(|v| v.parse::<u64>().ok());
-    let (before, after) = (values.next()??, values.next()??);
-    Some(after.saturating_sub(before) as f64 / n as f64)
+    let (rss, heap, live) = (values.next()??, values.next()??, values.next()??);
+    let per = |bytes: u64| bytes as f64 / live.max(1) as f64;
+    Some(MemoryUse {
+        rss: per(rss),
+        heap: per(heap),
+        live: live as usize,
+    })
 }
 
 fn bench_memory(scale: Scale, summary: &mut Summary) {
     let (n, r) = (scale.messages, scale.recipients);
-    let per_mailbox = n / r;
     println!(
-        "\n== 3. memory per stored message: RSS delta of {n} messages over {r} mailboxes ({per_mailbox} each), fresh process per variant =="
+        "\n== 3. memory per stored message beyond its {PAYLOAD_LEN}-B payload: RSS and heap-in-use delta over the live messages, fresh process per variant =="
     );
-    println!(
-        "size_of: StoredMessage={} Bytes={} nonce key (Identity, [u8; 8])={} nonce entry={} ; BTreeMap<u64, StoredMessage> leaf node ≈ {} B for 11 entries (sequential inserts leave leaves ~6/11 full)",
-        std::mem::size_of::<StoredMessage>(),
-        std::mem::size_of::<Bytes>(),
-        std::mem::size_of::<(Identity, [u8; NONCE_LEN])>(),
-        std::mem::size_of::<((Identity, [u8; NONCE_LEN]), u64)>(),
-        (16 + 11 * (8 + std::mem::size_of::<StoredMessage>())).next_multiple_of(8)
-    );
-    let beyond = |v: Option<f64>, payload: f64| v.map(|b| b - payload);
-    let show = |v: Option<f64>| v.map_or_else(|| "n/a".to_string(), |b| format!("{b:.0} B"));
-    let store_vec = beyond(memory_variant("store-vec", n, r), PAYLOAD_LEN as f64);
-    let store_replayed = beyond(memory_variant("store-replayed", n, r), PAYLOAD_LEN as f64);
-    let store_readbuf = beyond(memory_variant("store-readbuf", n, r), PAYLOAD_LEN as f64);
-    let target = |v: Option<f64>| match v {
-        Some(b) if b <= 96.0 => "met",
-        Some(_) => "MISSED",
-        None => "n/a",
-    };
-    summary.line(format!(
-        "memory beyond payload, Store::send, payload in own allocation: {} per message (target ≤ 96 B: {})",
-        show(store_vec),
-        target(store_vec)
-    ));
-    summary.line(format!(
-        "memory beyond payload, as recovered (journal/snapshot replay): {} per message",
-        show(store_replayed)
-    ));
-    summary.line(format!(
-        "memory beyond payload, live path (payload sliced from an 8 KiB read buffer): {} per message",
-        show(store_readbuf)
-    ));
-    let btree = memory_variant("btree", n, r);
-    let nonces = memory_variant("nonces", n, r);
-    let shared = beyond(memory_variant("payload-shared", n, r), PAYLOAD_LEN as f64);
-    let exact = beyond(memory_variant("payload-exact", n, r), PAYLOAD_LEN as f64);
-    summary.line(format!(
-        "breakdown per message: BTreeMap<u64, StoredMessage> entry incl. the {}-B value {} | nonce HashMap entry {} | payload allocation beyond 100 B: {} promoted (shared header) / {} unpromoted",
-        std::mem::size_of::<StoredMessage>(),
-        show(btree),
-        show(nonces),
-        show(shared),
-        show(exact)
-    ));
-    let compact = beyond(memory_variant("compact", n, r), PAYLOAD_LEN as f64);
-    summary.line(format!(
-        "prototype compact mailbox (VecDeque slots, one blob sig|nonce|payload, interned sender, no hash, u64-hash nonce index): {} per message",
-        show(compact)
-    ));
+    let variants: [(&str, usize, String); 7] = [
+        (
+            "store-vec",
+            r,
+            format!("Store::send, {r} mailboxes x {}, {SENDERS} senders", n / r),
+        ),
+        (
+            "store-replayed",
+            r,
+            "as recovered (journal/snapshot replay)".into(),
+        ),
+        (
+            "store-readbuf",
+            r,
+            "live path (payload sliced from an 8 KiB read buffer)".into(),
+        ),
+        (
+            "store-vec",
+            n / 10,
+            format!("small mailboxes: {} mailboxes x 10", n / 10),
+        ),
+        (
+            "small-swept",
+            n / 10,
+            "the same after a sweep (trim) and malloc_trim".into(),
+        ),
+        (
+            "distinct-senders",
+            r,
+            "every message from a different sender".into(),
+        ),
+        (
+            "half-acked",
+            r,
+            "every other message of each mailbox acked, then a sweep and malloc_trim".into(),
+        ),
+    ];
+    for (index, (variant, recipients, what)) in variants.iter().enumerate() {
+        let line = match memory_variant(variant, n, *recipients) {
+            Some(m) => {
+                let rss = m.rss - PAYLOAD_LEN as f64;
+                let heap = m.heap - PAYLOAD_LEN as f64;
+                let target = if index == 0 {
+                    format!(
+                        " (target ≤ 96 B: {})",
+                        if rss <= 96.0 { "met" } else { "MISSED" }
+                    )
+                } else {
+                    String::new()
+                };
+                format!(
+                    "memory beyond payload, {what}: RSS {rss:.0} B, heap {heap:.0} B per message over {} live{target}",
+                    m.live
+                )
+            }
+            None => format!("memory beyond payload, {what}: n/a"),
+        };
+        summary.line(line);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -13,6 +13,10 @@ use crate::ratelimit::Rate;
 
 /// Default TCP port of BOTD #2.
 pub const DEFAULT_PORT: u16 = 9945;
+/// Largest `mailbox_max_messages`: a send looks for a retry of the same nonce by scanning the
+/// nonces of its mailbox (8 bytes per stored message, no index to keep memory per message low),
+/// so the cap bounds that scan.
+pub const MAX_MAILBOX_MESSAGES: usize = 100_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -152,7 +156,8 @@ pub struct Config {
     /// How often expired messages are swept.
     #[serde(with = "humantime_serde")]
     pub expiry_interval: Duration,
-    /// Messages one mailbox (identity + device) may hold; more get `MAILBOX_FULL`.
+    /// Messages one mailbox (identity + device) may hold; more get `MAILBOX_FULL`. At most
+    /// [`MAX_MAILBOX_MESSAGES`].
     pub mailbox_max_messages: usize,
     /// Payload bytes one mailbox may hold; more get `MAILBOX_FULL`.
     pub mailbox_max_bytes: usize,
@@ -320,6 +325,11 @@ impl Config {
         if self.store_shards == 0 || self.max_unacked == 0 {
             return fail("store_shards and max_unacked must be positive");
         }
+        if self.mailbox_max_messages > MAX_MAILBOX_MESSAGES {
+            return Err(ConfigError::Invalid(format!(
+                "mailbox_max_messages may be at most {MAX_MAILBOX_MESSAGES}: every send scans its mailbox's nonces"
+            )));
+        }
         for (name, rate) in [
             ("handshake_rate_per_ip", self.handshake_rate_per_ip),
             ("send_rate_per_identity", self.send_rate_per_identity),
@@ -426,5 +436,9 @@ mod tests {
         assert!(err.to_string().contains("BOTD_MAX_CONNECTIONS"), "{err}");
         let err = Config::load(None, vars(&[("BOTD_MAX_FRAME_LEN", "10")])).unwrap_err();
         assert!(err.to_string().contains("max_frame_len"), "{err}");
+        let too_many = (MAX_MAILBOX_MESSAGES + 1).to_string();
+        let err =
+            Config::load(None, vars(&[("BOTD_MAILBOX_MAX_MESSAGES", &too_many)])).unwrap_err();
+        assert!(err.to_string().contains("mailbox_max_messages"), "{err}");
     }
 }

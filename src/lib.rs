@@ -10,6 +10,7 @@ pub mod client;
 pub mod config;
 pub mod core;
 pub mod keyfile;
+pub mod memory;
 pub mod metrics;
 pub mod net;
 pub mod proto;

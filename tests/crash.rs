@@ -113,7 +113,7 @@ impl RelayProcess {
             // The load, not the quotas, is what this test is about.
             .env("BOTD_SEND_RATE_PER_IDENTITY", unlimited)
             .env("BOTD_SEND_RATE_PER_PAIR", unlimited)
-            .env("BOTD_MAILBOX_MAX_MESSAGES", "1000000")
+            .env("BOTD_MAILBOX_MAX_MESSAGES", "100000")
             .env("BOTD_MAX_UNACKED", "1000000")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -4,6 +4,7 @@
 //! configure its own mailboxes.
 
 pub mod error;
+pub mod mailbox;
 pub mod store;
 
 use std::collections::HashMap;
@@ -18,6 +19,7 @@ pub use store::{EventSink, NoJournal, Store};
 
 use crate::config::Config;
 use crate::core::keys::{sha256, PublicKeyBytes};
+use crate::memory::RELEASE_AFTER_FREED_BYTES;
 use crate::metrics as m;
 use crate::net::{unsupported_unless_ignorable, Handler, PushHandle};
 use crate::proto::{Acked, Body, Done, Frame, PreKeysLow, Send, Sent, Subscribed, Unregistered};
@@ -88,6 +90,8 @@ pub struct Relay {
     limiters: Limiters,
     /// Open sessions per identity, for notices such as `PreKeysLow`. Bounded by the connection cap.
     sessions: Mutex<HashMap<Identity, Vec<PushHandle>>>,
+    /// Highest stored payload total a sweep has seen since free memory was last given back.
+    payload_peak: std::sync::atomic::AtomicU64,
 }
 
 /// Per-session state: who the peer is and which mailboxes it listens to.
@@ -134,6 +138,7 @@ impl Relay {
             relay_key,
             limiters,
             sessions: Mutex::new(HashMap::new()),
+            payload_peak: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -153,7 +158,27 @@ impl Relay {
         metrics::counter!(m::MESSAGES_EXPIRED).increment(expiry.expired as u64);
         metrics::gauge!(m::MAILBOX_MESSAGES).set(expiry.messages_left as f64);
         metrics::gauge!(m::MAILBOX_BYTES).set(expiry.payload_bytes_left as f64);
+        self.release_memory_if_worth_it(&expiry);
         expiry.expired
+    }
+
+    /// After a sweep: once the store has shrunk by [`RELEASE_AFTER_FREED_BYTES`] since the last
+    /// time (acks, expiry, trimmed mailboxes), asks the allocator to give its free pages back.
+    fn release_memory_if_worth_it(&self, expiry: &store::Expiry) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let held = expiry.payload_bytes_left as u64;
+        let peak = self.payload_peak.fetch_max(held, Relaxed).max(held);
+        let freed = peak - held + expiry.bytes_trimmed as u64;
+        if freed >= RELEASE_AFTER_FREED_BYTES {
+            let started = std::time::Instant::now();
+            crate::memory::release_free_memory();
+            self.payload_peak.store(held, Relaxed);
+            tracing::debug!(
+                freed,
+                took_us = started.elapsed().as_micros() as u64,
+                "gave free memory back to the system"
+            );
+        }
     }
 
     /// Sweeps expired messages every `expiry_interval` and refreshes the store gauges, until

@@ -15,6 +15,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 
 use super::error::RelayError;
+use super::mailbox::{MessageLog, NewMessage, SenderTable, StoredMessage};
 use crate::config::Config;
 use crate::core::keys::{sha256, PUBLIC_KEY_LEN, SIGNATURE_LEN};
 use crate::net::PushHandle;
@@ -56,31 +57,21 @@ impl EventSink for NoJournal {
     }
 }
 
-/// A message waiting in a mailbox.
-#[derive(Debug, Clone)]
-pub struct StoredMessage {
-    pub sender: Identity,
-    pub sender_device: u32,
-    pub sender_nonce: [u8; NONCE_LEN],
-    pub payload_hash: [u8; 32],
-    pub sender_signature: [u8; SIGNATURE_LEN],
-    pub payload: Bytes,
-    pub received_at_ms: u64,
-}
-
-impl StoredMessage {
-    fn deliver(&self, message_id: u64, recipient_device: u32) -> Deliver {
-        Deliver {
-            message_id,
-            sender: Bytes::copy_from_slice(&self.sender),
-            sender_device: self.sender_device,
-            recipient_device,
-            sender_nonce: Bytes::copy_from_slice(&self.sender_nonce),
-            payload_hash: Bytes::copy_from_slice(&self.payload_hash),
-            sender_signature: Bytes::copy_from_slice(&self.sender_signature),
-            payload: self.payload.clone(),
-            received_at_ms: self.received_at_ms,
-        }
+/// The `Deliver` push of a stored message.
+fn deliver(message: &StoredMessage<'_>, senders: &SenderTable, recipient_device: u32) -> Deliver {
+    let (sender, sender_device) = senders.resolve(message.sender);
+    Deliver {
+        message_id: message.id,
+        sender: Bytes::copy_from_slice(sender),
+        sender_device,
+        recipient_device,
+        sender_nonce: Bytes::copy_from_slice(&message.nonce),
+        // Recomputed rather than stored: 32 bytes per stored message against a hash of the
+        // payload per delivery.
+        payload_hash: Bytes::copy_from_slice(&sha256(&[message.payload])),
+        sender_signature: Bytes::copy_from_slice(message.signature),
+        payload: Bytes::copy_from_slice(message.payload),
+        received_at_ms: message.received_at_ms,
     }
 }
 
@@ -98,13 +89,8 @@ struct Subscriber {
 struct Mailbox {
     /// Next id to assign; never goes back, even across unregistration.
     next_id: u64,
-    messages: BTreeMap<u64, StoredMessage>,
-    payload_bytes: usize,
-    /// (sender, nonce) of stored messages, for idempotent retries.
-    /// (sender, nonce) of stored messages -> id, for idempotent retries. Keyed by a 64-bit keyed
-    /// hash (16-byte entries instead of 49); a hit is confirmed against the stored message, so
-    /// a collision can only cost one of the two messages its idempotency, never give a wrong id.
-    nonces: HashMap<u64, u64>,
+    /// The stored messages; their nonces answer idempotent retries.
+    log: MessageLog,
     /// Highest id whose record is durable: only these are pushed, so an id a recipient saw can
     /// never be reassigned after a crash.
     deliverable_up_to: u64,
@@ -116,25 +102,19 @@ impl Mailbox {
         self.next_id.saturating_sub(1)
     }
 
-    fn remove(&mut self, id: u64) -> bool {
-        let Some(message) = self.messages.remove(&id) else {
-            return false;
-        };
-        self.payload_bytes -= message.payload.len();
-        let key = nonce_key(&message.sender, &message.sender_nonce);
-        if self.nonces.get(&key) == Some(&id) {
-            self.nonces.remove(&key);
+    fn remove(&mut self, id: u64, senders: &mut SenderTable) {
+        if let Some(sender) = self.log.remove(id) {
+            senders.release(sender);
+            if let Some(sub) = &mut self.subscriber {
+                sub.in_flight.remove(&id);
+            }
         }
-        if let Some(sub) = &mut self.subscriber {
-            sub.in_flight.remove(&id);
-        }
-        true
     }
 
-    fn clear(&mut self) {
-        self.messages.clear();
-        self.nonces.clear();
-        self.payload_bytes = 0;
+    fn clear(&mut self, senders: &mut SenderTable) {
+        for sender in self.log.clear() {
+            senders.release(sender);
+        }
         self.subscriber = None;
     }
 }
@@ -202,8 +182,7 @@ impl Default for Account {
 }
 
 impl Account {
-    /// The durable part of the account (what a snapshot writes), without live subscriptions
-    /// and the nonce index, which recovery rebuilds.
+    /// The durable part of the account (what a snapshot writes), without live subscriptions.
     fn durable_copy(&self) -> Account {
         let devices = self
             .devices
@@ -215,7 +194,7 @@ impl Account {
                 };
                 let mailbox = Mailbox {
                     next_id: device.mailbox.next_id,
-                    messages: device.mailbox.messages.clone(),
+                    log: device.mailbox.log.clone(),
                     ..Mailbox::default()
                 };
                 (id, Device { state, mailbox })
@@ -251,6 +230,8 @@ impl Account {
 #[derive(Debug, Default)]
 struct Shard {
     accounts: HashMap<Identity, Account>,
+    /// The senders named by the shard's stored messages.
+    senders: SenderTable,
 }
 
 /// Why a replayed event could not be applied.
@@ -285,7 +266,8 @@ pub fn event_identity(event: &Event) -> Result<Identity, ApplyError> {
 }
 
 /// Applies one event to the accounts of its shard. The only code that changes durable state.
-fn apply(accounts: &mut HashMap<Identity, Account>, event: &Event) -> Result<(), ApplyError> {
+fn apply(shard: &mut Shard, event: &Event) -> Result<(), ApplyError> {
+    let Shard { accounts, senders } = shard;
     let identity = event_identity(event)?;
     let kind = event.kind.as_ref().ok_or(ApplyError::Empty)?;
     let account = accounts.entry(identity).or_default();
@@ -312,7 +294,7 @@ fn apply(accounts: &mut HashMap<Identity, Account>, event: &Event) -> Result<(),
         Kind::DeviceUnregistered(e) => {
             if let Some(device) = account.devices.get_mut(&e.device_id) {
                 device.state = DeviceState::Retired;
-                device.mailbox.clear();
+                device.mailbox.clear(senders);
             }
         }
         Kind::PreKeysUploaded(e) => {
@@ -346,15 +328,10 @@ fn apply(accounts: &mut HashMap<Identity, Account>, event: &Event) -> Result<(),
             }
         }
         Kind::MessageStored(e) => {
-            let message = StoredMessage {
-                sender: fixed(&e.sender, "sender")?,
-                sender_device: e.sender_device,
-                sender_nonce: fixed(&e.sender_nonce, "sender_nonce")?,
-                payload_hash: fixed(&e.payload_hash, "payload_hash")?,
-                sender_signature: fixed(&e.sender_signature, "sender_signature")?,
-                payload: e.payload.clone(),
-                received_at_ms: e.received_at_ms,
-            };
+            let sender: Identity = fixed(&e.sender, "sender")?;
+            let nonce = fixed(&e.sender_nonce, "sender_nonce")?;
+            let signature = fixed(&e.sender_signature, "sender_signature")?;
+            fixed::<32>(&e.payload_hash, "payload_hash")?;
             if !e.ticket_used.is_empty() {
                 let token: [u8; TICKET_LEN] = fixed(&e.ticket_used, "ticket_used")?;
                 if let Some(ticket) = account.tickets.get_mut(&token) {
@@ -365,23 +342,27 @@ fn apply(accounts: &mut HashMap<Identity, Account>, event: &Event) -> Result<(),
                 }
             }
             if e.contact_added {
-                account.contacts.insert(message.sender);
+                account.contacts.insert(sender);
             }
             if let Some(device) = account.devices.get_mut(&e.device_id) {
                 let mailbox = &mut device.mailbox;
                 mailbox.next_id = mailbox.next_id.max(e.message_id + 1);
-                mailbox.payload_bytes += message.payload.len();
-                mailbox.nonces.insert(
-                    nonce_key(&message.sender, &message.sender_nonce),
-                    e.message_id,
-                );
-                mailbox.messages.insert(e.message_id, message);
+                let message = NewMessage {
+                    sender: senders.acquire(&sender, e.sender_device),
+                    nonce,
+                    signature: &signature,
+                    payload: &e.payload,
+                    received_at_ms: e.received_at_ms,
+                };
+                if let Some(replaced) = mailbox.log.insert(e.message_id, &message) {
+                    senders.release(replaced);
+                }
             }
         }
         Kind::MessagesRemoved(e) => {
             if let Some(device) = account.devices.get_mut(&e.device_id) {
                 for id in &e.message_ids {
-                    device.mailbox.remove(*id);
+                    device.mailbox.remove(*id, senders);
                 }
             }
         }
@@ -441,6 +422,8 @@ pub struct FetchOutcome {
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Expiry {
     pub expired: usize,
+    /// Growth room given back by idle mailboxes.
+    pub bytes_trimmed: usize,
     pub messages_left: usize,
     pub payload_bytes_left: usize,
 }
@@ -491,20 +474,20 @@ impl Store {
     /// The events that rebuild shard `index` as it is now, and the highest sequence number
     /// they cover. The shard is locked only while its state is copied.
     pub fn snapshot_shard(&self, index: usize) -> (Vec<Event>, u64) {
-        // Copying is a fraction of the cost of building events (payloads are shared, not
-        // copied), so the lock is held only for the copy.
-        let (copies, cover) = {
+        // Copying packed mailboxes is a fraction of the cost of building events, so the lock
+        // is held only for the copy.
+        let (copies, senders, cover) = {
             let shard = self.shards[index].lock();
             let copies: Vec<(Identity, Account)> = shard
                 .accounts
                 .iter()
                 .map(|(identity, account)| (*identity, account.durable_copy()))
                 .collect();
-            (copies, self.sink.last_lsn())
+            (copies, shard.senders.clone(), self.sink.last_lsn())
         };
         let mut events = Vec::new();
         for (identity, account) in &copies {
-            describe_account(identity, account, &mut events);
+            describe_account(identity, account, &senders, &mut events);
         }
         (events, cover)
     }
@@ -537,21 +520,27 @@ impl Store {
     /// pushes what a subscriber may now receive.
     pub fn release(&self, recipient: &Identity, device_id: u32, message_id: u64) {
         let mut shard = self.shard(recipient).lock();
-        if let Some(device) = shard
-            .accounts
+        let Shard { accounts, senders } = &mut *shard;
+        if let Some(device) = accounts
             .get_mut(recipient)
             .and_then(|a| a.devices.get_mut(&device_id))
         {
             let mailbox = &mut device.mailbox;
             mailbox.deliverable_up_to = mailbox.deliverable_up_to.max(message_id);
-            pump(mailbox, device_id, self.config.max_unacked, Pace::Other);
+            pump(
+                mailbox,
+                senders,
+                device_id,
+                self.config.max_unacked,
+                Pace::Other,
+            );
         }
     }
 
     /// Applies an event and hands it to the sink while the shard is still locked.
     fn commit(&self, shard: &mut Shard, kind: Kind) {
         let event = Event { kind: Some(kind) };
-        match apply(&mut shard.accounts, &event) {
+        match apply(shard, &event) {
             Ok(()) => {
                 self.sink.record(&event);
             }
@@ -562,7 +551,7 @@ impl Store {
     /// Applies an event read back from the journal.
     pub fn replay(&self, event: &Event) -> Result<(), ApplyError> {
         let identity = event_identity(event)?;
-        apply(&mut self.shard(&identity).lock().accounts, event)
+        apply(&mut self.shard(&identity).lock(), event)
     }
 
     fn check_key(&self, field: &'static str, bytes: &[u8]) -> Result<(), RelayError> {
@@ -848,13 +837,10 @@ impl Store {
             .registered(req.recipient_device)
             .ok_or(RelayError::UnknownRecipient)?;
         let mailbox = &device.mailbox;
-        let earlier = mailbox.nonces.get(&nonce_key(sender, &nonce)).filter(|id| {
-            mailbox
-                .messages
-                .get(id)
-                .is_some_and(|m| m.sender == *sender && m.sender_nonce == nonce)
-        });
-        if let Some(&message_id) = earlier {
+        let earlier = mailbox
+            .log
+            .find_nonce(&nonce, |s| shard.senders.resolve(s).0 == sender);
+        if let Some(message_id) = earlier {
             return Ok(SendOutcome {
                 message_id,
                 duplicate: true,
@@ -884,10 +870,10 @@ impl Store {
             ticket_used = req.ticket.clone();
             contact_added = true;
         }
-        if mailbox.messages.len() >= self.config.mailbox_max_messages {
+        if mailbox.log.len() >= self.config.mailbox_max_messages {
             return Err(RelayError::MailboxFull("message count"));
         }
-        if mailbox.payload_bytes + req.payload.len() > self.config.mailbox_max_bytes {
+        if mailbox.log.payload_bytes() + req.payload.len() > self.config.mailbox_max_bytes {
             return Err(RelayError::MailboxFull("bytes"));
         }
         let message_id = mailbox.next_id;
@@ -903,8 +889,8 @@ impl Store {
                 sender_nonce: req.sender_nonce.clone(),
                 payload_hash: req.payload_hash.clone(),
                 sender_signature: req.sender_signature.clone(),
-                // Its own allocation: a slice would keep the whole request frame alive.
-                payload: Bytes::copy_from_slice(&req.payload),
+                // Shared with the request: the store copies it into its mailbox.
+                payload: req.payload.clone(),
                 received_at_ms: now_ms,
                 ticket_used,
                 contact_added,
@@ -926,8 +912,8 @@ impl Store {
         push: PushHandle,
     ) -> Result<(u64, Option<PushHandle>), RelayError> {
         let mut shard = self.shard(me).lock();
-        let device = shard
-            .accounts
+        let Shard { accounts, senders } = &mut *shard;
+        let device = accounts
             .get_mut(me)
             .and_then(|a| a.registered_mut(device_id))
             .ok_or(RelayError::NotRegistered(device_id))?;
@@ -945,6 +931,7 @@ impl Store {
         let last_id = mailbox.last_id();
         pump(
             mailbox,
+            senders,
             device_id,
             self.config.max_unacked,
             Pace::OwnRequest,
@@ -958,11 +945,11 @@ impl Store {
         me: &Identity,
         device_id: u32,
         push: &PushHandle,
-        f: impl FnOnce(&mut Mailbox),
+        f: impl FnOnce(&mut Mailbox, &SenderTable),
     ) {
         let mut shard = self.shard(me).lock();
-        let mailbox = shard
-            .accounts
+        let Shard { accounts, senders } = &mut *shard;
+        let mailbox = accounts
             .get_mut(me)
             .and_then(|a| a.devices.get_mut(&device_id))
             .map(|device| &mut device.mailbox)
@@ -973,21 +960,21 @@ impl Store {
                     .is_some_and(|s| s.push.same_session(push))
             });
         if let Some(mailbox) = mailbox {
-            f(mailbox);
+            f(mailbox, senders);
         }
     }
 
     /// Continues paced deliveries to `push`'s subscription of a mailbox (its queue drained).
     pub fn resume(&self, me: &Identity, device_id: u32, push: &PushHandle) {
         let max_unacked = self.config.max_unacked;
-        self.with_subscription(me, device_id, push, |mailbox| {
-            pump(mailbox, device_id, max_unacked, Pace::OwnRequest)
+        self.with_subscription(me, device_id, push, |mailbox, senders| {
+            pump(mailbox, senders, device_id, max_unacked, Pace::OwnRequest)
         });
     }
 
     /// Ends `push`'s subscription to a mailbox, if it still holds it.
     pub fn unsubscribe(&self, me: &Identity, device_id: u32, push: &PushHandle) {
-        self.with_subscription(me, device_id, push, |mailbox| mailbox.subscriber = None);
+        self.with_subscription(me, device_id, push, |mailbox, _| mailbox.subscriber = None);
     }
 
     pub fn get_message(
@@ -1004,9 +991,9 @@ impl Store {
             .ok_or(RelayError::NotRegistered(device_id))?;
         device
             .mailbox
-            .messages
-            .get(&message_id)
-            .map(|m| m.deliver(message_id, device_id))
+            .log
+            .get(message_id)
+            .map(|m| deliver(&m, &shard.senders, device_id))
             .ok_or(RelayError::NotFound)
     }
 
@@ -1026,7 +1013,7 @@ impl Store {
         let mut present: Vec<u64> = ids
             .iter()
             .copied()
-            .filter(|id| device.mailbox.messages.contains_key(id))
+            .filter(|id| device.mailbox.log.contains(*id))
             .collect();
         present.sort_unstable();
         present.dedup();
@@ -1042,13 +1029,14 @@ impl Store {
                 }),
             );
         }
-        if let Some(device) = shard
-            .accounts
+        let Shard { accounts, senders } = &mut *shard;
+        if let Some(device) = accounts
             .get_mut(me)
             .and_then(|a| a.devices.get_mut(&device_id))
         {
             pump(
                 &mut device.mailbox,
+                senders,
                 device_id,
                 self.config.max_unacked,
                 Pace::OwnRequest,
@@ -1195,22 +1183,23 @@ impl Store {
         for shard in self.shards.iter() {
             let mut shard = shard.lock();
             let mut removals = Vec::new();
-            for (identity, account) in &shard.accounts {
-                for (device_id, device) in &account.devices {
-                    let mailbox = &device.mailbox;
+            for (identity, account) in shard.accounts.iter_mut() {
+                for (device_id, device) in account.devices.iter_mut() {
+                    let mailbox = &mut device.mailbox;
+                    expiry.bytes_trimmed += mailbox.log.trim();
                     // Ids are assigned in receive order, so the expired ones are a prefix.
                     let mut expired_bytes = 0;
                     let ids: Vec<u64> = mailbox
-                        .messages
+                        .log
                         .iter()
-                        .take_while(|(_, m)| m.received_at_ms <= cutoff_ms)
-                        .map(|(id, m)| {
+                        .take_while(|m| m.received_at_ms <= cutoff_ms)
+                        .map(|m| {
                             expired_bytes += m.payload.len();
-                            *id
+                            m.id
                         })
                         .collect();
-                    expiry.messages_left += mailbox.messages.len() - ids.len();
-                    expiry.payload_bytes_left += mailbox.payload_bytes - expired_bytes;
+                    expiry.messages_left += mailbox.log.len() - ids.len();
+                    expiry.payload_bytes_left += mailbox.log.payload_bytes() - expired_bytes;
                     if !ids.is_empty() {
                         removals.push((*identity, *device_id, ids));
                     }
@@ -1227,13 +1216,14 @@ impl Store {
                         reason: Removal::Expired as i32,
                     }),
                 );
-                if let Some(device) = shard
-                    .accounts
+                let Shard { accounts, senders } = &mut *shard;
+                if let Some(device) = accounts
                     .get_mut(&identity)
                     .and_then(|a| a.devices.get_mut(&device_id))
                 {
                     pump(
                         &mut device.mailbox,
+                        senders,
                         device_id,
                         self.config.max_unacked,
                         Pace::Other,
@@ -1257,8 +1247,8 @@ impl Store {
                         stats.devices += 1;
                         stats.one_time_prekeys += keys.one_time_prekeys.len();
                     }
-                    stats.messages += device.mailbox.messages.len();
-                    stats.payload_bytes += device.mailbox.payload_bytes;
+                    stats.messages += device.mailbox.log.len();
+                    stats.payload_bytes += device.mailbox.log.payload_bytes();
                 }
             }
         }
@@ -1273,14 +1263,6 @@ pub fn identity_field(bytes: &[u8], field: &str) -> Result<Identity, RelayError>
         .map_err(|_| RelayError::bad_request(format!("{field} must be a 33-byte key")))
 }
 
-/// Index key of a (sender, nonce) pair; the hasher's key is random per process.
-fn nonce_key(sender: &Identity, nonce: &[u8; NONCE_LEN]) -> u64 {
-    use std::hash::BuildHasher;
-    static HASHER: std::sync::LazyLock<std::collections::hash_map::RandomState> =
-        std::sync::LazyLock::new(std::collections::hash_map::RandomState::new);
-    HASHER.hash_one((sender, nonce))
-}
-
 /// Shard of an identity among `count` shards. Keys are points with uniformly distributed
 /// x-coordinates, so a few bytes of x spread them evenly.
 pub fn shard_index(identity: &Identity, count: usize) -> usize {
@@ -1289,7 +1271,12 @@ pub fn shard_index(identity: &Identity, count: usize) -> usize {
 }
 
 /// Appends the events that rebuild `account` to `out`.
-fn describe_account(identity: &Identity, account: &Account, out: &mut Vec<Event>) {
+fn describe_account(
+    identity: &Identity,
+    account: &Account,
+    senders: &SenderTable,
+    out: &mut Vec<Event>,
+) {
     let id = || Bytes::copy_from_slice(identity);
     let mut push = |kind| out.push(Event { kind: Some(kind) });
     for (&device_id, device) in &account.devices {
@@ -1308,17 +1295,18 @@ fn describe_account(identity: &Identity, account: &Account, out: &mut Vec<Event>
             device_id,
             next_id: device.mailbox.next_id,
         }));
-        for (&message_id, m) in &device.mailbox.messages {
+        for m in device.mailbox.log.iter() {
+            let (sender, sender_device) = senders.resolve(m.sender);
             push(Kind::MessageStored(ev::MessageStored {
                 recipient: id(),
                 device_id,
-                message_id,
-                sender: Bytes::copy_from_slice(&m.sender),
-                sender_device: m.sender_device,
-                sender_nonce: Bytes::copy_from_slice(&m.sender_nonce),
-                payload_hash: Bytes::copy_from_slice(&m.payload_hash),
-                sender_signature: Bytes::copy_from_slice(&m.sender_signature),
-                payload: m.payload.clone(),
+                message_id: m.id,
+                sender: Bytes::copy_from_slice(sender),
+                sender_device,
+                sender_nonce: Bytes::copy_from_slice(&m.nonce),
+                payload_hash: Bytes::copy_from_slice(&sha256(&[m.payload])),
+                sender_signature: Bytes::copy_from_slice(m.signature),
+                payload: Bytes::copy_from_slice(m.payload),
                 received_at_ms: m.received_at_ms,
                 ticket_used: Bytes::new(),
                 contact_added: false,
@@ -1392,20 +1380,29 @@ enum Pace {
 /// Pushes stored messages past the subscriber's cursor, in id order, while its window
 /// (`max_unacked` deliveries, half the session's outbound queue) allows.
 /// A refused push (session gone or too slow) ends the subscription; the messages stay stored.
-fn pump(mailbox: &mut Mailbox, device_id: u32, max_unacked: usize, pace: Pace) {
-    let Some(sub) = mailbox.subscriber.as_mut() else {
+fn pump(
+    mailbox: &mut Mailbox,
+    senders: &SenderTable,
+    device_id: u32,
+    max_unacked: usize,
+    pace: Pace,
+) {
+    let Mailbox {
+        log,
+        deliverable_up_to,
+        subscriber,
+        ..
+    } = mailbox;
+    let Some(sub) = subscriber.as_mut() else {
         return;
     };
     let mut delivered = 0u64;
-    while sub.in_flight.len() < max_unacked && sub.cursor < mailbox.deliverable_up_to {
-        let Some((&id, message)) = mailbox
-            .messages
-            .range(sub.cursor.saturating_add(1)..=mailbox.deliverable_up_to)
-            .next()
-        else {
+    let mut refused = false;
+    for message in log.iter_from(sub.cursor.saturating_add(1)) {
+        if sub.in_flight.len() >= max_unacked || message.id > *deliverable_up_to {
             break;
-        };
-        let frame = Frame::new(0, Body::Deliver(message.deliver(id, device_id)));
+        }
+        let frame = Frame::new(0, Body::Deliver(deliver(&message, senders, device_id)));
         // Pumping from the subscriber's own request: its queue cannot drain until the request
         // returns, so stop at half of it and continue when it has drained; once paused, every
         // pump waits for that resume. Only a peer that stops reading while live messages keep
@@ -1418,12 +1415,15 @@ fn pump(mailbox: &mut Mailbox, device_id: u32, max_unacked: usize, pace: Pace) {
             break;
         }
         if sub.push.push(frame).is_err() {
-            mailbox.subscriber = None;
+            refused = true;
             break;
         }
-        sub.cursor = id;
-        sub.in_flight.insert(id);
+        sub.cursor = message.id;
+        sub.in_flight.insert(message.id);
         delivered += 1;
+    }
+    if refused {
+        *subscriber = None;
     }
     if delivered > 0 {
         metrics::counter!(crate::metrics::MESSAGES_DELIVERED).increment(delivered);
@@ -1525,18 +1525,53 @@ mod tests {
         }
         let expiry = store.expire(10);
         assert_eq!(
-            expiry,
-            Expiry {
-                expired: 2,
-                messages_left: 1,
-                payload_bytes_left: 10,
-            }
+            (
+                expiry.expired,
+                expiry.messages_left,
+                expiry.payload_bytes_left
+            ),
+            (2, 1, 10)
         );
         assert!(matches!(
             store.get_message(&bob, 1, 2),
             Err(RelayError::NotFound)
         ));
         assert!(store.get_message(&bob, 1, 3).is_ok());
+    }
+
+    fn interned_senders(store: &Store) -> usize {
+        store.shards.iter().map(|s| s.lock().senders.len()).sum()
+    }
+
+    #[test]
+    fn senders_are_interned_while_their_messages_are_stored() {
+        let store = store(&Config::default());
+        let (alice, carol, bob) = (identity(), identity(), identity());
+        for who in [&alice, &carol, &bob] {
+            register(&store, who);
+        }
+        let first = store.send(&alice, &message(&bob, 1, 10), 0).unwrap();
+        store.send(&alice, &message(&bob, 2, 10), 0).unwrap();
+        // The same nonce from another sender is another message.
+        let other = store.send(&carol, &message(&bob, 1, 10), 0).unwrap();
+        assert!(!other.duplicate && other.message_id != first.message_id);
+        let retry = store.send(&alice, &message(&bob, 1, 10), 0).unwrap();
+        assert_eq!(
+            (retry.message_id, retry.duplicate),
+            (first.message_id, true)
+        );
+        assert_eq!(interned_senders(&store), 2);
+        let delivered = store.get_message(&bob, 1, other.message_id).unwrap();
+        assert_eq!(&delivered.sender[..], &carol[..]);
+        assert_eq!(
+            &delivered.payload_hash[..],
+            &sha256(&[&delivered.payload])[..],
+            "the hash is recomputed at delivery"
+        );
+        store.ack(&bob, 1, &[other.message_id]).unwrap();
+        assert_eq!(interned_senders(&store), 1, "carol has nothing stored");
+        store.unregister(&bob, 1).unwrap();
+        assert_eq!(interned_senders(&store), 0);
     }
 
     #[test]

@@ -107,6 +107,9 @@ pub fn open(config: &Config) -> Result<Recovered, StorageError> {
     }
     let store = Store::new(config, Arc::new(NoJournal));
     let report = recover(&config.data_dir, &store, true)?;
+    // Recovery decodes every record into short-lived buffers between the mailboxes' growing
+    // ones: their free memory is scattered over the heap.
+    crate::memory::release_free_memory();
     store.mark_all_deliverable();
     let journal = Journal::start(
         &journal_dir,
