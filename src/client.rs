@@ -80,6 +80,9 @@ pub struct ClientOptions {
     pub request_timeout: Duration,
     /// Largest frame accepted from the relay before `Welcome` tells its own limit.
     pub max_frame_len: u32,
+    /// Highest limit a relay's `Welcome` may raise that to: the reader reserves a frame's
+    /// announced length, so a hostile relay must not choose it freely.
+    pub max_relay_frame_len: u32,
     /// Pushes buffered for the application before the connection stops reading.
     pub push_buffer: usize,
     /// Send keepalive pings so the relay does not close a quiet session (e.g. a listener).
@@ -92,6 +95,7 @@ impl Default for ClientOptions {
             connect_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
             max_frame_len: 1 << 20,
+            max_relay_frame_len: 16 << 20,
             push_buffer: 1024,
             keepalive: true,
         }
@@ -177,9 +181,11 @@ impl Client {
                 "Welcome carries another relay key",
             ));
         }
-        reader
-            .decoder_mut()
-            .set_max_frame_len(welcome.max_frame_len.max(1024));
+        reader.decoder_mut().set_max_frame_len(
+            welcome
+                .max_frame_len
+                .clamp(1024, options.max_relay_frame_len.max(1024)),
+        );
         session.set_peer_max_frame_len(welcome.max_frame_len.max(1024));
         if options.keepalive {
             // Ping well inside the relay's idle timeout, never faster than the 30-second rule.
@@ -197,6 +203,7 @@ impl Client {
             reader,
             writer: write,
             pending: HashMap::new(),
+            prune_pending_at: MIN_PRUNE_PENDING_AT,
             next_id: 1,
             pushes: push_tx,
         };
@@ -269,12 +276,28 @@ impl Client {
     }
 }
 
+/// Pending answers below which no pruning is done.
+const MIN_PRUNE_PENDING_AT: usize = 64;
+
+/// Remembers who waits for the answer to `id`. A caller that timed out has dropped its
+/// receiver; such entries are dropped whenever the map has doubled, so a relay that never
+/// answers cannot grow it.
+fn await_answer(pending: &mut HashMap<u64, Reply>, prune_at: &mut usize, id: u64, reply: Reply) {
+    if pending.len() >= *prune_at {
+        pending.retain(|_, waiting| !waiting.is_closed());
+        *prune_at = (2 * pending.len()).max(MIN_PRUNE_PENDING_AT);
+    }
+    pending.insert(id, reply);
+}
+
 /// Owns the socket and the session; answers commands and routes frames.
 struct Driver {
     session: Session,
     reader: FramedRead<tokio::net::tcp::OwnedReadHalf, FrameCodec>,
     writer: tokio::net::tcp::OwnedWriteHalf,
     pending: HashMap<u64, Reply>,
+    /// Size of `pending` at which replies nobody waits for (timed out) are dropped.
+    prune_pending_at: usize,
     next_id: u64,
     pushes: mpsc::Sender<Frame>,
 }
@@ -289,6 +312,10 @@ impl Driver {
             let _ = reply.send(Err(ClientError::Closed));
         }
         let _ = self.writer.shutdown().await;
+    }
+
+    fn await_answer(&mut self, id: u64, reply: Reply) {
+        await_answer(&mut self.pending, &mut self.prune_pending_at, id, reply);
     }
 
     fn next_id(&mut self) -> u64 {
@@ -309,12 +336,12 @@ impl Driver {
                     Some(Command::Request(body, reply)) => {
                         let id = self.next_id();
                         self.session.send(&Frame::new(id, *body))?;
-                        self.pending.insert(id, reply);
+                        self.await_answer(id, reply);
                     }
                     Some(Command::Ping(reply)) => {
                         let id = self.next_id();
                         match self.session.ping(id, Instant::now())? {
-                            Some(_) => { self.pending.insert(id, reply); }
+                            Some(_) => self.await_answer(id, reply),
                             None => { let _ = reply.send(Err(ClientError::PingTooSoon)); }
                         }
                     }
@@ -568,4 +595,33 @@ pub fn verify_delivery(
     );
     sender.verify(&digest, &deliver.sender_signature)?;
     Ok(sender)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_nobody_waits_for_are_pruned() {
+        let mut pending = HashMap::new();
+        let mut prune_at = MIN_PRUNE_PENDING_AT;
+        let mut waiting = Vec::new();
+        for id in 0..10_000u64 {
+            let (reply, answer) = oneshot::channel();
+            await_answer(&mut pending, &mut prune_at, id, reply);
+            // One caller in a hundred is still waiting; the others timed out.
+            if id % 100 == 0 {
+                waiting.push(answer);
+            }
+        }
+        assert!(
+            pending.len() <= 2 * MIN_PRUNE_PENDING_AT + waiting.len(),
+            "{}",
+            pending.len()
+        );
+        assert!(waiting
+            .iter()
+            .enumerate()
+            .all(|(i, _)| pending.contains_key(&(i as u64 * 100))));
+    }
 }

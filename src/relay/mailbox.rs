@@ -99,13 +99,9 @@ impl SenderTable {
         (&entry.identity, entry.device)
     }
 
-    /// Interned senders (for tests and gauges).
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
         self.index.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.index.is_empty()
     }
 }
 
@@ -208,9 +204,9 @@ impl Chunk {
             .map(|offset| offset as u32)
     }
 
-    fn has(&self, id: u64) -> bool {
-        self.bit(id)
-            .is_some_and(|bit| self.present & (1 << bit) != 0)
+    /// The bit of `id` if the chunk holds it.
+    fn present_bit(&self, id: u64) -> Option<u32> {
+        self.bit(id).filter(|bit| self.present & (1 << bit) != 0)
     }
 
     fn last_id(&self) -> Option<u64> {
@@ -285,7 +281,7 @@ impl Chunk {
     /// Removes a present id; returns its sender and payload length. A chunk that takes no more
     /// appends gives back the capacity removals free once it is a fifth of what it holds.
     fn remove(&mut self, id: u64, closed: bool) -> Option<(SenderRef, usize)> {
-        let bit = self.bit(id).filter(|bit| self.present & (1 << bit) != 0)?;
+        let bit = self.present_bit(id)?;
         let rank = self.rank(bit);
         let offset = self.offset_of(rank);
         let record = Record::parse(&self.records[offset..], self.base_ms);
@@ -342,14 +338,13 @@ impl MessageLog {
     }
 
     pub fn contains(&self, id: u64) -> bool {
-        self.chunk_index(id).is_some_and(|i| self.chunks[i].has(id))
+        self.chunk_index(id)
+            .is_some_and(|i| self.chunks[i].present_bit(id).is_some())
     }
 
     pub fn get(&self, id: u64) -> Option<StoredMessage<'_>> {
         let chunk = &self.chunks[self.chunk_index(id)?];
-        let bit = chunk
-            .bit(id)
-            .filter(|bit| chunk.present & (1 << bit) != 0)?;
+        let bit = chunk.present_bit(id)?;
         let rank = chunk.rank(bit);
         Some(chunk.message(id, rank, chunk.offset_of(rank)).0)
     }

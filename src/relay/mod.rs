@@ -190,7 +190,12 @@ impl Relay {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {
-                    self.expire_now();
+                    // The sweep walks every mailbox and may trim the heap: off the runtime's
+                    // workers, like snapshots.
+                    let relay = self.clone();
+                    if let Err(err) = tokio::task::spawn_blocking(move || relay.expire_now()).await {
+                        tracing::error!(error = %err, "expiry sweep failed");
+                    }
                 }
             }
         }

@@ -1296,18 +1296,19 @@ fn describe_account(
             next_id: device.mailbox.next_id,
         }));
         for m in device.mailbox.log.iter() {
-            let (sender, sender_device) = senders.resolve(m.sender);
+            // The same fields a delivery carries, built by the one function that builds them.
+            let d = deliver(&m, senders, device_id);
             push(Kind::MessageStored(ev::MessageStored {
                 recipient: id(),
                 device_id,
-                message_id: m.id,
-                sender: Bytes::copy_from_slice(sender),
-                sender_device,
-                sender_nonce: Bytes::copy_from_slice(&m.nonce),
-                payload_hash: Bytes::copy_from_slice(&sha256(&[m.payload])),
-                sender_signature: Bytes::copy_from_slice(m.signature),
-                payload: Bytes::copy_from_slice(m.payload),
-                received_at_ms: m.received_at_ms,
+                message_id: d.message_id,
+                sender: d.sender,
+                sender_device: d.sender_device,
+                sender_nonce: d.sender_nonce,
+                payload_hash: d.payload_hash,
+                sender_signature: d.sender_signature,
+                payload: d.payload,
+                received_at_ms: d.received_at_ms,
                 ticket_used: Bytes::new(),
                 contact_added: false,
             }));
