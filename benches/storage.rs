@@ -340,7 +340,6 @@ fn message_stored(
             sender: Bytes::copy_from_slice(sender),
             sender_device: 1,
             sender_nonce: Bytes::copy_from_slice(&nonce.to_be_bytes()),
-            payload_hash: Bytes::copy_from_slice(&sha256(&[&payload])),
             sender_signature: Bytes::from_static(SIGNATURE),
             payload,
             received_at_ms: now_ms(),

@@ -7,6 +7,7 @@
 //! - [`client`]: the initiator side, used by the `botd` CLI and by tests.
 
 pub mod client;
+pub mod clock;
 pub mod config;
 pub mod core;
 pub mod keyfile;

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use tokio::io::{AsyncWriteExt, BufWriter};
@@ -145,12 +145,6 @@ async fn handshake<H: Handler>(
     Ok(response.established)
 }
 
-fn unix_millis() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 async fn session<H: Handler>(
     shared: &Shared<H>,
     conn: &mut Conn,
@@ -180,7 +174,7 @@ async fn session<H: Handler>(
         max_frame_len: config.max_frame_len,
         max_payload_len: config.max_payload_len,
         ping_interval_ms: config.ping_interval.as_millis() as u64,
-        server_time_ms: unix_millis(),
+        server_time_ms: crate::clock::unix_millis(),
         idle_timeout_ms: config.idle_timeout.as_millis() as u64,
         relay_pubkey: bytes::Bytes::copy_from_slice(shared.identity.public().as_bytes()),
     })?;

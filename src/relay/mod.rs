@@ -26,34 +26,7 @@ use crate::proto::{Acked, Body, Done, Frame, PreKeysLow, Send, Sent, Subscribed,
 use crate::ratelimit::KeyedLimiter;
 use store::{validate_send, Identity};
 
-/// Unix time in milliseconds that follows tokio's clock, so paused-time tests can move it.
-#[derive(Debug, Clone, Copy)]
-pub struct Clock {
-    base_ms: u64,
-    base: Instant,
-}
-
-impl Clock {
-    pub fn new() -> Self {
-        let base_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        Self {
-            base_ms,
-            base: Instant::now(),
-        }
-    }
-
-    pub fn now_ms(&self) -> u64 {
-        self.base_ms + self.base.elapsed().as_millis() as u64
-    }
-}
-
-impl Default for Clock {
-    fn default() -> Self {
-        Self::new()
-    }
-}
+pub use crate::clock::Clock;
 
 /// The digest a sender signs for `Send.sender_signature`:
 /// SHA-256("botd/1 message" || sender || recipient || recipient_device u32 BE || nonce || payload_hash).

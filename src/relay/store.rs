@@ -59,6 +59,19 @@ impl EventSink for NoJournal {
 
 /// The `Deliver` push of a stored message.
 fn deliver(message: &StoredMessage<'_>, senders: &SenderTable, recipient_device: u32) -> Deliver {
+    let mut deliver = unhashed_deliver(message, senders, recipient_device);
+    // Recomputed rather than stored: 32 bytes per stored message against a hash of the
+    // payload per delivery.
+    deliver.payload_hash = Bytes::copy_from_slice(&sha256(&[message.payload]));
+    deliver
+}
+
+/// Every field of a stored message's `Deliver` but `payload_hash`: all a snapshot keeps.
+fn unhashed_deliver(
+    message: &StoredMessage<'_>,
+    senders: &SenderTable,
+    recipient_device: u32,
+) -> Deliver {
     let (sender, sender_device) = senders.resolve(message.sender);
     Deliver {
         message_id: message.id,
@@ -66,9 +79,7 @@ fn deliver(message: &StoredMessage<'_>, senders: &SenderTable, recipient_device:
         sender_device,
         recipient_device,
         sender_nonce: Bytes::copy_from_slice(&message.nonce),
-        // Recomputed rather than stored: 32 bytes per stored message against a hash of the
-        // payload per delivery.
-        payload_hash: Bytes::copy_from_slice(&sha256(&[message.payload])),
+        payload_hash: Bytes::new(),
         sender_signature: Bytes::copy_from_slice(message.signature),
         payload: Bytes::copy_from_slice(message.payload),
         received_at_ms: message.received_at_ms,
@@ -331,7 +342,6 @@ fn apply(shard: &mut Shard, event: &Event) -> Result<(), ApplyError> {
             let sender: Identity = fixed(&e.sender, "sender")?;
             let nonce = fixed(&e.sender_nonce, "sender_nonce")?;
             let signature = fixed(&e.sender_signature, "sender_signature")?;
-            fixed::<32>(&e.payload_hash, "payload_hash")?;
             if !e.ticket_used.is_empty() {
                 let token: [u8; TICKET_LEN] = fixed(&e.ticket_used, "ticket_used")?;
                 if let Some(ticket) = account.tickets.get_mut(&token) {
@@ -520,20 +530,35 @@ impl Store {
     /// pushes what a subscriber may now receive.
     pub fn release(&self, recipient: &Identity, device_id: u32, message_id: u64) {
         let mut shard = self.shard(recipient).lock();
-        let Shard { accounts, senders } = &mut *shard;
+        self.pump_device(
+            &mut shard,
+            recipient,
+            device_id,
+            Some(message_id),
+            Pace::Other,
+        );
+    }
+
+    /// Pushes what the subscriber of a device's mailbox may now receive, after marking
+    /// `durable_up_to` (if given) deliverable.
+    fn pump_device(
+        &self,
+        shard: &mut Shard,
+        identity: &Identity,
+        device_id: u32,
+        durable_up_to: Option<u64>,
+        pace: Pace,
+    ) {
+        let Shard { accounts, senders } = shard;
         if let Some(device) = accounts
-            .get_mut(recipient)
+            .get_mut(identity)
             .and_then(|a| a.devices.get_mut(&device_id))
         {
             let mailbox = &mut device.mailbox;
-            mailbox.deliverable_up_to = mailbox.deliverable_up_to.max(message_id);
-            pump(
-                mailbox,
-                senders,
-                device_id,
-                self.config.max_unacked,
-                Pace::Other,
-            );
+            if let Some(id) = durable_up_to {
+                mailbox.deliverable_up_to = mailbox.deliverable_up_to.max(id);
+            }
+            pump(mailbox, senders, device_id, self.config.max_unacked, pace);
         }
     }
 
@@ -887,7 +912,6 @@ impl Store {
                 sender: Bytes::copy_from_slice(sender),
                 sender_device: req.sender_device,
                 sender_nonce: req.sender_nonce.clone(),
-                payload_hash: req.payload_hash.clone(),
                 sender_signature: req.sender_signature.clone(),
                 // Shared with the request: the store copies it into its mailbox.
                 payload: req.payload.clone(),
@@ -1029,19 +1053,7 @@ impl Store {
                 }),
             );
         }
-        let Shard { accounts, senders } = &mut *shard;
-        if let Some(device) = accounts
-            .get_mut(me)
-            .and_then(|a| a.devices.get_mut(&device_id))
-        {
-            pump(
-                &mut device.mailbox,
-                senders,
-                device_id,
-                self.config.max_unacked,
-                Pace::OwnRequest,
-            );
-        }
+        self.pump_device(&mut shard, me, device_id, None, Pace::OwnRequest);
         Ok(deleted)
     }
 
@@ -1216,19 +1228,7 @@ impl Store {
                         reason: Removal::Expired as i32,
                     }),
                 );
-                let Shard { accounts, senders } = &mut *shard;
-                if let Some(device) = accounts
-                    .get_mut(&identity)
-                    .and_then(|a| a.devices.get_mut(&device_id))
-                {
-                    pump(
-                        &mut device.mailbox,
-                        senders,
-                        device_id,
-                        self.config.max_unacked,
-                        Pace::Other,
-                    );
-                }
+                self.pump_device(&mut shard, &identity, device_id, None, Pace::Other);
             }
         }
         expiry
@@ -1296,8 +1296,7 @@ fn describe_account(
             next_id: device.mailbox.next_id,
         }));
         for m in device.mailbox.log.iter() {
-            // The same fields a delivery carries, built by the one function that builds them.
-            let d = deliver(&m, senders, device_id);
+            let d = unhashed_deliver(&m, senders, device_id);
             push(Kind::MessageStored(ev::MessageStored {
                 recipient: id(),
                 device_id,
@@ -1305,7 +1304,6 @@ fn describe_account(
                 sender: d.sender,
                 sender_device: d.sender_device,
                 sender_nonce: d.sender_nonce,
-                payload_hash: d.payload_hash,
                 sender_signature: d.sender_signature,
                 payload: d.payload,
                 received_at_ms: d.received_at_ms,
@@ -1538,6 +1536,38 @@ mod tests {
             Err(RelayError::NotFound)
         ));
         assert!(store.get_message(&bob, 1, 3).is_ok());
+    }
+
+    #[test]
+    fn stored_messages_written_with_their_payload_hash_still_replay() {
+        use prost::Message;
+        let store = store(&Config::default());
+        let (alice, bob) = (identity(), identity());
+        register(&store, &bob);
+        let stored = ev::MessageStored {
+            recipient: Bytes::copy_from_slice(&bob),
+            device_id: 1,
+            message_id: 7,
+            sender: Bytes::copy_from_slice(&alice),
+            sender_device: 1,
+            sender_nonce: Bytes::from_static(&[1; NONCE_LEN]),
+            sender_signature: Bytes::from_static(&[2; SIGNATURE_LEN]),
+            payload: Bytes::from_static(b"old"),
+            received_at_ms: 5,
+            ..Default::default()
+        };
+        // As files written before field 7 was retired carry it.
+        let mut encoded = stored.encode_to_vec();
+        prost::encoding::bytes::encode(7, &Bytes::from_static(&[9; 32]), &mut encoded);
+        let decoded = ev::MessageStored::decode(&encoded[..]).unwrap();
+        store
+            .replay(&Event {
+                kind: Some(Kind::MessageStored(decoded)),
+            })
+            .unwrap();
+        let delivered = store.get_message(&bob, 1, 7).unwrap();
+        assert_eq!(&delivered.payload[..], b"old");
+        assert_eq!(&delivered.payload_hash[..], &sha256(&[b"old"])[..]);
     }
 
     fn interned_senders(store: &Store) -> usize {

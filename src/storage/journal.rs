@@ -24,15 +24,12 @@ pub const JOURNAL_MAGIC: &[u8; 8] = b"BOTDJRNL";
 
 /// Name of the segment whose first record has `lsn`.
 pub fn segment_name(first_lsn: u64) -> String {
-    format!("journal-{first_lsn:020}.log")
+    super::numbered_name("journal-", first_lsn, ".log")
 }
 
 /// The first lsn of a segment, from its file name.
 pub fn segment_first_lsn(name: &str) -> Option<u64> {
-    name.strip_prefix("journal-")?
-        .strip_suffix(".log")?
-        .parse()
-        .ok()
+    super::name_number(name, "journal-", ".log")
 }
 
 /// Progress of the journal as seen by waiters.

@@ -129,6 +129,20 @@ pub fn open(config: &Config) -> Result<Recovered, StorageError> {
     })
 }
 
+/// `prefix`, `number` in 20 digits (so names sort as numbers), `suffix`: journal segments and
+/// snapshots are named this way.
+fn numbered_name(prefix: &str, number: u64, suffix: &str) -> String {
+    format!("{prefix}{number:020}{suffix}")
+}
+
+/// The number of a file named by [`numbered_name`].
+fn name_number(name: &str, prefix: &str, suffix: &str) -> Option<u64> {
+    name.strip_prefix(prefix)?
+        .strip_suffix(suffix)?
+        .parse()
+        .ok()
+}
+
 /// Verifies every file of a data directory without changing anything, and counts what it holds.
 pub fn check(data_dir: &Path) -> Result<RecoveryReport, StorageError> {
     let _lock = lock_dir(data_dir)?;

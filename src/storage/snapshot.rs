@@ -18,14 +18,11 @@ use crate::relay::Store;
 pub const SNAPSHOT_MAGIC: &[u8; 8] = b"BOTDSNAP";
 
 pub fn snapshot_name(seq: u64) -> String {
-    format!("snapshot-{seq:020}.snap")
+    super::numbered_name("snapshot-", seq, ".snap")
 }
 
 pub fn snapshot_seq(name: &str) -> Option<u64> {
-    name.strip_prefix("snapshot-")?
-        .strip_suffix(".snap")?
-        .parse()
-        .ok()
+    super::name_number(name, "snapshot-", ".snap")
 }
 
 /// What a written snapshot holds.
@@ -34,8 +31,6 @@ pub struct SnapshotInfo {
     pub path: PathBuf,
     pub events: u64,
     pub bytes: u64,
-    /// The smallest per-shard cover: every journal record up to here is in the snapshot.
-    pub min_cover: u64,
 }
 
 /// Writes a snapshot of `store` as `snapshot-<seq>.snap` in `dir`.
@@ -84,7 +79,6 @@ pub fn write(
             events += 1;
         }
     }
-    let min_cover = covers.iter().copied().min().unwrap_or(0);
     write_record(
         &mut out,
         snapshot_record::Kind::Trailer(SnapshotTrailer {
@@ -103,6 +97,5 @@ pub fn write(
         path: final_path,
         events,
         bytes,
-        min_cover,
     })
 }
