@@ -17,7 +17,7 @@ use tokio_util::codec::FramedRead;
 use crate::core::codec::{encode_frame, CodecError, FrameCodec};
 use crate::core::handshake::{AwaitingAck, HandshakeError};
 use crate::core::keys::{KeyPair, PublicKeyBytes};
-use crate::core::session::{Session, SessionError, Timers};
+use crate::core::session::{Received, Session, SessionError, Timers};
 use bytes::Bytes;
 
 use crate::core::keys::sha256;
@@ -165,7 +165,7 @@ impl Client {
         );
         let body = reader.next().await.ok_or(ClientError::Closed)??;
         let welcome = match session.on_frame(body, Instant::now())? {
-            Some(Frame {
+            Received::Frame(Frame {
                 body: Some(Body::Welcome(welcome)),
                 ..
             }) => welcome,
@@ -187,14 +187,18 @@ impl Client {
                 .clamp(1024, options.max_relay_frame_len.max(1024)),
         );
         session.set_peer_max_frame_len(welcome.max_frame_len.max(1024));
-        if options.keepalive {
-            // Ping well inside the relay's idle timeout, never faster than the 30-second rule.
-            let idle = Duration::from_millis(welcome.idle_timeout_ms);
-            session.set_timers(Timers {
-                keepalive_after: Some((idle / 3).max(Duration::from_secs(31))),
-                ..session.timers().clone()
-            });
-        }
+        // The relay may ask for more than the 30 seconds between Pings that BOTD sets.
+        let ping_min_interval =
+            Duration::from_millis(welcome.ping_min_interval_ms).max(Duration::from_secs(30));
+        let idle = Duration::from_millis(welcome.idle_timeout_ms);
+        session.set_timers(Timers {
+            ping_min_interval,
+            // Ping well inside the relay's idle timeout, never faster than the ping rule.
+            keepalive_after: options
+                .keepalive
+                .then(|| (idle / 3).max(ping_min_interval + Duration::from_secs(1))),
+            ..session.timers().clone()
+        });
 
         let (commands, command_rx) = mpsc::channel(256);
         let (push_tx, pushes) = mpsc::channel(options.push_buffer.max(1));
@@ -348,7 +352,14 @@ impl Driver {
                 },
                 frame = self.reader.next() => {
                     let body = frame.ok_or(ClientError::Closed)??;
-                    let Some(frame) = self.session.on_frame(body, Instant::now())? else { continue };
+                    let frame = match self.session.on_frame(body, Instant::now())? {
+                        Received::Frame(frame) => frame,
+                        Received::Reply(reply) => {
+                            self.session.send(&reply)?;
+                            continue;
+                        }
+                        Received::Nothing => continue,
+                    };
                     if let Some(reply) = self.pending.remove(&frame.id).filter(|_| frame.id != 0) {
                         let _ = reply.send(Ok(frame));
                     } else if !matches!(frame.body, Some(Body::Pong(_))) {
@@ -363,12 +374,8 @@ impl Driver {
     }
 
     async fn flush(&mut self) -> Result<(), ClientError> {
-        let mut wrote = false;
-        while let Some(wire) = self.session.poll_transmit() {
+        if let Some(wire) = self.session.poll_transmit() {
             self.writer.write_all(&wire).await?;
-            wrote = true;
-        }
-        if wrote {
             self.session.mark_sent(Instant::now());
         }
         Ok(())

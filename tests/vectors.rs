@@ -386,6 +386,7 @@ fn plaintext(direction: &str, seq: u64, relay_pubkey: &PublicKeyBytes, v: &Value
                     server_time_ms: num(w, "server_time_ms"),
                     idle_timeout_ms: num(w, "idle_timeout_ms"),
                     relay_pubkey: Bytes::copy_from_slice(relay_pubkey.as_bytes()),
+                    ping_min_interval_ms: w["ping_min_interval_ms"].as_u64().unwrap_or(0),
                 }),
             )
         }

@@ -91,14 +91,6 @@ impl DirectionState {
         ctr.apply_keystream(data);
     }
 
-    /// Encrypts `input` into `out` in one pass: cheaper than copying, then encrypting in place.
-    fn keystream_into(&self, input: &[u8], out: &mut [u8]) {
-        let core = ctr::CtrCore::inner_iv_init(self.aes.clone(), &Self::iv(self.seq).into());
-        let mut ctr: Aes256Ctr = StreamCipherCoreWrapper::from_core(core);
-        ctr.apply_keystream_b2b(input, out)
-            .expect("input and output have the same length");
-    }
-
     fn tag_mac(&self, ciphertext: &[u8]) -> HmacSha256 {
         let mut mac = self.mac.clone();
         mac.update(&self.seq.to_be_bytes());
@@ -136,41 +128,41 @@ impl Sealer {
         self.0.seq
     }
 
-    /// Seals the plaintext that `write` puts into the buffer and returns the whole wire frame:
-    /// `len (u32 BE) || ciphertext || tag`. Writing the plaintext straight into the frame buffer
-    /// spares a copy of every payload.
-    pub fn seal_with(&mut self, plaintext_len: usize, write: impl FnOnce(&mut BytesMut)) -> Bytes {
+    /// Seals the plaintext that `write` appends to `out` (exactly `plaintext_len` bytes) and
+    /// leaves the whole wire frame `len (u32 BE) || ciphertext || tag` at the end of `out`.
+    /// Writing the plaintext straight into the caller's output buffer spares a copy of every
+    /// payload and an allocation per frame: a connection seals all it has ready into one buffer
+    /// and writes it with one call.
+    pub fn seal_into(
+        &mut self,
+        out: &mut BytesMut,
+        plaintext_len: usize,
+        write: impl FnOnce(&mut BytesMut),
+    ) {
         let body_len = plaintext_len + TAG_LEN;
-        let mut buf = BytesMut::with_capacity(4 + body_len);
-        buf.put_u32(body_len as u32);
-        write(&mut buf);
+        out.reserve(4 + body_len);
+        out.put_u32(body_len as u32);
+        let start = out.len();
+        write(out);
         debug_assert_eq!(
-            buf.len(),
-            4 + plaintext_len,
+            out.len(),
+            start + plaintext_len,
             "writer wrote the announced length"
         );
-        self.0.keystream(&mut buf[4..]);
-        self.finish(buf)
-    }
-
-    /// Seals a plaintext given as bytes; see [`Sealer::seal_with`].
-    pub fn seal(&mut self, plaintext: &[u8]) -> Bytes {
-        let body_len = plaintext.len() + TAG_LEN;
-        let mut buf = BytesMut::with_capacity(4 + body_len);
-        buf.put_u32(body_len as u32);
-        buf.resize(4 + plaintext.len(), 0);
         let state = &mut self.0;
-        state.keystream_into(plaintext, &mut buf[4..]);
-        self.finish(buf)
-    }
-
-    /// Appends the tag over the encrypted body and moves to the next frame.
-    fn finish(&mut self, mut buf: BytesMut) -> Bytes {
-        let state = &mut self.0;
-        let tag = state.tag_mac(&buf[4..]).finalize().into_bytes();
-        buf.extend_from_slice(&tag[..TAG_LEN]);
+        state.keystream(&mut out[start..]);
+        let tag = state.tag_mac(&out[start..]).finalize().into_bytes();
+        out.extend_from_slice(&tag[..TAG_LEN]);
         state.advance();
-        buf.freeze()
+    }
+
+    /// Seals a plaintext given as bytes and returns the wire frame; see [`Sealer::seal_into`].
+    pub fn seal(&mut self, plaintext: &[u8]) -> Bytes {
+        let mut out = BytesMut::with_capacity(4 + plaintext.len() + TAG_LEN);
+        self.seal_into(&mut out, plaintext.len(), |buf| {
+            buf.extend_from_slice(plaintext)
+        });
+        out.freeze()
     }
 }
 
@@ -193,12 +185,14 @@ impl Opener {
         if body.len() < TAG_LEN {
             return Err(CipherError::Truncated);
         }
-        let tag = body.split_off(body.len() - TAG_LEN);
+        let ciphertext_len = body.len() - TAG_LEN;
+        let (ciphertext, tag) = body.split_at(ciphertext_len);
         let state = &mut self.0;
         state
-            .tag_mac(&body)
-            .verify_truncated_left(&tag)
+            .tag_mac(ciphertext)
+            .verify_truncated_left(tag)
             .map_err(|_| CipherError::BadTag)?;
+        body.truncate(ciphertext_len);
         state.keystream(&mut body);
         state.advance();
         Ok(body)

@@ -1,9 +1,12 @@
 //! An established botd/1 session without IO: it opens incoming frame bodies, seals outgoing
-//! frames into an outbox, and enforces the session rules (Welcome first, the 30-second ping rule,
-//! liveness probes, idle and pong timeouts). Time is passed in; the caller sleeps until
-//! [`Session::next_deadline`] and then calls [`Session::on_timeout`].
+//! frames into one output buffer, and enforces the session rules (Welcome first, the
+//! 30-second ping rule, liveness probes, idle and pong timeouts). Time is passed in; the caller
+//! sleeps until [`Session::next_deadline`] and then calls [`Session::on_timeout`].
+//!
+//! Session-level answers (a `Pong`, or an `Error` for a plaintext that is not a `Frame` or a
+//! frame without a known body) are handed back as [`Received::Reply`] rather than sealed at
+//! once, so that the caller can send them in turn with the answers to earlier requests.
 
-use std::collections::VecDeque;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -16,6 +19,9 @@ use crate::proto::{random_id, valid_id, Body, ErrorCode, Frame, Ping, Pong, Welc
 
 /// Extra wait beyond the peer's ping interval before we ping again.
 pub const OWN_PING_MARGIN: Duration = Duration::from_secs(1);
+
+/// An empty output buffer keeps at most this much capacity, so idle sessions hold little.
+const IDLE_OUTBOX_CAPACITY: usize = 16 * 1024;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SessionError {
@@ -63,6 +69,19 @@ pub struct Timers {
     pub idle_timeout: Option<Duration>,
 }
 
+/// What an opened frame means for the caller.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Received {
+    /// A frame for the layer above: a request, an answer, a push, or a `Pong` (a client may be
+    /// waiting for it).
+    Frame(Frame),
+    /// A session-level answer to send in its turn: a `Pong`, or an `Error` for a plaintext
+    /// that is not a `Frame` or a frame without a known body.
+    Reply(Frame),
+    /// Nothing for the caller (an accepted `Welcome` is passed up as a frame).
+    Nothing,
+}
+
 /// What the session is waiting for from the peer.
 #[derive(Debug)]
 enum Phase {
@@ -93,7 +112,8 @@ pub struct Session {
     last_peer_ping: Option<Instant>,
     last_own_ping: Option<Instant>,
     liveness: Liveness,
-    outbox: VecDeque<Bytes>,
+    /// Sealed wire frames not yet handed to the transport, back to back.
+    outbox: BytesMut,
 }
 
 impl Session {
@@ -143,7 +163,7 @@ impl Session {
             last_peer_ping: None,
             last_own_ping: None,
             liveness: Liveness::Quiet,
-            outbox: VecDeque::new(),
+            outbox: BytesMut::new(),
         }
     }
 
@@ -160,15 +180,16 @@ impl Session {
         self.peer_max_frame_len = max;
     }
 
+    /// The largest frame body the peer accepts.
+    pub fn peer_max_frame_len(&self) -> u32 {
+        self.peer_max_frame_len
+    }
+
     /// Opens one frame body. Pings, bodies nobody understands and undecodable plaintext are
-    /// answered here; a Pong satisfies the pending ping and is also passed up (a client may be
-    /// waiting for it); anything else is returned for the layer above.
+    /// answered with a [`Received::Reply`]; a Pong satisfies the pending ping and is also
+    /// passed up; anything else is returned for the layer above.
     /// An `Err` means: flush the outbox, then close.
-    pub fn on_frame(
-        &mut self,
-        body: BytesMut,
-        now: Instant,
-    ) -> Result<Option<Frame>, SessionError> {
+    pub fn on_frame(&mut self, body: BytesMut, now: Instant) -> Result<Received, SessionError> {
         let plaintext = self.opener.open(body)?;
         self.last_received = now;
         let frame = match Frame::decode(plaintext.freeze()) {
@@ -178,12 +199,11 @@ impl Session {
             }
             Err(err) => {
                 self.last_active = now;
-                self.send(&Frame::error(
+                return Ok(Received::Reply(Frame::error(
                     0,
                     ErrorCode::BadRequest,
                     format!("frame does not decode: {err}"),
-                ))?;
-                return Ok(None);
+                )));
             }
         };
         if let Phase::AwaitingWelcome = self.phase {
@@ -191,7 +211,7 @@ impl Session {
                 Some(Body::Welcome(_)) => {
                     self.phase = Phase::Open;
                     self.last_active = now;
-                    Ok(Some(frame))
+                    Ok(Received::Frame(frame))
                 }
                 _ => Err(SessionError::ExpectedWelcome),
             };
@@ -200,24 +220,28 @@ impl Session {
             self.last_active = now;
         }
         match frame.body {
-            Some(Body::Ping(ping)) => self.on_ping(frame.id, ping, now).map(|()| None),
+            Some(Body::Ping(ping)) => self.on_ping(frame.id, ping, now),
             Some(Body::Pong(pong)) => {
                 self.on_pong(&pong);
-                Ok(Some(Frame::new(frame.id, Body::Pong(pong))))
+                Ok(Received::Frame(Frame::new(frame.id, Body::Pong(pong))))
             }
-            None => {
-                self.send(&Frame::error(
-                    frame.id,
-                    ErrorCode::Unsupported,
-                    "missing or unknown frame body",
-                ))?;
-                Ok(None)
-            }
-            Some(_) => Ok(Some(frame)),
+            None => Ok(Received::Reply(Frame::error(
+                frame.id,
+                ErrorCode::Unsupported,
+                "missing or unknown frame body",
+            ))),
+            Some(_) => Ok(Received::Frame(frame)),
         }
     }
 
-    fn on_ping(&mut self, frame_id: u64, ping: Ping, now: Instant) -> Result<(), SessionError> {
+    fn on_ping(
+        &mut self,
+        frame_id: u64,
+        ping: Ping,
+        now: Instant,
+    ) -> Result<Received, SessionError> {
+        // The 30-second rule is checked first: any Ping inside the window is a flood, whether
+        // or not its id is well formed.
         if let Some(previous) = self.last_peer_ping {
             if now.saturating_duration_since(previous) < self.timers.ping_min_interval {
                 let limit = self.timers.ping_min_interval;
@@ -230,20 +254,20 @@ impl Session {
             }
         }
         if !valid_id(&ping.id) {
-            return self.send(&Frame::error(
+            return Ok(Received::Reply(Frame::error(
                 frame_id,
                 ErrorCode::BadRequest,
                 "ping id must be 1 to 64 bytes",
-            ));
+            )));
         }
         self.last_peer_ping = Some(now);
-        self.send(&Frame::new(
+        Ok(Received::Reply(Frame::new(
             frame_id,
             Body::Pong(Pong {
                 id: random_id(),
                 ping_id: ping.id,
             }),
-        ))
+        )))
     }
 
     fn on_pong(&mut self, pong: &Pong) {
@@ -337,20 +361,27 @@ impl Session {
 
     /// Seals a frame into the outbox.
     pub fn send(&mut self, frame: &Frame) -> Result<(), SessionError> {
-        let len = frame.encoded_len();
+        let active = !matches!(frame.body, Some(Body::Pong(_)));
+        self.send_encoded(frame.encoded_len(), active, |buf| frame.encode_raw(buf))
+    }
+
+    /// Seals a plaintext of `len` bytes that `write` encodes (a `Frame` encoded by hand, e.g.
+    /// a `Deliver` from the store's own message type) into the outbox. `active` is false only
+    /// for a `Pong`, which does not count as activity of ours.
+    pub fn send_encoded(
+        &mut self,
+        len: usize,
+        active: bool,
+        write: impl FnOnce(&mut BytesMut),
+    ) -> Result<(), SessionError> {
         if len + TAG_LEN > self.peer_max_frame_len as usize {
             return Err(SessionError::FrameTooLarge {
                 len: len + TAG_LEN,
                 max: self.peer_max_frame_len,
             });
         }
-        if !matches!(frame.body, Some(Body::Pong(_))) {
-            self.sent_active = true;
-        }
-        let wire = self.sealer.seal_with(len, |buf| {
-            frame.encode_raw(buf);
-        });
-        self.outbox.push_back(wire);
+        self.sent_active |= active;
+        self.sealer.seal_into(&mut self.outbox, len, write);
         Ok(())
     }
 
@@ -367,9 +398,31 @@ impl Session {
         }
     }
 
-    /// The next sealed wire frame (length prefix included) to write.
+    /// The sealed bytes waiting to be written: whole wire frames, back to back.
+    pub fn transmit(&self) -> &[u8] {
+        &self.outbox
+    }
+
+    /// Bytes sealed and not yet written.
+    pub fn transmit_len(&self) -> usize {
+        self.outbox.len()
+    }
+
+    /// Drops `written` bytes from the front of [`Session::transmit`]. Once the outbox is empty,
+    /// a large buffer is given back, so an idle session holds little memory.
+    pub fn advance_transmit(&mut self, written: usize) {
+        bytes::Buf::advance(&mut self.outbox, written);
+        if self.outbox.is_empty() && self.outbox.capacity() > IDLE_OUTBOX_CAPACITY {
+            self.outbox = BytesMut::new();
+        }
+    }
+
+    /// Takes every sealed wire frame at once (length prefixes included), if any.
     pub fn poll_transmit(&mut self) -> Option<Bytes> {
-        self.outbox.pop_front()
+        if self.outbox.is_empty() {
+            return None;
+        }
+        Some(self.outbox.split().freeze())
     }
 
     /// A `Welcome` frame as the responder's first message.
@@ -432,12 +485,26 @@ mod tests {
         now: Instant,
     ) -> Result<Vec<Frame>, SessionError> {
         let mut up = Vec::new();
-        while let Some(wire) = from.poll_transmit() {
-            if let Some(frame) = to.on_frame(BytesMut::from(&wire[4..]), now)? {
-                up.push(frame);
+        for body in wire_bodies(&from.poll_transmit().unwrap_or_default()) {
+            match to.on_frame(body, now)? {
+                Received::Frame(frame) => up.push(frame),
+                Received::Reply(reply) => to.send(&reply)?,
+                Received::Nothing => {}
             }
         }
         Ok(up)
+    }
+
+    /// The frame bodies of a run of wire frames.
+    fn wire_bodies(wire: &[u8]) -> Vec<BytesMut> {
+        let mut bodies = Vec::new();
+        let mut rest = wire;
+        while !rest.is_empty() {
+            let len = u32::from_be_bytes(rest[..4].try_into().unwrap()) as usize;
+            bodies.push(BytesMut::from(&rest[4..4 + len]));
+            rest = &rest[4 + len..];
+        }
+        bodies
     }
 
     fn error_code(frame: &Frame) -> ErrorCode {
@@ -518,9 +585,13 @@ mod tests {
         assert!(server.poll_transmit().is_none());
         assert_eq!(server.next_deadline(), now + 80 * SECOND);
         // A live peer answers and the probe is satisfied.
-        client
+        match client
             .on_frame(BytesMut::from(&probe[4..]), now + 61 * SECOND)
-            .unwrap();
+            .unwrap()
+        {
+            Received::Reply(pong) => client.send(&pong).unwrap(),
+            other => panic!("expected a Pong to send, got {other:?}"),
+        }
         deliver(&mut client, &mut server, now + 61 * SECOND).unwrap();
         assert!(matches!(server.liveness, Liveness::Quiet));
         // Next time nobody answers.
@@ -593,7 +664,7 @@ mod tests {
         client.send(&Frame { id: 7, body: None }).unwrap();
         // A plaintext that is not a Frame: field 1 with wire type 7 (invalid).
         let garbage = client.sealer.seal(&[0x0f, 0xff]);
-        client.outbox.push_back(garbage);
+        client.outbox.extend_from_slice(&garbage);
         assert!(deliver(&mut client, &mut server, now).unwrap().is_empty());
         let replies = deliver(&mut server, &mut client, now).unwrap();
         assert_eq!(replies.len(), 2);

@@ -18,7 +18,7 @@ use super::server::Shared;
 use super::{Handler, NetError};
 use crate::core::codec::{encode_frame, FrameCodec, LEN_PREFIX};
 use crate::core::handshake::{respond, Established};
-use crate::core::session::{Session, Timers};
+use crate::core::session::{Received, Session, Timers};
 use crate::metrics as m;
 use crate::proto::{ErrorCode, Frame, Welcome, PROTOCOL_NAME};
 
@@ -177,6 +177,7 @@ async fn session<H: Handler>(
         server_time_ms: crate::clock::unix_millis(),
         idle_timeout_ms: config.idle_timeout.as_millis() as u64,
         relay_pubkey: bytes::Bytes::copy_from_slice(shared.identity.public().as_bytes()),
+        ping_min_interval_ms: config.ping_min_interval.as_millis() as u64,
     })?;
     let (push, mut pushes) = push::channel(config.max_outbound_bytes);
     let mut app = shared.handler.connect(established.remote, push);
@@ -208,10 +209,14 @@ async fn session_loop<H: Handler>(
                     Some(result) => result?,
                 };
                 conn.count_in(body.len());
-                if let Some(frame) = session.on_frame(body, Instant::now())? {
-                    for reply in shared.handler.request(app, frame).await {
-                        session.send(&reply)?;
+                match session.on_frame(body, Instant::now())? {
+                    Received::Frame(frame) => {
+                        for reply in shared.handler.request(app, frame).await {
+                            session.send(&reply)?;
+                        }
                     }
+                    Received::Reply(reply) => session.send(&reply)?,
+                    Received::Nothing => {}
                 }
             }
             push = pushes.recv(), if pushes_open => match push {
@@ -290,12 +295,8 @@ impl Conn {
 
     /// Writes everything the session sealed, then flushes once.
     async fn flush_session(&mut self, session: &mut Session) -> Result<(), NetError> {
-        let mut wrote = false;
-        while let Some(wire) = session.poll_transmit() {
+        if let Some(wire) = session.poll_transmit() {
             self.write_all(&wire).await?;
-            wrote = true;
-        }
-        if wrote {
             self.flush().await?;
             session.mark_sent(Instant::now());
         }

@@ -218,12 +218,14 @@ impl RawPeer {
     pub async fn recv(&mut self) -> Option<botd_relay::proto::Frame> {
         loop {
             let body = self.read_body().await?;
-            let frame = self
+            let received = self
                 .session
                 .on_frame(body, tokio::time::Instant::now())
                 .expect("relay frames open");
-            if let Some(frame) = frame {
-                return Some(frame);
+            match received {
+                botd_relay::core::session::Received::Frame(frame) => return Some(frame),
+                botd_relay::core::session::Received::Reply(reply) => self.send(&reply).await,
+                botd_relay::core::session::Received::Nothing => {}
             }
         }
     }
