@@ -9,14 +9,14 @@
 //!    writer tasks; the fsync count is inferred from the journal thread's write syscalls
 //!    (`/proc/self/task/<tid>/io`: one `write` per batch, and under `always` one `fdatasync`
 //!    per batch);
-//! 2. recovery of 1M stored 100-B messages: `storage::open` from the journal only, and from a
+//! 2. recovery of 1M stored 100-B messages: `EmbeddedStore::open` from the journal only, and from a
 //!    snapshot;
 //! 3. memory per stored message beyond its payload (RSS, and heap in use from `mallinfo2`), each
 //!    variant in a fresh child process (this binary re-run with `BOTD_STORAGE_BENCH_CHILD` set):
 //!    the target workload, the recovery and live paths, small mailboxes, distinct senders, and
 //!    half-acked mailboxes;
-//! 4. p50/p99/max of `Store::send` normally, during `Storage::snapshot`, during a bare walk of
-//!    `Store::snapshot_shard` and beside a CPU hog, plus the per-shard `snapshot_shard` call.
+//! 4. p50/p99/max of a store append normally, during `EmbeddedStore::snapshot`, during a bare
+//!    walk of `State::snapshot_shard` and beside a CPU hog, plus the per-shard `snapshot_shard` call.
 //!
 //! Without `--bench` (`cargo test --benches`) everything runs at a tiny scale, as a smoke test.
 //! `BOTD_BENCH_PARTS=1,2,3,4,criterion` selects parts (default: all).
@@ -39,9 +39,8 @@ use botd_relay::core::cipher::TAG_LEN;
 use botd_relay::core::keys::{sha256, KeyPair, SIGNATURE_LEN};
 use botd_relay::proto::store::{event::Kind, Event, MessageStored};
 use botd_relay::proto::{self, Body, Frame, Send};
-use botd_relay::relay::store::Identity;
-use botd_relay::relay::{EventSink, NoJournal, Store};
-use botd_relay::storage::{self, Journal};
+use botd_relay::store::embedded::{EmbeddedStore, Journal, JournalOptions, RecoveryReport, State};
+use botd_relay::store::{Appended, Identity, MailboxId, NewMessage, Registration};
 
 const PAYLOAD_LEN: usize = 100;
 const SENDERS: usize = 16;
@@ -256,18 +255,61 @@ fn payload(i: u64) -> Vec<u8> {
     p
 }
 
-fn register_request(device_id: u32) -> proto::Register {
-    proto::Register {
-        device_id,
+fn registration(device: u32) -> Registration {
+    Registration {
+        device,
         registration_id: 7,
         identity_key: Bytes::from_static(&[7; 33]),
-        signed_prekey: Some(proto::SignedPreKey {
+        signed_prekey: proto::SignedPreKey {
             id: 1,
             public_key: Bytes::from_static(&[8; 33]),
             signature: Bytes::from_static(&[9; 64]),
-        }),
+        },
         one_time_prekeys: Vec::new(),
     }
+}
+
+/// A validated `Send` as the store's message (what the relay hands the store).
+fn new_message(sender: &Identity, req: &Send, now_ms: u64) -> NewMessage {
+    NewMessage {
+        to: MailboxId {
+            identity: req.recipient[..].try_into().expect("33 bytes"),
+            device: req.recipient_device,
+        },
+        sender: *sender,
+        sender_device: req.sender_device,
+        nonce: req.sender_nonce[..].try_into().expect("8 bytes"),
+        payload_hash: req.payload_hash[..].try_into().expect("32 bytes"),
+        signature: req.sender_signature[..].try_into().expect("64 bytes"),
+        payload: req.payload.clone(),
+        ticket: None,
+        received_at_ms: now_ms,
+    }
+}
+
+/// Stores a message through the state (as `append` does); returns its id.
+fn append(state: &State, sender: &Identity, req: &Send, now_ms: u64) -> u64 {
+    match state
+        .append(new_message(sender, req, now_ms))
+        .expect("send")
+        .value
+        .0
+    {
+        Appended::Stored(id) | Appended::Duplicate(id) => id,
+    }
+}
+
+fn mailbox(identity: &Identity) -> MailboxId {
+    MailboxId {
+        identity: *identity,
+        device: 1,
+    }
+}
+
+/// A store opened from disk, with what recovery reported.
+struct Recovered {
+    store: EmbeddedStore,
+    report: RecoveryReport,
 }
 
 /// Recipients (one device each) and senders; the i-th message goes round-robin over both,
@@ -290,9 +332,11 @@ impl Workload {
         }
     }
 
-    fn register_all(&self, store: &Store) {
+    fn register_all(&self, store: &State) {
         for id in self.recipients.iter().chain(&self.senders) {
-            store.register(id, register_request(1)).expect("register");
+            store
+                .register(id, registration(1), now_ms())
+                .expect("register");
         }
     }
 
@@ -318,13 +362,13 @@ impl Workload {
     }
 
     /// Stores message i through the store's API, with the payload in its own allocation.
-    fn store_message(&self, store: &Store, i: u64, now_ms: u64) {
+    fn store_message(&self, store: &State, i: u64, now_ms: u64) {
         let req = self.send(i, Bytes::from(payload(i)));
-        store.send(self.sender(i), &req, now_ms).expect("send");
+        append(store, self.sender(i), &req, now_ms);
     }
 }
 
-/// The journal record of a stored message, as `Store::send` produces it.
+/// The journal record of a stored message, as a store append produces it.
 fn message_stored(
     recipient: &Identity,
     sender: &Identity,
@@ -389,7 +433,7 @@ fn journal_counters(tid: Option<u64>, dir: &Path) -> (Option<(u64, u64)>, u64) {
 
 fn journal_run(policy: FsyncPolicy, writers: usize, window: Duration) -> JournalRun {
     let dir = TempDir::new("journal");
-    let options = botd_relay::storage::JournalOptions {
+    let options = JournalOptions {
         policy,
         fsync_interval: Duration::from_millis(10),
         segment_bytes: 64 << 20,
@@ -423,11 +467,11 @@ fn journal_run(policy: FsyncPolicy, writers: usize, window: Duration) -> Journal
                         if let Some(Kind::MessageStored(m)) = &mut event.kind {
                             m.message_id += 1;
                         }
-                        let lsn = journal.record(&event);
+                        let lsn = journal.record(&event).expect("record");
                         // Under `always` the relay answers only once the record is durable;
                         // under the other policies at once.
                         if policy == FsyncPolicy::Always {
-                            journal.wait_durable(lsn).await.expect("durable");
+                            journal.progress().wait(lsn).await.expect("durable");
                         } else {
                             tokio::task::yield_now().await;
                         }
@@ -528,16 +572,17 @@ fn bench_journal(scale: Scale, summary: &mut Summary) {
 // ---------------------------------------------------------------------------------------------
 
 /// Opens the store, checks it holds `messages`, and returns it with the time `open` took.
-fn timed_open(config: &Config, messages: usize) -> (storage::Recovered, Duration) {
+fn timed_open(config: &Config, messages: usize) -> (Recovered, Duration) {
     let started = Instant::now();
-    let recovered = storage::open(config).expect("open");
+    let (store, report) = EmbeddedStore::open(config, now_ms()).expect("open");
+    let recovered = Recovered { store, report };
     let elapsed = started.elapsed();
     assert_eq!(recovered.report.stats.messages, messages, "recovered store");
     (recovered, elapsed)
 }
 
-fn close(recovered: storage::Recovered) {
-    recovered.storage.journal().shutdown();
+fn close(recovered: Recovered) {
+    recovered.store.journal().expect("durable").shutdown();
     drop(recovered);
 }
 
@@ -548,12 +593,13 @@ fn bench_recovery_and_latency(scale: Scale, summary: &mut Summary) {
     let config = config(&dir.0);
     let workload = Workload::new(scale.recipients, SENDERS);
 
-    let recovered = storage::open(&config).expect("open empty");
-    workload.register_all(&recovered.store);
+    let (store, report) = EmbeddedStore::open(&config, now_ms()).expect("open empty");
+    let recovered = Recovered { store, report };
+    workload.register_all(recovered.store.state());
     let started = Instant::now();
     let now = now_ms();
     for i in 0..n as u64 {
-        workload.store_message(&recovered.store, i, now);
+        workload.store_message(recovered.store.state(), i, now);
     }
     let build = started.elapsed();
     close(recovered);
@@ -564,7 +610,7 @@ fn bench_recovery_and_latency(scale: Scale, summary: &mut Summary) {
         .map(|m| m.len())
         .sum();
     println!(
-        "built through Store::send with the journal as sink (fsync never): {n} messages in {:.2} s ({:.0}/s), journal {:.0} MB",
+        "built through State::append with the journal as sink (fsync never): {n} messages in {:.2} s ({:.0}/s), journal {:.0} MB",
         build.as_secs_f64(),
         n as f64 / build.as_secs_f64(),
         journal_bytes as f64 / 1e6
@@ -592,9 +638,10 @@ fn bench_recovery_and_latency(scale: Scale, summary: &mut Summary) {
     let (recovered, _) = timed_open(&config, n);
     let started = Instant::now();
     let info = recovered
-        .storage
-        .snapshot(&recovered.store, now_ms())
-        .expect("snapshot");
+        .store
+        .snapshot(now_ms())
+        .expect("snapshot")
+        .expect("a durable store");
     let snapshot_time = started.elapsed();
     close(recovered);
     summary.line(format!(
@@ -637,7 +684,7 @@ fn bench_recovery_and_latency(scale: Scale, summary: &mut Summary) {
 
 /// Runs two paced sender threads while `during` runs; returns every send's duration in ns.
 fn paced_sends(
-    store: &Store,
+    store: &State,
     workload: &Workload,
     counter: &AtomicU64,
     scale: Scale,
@@ -661,7 +708,7 @@ fn paced_sends(
                         let i = counter.fetch_add(1, Ordering::Relaxed);
                         let req = workload.send(i, Bytes::from(payload(i)));
                         let started = Instant::now();
-                        store.send(workload.sender(i), &req, now).expect("send");
+                        append(store, workload.sender(i), &req, now);
                         latencies.push(started.elapsed().as_nanos() as u64);
                     }
                     latencies
@@ -679,16 +726,11 @@ fn paced_sends(
     })
 }
 
-fn bench_latency(
-    scale: Scale,
-    recovered: &storage::Recovered,
-    workload: &Workload,
-    summary: &mut Summary,
-) {
-    let (store, storage) = (&recovered.store, &recovered.storage);
+fn bench_latency(scale: Scale, recovered: &Recovered, workload: &Workload, summary: &mut Summary) {
+    let (store, storage) = (recovered.store.state(), &recovered.store);
     let messages = store.stats().messages;
     println!(
-        "\n== 4. Store::send latency, 2 threads x {:.0} paced sends/s, store of {messages} messages (journal fsync never) ==",
+        "\n== 4. store append latency, 2 threads x {:.0} paced sends/s, store of {messages} messages (journal fsync never) ==",
         scale.latency_rate
     );
 
@@ -729,7 +771,7 @@ fn bench_latency(
             let mut taken = 0;
             while taken == 0 || started.elapsed() < window {
                 let t = Instant::now();
-                storage.snapshot(store, now_ms()).expect("snapshot");
+                storage.snapshot(now_ms()).expect("snapshot");
                 snapshot_times.push(t.elapsed().as_secs_f64());
                 taken += 1;
             }
@@ -846,7 +888,7 @@ fn child_memory(spec: &str) {
             .expect("recipients"),
     );
     let now = now_ms();
-    let store = Store::new(&shards_config(SHARDS), Arc::new(NoJournal));
+    let store = State::new(&shards_config(SHARDS), None);
     let workload = Workload::new(recipients, SENDERS);
     workload.register_all(&store);
     let mut read_buf = BytesMut::with_capacity(READ_BUF);
@@ -859,7 +901,7 @@ fn child_memory(spec: &str) {
             // Every message from another sender: nothing to share in the sender table.
             "distinct-senders" => {
                 let req = workload.send(i, Bytes::from(payload(i)));
-                store.send(&synthetic_sender(i), &req, now).expect("send");
+                append(&store, &synthetic_sender(i), &req, now);
             }
             // Recovery's path: the event decoded from the journal's bytes, replayed.
             "store-replayed" => {
@@ -895,7 +937,7 @@ fn child_memory(spec: &str) {
                 let Some(Body::Send(req)) = frame.body else {
                     unreachable!("a Send")
                 };
-                store.send(workload.sender(i), &req, now).expect("send");
+                append(&store, workload.sender(i), &req, now);
             }
             other => panic!("unknown memory variant {other}"),
         }
@@ -906,16 +948,16 @@ fn child_memory(spec: &str) {
         for recipient in &workload.recipients {
             let odd: Vec<u64> = (1..=per_mailbox).step_by(2).collect();
             for ids in odd.chunks(4096) {
-                store.ack(recipient, 1, ids).expect("ack");
+                store.ack(&mailbox(recipient), ids).expect("ack");
             }
         }
     }
     match variant.as_str() {
-        // As `storage::open` does after recovery.
+        // As `EmbeddedStore::open` does after recovery.
         "store-replayed" => botd_relay::memory::release_free_memory(),
         // As the relay's maintenance sweep does (nothing is old enough to expire).
         "small-swept" | "half-acked" => {
-            store.expire(0);
+            store.expire(0, 0);
             botd_relay::memory::release_free_memory();
         }
         _ => {}
@@ -972,7 +1014,10 @@ fn bench_memory(scale: Scale, summary: &mut Summary) {
         (
             "store-vec",
             r,
-            format!("Store::send, {r} mailboxes x {}, {SENDERS} senders", n / r),
+            format!(
+                "State::append, {r} mailboxes x {}, {SENDERS} senders",
+                n / r
+            ),
         ),
         (
             "store-replayed",
@@ -1040,10 +1085,10 @@ fn criterion_config() -> Criterion {
         .sample_size(30)
 }
 
-/// `Store::send` of a 100-B message into an in-memory store; every 1,000 sends the messages
+/// `State::append` of a 100-B message into an in-memory store; every 1,000 sends the messages
 /// are acked (outside the timing) so the store stays small.
 fn store_send(c: &mut Criterion) {
-    let store = Store::new(&shards_config(SHARDS), Arc::new(NoJournal));
+    let store = State::new(&shards_config(SHARDS), None);
     let workload = Workload::new(64, SENDERS);
     workload.register_all(&store);
     let mut next = 0u64;
@@ -1063,12 +1108,14 @@ fn store_send(c: &mut Criterion) {
                 let mut ids = Vec::with_capacity(chunk as usize);
                 for (k, req) in requests.iter().enumerate() {
                     let i = next + k as u64;
-                    let outcome = store.send(workload.sender(i), req, now).expect("send");
-                    ids.push((i, outcome.message_id));
+                    let id = append(&store, workload.sender(i), req, now);
+                    ids.push((i, id));
                 }
                 timed += started.elapsed();
                 for (i, id) in ids {
-                    store.ack(workload.recipient(i), 1, &[id]).expect("ack");
+                    store
+                        .ack(&mailbox(workload.recipient(i)), &[id])
+                        .expect("ack");
                 }
                 next += chunk;
                 left -= chunk;
@@ -1079,9 +1126,9 @@ fn store_send(c: &mut Criterion) {
     group.finish();
 }
 
-/// `Store::snapshot_shard` of one shard holding 1M/256 messages: the lock hold per shard.
+/// `State::snapshot_shard` of one shard holding 1M/256 messages: the lock hold per shard.
 fn snapshot_shard(c: &mut Criterion) {
-    let store = Store::new(&shards_config(1), Arc::new(NoJournal));
+    let store = State::new(&shards_config(1), None);
     let workload = Workload::new(4, SENDERS);
     workload.register_all(&store);
     let now = now_ms();

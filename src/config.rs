@@ -111,11 +111,30 @@ pub struct Config {
     pub max_payload_len: u32,
     /// Open connections at once; further connections are closed at accept.
     pub max_connections: usize,
-    /// Handshakes in progress at once; further connections wait at most `handshake_timeout`.
+    /// Handshakes whose crypto runs at once; connections whose whole `Init` has arrived wait
+    /// for a turn, served round-robin by source address.
     pub max_handshakes_in_flight: usize,
     /// Time from accept to a completed handshake.
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
+    /// Time from accept until the whole `Init` must have arrived (at most `handshake_timeout`);
+    /// no handshake slot is held meanwhile.
+    #[serde(with = "humantime_serde")]
+    pub init_timeout: Duration,
+    /// Connections not yet authenticated, relay-wide; when full, the oldest is closed to make
+    /// room for a new one.
+    pub max_unauthenticated: usize,
+    /// Connections not yet authenticated per source address (IPv6 counted per /64); more are
+    /// closed at accept.
+    pub max_unauthenticated_per_ip: usize,
+    /// Bytes of partly received frames all connections together may hold; a connection that
+    /// would need more waits until others complete theirs.
+    pub max_inbound_buffer_bytes: usize,
+    /// A frame whose first byte arrived must be complete within this.
+    #[serde(with = "humantime_serde")]
+    pub frame_timeout: Duration,
+    /// Requests one session may have waiting for their answers (pipelining).
+    pub max_pipelined_requests: usize,
     /// Ephemeral keys of recent `Init`s remembered to refuse replays.
     pub replay_cache_capacity: usize,
     /// Handshake attempts per source IP address (token bucket).
@@ -186,12 +205,35 @@ pub struct Config {
     pub send_rate_per_identity: Rate,
     /// Sends per sender -> recipient pair (token bucket).
     pub send_rate_per_pair: Rate,
+    /// Sends per source address (IPv6 per /64) of the sending session.
+    pub send_rate_per_ip: Rate,
+    /// `AckMessages` requests per identity.
+    pub ack_rate_per_identity: Rate,
+    /// Account changes (`Register`, `Unregister`, `UploadPreKeys`, `SetPolicy`, `AddContact`,
+    /// `RemoveContact`, `CreateTicket`) per identity.
+    pub change_rate_per_identity: Rate,
+    /// The same account changes per source address.
+    pub change_rate_per_ip: Rate,
     /// Prekey fetches per requesting identity (token bucket).
     pub prekey_fetch_rate: Rate,
+    /// Prekey fetches per source address.
+    pub prekey_fetch_rate_per_ip: Rate,
+    /// One-time prekeys handed out per target device; past it, bundles go out without one.
+    pub one_time_prekey_rate_per_device: Rate,
     /// Keys tracked by each application rate limiter at once.
     pub max_rate_limited_keys: usize,
     /// Independent locks the in-memory store is split into.
     pub store_shards: usize,
+    /// Identities (accounts) the relay stores at most; more registrations get
+    /// `QUOTA_EXCEEDED`.
+    pub max_identities: usize,
+    /// Payload bytes stored in all mailboxes together; more sends get `QUOTA_EXCEEDED`.
+    pub max_stored_bytes: u64,
+    /// Payload bytes stored in the mailboxes of one identity (all its devices together).
+    pub max_identity_stored_bytes: usize,
+    /// An account none of whose sessions connected or asked anything for this long is removed.
+    #[serde(with = "humantime_serde")]
+    pub account_ttl: Duration,
 
     // --- Durability ---
     /// When the journal is fsynced: `always`, `interval` or `never` (see README).
@@ -221,6 +263,12 @@ impl Default for Config {
             max_connections: 10_000,
             max_handshakes_in_flight: 512,
             handshake_timeout: Duration::from_secs(10),
+            init_timeout: Duration::from_secs(5),
+            max_unauthenticated: 4096,
+            max_unauthenticated_per_ip: 64,
+            max_inbound_buffer_bytes: 256 << 20,
+            frame_timeout: Duration::from_secs(30),
+            max_pipelined_requests: 256,
             replay_cache_capacity: 100_000,
             handshake_rate_per_ip: Rate::new(50.0, 512),
             max_tracked_ips: 65_536,
@@ -248,9 +296,19 @@ impl Default for Config {
             max_ticket_uses: 1_000,
             send_rate_per_identity: Rate::new(200.0, 1_000),
             send_rate_per_pair: Rate::new(50.0, 200),
+            send_rate_per_ip: Rate::new(1_000.0, 5_000),
+            ack_rate_per_identity: Rate::new(1_000.0, 5_000),
+            change_rate_per_identity: Rate::new(10.0, 100),
+            change_rate_per_ip: Rate::new(50.0, 500),
             prekey_fetch_rate: Rate::new(5.0, 100),
+            prekey_fetch_rate_per_ip: Rate::new(20.0, 200),
+            one_time_prekey_rate_per_device: Rate::new(1.0, 20),
             max_rate_limited_keys: 100_000,
             store_shards: 256,
+            max_identities: 1_000_000,
+            max_stored_bytes: 4 << 30,
+            max_identity_stored_bytes: 256 << 20,
+            account_ttl: Duration::from_secs(90 * 24 * 3600),
             fsync: FsyncPolicy::Always,
             fsync_interval: Duration::from_millis(10),
             journal_segment_bytes: 64 << 20,
@@ -330,11 +388,43 @@ impl Config {
                 "mailbox_max_messages may be at most {MAX_MAILBOX_MESSAGES}: every send scans its mailbox's nonces"
             )));
         }
+        if self.max_outbound_bytes < 4 * self.max_frame_len as usize {
+            return fail(
+                "max_outbound_bytes must hold at least 4 × max_frame_len, so that backlog pacing \
+                 (which pauses at half of it) never stalls on one large frame",
+            );
+        }
+        let largest = self.largest_answer_len();
+        if largest + crate::core::cipher::TAG_LEN > self.max_frame_len as usize {
+            return Err(ConfigError::Invalid(format!(
+                "max_frame_len ({}) is too small for the largest answer these limits allow \
+                 ({largest} bytes plus the 16-byte tag: a PreKeyBundles of \
+                 max_devices_per_identity devices with max_key_len keys)",
+                self.max_frame_len
+            )));
+        }
+        if self.max_pipelined_requests == 0 || self.max_unauthenticated == 0 {
+            return fail("max_pipelined_requests and max_unauthenticated must be positive");
+        }
+        if self.max_unauthenticated_per_ip == 0 || self.max_inbound_buffer_bytes < 64 << 10 {
+            return fail(
+                "max_unauthenticated_per_ip must be positive and max_inbound_buffer_bytes at least 64 KiB",
+            );
+        }
         for (name, rate) in [
             ("handshake_rate_per_ip", self.handshake_rate_per_ip),
             ("send_rate_per_identity", self.send_rate_per_identity),
             ("send_rate_per_pair", self.send_rate_per_pair),
+            ("send_rate_per_ip", self.send_rate_per_ip),
+            ("ack_rate_per_identity", self.ack_rate_per_identity),
+            ("change_rate_per_identity", self.change_rate_per_identity),
+            ("change_rate_per_ip", self.change_rate_per_ip),
             ("prekey_fetch_rate", self.prekey_fetch_rate),
+            ("prekey_fetch_rate_per_ip", self.prekey_fetch_rate_per_ip),
+            (
+                "one_time_prekey_rate_per_device",
+                self.one_time_prekey_rate_per_device,
+            ),
         ] {
             if rate.burst == 0 || rate.per_second < 0.0 {
                 return Err(ConfigError::Invalid(format!(
@@ -343,6 +433,25 @@ impl Config {
             }
         }
         Ok(())
+    }
+}
+
+impl Config {
+    /// An upper bound on the encoded size of any answer or push under these limits: the
+    /// largest is a `PreKeyBundles` with a bundle for each of `max_devices_per_identity`
+    /// devices, every key field at `max_key_len` (a `Deliver` is bounded by `max_payload_len`
+    /// plus 4096, checked separately).
+    pub fn largest_answer_len(&self) -> usize {
+        let key = self.max_key_len;
+        // A length-delimited field: tag, varint length (at most 5 bytes), body.
+        let field = |len: usize| 1 + 5 + len;
+        let varint = 1 + 10;
+        let signed = field(varint + field(key) + field(key));
+        let one_time = field(varint + field(key));
+        let bundle = field(varint + varint + field(key) + signed + one_time);
+        let bundles = field(self.max_devices_per_identity * bundle);
+        // Frame id, the body's tag and length.
+        varint + bundles
     }
 }
 
@@ -436,6 +545,17 @@ mod tests {
         assert!(err.to_string().contains("BOTD_MAX_CONNECTIONS"), "{err}");
         let err = Config::load(None, vars(&[("BOTD_MAX_FRAME_LEN", "10")])).unwrap_err();
         assert!(err.to_string().contains("max_frame_len"), "{err}");
+        let err = Config::load(None, vars(&[("BOTD_MAX_OUTBOUND_BYTES", "1000000")])).unwrap_err();
+        assert!(err.to_string().contains("max_outbound_bytes"), "{err}");
+        let err = Config::load(
+            None,
+            vars(&[
+                ("BOTD_MAX_KEY_LEN", "100000"),
+                ("BOTD_MAX_FRAME_LEN", "1048576"),
+            ]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("largest answer"), "{err}");
         let too_many = (MAX_MAILBOX_MESSAGES + 1).to_string();
         let err =
             Config::load(None, vars(&[("BOTD_MAILBOX_MAX_MESSAGES", &too_many)])).unwrap_err();

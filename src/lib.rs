@@ -3,9 +3,14 @@
 //!
 //! Layers, bottom to top:
 //! - [`core`]: protocol without IO (framing, handshake, session crypto and rules);
-//! - [`net`]: the tokio server that drives the core over TCP;
+//! - [`store`]: storage behind one trait, with the embedded backend (memory, journal,
+//!   snapshots);
+//! - [`relay`]: the application (requests, rate limits, live delivery) on any store;
+//! - [`app`]: the contract between the application and the network glue;
+//! - [`net`]: the tokio server that drives the core and the application over TCP;
 //! - [`client`]: the initiator side, used by the `botd` CLI and by tests.
 
+pub mod app;
 pub mod client;
 pub mod clock;
 pub mod config;
@@ -17,6 +22,6 @@ pub mod net;
 pub mod proto;
 pub mod ratelimit;
 pub mod relay;
-pub mod storage;
+pub mod store;
 
 pub use config::Config;

@@ -7,6 +7,9 @@ use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder};
 
 pub const CONNECTIONS_OPEN: &str = "botd_connections_open";
 pub const CONNECTIONS_REJECTED: &str = "botd_connections_rejected_total";
+pub const CONNECTIONS_UNAUTHENTICATED: &str = "botd_connections_unauthenticated";
+pub const HANDSHAKES_WAITING: &str = "botd_handshakes_waiting";
+pub const INBOUND_BUFFER_BYTES: &str = "botd_inbound_buffer_bytes";
 pub const HANDSHAKES: &str = "botd_handshakes_total";
 pub const HANDSHAKE_SECONDS: &str = "botd_handshake_duration_seconds";
 pub const FRAMES_IN: &str = "botd_frames_in_total";
@@ -24,6 +27,11 @@ pub const MAILBOX_MESSAGES: &str = "botd_mailbox_messages";
 pub const MAILBOX_BYTES: &str = "botd_mailbox_bytes";
 pub const PREKEYS_HANDED_OUT: &str = "botd_prekeys_handed_out_total";
 pub const PREKEYS_EXHAUSTED: &str = "botd_prekeys_exhausted_total";
+pub const PREKEYS_WITHHELD: &str = "botd_prekeys_withheld_total";
+pub const ACCOUNTS_REMOVED: &str = "botd_accounts_removed_total";
+pub const IDENTITIES: &str = "botd_identities";
+pub const JOURNAL_PENDING_BYTES: &str = "botd_journal_pending_bytes";
+pub const JOURNAL_BACKPRESSURE: &str = "botd_journal_backpressure_total";
 pub const RATE_LIMITED: &str = "botd_rate_limited_total";
 pub const QUOTA_HITS: &str = "botd_quota_hits_total";
 
@@ -48,6 +56,19 @@ fn describe() {
     describe_counter!(
         CONNECTIONS_REJECTED,
         "connections closed at accept, by reason"
+    );
+    describe_gauge!(
+        CONNECTIONS_UNAUTHENTICATED,
+        "connections accepted whose handshake has not completed"
+    );
+    describe_gauge!(
+        HANDSHAKES_WAITING,
+        "connections whose Init arrived, waiting for a turn of handshake crypto"
+    );
+    describe_gauge!(
+        INBOUND_BUFFER_BYTES,
+        Unit::Bytes,
+        "bytes of partly received frames held, against max_inbound_buffer_bytes"
     );
     describe_counter!(HANDSHAKES, "handshakes by outcome and failure reason");
     describe_histogram!(
@@ -87,6 +108,24 @@ fn describe() {
         "payload bytes stored in all mailboxes"
     );
     describe_counter!(PREKEYS_HANDED_OUT, "one-time prekeys handed out");
+    describe_counter!(
+        PREKEYS_WITHHELD,
+        "bundles handed out without a one-time prekey because of the per-device rate"
+    );
+    describe_counter!(
+        ACCOUNTS_REMOVED,
+        "accounts removed for being idle past account_ttl"
+    );
+    describe_gauge!(IDENTITIES, "identities with a registered device");
+    describe_gauge!(
+        JOURNAL_PENDING_BYTES,
+        Unit::Bytes,
+        "journal bytes waiting for the disk"
+    );
+    describe_counter!(
+        JOURNAL_BACKPRESSURE,
+        "times a session waited because the journal was behind"
+    );
     describe_counter!(
         PREKEYS_EXHAUSTED,
         "bundles handed out without a one-time prekey"

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use botd_relay::net::Server;
 use botd_relay::relay::Relay;
-use botd_relay::storage;
+use botd_relay::store::embedded::{self, EmbeddedStore};
 use clap::{Parser, Subcommand};
 use tracing::{error, info};
 
@@ -131,8 +131,9 @@ async fn run(config: Config, identity: botd_relay::core::keys::KeyPair) -> Resul
         info!(%addr, "metrics exporter listening");
     }
     let listen = config.listen;
-    let recovered = storage::open(&config).map_err(|err| err.to_string())?;
-    let report = &recovered.report;
+    let clock = botd_relay::clock::Clock::new();
+    let (store, report) =
+        EmbeddedStore::open(&config, clock.now_ms()).map_err(|err| err.to_string())?;
     info!(
         snapshot = report.snapshot.as_ref().map(|p| p.display().to_string()),
         replayed = report.records_replayed,
@@ -143,19 +144,13 @@ async fn run(config: Config, identity: botd_relay::core::keys::KeyPair) -> Resul
         "store recovered"
     );
     let config = Arc::new(config);
-    let storage = Arc::new(recovered.storage);
-    let relay = Arc::new(Relay::durable(
-        config.clone(),
-        *identity.public(),
-        recovered.store,
-        storage.journal().clone(),
-    ));
+    let relay = Relay::new(config.clone(), *identity.public(), store.clone());
     let background = tokio_util::sync::CancellationToken::new();
     tokio::spawn(relay.clone().run_maintenance(background.clone()));
-    tokio::spawn(storage::run_snapshots(
-        storage.clone(),
-        relay.clone(),
+    tokio::spawn(embedded::run_snapshots(
+        store.clone(),
         config.clone(),
+        *relay.clock(),
         background.clone(),
     ));
     let server = Server::bind((*config).clone(), identity, relay.clone())
@@ -175,8 +170,7 @@ async fn run(config: Config, identity: botd_relay::core::keys::KeyPair) -> Resul
     server.run().await;
     background.cancel();
     let now_ms = relay.clock().now_ms();
-    let closing = storage.clone();
-    tokio::task::spawn_blocking(move || closing.close(relay.store(), now_ms))
+    tokio::task::spawn_blocking(move || store.close(now_ms))
         .await
         .map_err(|err| err.to_string())?
         .map_err(|err| format!("final snapshot failed: {err}"))?;
@@ -185,7 +179,7 @@ async fn run(config: Config, identity: botd_relay::core::keys::KeyPair) -> Resul
 }
 
 fn check(config: &Config) -> ExitCode {
-    match storage::check(&config.data_dir) {
+    match EmbeddedStore::check(&config.data_dir) {
         Ok(report) => {
             println!("data dir:      {}", config.data_dir.display());
             match &report.snapshot {
@@ -200,9 +194,9 @@ fn check(config: &Config) -> ExitCode {
                 "journal:       {} segment(s), {} record(s) after the snapshot, {} covered by it",
                 report.segments, report.records_replayed, report.records_skipped
             );
-            if let Some((path, offset)) = &report.torn_tail {
+            if let Some((path, offset, bytes)) = &report.torn_tail {
                 println!(
-                    "torn tail:     {} at offset {offset} (cut off at the next start)",
+                    "torn tail:     {} at offset {offset}, {bytes} bytes (cut off at the next start)",
                     path.display()
                 );
             }

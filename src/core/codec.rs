@@ -68,8 +68,7 @@ impl Decoder for FrameCodec {
         }
         let total = LEN_PREFIX + len as usize;
         if src.len() < total {
-            // Reserve only what the announced (already bounded) frame still needs.
-            src.reserve(total - src.len());
+            // Memory for the rest is the reader's decision (it may count it against a budget).
             return Ok(None);
         }
         src.advance(LEN_PREFIX);
@@ -85,6 +84,13 @@ impl Decoder for FrameCodec {
             }),
         }
     }
+}
+
+/// The whole length (prefix included) of the frame at the front of `src`, once its length
+/// prefix has arrived. Not checked against any limit.
+pub fn frame_len_at_front(src: &[u8]) -> Option<usize> {
+    let header = src.get(..LEN_PREFIX)?;
+    Some(LEN_PREFIX + u32::from_be_bytes(header.try_into().expect("four bytes")) as usize)
 }
 
 /// Prefixes a body with its length, for the two cleartext handshake frames.

@@ -1,36 +1,55 @@
-//! One connection: the responder handshake under its deadline and slot, then the session loop
-//! that feeds the core with frames, pushes and timer ticks, and writes what it seals.
+//! One connection: the responder handshake (the whole `Init` under its own deadline before any
+//! slot is taken, then a fair turn for the crypto), then the session loop.
+//!
+//! The session loop is one hand-written poll function, so that one wake-up does all the work
+//! that is ready: answers at the head of the request pipeline (in arrival order), queued
+//! pushes, requests newly read (each started at once, so a session's requests are applied in
+//! order while earlier ones wait for the disk), and then a single write of everything sealed.
+//! Memory per connection follows what the peer is doing: no buffer is kept while idle, a
+//! partly received frame is charged to the relay-wide inbound budget, and the pipeline and the
+//! output are bounded.
 
+use std::collections::VecDeque;
+use std::future::Future;
+use std::io::ErrorKind;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures_util::StreamExt;
-use tokio::io::{AsyncWriteExt, BufWriter};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::time::{sleep_until, timeout, Instant};
-use tokio_util::codec::FramedRead;
+use tokio::time::{sleep_until, timeout_at, Instant, Sleep};
+use tokio_util::codec::Decoder;
+use tokio_util::sync::WaitForCancellationFutureOwned;
 use tracing::info;
 
-use super::push::{self, Push};
+use super::admission::{InboundBudget, Ticket};
 use super::server::Shared;
-use super::{Handler, NetError};
-use crate::core::codec::{encode_frame, FrameCodec, LEN_PREFIX};
+use super::NetError;
+use crate::app::{Answer, Handler, Outgoing, PendingAnswer, Push, PushReceiver};
+use crate::core::codec::{encode_frame, frame_len_at_front, FrameCodec};
 use crate::core::handshake::{respond, Established};
 use crate::core::session::{Received, Session, Timers};
-use crate::metrics as m;
 use crate::proto::{ErrorCode, Frame, Welcome, PROTOCOL_NAME};
 
 /// Largest frame accepted before the handshake completes. An `Init` with every field at its
 /// maximum is under 300 bytes; a small bound keeps unauthenticated peers from making the relay
-/// buffer `max_frame_len` bytes per handshake slot.
+/// buffer `max_frame_len` bytes.
 pub const MAX_HANDSHAKE_FRAME_LEN: u32 = 1024;
 
-const WRITE_BUFFER: usize = 64 * 1024;
+/// Bytes reserved for a read when no longer frame is announced.
+const READ_CHUNK: usize = 16 * 1024;
+/// Past this much sealed and unwritten output, the session takes no new requests or pushes
+/// until the peer reads.
+const OUTBOX_HIGH: usize = 256 * 1024;
 /// How long, and how much, a closing connection still reads so its last frame is not reset away.
 const LINGER: Duration = Duration::from_millis(500);
 const LINGER_BYTES: usize = 1 << 20;
+/// While the inbound budget is exhausted, how often a waiting connection tries again.
+const BUDGET_RETRY: Duration = Duration::from_millis(5);
 
 /// How a session ended when nothing went wrong.
 #[derive(Debug, Clone, Copy)]
@@ -50,7 +69,8 @@ impl SessionEnd {
     }
 }
 
-#[derive(Debug, Default)]
+/// Traffic of one connection, added to the relay-wide counters in batches.
+#[derive(Debug, Default, Clone, Copy)]
 struct Traffic {
     frames_in: u64,
     frames_out: u64,
@@ -58,102 +78,233 @@ struct Traffic {
     bytes_out: u64,
 }
 
-struct Conn {
-    peer: SocketAddr,
-    reader: FramedRead<OwnedReadHalf, FrameCodec>,
-    writer: BufWriter<OwnedWriteHalf>,
-    traffic: Traffic,
-    write_timeout: Duration,
+/// Received bytes not yet taken as frames.
+struct Inbound {
+    buf: BytesMut,
+    codec: FrameCodec,
+    budget: Arc<InboundBudget>,
+    /// Budget held for the partly received frame at the front of `buf`.
+    charged: usize,
+    /// When the first byte of the frame being received arrived.
+    partial_since: Option<Instant>,
 }
 
-pub(super) async fn serve<H: Handler>(shared: Arc<Shared<H>>, stream: TcpStream, peer: SocketAddr) {
-    let started = Instant::now();
-    metrics::gauge!(m::CONNECTIONS_OPEN).increment(1.0);
-    let (read, write) = stream.into_split();
-    let mut conn = Conn {
-        peer,
-        reader: FramedRead::new(read, FrameCodec::new(MAX_HANDSHAKE_FRAME_LEN)),
-        writer: BufWriter::with_capacity(WRITE_BUFFER, write),
-        traffic: Traffic::default(),
-        write_timeout: shared.config.write_timeout,
-    };
+enum Fill {
+    Read(usize),
+    Eof,
+    /// The inbound budget cannot cover the frame being received; try again later.
+    NoBudget,
+}
 
-    let handshake = tokio::select! {
-        _ = shared.shutdown.cancelled() => Ok(None),
-        outcome = timeout(shared.config.handshake_timeout, handshake(&shared, &mut conn)) => {
-            outcome.unwrap_or(Err(NetError::HandshakeTimeout(shared.config.handshake_timeout))).map(Some)
+impl Inbound {
+    fn new(max_frame_len: u32, budget: Arc<InboundBudget>) -> Self {
+        Self {
+            buf: BytesMut::new(),
+            codec: FrameCodec::new(max_frame_len),
+            budget,
+            charged: 0,
+            partial_since: None,
         }
-    };
-    let outcome = match handshake {
-        Ok(Some(established)) => {
-            let elapsed = started.elapsed();
-            metrics::counter!(m::HANDSHAKES, "outcome" => "ok", "reason" => "ok").increment(1);
-            metrics::histogram!(m::HANDSHAKE_SECONDS).record(elapsed.as_secs_f64());
-            let remote = established.remote;
-            let result = session(&shared, &mut conn, established).await;
-            Some((remote, result))
+    }
+
+    /// The next complete frame body, if buffered.
+    fn next_frame(&mut self) -> Result<Option<BytesMut>, NetError> {
+        let frame = self.codec.decode(&mut self.buf)?;
+        if frame.is_some() {
+            self.budget.release(std::mem::take(&mut self.charged));
+            self.partial_since = None;
         }
-        Ok(None) => None,
-        Err(err) => {
-            metrics::counter!(m::HANDSHAKES, "outcome" => "failed", "reason" => err.reason())
-                .increment(1);
-            metrics::counter!(m::SESSIONS_CLOSED, "reason" => err.reason()).increment(1);
-            info!(%peer, reason = err.reason(), error = %err, "handshake failed");
-            None
+        if !self.buf.is_empty() && self.partial_since.is_none() {
+            self.partial_since = Some(Instant::now());
         }
-    };
-    if let Some((remote, result)) = outcome {
-        let reason = match &result {
-            Ok(closed) => closed.reason(),
-            Err(err) => err.reason(),
-        };
-        metrics::counter!(m::SESSIONS_CLOSED, "reason" => reason).increment(1);
-        let t = &conn.traffic;
-        match &result {
-            Ok(_) => {
-                info!(%peer, identity = %remote, reason, frames_in = t.frames_in, frames_out = t.frames_out,
-                bytes_in = t.bytes_in, bytes_out = t.bytes_out, duration_ms = started.elapsed().as_millis() as u64,
-                "session closed")
+        Ok(frame)
+    }
+
+    /// Reads what the socket has, reserving (and charging) room for a frame announced but
+    /// not complete.
+    fn poll_fill(
+        &mut self,
+        stream: &TcpStream,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Fill, NetError>> {
+        loop {
+            let want = match frame_len_at_front(&self.buf) {
+                Some(total) if total > self.buf.len() => {
+                    if self.charged < total {
+                        if !self.budget.try_charge(total - self.charged) {
+                            return Poll::Ready(Ok(Fill::NoBudget));
+                        }
+                        self.charged = total;
+                    }
+                    total - self.buf.len()
+                }
+                _ => READ_CHUNK,
+            };
+            if self.buf.capacity() - self.buf.len() < want {
+                self.buf.reserve(want);
             }
-            Err(err) => {
-                info!(%peer, identity = %remote, reason, error = %err, frames_in = t.frames_in,
-                frames_out = t.frames_out, bytes_in = t.bytes_in, bytes_out = t.bytes_out,
-                duration_ms = started.elapsed().as_millis() as u64, "session closed")
+            match stream.poll_read_ready(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(err)) => return Poll::Ready(Err(err.into())),
+                Poll::Ready(Ok(())) => {}
+            }
+            match stream.try_read_buf(&mut self.buf) {
+                Ok(0) => return Poll::Ready(Ok(Fill::Eof)),
+                Ok(n) => return Poll::Ready(Ok(Fill::Read(n))),
+                Err(err) if err.kind() == ErrorKind::WouldBlock => continue,
+                Err(err) => return Poll::Ready(Err(err.into())),
             }
         }
     }
-    conn.close().await;
-    metrics::gauge!(m::CONNECTIONS_OPEN).decrement(1.0);
+
+    /// Gives back memory once the buffer holds nothing worth it: all of it when empty, the
+    /// spare room when it holds a few bytes of a frame whose length has not arrived yet.
+    fn compact(&mut self) {
+        if self.buf.is_empty() {
+            if self.buf.capacity() > 0 {
+                self.buf = BytesMut::new();
+            }
+        } else if frame_len_at_front(&self.buf).is_none() && self.buf.capacity() > 1024 {
+            self.buf = BytesMut::from(&self.buf[..]);
+        }
+    }
+
+    /// A frame started and not finished by `deadline`: when the peer must have completed it.
+    fn frame_deadline(&self, frame_timeout: Duration) -> Option<Instant> {
+        self.partial_since.map(|since| since + frame_timeout)
+    }
 }
 
-/// Reads the `Init`, answers it and returns the keys; any failure closes without a reply.
+impl Drop for Inbound {
+    fn drop(&mut self) {
+        self.budget.release(self.charged);
+    }
+}
+
+pub(super) async fn serve<H: Handler>(
+    shared: Arc<Shared<H>>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    ticket: Ticket,
+) {
+    let started = Instant::now();
+    let mut inbound = Inbound::new(MAX_HANDSHAKE_FRAME_LEN, shared.budget.clone());
+    let handshake = tokio::select! {
+        _ = shared.shutdown.cancelled() => Ok(None),
+        outcome = handshake(&shared, &mut stream, &mut inbound, peer, ticket, started) => outcome.map(Some),
+    };
+    match handshake {
+        Ok(Some(established)) => {
+            shared.metrics.handshakes_ok.increment(1);
+            shared
+                .metrics
+                .handshake_seconds
+                .record(started.elapsed().as_secs_f64());
+            let remote = established.remote;
+            let mut traffic = Traffic::default();
+            let result = session(
+                &shared,
+                &mut stream,
+                inbound,
+                established,
+                peer,
+                &mut traffic,
+            )
+            .await;
+            let reason = match &result {
+                Ok(end) => end.reason(),
+                Err(err) => err.reason(),
+            };
+            metrics::counter!(crate::metrics::SESSIONS_CLOSED, "reason" => reason).increment(1);
+            let t = traffic;
+            let error = result.as_ref().err().map(|err| err.to_string());
+            info!(%peer, identity = %remote, reason, error, frames_in = t.frames_in, frames_out = t.frames_out,
+                bytes_in = t.bytes_in, bytes_out = t.bytes_out, duration_ms = started.elapsed().as_millis() as u64,
+                "session closed");
+        }
+        Ok(None) => {}
+        Err(err) => {
+            metrics::counter!(crate::metrics::HANDSHAKES, "outcome" => "failed", "reason" => err.reason())
+                .increment(1);
+            metrics::counter!(crate::metrics::SESSIONS_CLOSED, "reason" => err.reason())
+                .increment(1);
+            info!(%peer, reason = err.reason(), error = %err, "handshake failed");
+        }
+    }
+    linger_close(&mut stream).await;
+}
+
+/// Reads the whole `Init` (before any slot is taken), waits its turn for crypto, answers it
+/// and returns the keys; any failure closes without a reply.
 async fn handshake<H: Handler>(
     shared: &Shared<H>,
-    conn: &mut Conn,
+    stream: &mut TcpStream,
+    inbound: &mut Inbound,
+    peer: SocketAddr,
+    ticket: Ticket,
+    accepted: Instant,
 ) -> Result<Established, NetError> {
-    let _slot = shared
-        .handshake_slots
-        .acquire()
-        .await
-        .expect("the handshake semaphore is never closed");
-    let init = conn.read_frame().await?;
+    let config = &shared.config;
+    let init_deadline = accepted + config.init_timeout.min(config.handshake_timeout);
+    let deadline = accepted + config.handshake_timeout;
+    let evicted = ticket.evicted.clone();
+    let init = tokio::select! {
+        _ = evicted.cancelled() => return Err(NetError::Evicted),
+        init = timeout_at(init_deadline, read_frame(stream, inbound)) => {
+            init.map_err(|_| NetError::InitTimeout(config.init_timeout))??
+        }
+    };
+    let slot = tokio::select! {
+        _ = evicted.cancelled() => return Err(NetError::Evicted),
+        slot = timeout_at(deadline, shared.crypto.acquire(peer.ip())) => {
+            slot.map_err(|_| NetError::HandshakeTimeout(config.handshake_timeout))?
+        }
+    };
     let response = respond(&shared.identity, &init, |key| {
         shared.replay.lock().insert(key)
     })?;
-    conn.write_all(&encode_frame(&response.ack_body)).await?;
-    conn.flush().await?;
+    drop(slot);
+    timeout_at(
+        deadline,
+        stream.write_all(&encode_frame(&response.ack_body)),
+    )
+    .await
+    .map_err(|_| NetError::HandshakeTimeout(config.handshake_timeout))??;
+    ticket.authenticated();
     Ok(response.established)
+}
+
+/// Reads one whole frame (the `Init`).
+async fn read_frame(stream: &TcpStream, inbound: &mut Inbound) -> Result<BytesMut, NetError> {
+    loop {
+        if let Some(frame) = inbound.next_frame()? {
+            return Ok(frame);
+        }
+        let fill = std::future::poll_fn(|cx| inbound.poll_fill(stream, cx)).await?;
+        match fill {
+            Fill::Read(_) => {}
+            Fill::Eof if inbound.buf.is_empty() => return Err(NetError::PeerClosed),
+            Fill::Eof => {
+                return Err(crate::core::codec::CodecError::Truncated {
+                    buffered: inbound.buf.len(),
+                }
+                .into())
+            }
+            Fill::NoBudget => tokio::time::sleep(BUDGET_RETRY).await,
+        }
+    }
 }
 
 async fn session<H: Handler>(
     shared: &Shared<H>,
-    conn: &mut Conn,
+    stream: &mut TcpStream,
+    mut inbound: Inbound,
     established: Established,
+    peer: SocketAddr,
+    traffic: &mut Traffic,
 ) -> Result<SessionEnd, NetError> {
     let config = &shared.config;
-    conn.reader
-        .decoder_mut()
-        .set_max_frame_len(config.max_frame_len);
+    inbound.codec.set_max_frame_len(config.max_frame_len);
     let timers = Timers {
         ping_min_interval: config.ping_min_interval,
         probe_after: Some(config.ping_interval),
@@ -179,135 +330,418 @@ async fn session<H: Handler>(
         relay_pubkey: bytes::Bytes::copy_from_slice(shared.identity.public().as_bytes()),
         ping_min_interval_ms: config.ping_min_interval.as_millis() as u64,
     })?;
-    let (push, mut pushes) = push::channel(config.max_outbound_bytes);
-    let mut app = shared.handler.connect(established.remote, push);
-    let result = session_loop(shared, conn, &mut session, &mut app, &mut pushes).await;
+    let (push, pushes) = crate::app::push_channel(config.max_outbound_bytes);
+    let app = shared.handler.connect(established.remote, peer, push);
+    let mut conn = Box::new(Live {
+        shared,
+        stream,
+        inbound,
+        session,
+        app: Some(app),
+        pushes,
+        pushes_open: true,
+        pipeline: VecDeque::new(),
+        held: None,
+        barrier_pending: false,
+        congestion: None,
+        shutdown: Box::pin(shared.shutdown.clone().cancelled_owned()),
+        timer: Box::pin(sleep_until(Instant::now())),
+        timer_at: None,
+        write_blocked_since: None,
+        budget_retry_at: None,
+        traffic: Traffic::default(),
+        reported: Traffic::default(),
+    });
+    let result = std::future::poll_fn(|cx| conn.poll_session(cx)).await;
+    let app = conn.app.take().expect("taken once");
     shared.handler.disconnect(app);
-    // Whatever was queued before the end (an Error frame, usually) still goes out, best effort.
-    let _ = conn.flush_session(&mut session).await;
+    // Answers still pending do their work (e.g. announce a stored message) even though nobody
+    // will read them.
+    for pending in conn.pipeline.drain(..) {
+        tokio::spawn(async move {
+            pending.await;
+        });
+    }
+    // Whatever was sealed before the end (an Error frame, usually) still goes out, bounded by
+    // the write timeout whatever the peer does.
+    let flush_deadline = Instant::now() + config.write_timeout;
+    let _ = timeout_at(flush_deadline, conn.flush_all()).await;
+    conn.report_traffic();
+    *traffic = conn.traffic;
     result
 }
 
-async fn session_loop<H: Handler>(
-    shared: &Shared<H>,
-    conn: &mut Conn,
-    session: &mut Session,
-    app: &mut H::Session,
-    pushes: &mut push::PushReceiver,
-) -> Result<SessionEnd, NetError> {
-    let mut pushes_open = true;
-    loop {
-        conn.flush_session(session).await?;
-        tokio::select! {
-            _ = shared.shutdown.cancelled() => {
-                session.send(&Frame::error(0, ErrorCode::ShuttingDown, "relay is shutting down"))?;
-                return Ok(SessionEnd::Shutdown);
+/// The state of an established session.
+struct Live<'a, H: Handler> {
+    shared: &'a Shared<H>,
+    stream: &'a mut TcpStream,
+    inbound: Inbound,
+    session: Session,
+    app: Option<H::Session>,
+    pushes: PushReceiver,
+    pushes_open: bool,
+    /// Answers not yet sealed, in request order.
+    pipeline: VecDeque<PendingAnswer>,
+    /// A barrier request waiting for the pipeline to empty.
+    held: Option<Frame>,
+    /// A barrier's answer is pending: pushes wait until it has been sealed.
+    barrier_pending: bool,
+    congestion: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
+    timer: Pin<Box<Sleep>>,
+    timer_at: Option<Instant>,
+    write_blocked_since: Option<Instant>,
+    budget_retry_at: Option<Instant>,
+    traffic: Traffic,
+    reported: Traffic,
+}
+
+impl<H: Handler> Live<'_, H> {
+    fn app(&mut self) -> &mut H::Session {
+        self.app.as_mut().expect("present while the session runs")
+    }
+
+    fn poll_session(&mut self, cx: &mut Context<'_>) -> Poll<Result<SessionEnd, NetError>> {
+        let result = self.poll_work(cx);
+        self.report_traffic();
+        result
+    }
+
+    fn poll_work(&mut self, cx: &mut Context<'_>) -> Poll<Result<SessionEnd, NetError>> {
+        loop {
+            if self.shutdown.as_mut().poll(cx).is_ready() {
+                self.session.send(&Frame::error(
+                    0,
+                    ErrorCode::ShuttingDown,
+                    "relay is shutting down",
+                ))?;
+                return Poll::Ready(Ok(SessionEnd::Shutdown));
             }
-            frame = conn.reader.next() => {
-                let body = match frame {
-                    None => return Ok(SessionEnd::PeerClosed),
-                    Some(result) => result?,
-                };
-                conn.count_in(body.len());
-                match session.on_frame(body, Instant::now())? {
-                    Received::Frame(frame) => {
-                        for reply in shared.handler.request(app, frame).await {
-                            session.send(&reply)?;
-                        }
-                    }
-                    Received::Reply(reply) => session.send(&reply)?,
-                    Received::Nothing => {}
+            let mut progress = self.poll_answers(cx)?;
+            if let Some(end) = self.poll_pushes(cx)? {
+                return Poll::Ready(Ok(end));
+            }
+            if let Some(congestion) = &mut self.congestion {
+                if congestion.as_mut().poll(cx).is_ready() {
+                    self.congestion = None;
+                    progress = true;
                 }
             }
-            push = pushes.recv(), if pushes_open => match push {
-                Some(Push::Frame(frame)) => {
-                    session.send(&frame)?;
-                    if pushes.take_resume() {
-                        shared.handler.resume(app);
+            match self.poll_requests(cx)? {
+                Poll::Ready(Some(end)) => return Poll::Ready(Ok(end)),
+                Poll::Ready(None) => progress = true,
+                Poll::Pending => {}
+            }
+            progress |= self.poll_write(cx)?;
+            progress |= self.poll_timers(cx)?;
+            if !progress {
+                return Poll::Pending;
+            }
+        }
+    }
+
+    /// Seals answers at the head of the pipeline that are ready, in order.
+    fn poll_answers(&mut self, cx: &mut Context<'_>) -> Result<bool, NetError> {
+        let mut progress = false;
+        while let Some(head) = self.pipeline.front_mut() {
+            let Poll::Ready(out) = head.as_mut().poll(cx) else {
+                break;
+            };
+            self.pipeline.pop_front();
+            self.seal(&out)?;
+            progress = true;
+        }
+        if self.pipeline.is_empty() {
+            self.barrier_pending = false;
+        }
+        Ok(progress)
+    }
+
+    /// Seals queued pushes while the output has room; a barrier's answer goes first.
+    fn poll_pushes(&mut self, cx: &mut Context<'_>) -> Result<Option<SessionEnd>, NetError> {
+        while self.pushes_open && !self.barrier_pending && self.session.transmit_len() < OUTBOX_HIGH
+        {
+            match self.pushes.poll_recv(cx) {
+                Poll::Pending => break,
+                Poll::Ready(Some(Push::Out(out))) => {
+                    self.seal(&out)?;
+                    if self.pushes.take_resume() {
+                        let app = self.app.as_mut().expect("present while the session runs");
+                        self.shared.handler.resume(app);
                     }
                 }
-                Some(Push::SlowConsumer) => {
-                    session.send(&Frame::error(0, ErrorCode::SlowConsumer, "outbound queue overflowed"))?;
-                    return Ok(SessionEnd::SlowConsumer);
+                Poll::Ready(Some(Push::SlowConsumer)) => {
+                    self.session.send(&Frame::error(
+                        0,
+                        ErrorCode::SlowConsumer,
+                        "outbound queue overflowed",
+                    ))?;
+                    return Ok(Some(SessionEnd::SlowConsumer));
                 }
                 // The application dropped every handle: nothing more will be pushed.
-                None => pushes_open = false,
-            },
-            _ = sleep_until(session.next_deadline()) => session.on_timeout(Instant::now())?,
+                Poll::Ready(None) => self.pushes_open = false,
+            }
         }
-    }
-}
-
-impl Conn {
-    async fn read_frame(&mut self) -> Result<bytes::BytesMut, NetError> {
-        let body = self.reader.next().await.ok_or(NetError::PeerClosed)??;
-        self.count_in(body.len());
-        Ok(body)
+        Ok(None)
     }
 
-    /// Accounts one received frame with a body of `body_len` bytes.
-    fn count_in(&mut self, body_len: usize) {
-        let wire_len = (LEN_PREFIX + body_len) as u64;
-        self.traffic.frames_in += 1;
-        self.traffic.bytes_in += wire_len;
-        metrics::counter!(m::FRAMES_IN).increment(1);
-        metrics::counter!(m::BYTES_IN).increment(wire_len);
+    /// True while the session takes new requests.
+    fn can_dispatch(&self) -> bool {
+        self.pipeline.len() < self.shared.handler.max_pipelined()
+            && self.session.transmit_len() < OUTBOX_HIGH
+            && self.congestion.is_none()
     }
 
-    async fn write_all(&mut self, wire: &[u8]) -> Result<(), NetError> {
-        timeout(self.write_timeout, self.writer.write_all(wire))
-            .await
-            .map_err(|_| NetError::WriteTimeout(self.write_timeout))??;
-        self.traffic.frames_out += 1;
-        self.traffic.bytes_out += wire.len() as u64;
-        metrics::counter!(m::FRAMES_OUT).increment(1);
-        metrics::counter!(m::BYTES_OUT).increment(wire.len() as u64);
-        Ok(())
-    }
-
-    async fn flush(&mut self) -> Result<(), NetError> {
-        timeout(self.write_timeout, self.writer.flush())
-            .await
-            .map_err(|_| NetError::WriteTimeout(self.write_timeout))??;
-        Ok(())
-    }
-
-    /// Half-closes, then reads and discards what the peer still sends for a short, bounded
-    /// while: closing a socket with unread input makes the kernel send a reset, which can
-    /// destroy the final `Error` frame before the peer reads it.
-    async fn close(&mut self) {
-        if self.writer.shutdown().await.is_err() {
-            return;
-        }
-        let stream = self.reader.get_mut();
-        let mut sink = [0u8; 4096];
-        let mut drained = 0usize;
-        let _ = timeout(LINGER, async {
-            while drained < LINGER_BYTES {
-                match tokio::io::AsyncReadExt::read(stream, &mut sink).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => drained += n,
+    /// Dispatches buffered frames, reading more while the session takes them. `Ready(None)`
+    /// when something happened.
+    fn poll_requests(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Option<SessionEnd>, NetError>> {
+        let mut progress = false;
+        loop {
+            if let Some(frame) = self.held.take() {
+                if !self.pipeline.is_empty() {
+                    self.held = Some(frame);
+                    break;
+                }
+                self.dispatch(frame, true)?;
+                progress = true;
+                continue;
+            }
+            if !self.can_dispatch() {
+                break;
+            }
+            if let Some(body) = self.inbound.next_frame()? {
+                self.count_in();
+                match self.session.on_frame(body, Instant::now())? {
+                    Received::Frame(frame) => {
+                        if self.shared.handler.is_barrier(&frame) && !self.pipeline.is_empty() {
+                            self.held = Some(frame);
+                        } else {
+                            let barrier = self.shared.handler.is_barrier(&frame);
+                            self.dispatch(frame, barrier)?;
+                        }
+                    }
+                    Received::Reply(reply) => self.answer(Outgoing::Frame(reply))?,
+                    Received::Nothing => {}
+                }
+                progress = true;
+                continue;
+            }
+            if self.budget_retry_at.is_some() {
+                break;
+            }
+            match self.inbound.poll_fill(self.stream, cx) {
+                Poll::Pending => break,
+                Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
+                Poll::Ready(Ok(Fill::Read(n))) => {
+                    self.traffic.bytes_in += n as u64;
+                    progress = true;
+                }
+                Poll::Ready(Ok(Fill::Eof)) => {
+                    if !self.inbound.buf.is_empty() {
+                        return Poll::Ready(Err(crate::core::codec::CodecError::Truncated {
+                            buffered: self.inbound.buf.len(),
+                        }
+                        .into()));
+                    }
+                    return Poll::Ready(Ok(Some(SessionEnd::PeerClosed)));
+                }
+                Poll::Ready(Ok(Fill::NoBudget)) => {
+                    self.budget_retry_at = Some(Instant::now() + BUDGET_RETRY);
+                    progress = true;
+                    break;
                 }
             }
-        })
-        .await;
+        }
+        self.inbound.compact();
+        if self.congestion.is_none() {
+            self.congestion = self.shared.handler.congestion();
+        }
+        if progress {
+            Poll::Ready(Ok(None))
+        } else {
+            Poll::Pending
+        }
     }
 
-    /// Writes everything the session sealed, then flushes once.
-    async fn flush_session(&mut self, session: &mut Session) -> Result<(), NetError> {
-        if let Some(wire) = session.poll_transmit() {
-            self.write_all(&wire).await?;
-            self.flush().await?;
-            session.mark_sent(Instant::now());
+    /// Hands a frame to the application and queues its answer in order.
+    fn dispatch(&mut self, frame: Frame, barrier: bool) -> Result<(), NetError> {
+        let answer = {
+            let handler = &self.shared.handler;
+            handler.request(self.app(), frame)
+        };
+        match answer {
+            Answer::None => Ok(()),
+            Answer::Ready(out) => self.answer(out),
+            Answer::Pending(mut pending) => {
+                // Polled once now, so what it does before its first wait happens in arrival
+                // order.
+                let waker = std::task::Waker::noop();
+                let mut cx = Context::from_waker(waker);
+                match pending.as_mut().poll(&mut cx) {
+                    Poll::Ready(out) => self.answer(out),
+                    Poll::Pending => {
+                        self.pipeline.push_back(pending);
+                        self.barrier_pending |= barrier;
+                        Ok(())
+                    }
+                }
+            }
+        }
+    }
+
+    /// An answer that is ready: sealed now if nothing is ahead of it, else queued behind.
+    fn answer(&mut self, out: Outgoing) -> Result<(), NetError> {
+        if self.pipeline.is_empty() {
+            self.seal(&out)
+        } else {
+            self.pipeline.push_back(Box::pin(std::future::ready(out)));
+            Ok(())
+        }
+    }
+
+    fn seal(&mut self, out: &Outgoing) -> Result<(), NetError> {
+        let before = self.session.transmit_len();
+        match out.seal(&mut self.session) {
+            Ok(()) => {}
+            // Limits checked at start make this impossible; if it happens anyway the request
+            // fails, the session does not.
+            Err(crate::core::session::SessionError::FrameTooLarge { len, max }) => {
+                tracing::error!(len, max, "an answer exceeds the peer's frame limit");
+                self.session.send(&Frame::error(
+                    out.frame_id(),
+                    ErrorCode::Internal,
+                    "the answer exceeds the frame limit",
+                ))?;
+            }
+            Err(err) => return Err(err.into()),
+        }
+        self.traffic.frames_out += 1;
+        self.traffic.bytes_out += (self.session.transmit_len() - before) as u64;
+        Ok(())
+    }
+
+    /// Writes what is sealed, as far as the socket takes it.
+    fn poll_write(&mut self, cx: &mut Context<'_>) -> Result<bool, NetError> {
+        let mut progress = false;
+        while self.session.transmit_len() > 0 {
+            match self.stream.poll_write_ready(cx) {
+                Poll::Pending => {
+                    self.write_blocked_since.get_or_insert_with(Instant::now);
+                    return Ok(progress);
+                }
+                Poll::Ready(Err(err)) => return Err(err.into()),
+                Poll::Ready(Ok(())) => {}
+            }
+            match self.stream.try_write(self.session.transmit()) {
+                Ok(n) => {
+                    self.session.advance_transmit(n);
+                    self.write_blocked_since = None;
+                    progress = true;
+                }
+                Err(err) if err.kind() == ErrorKind::WouldBlock => continue,
+                Err(err) => return Err(err.into()),
+            }
+        }
+        if progress {
+            self.session.mark_sent(Instant::now());
+        }
+        Ok(progress)
+    }
+
+    /// Session timers, the write timeout, the frame timeout and the budget retry.
+    fn poll_timers(&mut self, cx: &mut Context<'_>) -> Result<bool, NetError> {
+        let config = &self.shared.config;
+        let write_deadline = self
+            .write_blocked_since
+            .map(|since| since + config.write_timeout);
+        let frame_deadline = self.inbound.frame_deadline(config.frame_timeout);
+        let deadline = [
+            Some(self.session.next_deadline()),
+            write_deadline,
+            frame_deadline,
+            self.budget_retry_at,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .expect("the session always has a deadline");
+        if self.timer_at != Some(deadline) {
+            self.timer.as_mut().reset(deadline);
+            self.timer_at = Some(deadline);
+        }
+        if self.timer.as_mut().poll(cx).is_pending() {
+            return Ok(false);
+        }
+        self.timer_at = None;
+        let now = Instant::now();
+        if write_deadline.is_some_and(|at| now >= at) {
+            return Err(NetError::WriteTimeout(config.write_timeout));
+        }
+        if frame_deadline.is_some_and(|at| now >= at) {
+            return Err(NetError::FrameTimeout(config.frame_timeout));
+        }
+        if self.budget_retry_at.is_some_and(|at| now >= at) {
+            self.budget_retry_at = None;
+        }
+        self.session.on_timeout(now)?;
+        Ok(true)
+    }
+
+    fn count_in(&mut self) {
+        self.traffic.frames_in += 1;
+    }
+
+    /// Adds this connection's traffic since the last report to the relay-wide counters.
+    fn report_traffic(&mut self) {
+        let (now, before, m) = (self.traffic, self.reported, &self.shared.metrics);
+        if now.frames_in != before.frames_in {
+            m.frames_in.increment(now.frames_in - before.frames_in);
+        }
+        if now.bytes_in != before.bytes_in {
+            m.bytes_in.increment(now.bytes_in - before.bytes_in);
+        }
+        if now.frames_out != before.frames_out {
+            m.frames_out.increment(now.frames_out - before.frames_out);
+        }
+        if now.bytes_out != before.bytes_out {
+            m.bytes_out.increment(now.bytes_out - before.bytes_out);
+        }
+        self.reported = now;
+    }
+
+    /// Writes everything sealed (used once the session has ended).
+    async fn flush_all(&mut self) -> std::io::Result<()> {
+        while self.session.transmit_len() > 0 {
+            let n = self.stream.write(self.session.transmit()).await?;
+            if n == 0 {
+                return Err(ErrorKind::WriteZero.into());
+            }
+            self.session.advance_transmit(n);
         }
         Ok(())
     }
 }
 
-impl std::fmt::Debug for Conn {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Conn")
-            .field("peer", &self.peer)
-            .finish_non_exhaustive()
+/// Half-closes, then reads and discards what the peer still sends for a short, bounded
+/// while: closing a socket with unread input makes the kernel send a reset, which can destroy
+/// the final `Error` frame before the peer reads it.
+async fn linger_close(stream: &mut TcpStream) {
+    let deadline = Instant::now() + LINGER;
+    if timeout_at(deadline, stream.shutdown()).await.is_err() {
+        return;
     }
+    let mut sink = [0u8; 4096];
+    let mut drained = 0usize;
+    let _ = timeout_at(deadline, async {
+        while drained < LINGER_BYTES {
+            match tokio::io::AsyncReadExt::read(stream, &mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => drained += n,
+            }
+        }
+    })
+    .await;
 }

@@ -1,7 +1,9 @@
-//! The listener: admission control (connection cap, per-IP handshake rate), one task per
-//! connection, and graceful shutdown (stop accepting, tell sessions, drain, return).
+//! The listener: admission control (connection cap, per-address handshake rate and cap on
+//! unauthenticated connections), one task per connection, giving memory back after churn, and
+//! graceful shutdown (stop accepting, tell sessions, drain, return).
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,12 +15,44 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use super::{connection, Handler};
+use super::admission::{Admission, CryptoSlots, InboundBudget, Refusal};
+use super::connection;
+use crate::app::Handler;
 use crate::config::Config;
 use crate::core::keys::KeyPair;
 use crate::core::replay::ReplayCache;
 use crate::metrics as m;
-use crate::ratelimit::KeyedLimiter;
+use crate::ratelimit::{address_group, KeyedLimiter};
+
+/// Closed connections after which free memory is handed back to the system.
+const TRIM_AFTER_CLOSED: usize = 256;
+/// How often the server checks whether to hand memory back.
+const TRIM_CHECK: Duration = Duration::from_secs(10);
+
+/// Metric handles every connection shares, resolved once.
+pub(super) struct NetMetrics {
+    pub handshakes_ok: metrics::Counter,
+    pub handshake_seconds: metrics::Histogram,
+    pub frames_in: metrics::Counter,
+    pub frames_out: metrics::Counter,
+    pub bytes_in: metrics::Counter,
+    pub bytes_out: metrics::Counter,
+    open: metrics::Gauge,
+}
+
+impl NetMetrics {
+    fn new() -> Self {
+        Self {
+            handshakes_ok: metrics::counter!(m::HANDSHAKES, "outcome" => "ok", "reason" => "ok"),
+            handshake_seconds: metrics::histogram!(m::HANDSHAKE_SECONDS),
+            frames_in: metrics::counter!(m::FRAMES_IN),
+            frames_out: metrics::counter!(m::FRAMES_OUT),
+            bytes_in: metrics::counter!(m::BYTES_IN),
+            bytes_out: metrics::counter!(m::BYTES_OUT),
+            open: metrics::gauge!(m::CONNECTIONS_OPEN),
+        }
+    }
+}
 
 /// State every connection task shares.
 pub(super) struct Shared<H> {
@@ -26,8 +60,11 @@ pub(super) struct Shared<H> {
     pub identity: KeyPair,
     pub handler: H,
     pub replay: Mutex<ReplayCache>,
-    pub handshake_slots: Semaphore,
+    pub crypto: Arc<CryptoSlots>,
+    pub budget: Arc<InboundBudget>,
     pub shutdown: CancellationToken,
+    pub metrics: NetMetrics,
+    closed: AtomicUsize,
 }
 
 pub struct Server<H> {
@@ -35,6 +72,7 @@ pub struct Server<H> {
     shared: Arc<Shared<H>>,
     connection_slots: Arc<Semaphore>,
     ip_limiter: Mutex<KeyedLimiter<IpAddr>>,
+    admission: Arc<Admission>,
 }
 
 /// Lets another task stop a running server.
@@ -58,10 +96,17 @@ impl<H: Handler> Server<H> {
             config.handshake_rate_per_ip,
             config.max_tracked_ips,
         ));
+        let admission = Admission::new(
+            config.max_unauthenticated,
+            config.max_unauthenticated_per_ip,
+        );
         let shared = Arc::new(Shared {
             replay: Mutex::new(ReplayCache::new(config.replay_cache_capacity)),
-            handshake_slots: Semaphore::new(config.max_handshakes_in_flight),
+            crypto: CryptoSlots::new(config.max_handshakes_in_flight),
+            budget: InboundBudget::new(config.max_inbound_buffer_bytes),
             shutdown: CancellationToken::new(),
+            metrics: NetMetrics::new(),
+            closed: AtomicUsize::new(0),
             config,
             identity,
             handler,
@@ -71,6 +116,7 @@ impl<H: Handler> Server<H> {
             shared,
             connection_slots,
             ip_limiter,
+            admission,
         })
     }
 
@@ -91,9 +137,15 @@ impl<H: Handler> Server<H> {
     /// Accepts connections until shut down, then drains the sessions (at most `shutdown_grace`).
     pub async fn run(self) {
         let tracker = TaskTracker::new();
+        let mut trim = tokio::time::interval(TRIM_CHECK);
+        trim.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let accepted = tokio::select! {
                 _ = self.shared.shutdown.cancelled() => break,
+                _ = trim.tick() => {
+                    self.release_memory_after_churn();
+                    continue;
+                }
                 accepted = self.listener.accept() => accepted,
             };
             let (stream, peer) = match accepted {
@@ -105,10 +157,13 @@ impl<H: Handler> Server<H> {
                     continue;
                 }
             };
-            if let Some(permit) = self.admit(&stream, peer) {
+            if let Some((permit, ticket)) = self.admit(&stream, peer) {
                 let shared = self.shared.clone();
+                shared.metrics.open.increment(1.0);
                 tracker.spawn(async move {
-                    connection::serve(shared, stream, peer).await;
+                    connection::serve(shared.clone(), stream, peer, ticket).await;
+                    shared.metrics.open.decrement(1.0);
+                    shared.closed.fetch_add(1, Ordering::Relaxed);
                     drop(permit);
                 });
             }
@@ -125,24 +180,49 @@ impl<H: Handler> Server<H> {
         info!("relay stopped");
     }
 
-    /// Applies the connection cap and the per-IP handshake rate; `None` closes the stream.
+    /// After many connections closed, asks the allocator to give its free pages back: their
+    /// buffers are freed, but glibc keeps freed memory inside its heap otherwise.
+    fn release_memory_after_churn(&self) {
+        if self.shared.closed.load(Ordering::Relaxed) >= TRIM_AFTER_CLOSED {
+            self.shared.closed.store(0, Ordering::Relaxed);
+            tokio::task::spawn_blocking(crate::memory::release_free_memory);
+        }
+    }
+
+    /// Applies the connection cap, the per-address handshake rate and the caps on
+    /// unauthenticated connections; `None` closes the stream.
     fn admit(
         &self,
         stream: &TcpStream,
         peer: SocketAddr,
-    ) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    ) -> Option<(tokio::sync::OwnedSemaphorePermit, super::admission::Ticket)> {
+        let refuse = |reason: &'static str| {
+            metrics::counter!(m::CONNECTIONS_REJECTED, "reason" => reason).increment(1);
+            tracing::debug!(%peer, reason, "connection refused");
+        };
         let Ok(permit) = self.connection_slots.clone().try_acquire_owned() else {
-            metrics::counter!(m::CONNECTIONS_REJECTED, "reason" => "max_connections").increment(1);
-            info!(%peer, reason = "max_connections", "connection refused");
+            refuse("max_connections");
             return None;
         };
-        if let Err(wait) = self.ip_limiter.lock().try_take(&peer.ip(), Instant::now()) {
-            metrics::counter!(m::CONNECTIONS_REJECTED, "reason" => "rate_limited").increment(1);
-            info!(%peer, reason = "rate_limited", retry_after_ms = wait.as_millis() as u64, "connection refused");
+        let group = address_group(peer.ip());
+        if self
+            .ip_limiter
+            .lock()
+            .try_take(&group, Instant::now())
+            .is_err()
+        {
+            refuse("rate_limited");
             return None;
         }
+        let ticket = match self.admission.admit(peer.ip()) {
+            Ok(ticket) => ticket,
+            Err(Refusal::PerAddress) => {
+                refuse("unauthenticated_per_address");
+                return None;
+            }
+        };
         // Latency matters more than packet count for small request/response frames.
         let _ = stream.set_nodelay(true);
-        Some(permit)
+        Some((permit, ticket))
     }
 }

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use crate::proto::{self, ErrorCode, Frame};
+use crate::store::StoreError;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RelayError {
@@ -29,8 +30,29 @@ pub enum RelayError {
     Forbidden(&'static str),
     #[error("ticket is unknown, used up or expired")]
     TicketInvalid,
+    #[error("{0}")]
+    QuotaExceeded(&'static str),
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+impl From<StoreError> for RelayError {
+    fn from(err: StoreError) -> Self {
+        match err {
+            StoreError::NotRegistered(device) => RelayError::NotRegistered(device),
+            StoreError::IdentityNotRegistered => RelayError::IdentityNotRegistered,
+            StoreError::UnknownRecipient => RelayError::UnknownRecipient,
+            StoreError::NotFound => RelayError::NotFound,
+            StoreError::MailboxFull(what) => RelayError::MailboxFull(what),
+            StoreError::Forbidden => {
+                RelayError::Forbidden("recipient accepts contacts only; a ticket is required")
+            }
+            StoreError::TicketInvalid => RelayError::TicketInvalid,
+            StoreError::Limit { message, .. } => RelayError::BadRequest(message),
+            StoreError::QuotaExceeded { message, .. } => RelayError::QuotaExceeded(message),
+            StoreError::Unavailable(message) => RelayError::Internal(message),
+        }
+    }
 }
 
 impl RelayError {
@@ -51,6 +73,7 @@ impl RelayError {
             RelayError::RateLimited { .. } => ErrorCode::RateLimited,
             RelayError::Forbidden(_) => ErrorCode::Forbidden,
             RelayError::TicketInvalid => ErrorCode::TicketInvalid,
+            RelayError::QuotaExceeded(_) => ErrorCode::QuotaExceeded,
             RelayError::Internal(_) => ErrorCode::Internal,
         }
     }

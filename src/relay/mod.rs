@@ -1,30 +1,44 @@
 //! The relay application served over authenticated sessions: registration, prekeys, mailboxes
-//! with live delivery, contacts and tickets. The sender of every request is the identity the
-//! session authenticated, never a field of the request, so a session can only read, ack or
-//! configure its own mailboxes.
+//! with live delivery, contacts and tickets, on top of any [`Store`]. The sender of every
+//! request is the identity the session authenticated, never a field of the request, so a
+//! session can only read, ack or configure its own mailboxes.
+//!
+//! Each request is checked here in the spec's order (field checks in [`validate`], rate limits
+//! in [`limits`]) and then handed to the store; live delivery is [`delivery`]'s. Requests are
+//! answered in arrival order; while one waits for the disk, later ones are already applied.
 
+pub mod delivery;
 pub mod error;
-pub mod mailbox;
-pub mod store;
+pub mod limits;
+pub mod validate;
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
-use tokio::time::Instant;
 
 pub use error::RelayError;
-pub use store::{EventSink, NoJournal, Store};
 
+use crate::app::{unsupported_unless_ignorable, Answer, Handler, Outgoing, PushHandle};
 use crate::config::Config;
 use crate::core::keys::{sha256, PublicKeyBytes};
 use crate::memory::RELEASE_AFTER_FREED_BYTES;
 use crate::metrics as m;
-use crate::net::{unsupported_unless_ignorable, Handler, PushHandle};
-use crate::proto::{Acked, Body, Done, Frame, PreKeysLow, Send, Sent, Subscribed, Unregistered};
-use crate::ratelimit::KeyedLimiter;
-use store::{validate_send, Identity};
+use crate::proto::{
+    Accept, Acked, Body, Done, ErrorCode, Frame, PreKeyBundles, PreKeyCount, PreKeysLow,
+    Registered, Sent, Subscribed, Ticket, Unregistered,
+};
+use crate::ratelimit::address_group;
+use crate::store::{
+    Appended, Identity, Listener, MailboxId, Message, NewMessage, Store, StoreError,
+};
+use delivery::Delivery;
+use limits::{Limit, Limits};
 
 pub use crate::clock::Clock;
 
@@ -47,75 +61,227 @@ pub fn message_digest(
     ])
 }
 
-struct Limiters {
-    sends: Mutex<KeyedLimiter<Identity>>,
-    pairs: Mutex<KeyedLimiter<(Identity, Identity)>>,
-    fetches: Mutex<KeyedLimiter<Identity>>,
-}
+/// Open sessions per identity, for notices such as `PreKeysLow`. Bounded by the connection
+/// cap.
+#[derive(Default)]
+struct Sessions(Mutex<HashMap<Identity, Vec<PushHandle>>>);
 
-pub struct Relay {
-    store: Store,
-    /// The journal, when the store is durable: changing requests wait for their records.
-    journal: Option<Arc<crate::storage::Journal>>,
-    config: Arc<Config>,
-    clock: Clock,
-    relay_key: PublicKeyBytes,
-    limiters: Limiters,
-    /// Open sessions per identity, for notices such as `PreKeysLow`. Bounded by the connection cap.
-    sessions: Mutex<HashMap<Identity, Vec<PushHandle>>>,
-    /// Highest stored payload total a sweep has seen since free memory was last given back.
-    payload_peak: std::sync::atomic::AtomicU64,
-}
-
-/// Per-session state: who the peer is and which mailboxes it listens to.
-pub struct RelaySession {
-    identity: Identity,
-    push: PushHandle,
-    subscriptions: Vec<u32>,
-}
-
-/// A stored message to push once its record is durable: (recipient, device, message id).
-type Release = (Identity, u32, u64);
-
-impl Relay {
-    pub fn new(config: Arc<Config>, relay_key: PublicKeyBytes, sink: Arc<dyn EventSink>) -> Self {
-        let store = Store::new(&config, sink);
-        Self::with_store(config, relay_key, store)
+impl Sessions {
+    fn add(&self, identity: Identity, push: &PushHandle) {
+        let mut sessions = self.0.lock();
+        let list = sessions.entry(identity).or_default();
+        list.retain(|p| !p.is_closed());
+        list.push(push.clone());
     }
 
-    /// A relay over a recovered store whose changes go to `journal`.
-    pub fn durable(
-        config: Arc<Config>,
-        relay_key: PublicKeyBytes,
-        store: Store,
-        journal: Arc<crate::storage::Journal>,
-    ) -> Self {
-        let mut relay = Self::with_store(config, relay_key, store);
-        relay.journal = Some(journal);
-        relay
-    }
-
-    /// A relay over an existing store.
-    pub fn with_store(config: Arc<Config>, relay_key: PublicKeyBytes, store: Store) -> Self {
-        let keys = config.max_rate_limited_keys;
-        let limiters = Limiters {
-            sends: Mutex::new(KeyedLimiter::new(config.send_rate_per_identity, keys)),
-            pairs: Mutex::new(KeyedLimiter::new(config.send_rate_per_pair, keys)),
-            fetches: Mutex::new(KeyedLimiter::new(config.prekey_fetch_rate, keys)),
-        };
-        Self {
-            store,
-            journal: None,
-            config,
-            clock: Clock::new(),
-            relay_key,
-            limiters,
-            sessions: Mutex::new(HashMap::new()),
-            payload_peak: std::sync::atomic::AtomicU64::new(0),
+    fn remove(&self, identity: &Identity, push: &PushHandle) {
+        let mut sessions = self.0.lock();
+        if let Some(list) = sessions.get_mut(identity) {
+            list.retain(|p| !p.same_session(push) && !p.is_closed());
+            if list.is_empty() {
+                sessions.remove(identity);
+            }
         }
     }
 
-    pub fn store(&self) -> &Store {
+    fn notify(&self, identity: &Identity, frame: Frame) {
+        let sessions = self.0.lock();
+        for push in sessions.get(identity).into_iter().flatten() {
+            let _ = push.push_frame(frame.clone());
+        }
+    }
+}
+
+/// What the store tells the relay.
+struct Events<S: Store> {
+    delivery: Arc<Delivery<S>>,
+    sessions: Arc<Sessions>,
+}
+
+impl<S: Store> Listener for Events<S> {
+    fn stored(&self, mailbox: &MailboxId, message: &Arc<Message>, prev_id: Option<u64>) {
+        self.delivery.stored(mailbox, message, prev_id);
+    }
+
+    fn removed(&self, mailbox: &MailboxId, ids: &[u64]) {
+        self.delivery.removed(mailbox, ids);
+    }
+
+    fn closed(&self, mailbox: &MailboxId) {
+        self.delivery.closed(mailbox);
+    }
+
+    fn prekeys_low(&self, identity: &Identity, device: u32, count: u32) {
+        let frame = Frame::new(
+            0,
+            Body::PreKeysLow(PreKeysLow {
+                device_id: device,
+                count,
+            }),
+        );
+        self.sessions.notify(identity, frame);
+    }
+}
+
+/// The thirteen requests, for per-kind metrics.
+const REQUEST_KINDS: usize = 13;
+/// "ok" and every error code.
+const OUTCOMES: usize = 1 + 18;
+
+/// Metric handles resolved once, so the hot path looks nothing up by name.
+struct RelayMetrics {
+    requests: Vec<OnceLock<metrics::Counter>>,
+    messages_sent: metrics::Counter,
+    messages_duplicate: metrics::Counter,
+    messages_acked: metrics::Counter,
+    prekeys_handed_out: metrics::Counter,
+    prekeys_exhausted: metrics::Counter,
+    prekeys_withheld: metrics::Counter,
+}
+
+impl RelayMetrics {
+    fn new() -> Self {
+        Self {
+            requests: (0..REQUEST_KINDS * OUTCOMES)
+                .map(|_| OnceLock::new())
+                .collect(),
+            messages_sent: metrics::counter!(m::MESSAGES_SENT),
+            messages_duplicate: metrics::counter!(m::MESSAGES_DUPLICATE),
+            messages_acked: metrics::counter!(m::MESSAGES_ACKED),
+            prekeys_handed_out: metrics::counter!(m::PREKEYS_HANDED_OUT),
+            prekeys_exhausted: metrics::counter!(m::PREKEYS_EXHAUSTED),
+            prekeys_withheld: metrics::counter!(m::PREKEYS_WITHHELD),
+        }
+    }
+
+    fn request(&self, kind: RequestKind, outcome: Option<ErrorCode>) {
+        let column = outcome.map_or(0, |code| (code as usize).min(OUTCOMES - 2) + 1);
+        self.requests[kind as usize * OUTCOMES + column]
+            .get_or_init(|| {
+                let outcome = outcome.map_or("ok", |code| code.as_str_name());
+                metrics::counter!(m::REQUESTS, "kind" => kind.name(), "outcome" => outcome)
+            })
+            .increment(1);
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RequestKind {
+    Register,
+    Unregister,
+    UploadPreKeys,
+    GetPreKeyCount,
+    FetchPreKeys,
+    Send,
+    Subscribe,
+    GetMessage,
+    AckMessages,
+    SetPolicy,
+    AddContact,
+    RemoveContact,
+    CreateTicket,
+}
+
+impl RequestKind {
+    /// The kind of a body the relay serves as a request.
+    fn of(body: &Body) -> Option<Self> {
+        Some(match body {
+            Body::Register(_) => Self::Register,
+            Body::Unregister(_) => Self::Unregister,
+            Body::UploadPreKeys(_) => Self::UploadPreKeys,
+            Body::GetPreKeyCount(_) => Self::GetPreKeyCount,
+            Body::FetchPreKeys(_) => Self::FetchPreKeys,
+            Body::Send(_) => Self::Send,
+            Body::Subscribe(_) => Self::Subscribe,
+            Body::GetMessage(_) => Self::GetMessage,
+            Body::AckMessages(_) => Self::AckMessages,
+            Body::SetPolicy(_) => Self::SetPolicy,
+            Body::AddContact(_) => Self::AddContact,
+            Body::RemoveContact(_) => Self::RemoveContact,
+            Body::CreateTicket(_) => Self::CreateTicket,
+            _ => return None,
+        })
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Register => "register",
+            Self::Unregister => "unregister",
+            Self::UploadPreKeys => "upload_pre_keys",
+            Self::GetPreKeyCount => "get_pre_key_count",
+            Self::FetchPreKeys => "fetch_pre_keys",
+            Self::Send => "send",
+            Self::Subscribe => "subscribe",
+            Self::GetMessage => "get_message",
+            Self::AckMessages => "ack_messages",
+            Self::SetPolicy => "set_policy",
+            Self::AddContact => "add_contact",
+            Self::RemoveContact => "remove_contact",
+            Self::CreateTicket => "create_ticket",
+        }
+    }
+}
+
+/// The relay application over the store `S`.
+pub struct Relay<S: Store> {
+    store: Arc<S>,
+    delivery: Arc<Delivery<S>>,
+    sessions: Arc<Sessions>,
+    limits: Limits,
+    config: Arc<Config>,
+    clock: Clock,
+    relay_key: PublicKeyBytes,
+    metrics: Arc<RelayMetrics>,
+    /// Highest stored payload total a sweep has seen since free memory was last given back.
+    payload_peak: Arc<AtomicU64>,
+}
+
+/// Per-session state: who the peer is, where from, and which mailboxes it listens to.
+pub struct RelaySession {
+    identity: Identity,
+    address: IpAddr,
+    push: PushHandle,
+    subscriptions: Vec<u32>,
+    /// When the account was last marked in use by this session (ms).
+    touched_ms: u64,
+}
+
+/// A request's answer, possibly after a wait.
+type Reply = Pin<Box<dyn Future<Output = Result<Outgoing, RelayError>> + Send>>;
+
+fn reply(
+    future: impl Future<Output = Result<Outgoing, RelayError>> + Send + 'static,
+) -> Result<Reply, RelayError> {
+    Ok(Box::pin(future))
+}
+
+fn body(id: u64, body: Body) -> Outgoing {
+    Outgoing::Frame(Frame::new(id, body))
+}
+
+impl<S: Store> Relay<S> {
+    pub fn new(config: Arc<Config>, relay_key: PublicKeyBytes, store: S) -> Arc<Self> {
+        let store = Arc::new(store);
+        let delivery = Delivery::new(store.clone(), config.max_unacked);
+        let sessions = Arc::new(Sessions::default());
+        store.set_listener(Arc::new(Events {
+            delivery: delivery.clone(),
+            sessions: sessions.clone(),
+        }));
+        Arc::new(Self {
+            limits: Limits::new(&config),
+            store,
+            delivery,
+            sessions,
+            config,
+            clock: Clock::new(),
+            relay_key,
+            metrics: Arc::new(RelayMetrics::new()),
+            payload_peak: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    pub fn store(&self) -> &S {
         &self.store
     }
 
@@ -123,39 +289,42 @@ impl Relay {
         &self.clock
     }
 
-    /// Removes messages past the retention TTL and refreshes the store gauges; returns how
-    /// many were removed.
-    pub fn expire_now(&self) -> usize {
-        let ttl = self.config.message_ttl.as_millis() as u64;
-        let expiry = self.store.expire(self.clock.now_ms().saturating_sub(ttl));
-        metrics::counter!(m::MESSAGES_EXPIRED).increment(expiry.expired as u64);
-        metrics::gauge!(m::MAILBOX_MESSAGES).set(expiry.messages_left as f64);
-        metrics::gauge!(m::MAILBOX_BYTES).set(expiry.payload_bytes_left as f64);
-        self.release_memory_if_worth_it(&expiry);
-        expiry.expired
+    pub fn config(&self) -> &Config {
+        &self.config
     }
 
-    /// After a sweep: once the store has shrunk by [`RELEASE_AFTER_FREED_BYTES`] since the last
-    /// time (acks, expiry, trimmed mailboxes), asks the allocator to give its free pages back.
-    fn release_memory_if_worth_it(&self, expiry: &store::Expiry) {
-        use std::sync::atomic::Ordering::Relaxed;
-        let held = expiry.payload_bytes_left as u64;
-        let peak = self.payload_peak.fetch_max(held, Relaxed).max(held);
-        let freed = peak - held + expiry.bytes_trimmed as u64;
-        if freed >= RELEASE_AFTER_FREED_BYTES {
-            let started = std::time::Instant::now();
-            crate::memory::release_free_memory();
-            self.payload_peak.store(held, Relaxed);
-            tracing::debug!(
-                freed,
-                took_us = started.elapsed().as_micros() as u64,
-                "gave free memory back to the system"
+    /// Removes expired messages and idle accounts and refreshes the store gauges; returns how
+    /// many messages were removed. Blocking for the embedded store: run it off the runtime.
+    pub fn sweep(&self) -> impl Future<Output = Result<usize, StoreError>> + Send + 'static {
+        let now = self.clock.now_ms();
+        let message_cutoff = now.saturating_sub(self.config.message_ttl.as_millis() as u64);
+        let account_cutoff = now.saturating_sub(self.config.account_ttl.as_millis() as u64);
+        let swept = self.store.expire(message_cutoff, account_cutoff);
+        let peak = self.payload_peak.clone();
+        async move {
+            let expiry = swept.await?;
+            metrics::counter!(m::MESSAGES_EXPIRED).increment(expiry.expired_messages as u64);
+            metrics::counter!(m::ACCOUNTS_REMOVED).increment(expiry.removed_accounts as u64);
+            metrics::gauge!(m::MAILBOX_MESSAGES).set(expiry.messages_left as f64);
+            metrics::gauge!(m::MAILBOX_BYTES).set(expiry.payload_bytes_left as f64);
+            release_memory_if_worth_it(
+                &peak,
+                expiry.payload_bytes_left as u64,
+                expiry.bytes_trimmed as u64,
             );
+            Ok(expiry.expired_messages)
         }
     }
 
-    /// Sweeps expired messages every `expiry_interval` and refreshes the store gauges, until
-    /// `shutdown` fires.
+    /// Refreshes the store gauges from the store's counters (cheap; called every second).
+    pub fn refresh_gauges(&self) {
+        let stats = self.store.stats();
+        metrics::gauge!(m::MAILBOX_MESSAGES).set(stats.messages as f64);
+        metrics::gauge!(m::MAILBOX_BYTES).set(stats.payload_bytes as f64);
+        metrics::gauge!(m::IDENTITIES).set(stats.identities as f64);
+    }
+
+    /// Sweeps every `expiry_interval` until `shutdown` fires.
     pub async fn run_maintenance(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
         let mut tick = tokio::time::interval(self.config.expiry_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -166,304 +335,422 @@ impl Relay {
                     // The sweep walks every mailbox and may trim the heap: off the runtime's
                     // workers, like snapshots.
                     let relay = self.clone();
-                    if let Err(err) = tokio::task::spawn_blocking(move || relay.expire_now()).await {
-                        tracing::error!(error = %err, "expiry sweep failed");
+                    match tokio::task::spawn_blocking(move || relay.sweep()).await {
+                        Ok(swept) => {
+                            if let Err(err) = swept.await {
+                                tracing::error!(error = %err, "expiry sweep failed");
+                            }
+                        }
+                        Err(err) => tracing::error!(error = %err, "expiry sweep failed"),
                     }
                 }
             }
         }
     }
 
-    /// Under `fsync = always`, waits until every change made so far is durable (group commit:
-    /// one fsync covers many requests). The other policies answer at once.
-    async fn wait_durable(&self) -> Result<(), crate::storage::StorageError> {
-        match &self.journal {
-            Some(journal) if journal.policy() == crate::config::FsyncPolicy::Always => {
-                journal.wait_durable(journal.last_lsn()).await
-            }
-            Some(journal) if journal.failed() => Err(crate::storage::StorageError::WriterFailed(
-                "the journal can no longer be written".into(),
-            )),
-            _ => Ok(()),
-        }
+    /// Takes a token for the request kind's limits (per identity, per address).
+    fn limit(&self, limit: Limit, session: &RelaySession) -> Result<(), RelayError> {
+        self.limits.take(limit, &session.identity, &session.address)
     }
 
-    /// Takes a token for `key`; `label` names the limit in metrics, `what` in the error.
-    fn rate_limit<K: std::hash::Hash + Eq + Clone>(
-        limiter: &Mutex<KeyedLimiter<K>>,
-        key: &K,
-        label: &'static str,
-        what: &'static str,
-    ) -> Result<(), RelayError> {
-        limiter
-            .lock()
-            .try_take(key, Instant::now())
-            .map_err(|retry_after| {
-                metrics::counter!(m::RATE_LIMITED, "limit" => label).increment(1);
-                RelayError::RateLimited { what, retry_after }
-            })
-    }
-
-    fn send(&self, sender: &Identity, req: Send) -> Result<(Sent, Release), RelayError> {
-        if let Err(err) = validate_send(&req, self.config.max_payload_len as usize) {
-            if let RelayError::PayloadTooLarge { .. } = err {
-                metrics::counter!(m::QUOTA_HITS, "kind" => "payload_too_large").increment(1);
-            }
-            return Err(err);
-        }
-        Self::rate_limit(&self.limiters.sends, sender, "sends", "sends")?;
-        let recipient: Identity = req.recipient[..].try_into().expect("validated length");
-        let pair = (*sender, recipient);
-        Self::rate_limit(
-            &self.limiters.pairs,
-            &pair,
-            "sends_to_recipient",
-            "sends to this recipient",
-        )?;
-        if !self.store.is_registered(sender, req.sender_device) {
-            return Err(RelayError::NotRegistered(req.sender_device));
-        }
-        if self.config.verify_message_signatures {
-            let digest = message_digest(
-                sender,
-                &req.recipient,
-                req.recipient_device,
-                &req.sender_nonce,
-                &req.payload_hash,
-            );
-            let key = PublicKeyBytes::parse(sender).expect("session identities are valid keys");
-            key.verify(&digest, &req.sender_signature)
-                .map_err(|err| RelayError::bad_request(format!("sender_signature: {err}")))?;
-        }
-        let outcome = self
-            .store
-            .send(sender, &req, self.clock.now_ms())
-            .inspect_err(|err| {
-                if let RelayError::MailboxFull(_) = err {
-                    metrics::counter!(m::QUOTA_HITS, "kind" => "mailbox_full").increment(1);
-                }
-            })?;
-        if outcome.duplicate {
-            metrics::counter!(m::MESSAGES_DUPLICATE).increment(1);
-        } else {
-            metrics::counter!(m::MESSAGES_SENT).increment(1);
-        }
-        let sent = Sent {
-            message_id: outcome.message_id,
-            duplicate: outcome.duplicate,
-        };
-        // Pushed to a subscriber only after the durability wait (see `request`).
-        Ok((sent, (recipient, req.recipient_device, outcome.message_id)))
-    }
-
-    fn notify_owner(&self, identity: &Identity, frame: Frame) {
-        let sessions = self.sessions.lock();
-        for push in sessions.get(identity).into_iter().flatten() {
-            let _ = push.push(frame.clone());
-        }
-    }
-
-    /// Answers one request of `session`, with the message it stored, if any.
     fn dispatch(
         &self,
         session: &mut RelaySession,
-        body: Body,
-    ) -> Result<(Body, Option<Release>), RelayError> {
+        id: u64,
+        request: Body,
+    ) -> Result<Reply, RelayError> {
         let me = session.identity;
-        let answer = match body {
-            Body::Register(req) => Body::Registered(self.store.register(&me, req)?),
-            Body::Unregister(req) => {
-                self.store.unregister(&me, req.device_id)?;
-                session.subscriptions.retain(|d| *d != req.device_id);
-                Body::Unregistered(Unregistered {
-                    device_id: req.device_id,
+        let store = &self.store;
+        match request {
+            Body::Register(req) => {
+                self.limit(Limit::Change, session)?;
+                let registration = validate::registration(&self.config, req)?;
+                let device_id = registration.device;
+                let done = store.register(&me, registration, self.clock.now_ms());
+                reply(async move {
+                    let count = done.await?;
+                    Ok(body(
+                        id,
+                        Body::Registered(Registered {
+                            device_id,
+                            one_time_prekeys: count,
+                        }),
+                    ))
                 })
             }
-            Body::UploadPreKeys(req) => Body::PreKeyCount(self.store.upload_prekeys(&me, req)?),
+            Body::Unregister(req) => {
+                self.limit(Limit::Change, session)?;
+                let device_id = req.device_id;
+                let done = store.unregister(&me, device_id);
+                session.subscriptions.retain(|d| *d != device_id);
+                reply(async move {
+                    done.await?;
+                    Ok(body(id, Body::Unregistered(Unregistered { device_id })))
+                })
+            }
+            Body::UploadPreKeys(req) => {
+                self.limit(Limit::Change, session)?;
+                validate::prekeys(
+                    &self.config,
+                    req.signed_prekey.as_ref(),
+                    &req.one_time_prekeys,
+                )?;
+                let device_id = req.device_id;
+                let done =
+                    store.upload_prekeys(&me, device_id, req.signed_prekey, req.one_time_prekeys);
+                reply(async move {
+                    let count = done.await?;
+                    Ok(body(
+                        id,
+                        Body::PreKeyCount(PreKeyCount { device_id, count }),
+                    ))
+                })
+            }
             Body::GetPreKeyCount(req) => {
-                Body::PreKeyCount(self.store.prekey_count(&me, req.device_id)?)
+                let device_id = req.device_id;
+                let done = store.prekey_count(&me, device_id);
+                reply(async move {
+                    let count = done.await?;
+                    Ok(body(
+                        id,
+                        Body::PreKeyCount(PreKeyCount { device_id, count }),
+                    ))
+                })
             }
             Body::FetchPreKeys(req) => {
-                Self::rate_limit(
-                    &self.limiters.fetches,
-                    &me,
-                    "prekey_fetches",
-                    "prekey fetches",
-                )?;
-                let target = store::identity_field(&req.identity, "identity")?;
-                let outcome = self.store.fetch_prekeys(
-                    &target,
-                    &req.device_ids,
-                    self.config.prekey_low_threshold,
-                )?;
-                metrics::counter!(m::PREKEYS_HANDED_OUT).increment(outcome.handed_out as u64);
-                metrics::counter!(m::PREKEYS_EXHAUSTED).increment(outcome.exhausted as u64);
-                for (device_id, count) in outcome.low {
-                    self.notify_owner(
-                        &target,
-                        Frame::new(0, Body::PreKeysLow(PreKeysLow { device_id, count })),
-                    );
+                self.limit(Limit::PrekeyFetch, session)?;
+                let target = validate::identity_field(&req.identity, "identity")?;
+                if req.device_ids.len() > self.config.max_devices_per_identity {
+                    return Err(RelayError::bad_request(format!(
+                        "at most {} device ids in one fetch",
+                        self.config.max_devices_per_identity
+                    )));
                 }
-                Body::PreKeyBundles(outcome.bundles)
+                let mut devices = req.device_ids;
+                devices.sort_unstable();
+                devices.dedup();
+                let grants = self.limits.one_time_prekeys(target);
+                let done = store.fetch_prekeys(&target, devices, grants);
+                let metrics = self.metrics.clone();
+                reply(async move {
+                    let fetched = done.await?;
+                    metrics
+                        .prekeys_handed_out
+                        .increment(fetched.handed_out as u64);
+                    metrics
+                        .prekeys_exhausted
+                        .increment(fetched.exhausted as u64);
+                    metrics.prekeys_withheld.increment(fetched.withheld as u64);
+                    Ok(body(
+                        id,
+                        Body::PreKeyBundles(PreKeyBundles {
+                            bundles: fetched.bundles,
+                        }),
+                    ))
+                })
             }
-            Body::Send(req) => {
-                let (sent, release) = self.send(&me, req)?;
-                return Ok((Body::Sent(sent), Some(release)));
-            }
+            Body::Send(req) => self.send(session, id, req),
             Body::Subscribe(req) => {
-                let (last_id, replaced) =
-                    self.store
-                        .subscribe(&me, req.device_id, req.after_id, session.push.clone())?;
-                if let Some(old) = replaced {
-                    let _ = old.push(store::replaced_notice(req.device_id));
-                }
+                let mailbox = MailboxId {
+                    identity: me,
+                    device: req.device_id,
+                };
+                let done = self
+                    .delivery
+                    .subscribe(mailbox, req.after_id, session.push.clone());
                 if !session.subscriptions.contains(&req.device_id) {
                     session.subscriptions.push(req.device_id);
                 }
-                Body::Subscribed(Subscribed {
-                    device_id: req.device_id,
-                    last_id,
+                reply(async move {
+                    let (last_id, replaced) = done.await?;
+                    if let Some(old) = replaced {
+                        let _ = old.push_frame(Frame::error(
+                            0,
+                            ErrorCode::Replaced,
+                            format!("another session subscribed to device {}", mailbox.device),
+                        ));
+                    }
+                    Ok(body(
+                        id,
+                        Body::Subscribed(Subscribed {
+                            device_id: mailbox.device,
+                            last_id,
+                        }),
+                    ))
                 })
             }
             Body::GetMessage(req) => {
-                Body::Deliver(self.store.get_message(&me, req.device_id, req.message_id)?)
+                let device = req.device_id;
+                let done = store.get(
+                    MailboxId {
+                        identity: me,
+                        device,
+                    },
+                    req.message_id,
+                );
+                reply(async move {
+                    Ok(Outgoing::Deliver {
+                        frame_id: id,
+                        device,
+                        message: done.await?,
+                    })
+                })
             }
             Body::AckMessages(req) => {
-                let deleted = self.store.ack(&me, req.device_id, &req.message_ids)?;
-                metrics::counter!(m::MESSAGES_ACKED).increment(u64::from(deleted));
-                Body::Acked(Acked { deleted })
+                self.limit(Limit::Ack, session)?;
+                if req.message_ids.len() > validate::MAX_ACK_IDS {
+                    return Err(RelayError::bad_request(format!(
+                        "at most {} ids per ack",
+                        validate::MAX_ACK_IDS
+                    )));
+                }
+                let done = store.ack(
+                    MailboxId {
+                        identity: me,
+                        device: req.device_id,
+                    },
+                    req.message_ids,
+                );
+                let metrics = self.metrics.clone();
+                reply(async move {
+                    let deleted = done.await?;
+                    metrics.messages_acked.increment(u64::from(deleted));
+                    Ok(body(id, Body::Acked(Acked { deleted })))
+                })
             }
             Body::SetPolicy(req) => {
-                let accept = crate::proto::Accept::try_from(req.accept).map_err(|_| {
+                self.limit(Limit::Change, session)?;
+                let accept = Accept::try_from(req.accept).map_err(|_| {
                     RelayError::bad_request(format!("unknown accept value {}", req.accept))
                 })?;
-                self.store.set_policy(&me, accept)?;
-                Body::Done(Done {})
+                let done = store.set_policy(&me, accept);
+                reply(async move {
+                    done.await?;
+                    Ok(body(id, Body::Done(Done {})))
+                })
             }
             Body::AddContact(req) => {
-                self.store.add_contact(&me, &req.identity)?;
-                Body::Done(Done {})
+                self.limit(Limit::Change, session)?;
+                let contact = validate::identity_field(&req.identity, "identity")?;
+                let done = store.add_contact(&me, contact);
+                reply(async move {
+                    done.await?;
+                    Ok(body(id, Body::Done(Done {})))
+                })
             }
             Body::RemoveContact(req) => {
-                self.store.remove_contact(&me, &req.identity)?;
-                Body::Done(Done {})
+                self.limit(Limit::Change, session)?;
+                let contact = validate::identity_field(&req.identity, "identity")?;
+                let done = store.remove_contact(&me, contact);
+                reply(async move {
+                    done.await?;
+                    Ok(body(id, Body::Done(Done {})))
+                })
             }
             Body::CreateTicket(req) => {
-                let mut ticket =
-                    self.store
-                        .create_ticket(&me, req.ttl_s, req.uses, self.clock.now_ms())?;
-                ticket.relay_pubkey = Bytes::copy_from_slice(self.relay_key.as_bytes());
-                Body::Ticket(ticket)
+                self.limit(Limit::Change, session)?;
+                let (ttl_ms, uses) = validate::ticket(&self.config, req.ttl_s, req.uses)?;
+                let token: [u8; crate::store::TICKET_LEN] = rand::random();
+                let now = self.clock.now_ms();
+                let expires_at_ms = now + ttl_ms;
+                let done = store.create_ticket(&me, token, expires_at_ms, uses, now);
+                let relay_pubkey = Bytes::copy_from_slice(self.relay_key.as_bytes());
+                reply(async move {
+                    done.await?;
+                    Ok(body(
+                        id,
+                        Body::Ticket(Ticket {
+                            token: Bytes::copy_from_slice(&token),
+                            expires_at_ms,
+                            relay_pubkey,
+                            identity: Bytes::copy_from_slice(&me),
+                            uses,
+                        }),
+                    ))
+                })
             }
-            other => {
-                return Err(RelayError::bad_request(format!(
-                    "{} is not a request",
-                    other.kind()
-                )))
-            }
+            other => Err(RelayError::bad_request(format!(
+                "{} is not a request",
+                other.kind()
+            ))),
+        }
+    }
+
+    /// `Send`, with its checks in the order of the spec (§8.3).
+    fn send(
+        &self,
+        session: &RelaySession,
+        id: u64,
+        req: crate::proto::Send,
+    ) -> Result<Reply, RelayError> {
+        let fields = validate::send(&req, self.config.max_payload_len as usize)?;
+        self.limits
+            .send(&session.identity, &fields.recipient, &session.address)?;
+        let sender = session.identity;
+        let registered = self.store.is_registered(&sender, req.sender_device);
+        let store = self.store.clone();
+        let verify = self.config.verify_message_signatures;
+        let message = NewMessage {
+            to: MailboxId {
+                identity: fields.recipient,
+                device: req.recipient_device,
+            },
+            sender,
+            sender_device: req.sender_device,
+            nonce: fields.nonce,
+            payload_hash: fields.payload_hash,
+            signature: fields.signature,
+            payload: req.payload,
+            ticket: fields.ticket,
+            received_at_ms: self.clock.now_ms(),
         };
-        Ok((answer, None))
+        let metrics = self.metrics.clone();
+        reply(async move {
+            if !registered.await? {
+                return Err(RelayError::NotRegistered(message.sender_device));
+            }
+            if verify {
+                let digest = message_digest(
+                    &sender,
+                    &message.to.identity,
+                    message.to.device,
+                    &message.nonce,
+                    &message.payload_hash,
+                );
+                PublicKeyBytes::parse(&sender)
+                    .expect("session identities are valid keys")
+                    .verify(&digest, &message.signature)
+                    .map_err(|err| RelayError::bad_request(format!("sender_signature: {err}")))?;
+            }
+            let (message_id, is_duplicate) = match store.append(message).await? {
+                Appended::Stored(id) => {
+                    metrics.messages_sent.increment(1);
+                    (id, false)
+                }
+                Appended::Duplicate(id) => {
+                    metrics.messages_duplicate.increment(1);
+                    (id, true)
+                }
+            };
+            Ok(body(
+                id,
+                Body::Sent(Sent {
+                    message_id,
+                    duplicate: is_duplicate,
+                }),
+            ))
+        })
     }
 }
 
-/// True for requests whose answer must wait until their change is durable.
-fn changes_state(body: &Body) -> bool {
-    !matches!(
-        body,
-        Body::GetPreKeyCount(_) | Body::Subscribe(_) | Body::GetMessage(_)
-    )
+/// After a sweep: once the store has shrunk by [`RELEASE_AFTER_FREED_BYTES`] since the last
+/// time (acks, expiry, trimmed mailboxes), asks the allocator to give its free pages back.
+fn release_memory_if_worth_it(peak: &AtomicU64, held: u64, trimmed: u64) {
+    let top = peak.fetch_max(held, Ordering::Relaxed).max(held);
+    let freed = top - held + trimmed;
+    if freed >= RELEASE_AFTER_FREED_BYTES {
+        let started = std::time::Instant::now();
+        crate::memory::release_free_memory();
+        peak.store(held, Ordering::Relaxed);
+        tracing::debug!(
+            freed,
+            took_us = started.elapsed().as_micros() as u64,
+            "gave free memory back to the system"
+        );
+    }
 }
 
-/// True for the bodies a node may send as requests.
-fn is_request(body: &Body) -> bool {
-    matches!(
-        body,
-        Body::Register(_)
-            | Body::Unregister(_)
-            | Body::UploadPreKeys(_)
-            | Body::GetPreKeyCount(_)
-            | Body::FetchPreKeys(_)
-            | Body::Send(_)
-            | Body::Subscribe(_)
-            | Body::GetMessage(_)
-            | Body::AckMessages(_)
-            | Body::SetPolicy(_)
-            | Body::AddContact(_)
-            | Body::RemoveContact(_)
-            | Body::CreateTicket(_)
-    )
-}
-
-impl Handler for Arc<Relay> {
+impl<S: Store> Handler for Arc<Relay<S>> {
     type Session = RelaySession;
 
-    fn connect(&self, peer: PublicKeyBytes, push: PushHandle) -> RelaySession {
+    fn connect(&self, peer: PublicKeyBytes, addr: SocketAddr, push: PushHandle) -> RelaySession {
         let identity = *peer.as_bytes();
-        let mut sessions = self.sessions.lock();
-        let list = sessions.entry(identity).or_default();
-        list.retain(|p| !p.is_closed());
-        list.push(push.clone());
+        self.sessions.add(identity, &push);
+        let now = self.clock.now_ms();
+        self.store.touch(&identity, now);
         RelaySession {
             identity,
+            address: address_group(addr.ip()),
             push,
             subscriptions: Vec::new(),
+            touched_ms: now,
         }
     }
 
-    async fn request(&self, session: &mut RelaySession, frame: Frame) -> Vec<Frame> {
+    fn request(&self, session: &mut RelaySession, frame: Frame) -> Answer {
         let id = frame.id;
-        let body = match frame.body {
-            Some(body) if is_request(&body) => body,
-            _ => return unsupported_unless_ignorable(&frame).into_iter().collect(),
+        let Some(kind) = frame.body.as_ref().and_then(RequestKind::of) else {
+            return unsupported_unless_ignorable(&frame).map_or(Answer::None, Answer::frame);
         };
-        let kind = body.kind();
+        let request = frame.body.expect("checked above");
         if id == 0 {
-            return vec![RelayError::bad_request("requests need a non-zero frame id").to_frame(0)];
+            return Answer::frame(
+                RelayError::bad_request("requests need a non-zero frame id").to_frame(0),
+            );
         }
-        let changes_state = changes_state(&body);
-        let mut outcome = self.dispatch(session, body);
-        if changes_state && outcome.is_ok() {
-            if let Err(err) = self.wait_durable().await {
-                outcome = Err(RelayError::Internal(err.to_string()));
-            }
+        let now = self.clock.now_ms();
+        if now >= session.touched_ms + 3_600_000 {
+            session.touched_ms = now;
+            self.store.touch(&session.identity, now);
         }
-        let outcome = outcome.map(|(body, release)| {
-            if let Some((recipient, device_id, message_id)) = release {
-                self.store.release(&recipient, device_id, message_id);
-            }
-            body
-        });
-        let answer = match outcome {
-            Ok(body) => {
-                metrics::counter!(m::REQUESTS, "kind" => kind, "outcome" => "ok").increment(1);
-                Frame::new(id, body)
-            }
+        match self.dispatch(session, id, request) {
             Err(err) => {
-                metrics::counter!(m::REQUESTS, "kind" => kind, "outcome" => err.code().as_str_name()).increment(1);
-                err.to_frame(id)
+                self.metrics.request(kind, Some(err.code()));
+                Answer::frame(err.to_frame(id))
             }
-        };
-        vec![answer]
+            Ok(pending) => {
+                let metrics = self.metrics.clone();
+                Answer::pending(async move {
+                    match pending.await {
+                        Ok(answer) => {
+                            metrics.request(kind, None);
+                            answer
+                        }
+                        Err(err) => {
+                            metrics.request(kind, Some(err.code()));
+                            Outgoing::Frame(err.to_frame(id))
+                        }
+                    }
+                })
+            }
+        }
+    }
+
+    fn is_barrier(&self, frame: &Frame) -> bool {
+        matches!(frame.body, Some(Body::Subscribe(_)))
+    }
+
+    fn max_pipelined(&self) -> usize {
+        self.config
+            .max_pipelined_requests
+            .min(self.store.max_pipelined())
+            .max(1)
+    }
+
+    fn congestion(&self) -> Option<Pin<Box<dyn Future<Output = ()> + Send>>> {
+        self.store
+            .congested()
+            .then(|| Box::pin(self.store.until_uncongested()) as Pin<Box<_>>)
     }
 
     fn resume(&self, session: &mut RelaySession) {
-        for device_id in &session.subscriptions {
-            self.store
-                .resume(&session.identity, *device_id, &session.push);
+        for device in &session.subscriptions {
+            let mailbox = MailboxId {
+                identity: session.identity,
+                device: *device,
+            };
+            self.delivery.resume(&mailbox, &session.push);
         }
     }
 
     fn disconnect(&self, session: RelaySession) {
-        for device_id in &session.subscriptions {
-            self.store
-                .unsubscribe(&session.identity, *device_id, &session.push);
+        for device in &session.subscriptions {
+            let mailbox = MailboxId {
+                identity: session.identity,
+                device: *device,
+            };
+            self.delivery.unsubscribe(&mailbox, &session.push);
         }
-        let mut sessions = self.sessions.lock();
-        if let Some(list) = sessions.get_mut(&session.identity) {
-            list.retain(|p| !p.same_session(&session.push) && !p.is_closed());
-            if list.is_empty() {
-                sessions.remove(&session.identity);
-            }
-        }
+        self.sessions.remove(&session.identity, &session.push);
     }
 }

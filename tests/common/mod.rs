@@ -6,10 +6,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use botd_relay::app::{Handler, TransportOnly};
 use botd_relay::client::{Client, ClientOptions};
 use botd_relay::config::{Config, MetricsListen};
 use botd_relay::core::keys::{KeyPair, PublicKeyBytes};
-use botd_relay::net::{Handler, Server, ServerHandle, TransportOnly};
+use botd_relay::net::{Server, ServerHandle};
+use botd_relay::store::embedded::EmbeddedStore;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
@@ -53,17 +55,23 @@ pub async fn start(config: Config) -> Relay {
     start_with(config, TransportOnly).await
 }
 
-/// A relay serving the application (in memory, no journal).
-pub async fn start_relay(config: Config) -> (Relay, Arc<botd_relay::relay::Relay>) {
-    let identity = KeyPair::generate();
-    let key = *identity.public();
-    let config = Arc::new(config);
-    let app = Arc::new(botd_relay::relay::Relay::new(
-        config.clone(),
+/// The relay application over the in-memory embedded store.
+pub type App = botd_relay::relay::Relay<EmbeddedStore>;
+
+/// The application over a store that lives in memory only.
+pub fn app(config: &Config, key: PublicKeyBytes) -> Arc<App> {
+    botd_relay::relay::Relay::new(
+        Arc::new(config.clone()),
         key,
-        Arc::new(botd_relay::relay::NoJournal),
-    ));
-    let relay = start_as((*config).clone(), identity, app.clone()).await;
+        EmbeddedStore::in_memory(config),
+    )
+}
+
+/// A relay serving the application (in memory, no journal).
+pub async fn start_relay(config: Config) -> (Relay, Arc<App>) {
+    let identity = KeyPair::generate();
+    let app = app(&config, *identity.public());
+    let relay = start_as(config, identity, app.clone()).await;
     (relay, app)
 }
 

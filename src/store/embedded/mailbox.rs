@@ -18,8 +18,8 @@ use std::collections::{HashMap, VecDeque};
 
 use prost::encoding::{decode_varint, encode_varint};
 
-use super::store::{Identity, NONCE_LEN};
 use crate::core::keys::SIGNATURE_LEN;
+use crate::store::{Identity, NONCE_LEN};
 
 /// Ids one chunk spans: its presence map is one `u64`.
 const CHUNK_IDS: u64 = 64;
@@ -107,7 +107,7 @@ impl SenderTable {
 
 /// A message to store.
 #[derive(Debug, Clone, Copy)]
-pub struct NewMessage<'a> {
+pub struct NewRecord<'a> {
     pub sender: SenderRef,
     pub nonce: [u8; NONCE_LEN],
     pub signature: &'a [u8; SIGNATURE_LEN],
@@ -145,7 +145,7 @@ fn unzigzag(value: u64) -> i64 {
 }
 
 impl<'a> Record<'a> {
-    fn encode(message: &NewMessage<'_>, base_ms: u64, out: &mut Vec<u8>) {
+    fn encode(message: &NewRecord<'_>, base_ms: u64, out: &mut Vec<u8>) {
         encode_varint(message.payload.len() as u64, out);
         encode_varint(u64::from(message.sender.0), out);
         encode_varint(
@@ -253,7 +253,7 @@ impl Chunk {
         })
     }
 
-    fn insert(&mut self, id: u64, message: &NewMessage<'_>) {
+    fn insert(&mut self, id: u64, message: &NewRecord<'_>) {
         let bit = self.bit(id).expect("the chunk spans the id");
         let rank = self.rank(bit);
         // Grown by half rather than doubled: most mailboxes are small and idle, and their
@@ -350,8 +350,9 @@ impl MessageLog {
     }
 
     /// Stores `message` as `id`. Ids normally arrive in increasing order (appends); any other
-    /// order is placed correctly too. Returns the sender of a message it replaced.
-    pub fn insert(&mut self, id: u64, message: &NewMessage<'_>) -> Option<SenderRef> {
+    /// order is placed correctly too. Returns the sender and payload length of a message it
+    /// replaced.
+    pub fn insert(&mut self, id: u64, message: &NewRecord<'_>) -> Option<(SenderRef, usize)> {
         let replaced = self.remove(id);
         let position = self.chunks.partition_point(|c| c.first_id <= id);
         let target = position.checked_sub(1).filter(|&i| {
@@ -380,8 +381,9 @@ impl MessageLog {
         replaced
     }
 
-    /// Removes `id`; returns its sender, whose reference the caller releases.
-    pub fn remove(&mut self, id: u64) -> Option<SenderRef> {
+    /// Removes `id`; returns its sender, whose reference the caller releases, and its payload
+    /// length.
+    pub fn remove(&mut self, id: u64) -> Option<(SenderRef, usize)> {
         let index = self.chunk_index(id)?;
         let closed = index + 1 < self.chunks.len();
         let chunk = &mut self.chunks[index];
@@ -391,7 +393,7 @@ impl MessageLog {
         }
         self.len -= 1;
         self.payload_bytes -= payload_len;
-        Some(sender)
+        Some((sender, payload_len))
     }
 
     /// The messages with ids from `first` on, in id order.
@@ -464,8 +466,8 @@ mod tests {
 
     const SIGNATURE: [u8; SIGNATURE_LEN] = [7; SIGNATURE_LEN];
 
-    fn message(sender: u32, nonce: u64, payload: &[u8], at: u64) -> NewMessage<'_> {
-        NewMessage {
+    fn message(sender: u32, nonce: u64, payload: &[u8], at: u64) -> NewRecord<'_> {
+        NewRecord {
             sender: SenderRef(sender),
             nonce: nonce.to_be_bytes(),
             signature: &SIGNATURE,
@@ -536,14 +538,16 @@ mod tests {
                     }
                     6..=8 => {
                         let id = rng.gen_range(0..next_id + 2);
-                        let removed = log.remove(id).map(|s| s.0);
+                        let removed = log.remove(id).map(|(s, _)| s.0);
                         assert_eq!(removed, model.remove(&id).map(|m| m.0));
                     }
                     _ => {
                         // An insert out of order, into a gap or over a stored id.
                         let id = rng.gen_range(1..next_id + 1);
                         let payload = vec![9u8; rng.gen_range(0..50)];
-                        let replaced = log.insert(id, &message(4, id, &payload, now)).map(|s| s.0);
+                        let replaced = log
+                            .insert(id, &message(4, id, &payload, now))
+                            .map(|(s, _)| s.0);
                         let previous = model.insert(id, (4, id, payload, now)).map(|m| m.0);
                         assert_eq!(replaced, previous);
                         next_id = next_id.max(id + 1);

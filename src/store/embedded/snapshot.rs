@@ -12,10 +12,11 @@ use prost::Message;
 
 use super::journal::sync_dir;
 use super::record::{append_record, file_header, StorageError};
+use super::state::State;
 use crate::proto::store::{snapshot_record, SnapshotHeader, SnapshotRecord, SnapshotTrailer};
-use crate::relay::Store;
 
 pub const SNAPSHOT_MAGIC: &[u8; 8] = b"BOTDSNAP";
+pub const SNAPSHOT_VERSION: u32 = 1;
 
 pub fn snapshot_name(seq: u64) -> String {
     super::numbered_name("snapshot-", seq, ".snap")
@@ -37,7 +38,7 @@ pub struct SnapshotInfo {
 pub fn write(
     dir: &Path,
     seq: u64,
-    store: &Store,
+    store: &State,
     now_ms: u64,
 ) -> Result<SnapshotInfo, StorageError> {
     let final_path = dir.join(snapshot_name(seq));
@@ -48,7 +49,8 @@ pub fn write(
     };
     let file = File::create(&tmp_path).map_err(io)?;
     let mut out = BufWriter::with_capacity(1 << 20, file);
-    out.write_all(&file_header(SNAPSHOT_MAGIC)).map_err(io)?;
+    out.write_all(&file_header(SNAPSHOT_MAGIC, SNAPSHOT_VERSION))
+        .map_err(io)?;
     let mut bytes = super::record::FILE_HEADER_LEN as u64;
     let mut buf = Vec::with_capacity(1 << 16);
     let mut write_record =
@@ -84,6 +86,8 @@ pub fn write(
         snapshot_record::Kind::Trailer(SnapshotTrailer {
             events,
             cover_lsns: covers,
+            // Taken after every shard was copied, so it covers each removal the copies do.
+            id_floor: store.id_floor(),
         }),
         &mut buf,
     )

@@ -1,0 +1,484 @@
+//! The contract between the network glue ([`crate::net`]) and the application it serves
+//! ([`crate::relay`]): the [`Handler`] a connection drives, the [`Answer`]s it returns, the
+//! [`Outgoing`] frames a connection seals, and the push path for unsolicited frames towards one
+//! session ([`PushHandle`]).
+//!
+//! The push path is bounded in bytes: a push that would pass `max_outbound_bytes` is refused
+//! and the session is told to close as a slow consumer, so a reader that never reads cannot grow
+//! the relay's memory.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use bytes::{BufMut, BytesMut};
+use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType};
+use prost::Message as _;
+use tokio::sync::mpsc;
+
+use crate::core::keys::PublicKeyBytes;
+use crate::core::session::{Session, SessionError};
+use crate::proto::{Body, ErrorCode, Frame};
+use crate::store::Message;
+
+/// A future answer, boxed so that a connection can keep a queue of them.
+pub type PendingAnswer = Pin<Box<dyn Future<Output = Outgoing> + Send>>;
+
+/// What a handler makes of one frame.
+pub enum Answer {
+    /// No answer (e.g. for a `Pong` or an `Error` from the peer).
+    None,
+    Ready(Outgoing),
+    /// An answer that waits (for the disk, or a remote store). The connection polls it once
+    /// right away, so whatever it does before its first wait happens in arrival order.
+    Pending(PendingAnswer),
+}
+
+impl Answer {
+    pub fn frame(frame: Frame) -> Self {
+        Answer::Ready(Outgoing::Frame(frame))
+    }
+
+    pub fn pending(future: impl Future<Output = Outgoing> + Send + 'static) -> Self {
+        Answer::Pending(Box::pin(future))
+    }
+}
+
+/// The application served over authenticated sessions.
+pub trait Handler: Send + Sync + 'static {
+    /// Per-session state of the application.
+    type Session: Send + 'static;
+
+    /// A session for `peer`, connected from `addr`, is established; frames pushed through
+    /// `push` reach it unsolicited.
+    fn connect(&self, peer: PublicKeyBytes, addr: SocketAddr, push: PushHandle) -> Self::Session;
+
+    /// Answers one frame that the session layer passed up (a request, or a frame the
+    /// application must judge). Frames come in arrival order; answers leave in that order.
+    fn request(&self, session: &mut Self::Session, frame: Frame) -> Answer;
+
+    /// True for a frame whose handling pushes frames that must follow its answer (e.g. a
+    /// subscription's first deliveries): the connection hands it over only once every
+    /// earlier answer has gone out.
+    fn is_barrier(&self, _frame: &Frame) -> bool {
+        false
+    }
+
+    /// How many answers one session may have pending at once.
+    fn max_pipelined(&self) -> usize {
+        1
+    }
+
+    /// While the application is behind (e.g. its journal), a future that resolves when it
+    /// can take more requests; the connection reads no further request until then.
+    fn congestion(&self) -> Option<Pin<Box<dyn Future<Output = ()> + Send>>> {
+        None
+    }
+
+    /// The session's push queue drained after the application asked to hear of it
+    /// ([`PushHandle::request_resume`]): paused pushes may continue.
+    fn resume(&self, _session: &mut Self::Session) {}
+
+    /// The session ended.
+    fn disconnect(&self, session: Self::Session);
+}
+
+/// A handler that serves no application: every request is `UNSUPPORTED`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TransportOnly;
+
+impl Handler for TransportOnly {
+    type Session = ();
+
+    fn connect(&self, _peer: PublicKeyBytes, _addr: SocketAddr, _push: PushHandle) {}
+
+    fn request(&self, _session: &mut (), frame: Frame) -> Answer {
+        unsupported_unless_ignorable(&frame).map_or(Answer::None, Answer::frame)
+    }
+
+    fn disconnect(&self, _session: ()) {}
+}
+
+/// The answer of a relay to a frame it does not serve: `Error{UNSUPPORTED}`, except for frames
+/// that must never be answered (errors and pongs from the peer, to avoid reply loops).
+pub fn unsupported_unless_ignorable(frame: &Frame) -> Option<Frame> {
+    match &frame.body {
+        Some(Body::Error(_)) | Some(Body::Pong(_)) => None,
+        Some(body) => Some(Frame::error(
+            frame.id,
+            ErrorCode::Unsupported,
+            format!("{} is not a request this relay serves", body.kind()),
+        )),
+        None => Some(Frame::error(
+            frame.id,
+            ErrorCode::Unsupported,
+            "missing frame body",
+        )),
+    }
+}
+
+/// A frame for the connection to seal.
+#[derive(Debug, Clone)]
+pub enum Outgoing {
+    Frame(Frame),
+    /// `Frame { id: frame_id, deliver }` of a stored message, encoded straight from the store's
+    /// type: no copy of the payload and no allocation per delivery.
+    Deliver {
+        frame_id: u64,
+        device: u32,
+        message: Arc<Message>,
+    },
+}
+
+const FRAME_ID_TAG: u32 = 1;
+const FRAME_DELIVER_TAG: u32 = 36;
+
+fn varint_field_len(tag: u32, value: u64) -> usize {
+    if value == 0 {
+        0
+    } else {
+        key_len(tag) + encoded_len_varint(value)
+    }
+}
+
+fn varint_field(tag: u32, value: u64, buf: &mut BytesMut) {
+    if value != 0 {
+        encode_key(tag, WireType::Varint, buf);
+        encode_varint(value, buf);
+    }
+}
+
+fn bytes_field_len(tag: u32, len: usize) -> usize {
+    if len == 0 {
+        0
+    } else {
+        key_len(tag) + encoded_len_varint(len as u64) + len
+    }
+}
+
+fn bytes_field(tag: u32, value: &[u8], buf: &mut BytesMut) {
+    if !value.is_empty() {
+        encode_key(tag, WireType::LengthDelimited, buf);
+        encode_varint(value.len() as u64, buf);
+        buf.put_slice(value);
+    }
+}
+
+/// Encoded length of the `Deliver` message (without the `Frame` around it).
+fn deliver_len(device: u32, m: &Message) -> usize {
+    varint_field_len(1, m.id)
+        + bytes_field_len(2, m.sender.len())
+        + varint_field_len(3, u64::from(m.sender_device))
+        + varint_field_len(4, u64::from(device))
+        + bytes_field_len(5, m.nonce.len())
+        + bytes_field_len(6, m.payload_hash.len())
+        + bytes_field_len(7, m.signature.len())
+        + bytes_field_len(8, m.payload.len())
+        + varint_field_len(9, m.received_at_ms)
+}
+
+/// `Frame { id: frame_id, deliver: <m for device> }` in protobuf's canonical encoding.
+fn encode_deliver_frame(frame_id: u64, device: u32, m: &Message, buf: &mut BytesMut) {
+    varint_field(FRAME_ID_TAG, frame_id, buf);
+    encode_key(FRAME_DELIVER_TAG, WireType::LengthDelimited, buf);
+    encode_varint(deliver_len(device, m) as u64, buf);
+    varint_field(1, m.id, buf);
+    bytes_field(2, &m.sender, buf);
+    varint_field(3, u64::from(m.sender_device), buf);
+    varint_field(4, u64::from(device), buf);
+    bytes_field(5, &m.nonce, buf);
+    bytes_field(6, &m.payload_hash, buf);
+    bytes_field(7, &m.signature, buf);
+    bytes_field(8, &m.payload, buf);
+    varint_field(9, m.received_at_ms, buf);
+}
+
+impl Outgoing {
+    /// Bytes of the encoded `Frame`.
+    pub fn encoded_len(&self) -> usize {
+        match self {
+            Outgoing::Frame(frame) => frame.encoded_len(),
+            Outgoing::Deliver {
+                frame_id,
+                device,
+                message,
+            } => {
+                let inner = deliver_len(*device, message);
+                varint_field_len(FRAME_ID_TAG, *frame_id)
+                    + key_len(FRAME_DELIVER_TAG)
+                    + encoded_len_varint(inner as u64)
+                    + inner
+            }
+        }
+    }
+
+    /// Seals the frame into the session's output.
+    pub fn seal(&self, session: &mut Session) -> Result<(), SessionError> {
+        match self {
+            Outgoing::Frame(frame) => session.send(frame),
+            Outgoing::Deliver {
+                frame_id,
+                device,
+                message,
+            } => session.send_encoded(self.encoded_len(), true, |buf| {
+                encode_deliver_frame(*frame_id, *device, message, buf)
+            }),
+        }
+    }
+
+    /// The frame id it carries.
+    pub fn frame_id(&self) -> u64 {
+        match self {
+            Outgoing::Frame(frame) => frame.id,
+            Outgoing::Deliver { frame_id, .. } => *frame_id,
+        }
+    }
+
+    /// As a decoded `Frame` (for callers without a session, e.g. tests driving a handler).
+    pub fn into_frame(self) -> Frame {
+        match self {
+            Outgoing::Frame(frame) => frame,
+            Outgoing::Deliver {
+                frame_id,
+                device,
+                message,
+            } => Frame::new(frame_id, Body::Deliver(deliver_body(device, &message))),
+        }
+    }
+}
+
+/// The protobuf `Deliver` of a stored message.
+pub fn deliver_body(device: u32, m: &Message) -> crate::proto::Deliver {
+    use bytes::Bytes;
+    crate::proto::Deliver {
+        message_id: m.id,
+        sender: Bytes::copy_from_slice(&m.sender),
+        sender_device: m.sender_device,
+        recipient_device: device,
+        sender_nonce: Bytes::copy_from_slice(&m.nonce),
+        payload_hash: Bytes::copy_from_slice(&m.payload_hash),
+        sender_signature: Bytes::copy_from_slice(&m.signature),
+        payload: m.payload.clone(),
+        received_at_ms: m.received_at_ms,
+    }
+}
+
+/// What the connection task receives from the push path.
+// Pushes live in the channel's slots inline; boxing the frame would cost an allocation per
+// delivery instead.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum Push {
+    Out(Outgoing),
+    /// The queue overflowed: send `SLOW_CONSUMER` and close.
+    SlowConsumer,
+}
+
+#[derive(Debug)]
+struct Depth {
+    bytes: AtomicUsize,
+    overflowed: AtomicBool,
+    /// The application paused its pushes and wants to hear when the queue has drained.
+    resume_wanted: AtomicBool,
+    limit: usize,
+}
+
+/// Cloneable sender side, held by the application.
+#[derive(Debug, Clone)]
+pub struct PushHandle {
+    tx: mpsc::UnboundedSender<(Push, usize)>,
+    depth: Arc<Depth>,
+}
+
+/// Receiver side, held by the connection task.
+#[derive(Debug)]
+pub struct PushReceiver {
+    rx: mpsc::UnboundedReceiver<(Push, usize)>,
+    depth: Arc<Depth>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PushError {
+    #[error("session is gone")]
+    Closed,
+    #[error("session's outbound queue is full")]
+    SlowConsumer,
+}
+
+/// A push path bounded to `limit` queued bytes.
+pub fn push_channel(limit: usize) -> (PushHandle, PushReceiver) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let depth = Arc::new(Depth {
+        bytes: AtomicUsize::new(0),
+        overflowed: AtomicBool::new(false),
+        resume_wanted: AtomicBool::new(false),
+        limit,
+    });
+    (
+        PushHandle {
+            tx,
+            depth: depth.clone(),
+        },
+        PushReceiver { rx, depth },
+    )
+}
+
+impl PushHandle {
+    /// Queues a frame for the session. Never blocks; refuses when the session is gone or behind.
+    pub fn push(&self, out: Outgoing) -> Result<(), PushError> {
+        if self.depth.overflowed.load(Ordering::Acquire) {
+            return Err(PushError::SlowConsumer);
+        }
+        let size = out.encoded_len();
+        let queued = self.depth.bytes.fetch_add(size, Ordering::AcqRel) + size;
+        if queued > self.depth.limit {
+            self.depth.bytes.fetch_sub(size, Ordering::AcqRel);
+            if !self.depth.overflowed.swap(true, Ordering::AcqRel) {
+                let _ = self.tx.send((Push::SlowConsumer, 0));
+            }
+            return Err(PushError::SlowConsumer);
+        }
+        self.tx.send((Push::Out(out), size)).map_err(|_| {
+            self.depth.bytes.fetch_sub(size, Ordering::AcqRel);
+            PushError::Closed
+        })
+    }
+
+    /// Queues a protobuf frame.
+    pub fn push_frame(&self, frame: Frame) -> Result<(), PushError> {
+        self.push(Outgoing::Frame(frame))
+    }
+
+    /// Bytes queued and not yet taken by the session.
+    pub fn queued_bytes(&self) -> usize {
+        self.depth.bytes.load(Ordering::Acquire)
+    }
+
+    /// The queue's limit in bytes; past it the session is closed as a slow consumer.
+    pub fn limit(&self) -> usize {
+        self.depth.limit
+    }
+
+    /// Asks the session to call the handler's `resume` once everything queued has been taken.
+    pub fn request_resume(&self) {
+        self.depth.resume_wanted.store(true, Ordering::Release);
+    }
+
+    /// True while a requested resume has not happened yet: the application paused its pushes.
+    pub fn resume_pending(&self) -> bool {
+        self.depth.resume_wanted.load(Ordering::Acquire)
+    }
+
+    /// True once the session ended.
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+
+    /// True when both handles lead to the same session.
+    pub fn same_session(&self, other: &PushHandle) -> bool {
+        self.tx.same_channel(&other.tx)
+    }
+}
+
+impl PushReceiver {
+    pub async fn recv(&mut self) -> Option<Push> {
+        let (push, size) = self.rx.recv().await?;
+        self.depth.bytes.fetch_sub(size, Ordering::AcqRel);
+        Some(push)
+    }
+
+    /// The next push, registering for a wake-up if none is queued.
+    pub fn poll_recv(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Push>> {
+        self.rx.poll_recv(cx).map(|item| {
+            item.map(|(push, size)| {
+                self.depth.bytes.fetch_sub(size, Ordering::AcqRel);
+                push
+            })
+        })
+    }
+
+    /// The next queued push, if one is waiting.
+    pub fn try_recv(&mut self) -> Option<Push> {
+        let (push, size) = self.rx.try_recv().ok()?;
+        self.depth.bytes.fetch_sub(size, Ordering::AcqRel);
+        Some(push)
+    }
+
+    /// Bytes queued and not yet taken.
+    pub fn queued_bytes(&self) -> usize {
+        self.depth.bytes.load(Ordering::Acquire)
+    }
+
+    /// True (once) when a resume was requested and the queue is now empty.
+    pub fn take_resume(&self) -> bool {
+        self.queued_bytes() == 0 && self.depth.resume_wanted.swap(false, Ordering::AcqRel)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    #[tokio::test]
+    async fn overflow_turns_into_one_slow_consumer_notice() {
+        let frame = Frame::error(0, ErrorCode::Internal, "x".repeat(100));
+        let size = frame.encoded_len();
+        let (handle, mut rx) = push_channel(size * 2);
+        handle.push_frame(frame.clone()).unwrap();
+        handle.push_frame(frame.clone()).unwrap();
+        assert_eq!(
+            handle.push_frame(frame.clone()),
+            Err(PushError::SlowConsumer)
+        );
+        assert_eq!(
+            handle.push_frame(frame.clone()),
+            Err(PushError::SlowConsumer)
+        );
+        assert!(matches!(rx.recv().await, Some(Push::Out(_))));
+        assert!(matches!(rx.recv().await, Some(Push::Out(_))));
+        assert!(matches!(rx.recv().await, Some(Push::SlowConsumer)));
+        assert_eq!(rx.queued_bytes(), 0);
+        drop(rx);
+        assert!(handle.is_closed());
+    }
+
+    #[test]
+    fn a_deliver_encoded_by_hand_is_the_protobuf_encoding() {
+        for (id, payload, time) in [
+            (1u64, &b"hello"[..], 1_767_225_600_000u64),
+            (0, &b""[..], 0),
+            (u64::MAX >> 2, &[7u8; 300][..], 5),
+        ] {
+            let message = Arc::new(Message {
+                id,
+                sender: [2; 33],
+                sender_device: 3,
+                nonce: [4; 8],
+                payload_hash: [5; 32],
+                signature: [6; 64],
+                payload: Bytes::copy_from_slice(payload),
+                received_at_ms: time,
+            });
+            let out = Outgoing::Deliver {
+                frame_id: id ^ 9,
+                device: 7,
+                message,
+            };
+            let expected = out.clone().into_frame().encode_to_vec();
+            assert_eq!(out.encoded_len(), expected.len());
+            let mut buf = BytesMut::new();
+            if let Outgoing::Deliver {
+                frame_id,
+                device,
+                message,
+            } = &out
+            {
+                encode_deliver_frame(*frame_id, *device, message, &mut buf);
+            }
+            assert_eq!(&buf[..], &expected[..]);
+        }
+    }
+}

@@ -1,0 +1,325 @@
+//! The storage layer: everything the relay application needs from a store, as the [`Store`]
+//! trait, and its backends: [`embedded`] (memory, a journal and snapshots on local disk; the
+//! default) and `nats` (NATS JetStream, for several relays on one cluster).
+//!
+//! The application validates requests on their own (lengths, ranges) before it calls a store; a
+//! store checks what needs its state (registration, quotas, uniqueness, policy and tickets)
+//! atomically with the change it makes, and reports the first check that fails.
+//!
+//! **Ordering and durability.** Every operation returns a future that resolves once its outcome
+//! is final and, for changes, durable (or failed). Calls made one after another by one task take
+//! effect in call order when the store reports `max_pipelined() > 1`: the embedded store applies
+//! each change in memory before the call returns, so a session may have many requests waiting
+//! for the disk at once. A store that cannot promise that reports 1, and the application then
+//! keeps one request per session in flight.
+//!
+//! **Reads see durable data only.** A message becomes visible to `read`, `get` and `last_id`, and
+//! is announced to the [`Listener`], once its record is durable, so a message id a recipient has
+//! seen is never given to another message after a crash.
+
+pub mod embedded;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::core::keys::{PUBLIC_KEY_LEN, SIGNATURE_LEN};
+use crate::proto::{Accept, PreKey, PreKeyBundle, SignedPreKey};
+
+/// An identity: the 33-byte compressed public key a session authenticated with.
+pub type Identity = [u8; PUBLIC_KEY_LEN];
+/// Length of `Send.sender_nonce`.
+pub const NONCE_LEN: usize = 8;
+/// Length of a ticket token.
+pub const TICKET_LEN: usize = 16;
+/// Length of a payload hash (SHA-256).
+pub const HASH_LEN: usize = 32;
+
+/// One device's mailbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MailboxId {
+    pub identity: Identity,
+    pub device: u32,
+}
+
+/// A stored message, as it is delivered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub id: u64,
+    pub sender: Identity,
+    pub sender_device: u32,
+    pub nonce: [u8; NONCE_LEN],
+    pub payload_hash: [u8; HASH_LEN],
+    pub signature: [u8; SIGNATURE_LEN],
+    pub payload: Bytes,
+    pub received_at_ms: u64,
+}
+
+/// A message to store (already validated: lengths and `payload_hash`).
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub to: MailboxId,
+    pub sender: Identity,
+    pub sender_device: u32,
+    pub nonce: [u8; NONCE_LEN],
+    pub payload_hash: [u8; HASH_LEN],
+    pub signature: [u8; SIGNATURE_LEN],
+    pub payload: Bytes,
+    /// A ticket of the recipient, for first contact under `ACCEPT_CONTACTS_ONLY`.
+    pub ticket: Option<[u8; TICKET_LEN]>,
+    pub received_at_ms: u64,
+}
+
+/// What `append` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Appended {
+    /// Stored under this id.
+    Stored(u64),
+    /// A message of the same sender with the same nonce is stored under this id.
+    Duplicate(u64),
+}
+
+/// A device registration (already validated: lengths, counts, distinct ids).
+#[derive(Debug, Clone)]
+pub struct Registration {
+    pub device: u32,
+    pub registration_id: u32,
+    pub identity_key: Bytes,
+    pub signed_prekey: SignedPreKey,
+    pub one_time_prekeys: Vec<PreKey>,
+}
+
+/// What a prekey fetch handed out.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Fetched {
+    /// One bundle per device, in increasing device-id order.
+    pub bundles: Vec<PreKeyBundle>,
+    /// One-time prekeys handed out (each removed for good).
+    pub handed_out: usize,
+    /// Bundles without a one-time prekey because the device had none left.
+    pub exhausted: usize,
+    /// Bundles without a one-time prekey because the caller withheld it (rate limit).
+    pub withheld: usize,
+}
+
+/// What a maintenance sweep removed and what it left.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Expiry {
+    pub expired_messages: usize,
+    pub removed_accounts: usize,
+    /// Growth room given back by idle mailboxes.
+    pub bytes_trimmed: usize,
+    pub messages_left: usize,
+    pub payload_bytes_left: usize,
+}
+
+/// Counts for metrics and `check`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct StoreStats {
+    pub identities: usize,
+    pub devices: usize,
+    pub messages: usize,
+    pub payload_bytes: usize,
+    pub one_time_prekeys: usize,
+}
+
+/// Why a store operation failed. Each maps to one wire error code (`relay::RelayError`).
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum StoreError {
+    #[error("device {0} is not registered for this identity")]
+    NotRegistered(u32),
+    #[error("this identity has no registered device")]
+    IdentityNotRegistered,
+    #[error("no such identity or device")]
+    UnknownRecipient,
+    #[error("no such message")]
+    NotFound,
+    #[error("mailbox is full ({0})")]
+    MailboxFull(&'static str),
+    #[error("recipient accepts contacts only; a ticket is required")]
+    Forbidden,
+    #[error("ticket is unknown, used up or expired")]
+    TicketInvalid,
+    /// A limit of the request or of the account (devices, prekeys, contacts, tickets);
+    /// `kind` names it in metrics.
+    #[error("{message}")]
+    Limit { kind: &'static str, message: String },
+    /// A relay-wide storage cap (identities, stored bytes, bytes per identity).
+    #[error("{message}")]
+    QuotaExceeded {
+        kind: &'static str,
+        message: &'static str,
+    },
+    /// The change could not be made durable, or the store cannot be reached; the outcome of
+    /// a change may be either.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Receives what happens to mailboxes, for live delivery. Called after the fact and never
+/// with a store lock held, so a listener may call back into the store.
+pub trait Listener: Send + Sync + 'static {
+    /// `message` is stored and durable. Per mailbox, calls come in id order; `prev_id` is the
+    /// id assigned just before it in the mailbox when the store knows it (ids assigned one
+    /// after the other), so a listener that has seen `prev_id` knows nothing lies between.
+    fn stored(&self, mailbox: &MailboxId, message: &Arc<Message>, prev_id: Option<u64>);
+    /// Messages left the mailbox (acknowledged from any session, or expired).
+    fn removed(&self, mailbox: &MailboxId, ids: &[u64]);
+    /// The device was unregistered (or its account removed): its mailbox is gone.
+    fn closed(&self, mailbox: &MailboxId);
+    /// A fetch left the device with fewer one-time prekeys than the threshold (once per
+    /// crossing: the next call for the device comes after an upload lifted it again).
+    fn prekeys_low(&self, identity: &Identity, device: u32, count: u32);
+}
+
+/// The outcome of a store operation, once final (and durable, for a change).
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// What the relay application needs from storage. See the module documentation for the rules
+/// on ordering and durability every backend keeps.
+pub trait Store: Send + Sync + 'static {
+    /// How many operations of one session may be outstanding at once (see module docs).
+    fn max_pipelined(&self) -> usize;
+
+    /// Where mailbox events go; set once, before the relay serves.
+    fn set_listener(&self, listener: Arc<dyn Listener>);
+
+    /// True while changes should wait: the store is behind (e.g. its journal's buffer is full).
+    fn congested(&self) -> bool;
+
+    /// Resolves once the store is no longer congested.
+    fn until_uncongested(&self) -> impl Future<Output = ()> + Send + use<Self>;
+
+    /// Marks `identity` as in use at `now_ms` (idle accounts expire after `account_ttl`).
+    fn touch(&self, identity: &Identity, now_ms: u64);
+
+    /// Registers or re-registers a device; returns the number of one-time prekeys stored.
+    fn register(
+        &self,
+        me: &Identity,
+        registration: Registration,
+        now_ms: u64,
+    ) -> impl Future<Output = StoreResult<u32>> + Send + use<Self>;
+
+    /// Unregisters a device: its keys and mailbox go; its id counter stays. When it was the
+    /// identity's last device, the account goes too.
+    fn unregister(
+        &self,
+        me: &Identity,
+        device: u32,
+    ) -> impl Future<Output = StoreResult<()>> + Send + use<Self>;
+
+    /// Replaces the signed prekey (if given) and appends one-time prekeys; returns the count
+    /// stored after the upload.
+    fn upload_prekeys(
+        &self,
+        me: &Identity,
+        device: u32,
+        signed_prekey: Option<SignedPreKey>,
+        one_time_prekeys: Vec<PreKey>,
+    ) -> impl Future<Output = StoreResult<u32>> + Send + use<Self>;
+
+    /// One-time prekeys a device has stored.
+    fn prekey_count(
+        &self,
+        me: &Identity,
+        device: u32,
+    ) -> impl Future<Output = StoreResult<u32>> + Send + use<Self>;
+
+    /// One bundle per device of `target` (`devices` sorted and distinct; empty: all
+    /// registered devices). A one-time prekey is popped for each device for which
+    /// `take_one_time(device)` allows it (asked only for devices that have one left); each key
+    /// is handed out at most once, ever.
+    fn fetch_prekeys<F: FnMut(u32) -> bool + Send + 'static>(
+        &self,
+        target: &Identity,
+        devices: Vec<u32>,
+        take_one_time: F,
+    ) -> impl Future<Output = StoreResult<Fetched>> + Send + use<Self, F>;
+
+    /// True when `identity` has `device` registered.
+    fn is_registered(
+        &self,
+        identity: &Identity,
+        device: u32,
+    ) -> impl Future<Output = StoreResult<bool>> + Send + use<Self>;
+
+    /// Stores a message: checks the recipient device, idempotency by (sender, nonce) while the
+    /// first message is stored, the recipient's policy and tickets, and the quotas, in that
+    /// order, as one operation; assigns the next id of the mailbox.
+    fn append(
+        &self,
+        message: NewMessage,
+    ) -> impl Future<Output = StoreResult<Appended>> + Send + use<Self>;
+
+    /// Durable stored messages of a registered device with ids above `after`, in id order: at
+    /// most `max_count`, and no more payload bytes than `max_bytes` except that the first is
+    /// always included.
+    fn read(
+        &self,
+        mailbox: MailboxId,
+        after: u64,
+        max_count: usize,
+        max_bytes: usize,
+    ) -> impl Future<Output = StoreResult<Vec<Arc<Message>>>> + Send + use<Self>;
+
+    /// One durable stored message (`NotFound` otherwise).
+    fn get(
+        &self,
+        mailbox: MailboxId,
+        id: u64,
+    ) -> impl Future<Output = StoreResult<Arc<Message>>> + Send + use<Self>;
+
+    /// The highest id assigned in the mailbox to a durable message (0 if none), whether or not
+    /// that message is still stored.
+    fn last_id(
+        &self,
+        mailbox: MailboxId,
+    ) -> impl Future<Output = StoreResult<u64>> + Send + use<Self>;
+
+    /// Deletes the listed messages that are stored; returns how many distinct ones it deleted.
+    fn ack(
+        &self,
+        mailbox: MailboxId,
+        ids: Vec<u64>,
+    ) -> impl Future<Output = StoreResult<u32>> + Send + use<Self>;
+
+    fn set_policy(
+        &self,
+        me: &Identity,
+        accept: Accept,
+    ) -> impl Future<Output = StoreResult<()>> + Send + use<Self>;
+
+    fn add_contact(
+        &self,
+        me: &Identity,
+        contact: Identity,
+    ) -> impl Future<Output = StoreResult<()>> + Send + use<Self>;
+
+    fn remove_contact(
+        &self,
+        me: &Identity,
+        contact: Identity,
+    ) -> impl Future<Output = StoreResult<()>> + Send + use<Self>;
+
+    /// Stores a ticket the application generated.
+    fn create_ticket(
+        &self,
+        me: &Identity,
+        token: [u8; TICKET_LEN],
+        expires_at_ms: u64,
+        uses: u32,
+        now_ms: u64,
+    ) -> impl Future<Output = StoreResult<()>> + Send + use<Self>;
+
+    /// Removes messages received at or before `message_cutoff_ms`, and accounts last used
+    /// before `account_cutoff_ms`; counts what stays.
+    fn expire(
+        &self,
+        message_cutoff_ms: u64,
+        account_cutoff_ms: u64,
+    ) -> impl Future<Output = StoreResult<Expiry>> + Send + use<Self>;
+
+    fn stats(&self) -> StoreStats;
+}
