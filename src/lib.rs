@@ -4,11 +4,13 @@
 //! Layers, bottom to top:
 //! - [`core`]: protocol without IO (framing, handshake, session crypto and rules);
 //! - [`net`]: the tokio server that drives the core over TCP;
-//! - [`client`]: the initiator side, used by the `botd` CLI and by tests.
+//! - [`client`]: the initiator side, used by the `botd` CLI and by tests;
+//! - [`conformance`]: the botd/1 conformance suite, for relays and for node software.
 
 pub mod client;
 pub mod clock;
 pub mod config;
+pub mod conformance;
 pub mod core;
 pub mod keyfile;
 pub mod memory;
