@@ -728,7 +728,51 @@ async fn conformance(
             .await;
             conclude(&report, &suite, json)
         }
-        ConformanceRole::Client { .. } => Err("not yet".into()),
+        ConformanceRole::Client {
+            listen,
+            suite,
+            key_file,
+            case_timeout,
+        } => {
+            let sel = selection(&suite);
+            if suite.list {
+                let items: Vec<_> = conformance::client::cases()
+                    .into_iter()
+                    .filter(|c| sel.matches(c.id))
+                    .map(|c| (c.id.to_owned(), c.level.as_str(), c.title, c.slow))
+                    .collect();
+                print!("{}", conformance::report::listing(&items));
+                return Ok(());
+            }
+            let socket = resolve(&listen).await?;
+            let listener = conformance::client::Listener::bind(socket, KeyPair::generate())
+                .await
+                .map_err(|e| format!("cannot listen on {socket}: {e}"))?;
+            let count = conformance::client::cases()
+                .iter()
+                .filter(|c| sel.matches(c.id))
+                .count();
+            if let Some(path) = &key_file {
+                std::fs::write(path, format!("{}\n", listener.key()))
+                    .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            }
+            println!(
+                "listening on {} with key {}",
+                listener.local_addr(),
+                listener.key()
+            );
+            println!(
+                "{count} cases: run the node scenario once per case, e.g. botd conformance scenario {} --server-key {} --repeat {count}",
+                listener.local_addr(),
+                listener.key()
+            );
+            let report = listener
+                .run(&sel, Duration::from_secs(case_timeout.max(1)), |c| {
+                    eprintln!("{}", conformance::cli::progress_line(c))
+                })
+                .await;
+            conclude(&report, &suite, json)
+        }
         ConformanceRole::Scenario { addr, repeat } => {
             let server_key = server_key
                 .ok_or("the relay's key is needed: --server-key HEX or BOTD_SERVER_KEY")?;
