@@ -8,12 +8,14 @@
 //! - [`relay`]: the application (requests, rate limits, live delivery) on any store;
 //! - [`app`]: the contract between the application and the network glue;
 //! - [`net`]: the tokio server that drives the core and the application over TCP;
-//! - [`client`]: the initiator side, used by the `botd` CLI and by tests.
+//! - [`client`]: the initiator side, used by the `botd` CLI and by tests;
+//! - [`conformance`]: the botd/1 conformance suite, for relays and for node software.
 
 pub mod app;
 pub mod client;
 pub mod clock;
 pub mod config;
+pub mod conformance;
 pub mod core;
 pub mod keyfile;
 pub mod memory;

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use botd_relay::client::{verify_delivery, Client, ClientOptions, OutgoingMessage};
 use botd_relay::config::DEFAULT_PORT;
+use botd_relay::conformance::{self, cli::Outputs, Selection};
 use botd_relay::core::keys::{sha256, KeyPair, PublicKeyBytes};
 use botd_relay::keyfile;
 use botd_relay::proto::{self, Accept, Body, PreKey, SignedPreKey};
@@ -35,6 +36,10 @@ struct Cli {
     /// The relay's public key (66 hex characters), as printed by `botd-relay pubkey`
     #[arg(long, value_name = "HEX", global = true, env = "BOTD_SERVER_KEY")]
     server_key: Option<String>,
+    /// Machine-readable output: one JSON object per line (per message for `listen`). For
+    /// `conformance`, `--json FILE` writes the JSON report (`--json` alone prints it).
+    #[arg(long, value_name = "FILE", global = true, num_args = 0..=1)]
+    json: Option<Option<PathBuf>>,
     #[command(subcommand)]
     command: Command,
 }
@@ -121,6 +126,79 @@ enum Command {
     Contacts {
         #[command(subcommand)]
         action: ContactsAction,
+    },
+    /// The botd/1 conformance suite (docs/CONFORMANCE.md)
+    Conformance {
+        #[command(subcommand)]
+        role: ConformanceRole,
+    },
+}
+
+/// Options shared by both roles of the conformance suite.
+#[derive(clap::Args, Debug)]
+struct SuiteArgs {
+    /// List the cases and exit (dry run)
+    #[arg(long)]
+    list: bool,
+    /// Run one section and its subsections (repeatable), e.g. 8.3
+    #[arg(long, value_name = "SECTION")]
+    section: Vec<String>,
+    /// Run one case (repeatable), e.g. 8.3/idempotent-resend
+    #[arg(long = "case", value_name = "ID")]
+    cases: Vec<String>,
+    /// Also run the slow cases (minutes of timers)
+    #[arg(long)]
+    slow: bool,
+    /// Write the JUnit XML report
+    #[arg(long, value_name = "FILE")]
+    junit: Option<PathBuf>,
+    /// Write the self-contained HTML report
+    #[arg(long, value_name = "FILE")]
+    html: Option<PathBuf>,
+    /// Print only failures and the closing line
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum ConformanceRole {
+    /// Run every case against a relay (give its key with --server-key)
+    Relay {
+        /// Relay address, HOST[:PORT]
+        addr: Option<String>,
+        #[command(flatten)]
+        suite: SuiteArgs,
+        /// Limits the suite cannot read from Welcome: KEY=VALUE ..., e.g. mailbox_max_messages=50
+        #[arg(long, value_name = "KEY=VALUE", num_args = 1..)]
+        assume: Vec<String>,
+        /// Cases run at once
+        #[arg(long, default_value_t = 8)]
+        jobs: usize,
+        /// Longest wait for an answer, in milliseconds
+        #[arg(long, default_value_t = 5000)]
+        wait_ms: u64,
+    },
+    /// Listen as a relay that misbehaves on purpose, one case per connection of the node under test
+    Client {
+        /// Address to listen on
+        #[arg(long, default_value = "127.0.0.1:9946")]
+        listen: String,
+        #[command(flatten)]
+        suite: SuiteArgs,
+        /// Write the listener's public key to this file as well as printing it
+        #[arg(long, value_name = "FILE")]
+        key_file: Option<PathBuf>,
+        /// Longest time the node under test gets for one case, in seconds
+        #[arg(long, default_value_t = 15)]
+        case_timeout: u64,
+    },
+    /// Run the node scenario of docs/CONFORMANCE.md with this crate's client (e.g. against `conformance client`)
+    Scenario {
+        /// Relay address, HOST[:PORT] (overrides --relay)
+        addr: Option<String>,
+        /// Run it this many times (one connection per case of the client role)
+        #[arg(long, default_value_t = 1)]
+        repeat: u32,
     },
 }
 
@@ -313,6 +391,9 @@ async fn run(cli: Cli) -> Result<(), String> {
     let key_path = cli.key.clone().unwrap_or_else(default_key_path);
     let server_key = cli.server_key.as_deref();
     match cli.command {
+        Command::Conformance { role } => {
+            return conformance(role, &cli.relay, server_key, cli.json.clone()).await
+        }
         Command::Keygen => {
             let pair = KeyPair::generate();
             keyfile::create(&key_path, &pair).map_err(|e| e.to_string())?;
@@ -559,6 +640,165 @@ async fn run(cli: Cli) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+fn selection(suite: &SuiteArgs) -> Selection {
+    Selection {
+        sections: suite.section.clone(),
+        cases: suite.cases.clone(),
+        slow: suite.slow,
+    }
+}
+
+fn outputs(suite: &SuiteArgs, json: Option<Option<PathBuf>>) -> Outputs {
+    Outputs {
+        json: json.clone().flatten(),
+        junit: suite.junit.clone(),
+        html: suite.html.clone(),
+        quiet: suite.quiet,
+    }
+}
+
+/// Prints the report (and JSON to stdout for a bare `--json`); an error when a case failed.
+fn conclude(
+    report: &conformance::Report,
+    suite: &SuiteArgs,
+    json: Option<Option<PathBuf>>,
+) -> Result<(), String> {
+    let out = outputs(suite, json.clone());
+    let passed = if matches!(json, Some(None)) {
+        let mut quiet = out.clone();
+        quiet.quiet = true;
+        println!("{}", conformance::report::json(report));
+        conformance::cli::finish(
+            report,
+            &Outputs {
+                json: None,
+                ..quiet
+            },
+        )?
+    } else {
+        conformance::cli::finish(report, &out)?
+    };
+    if passed {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} case(s) failed",
+            report.count(conformance::Verdict::Fail)
+        ))
+    }
+}
+
+async fn conformance(
+    role: ConformanceRole,
+    cli_relay: &str,
+    server_key: Option<&str>,
+    json: Option<Option<PathBuf>>,
+) -> Result<(), String> {
+    match role {
+        ConformanceRole::Relay {
+            addr,
+            suite,
+            assume,
+            jobs,
+            wait_ms,
+        } => {
+            let sel = selection(&suite);
+            if suite.list {
+                let items: Vec<_> = conformance::relay::cases()
+                    .into_iter()
+                    .filter(|c| sel.matches(c.id))
+                    .map(|c| (c.id.to_owned(), c.level.as_str(), c.title, c.slow))
+                    .collect();
+                print!("{}", conformance::report::listing(&items));
+                return Ok(());
+            }
+            let server_key = server_key
+                .ok_or("the relay's key is needed: --server-key HEX or BOTD_SERVER_KEY")?;
+            let key =
+                PublicKeyBytes::from_hex(server_key).map_err(|e| format!("--server-key: {e}"))?;
+            let socket = resolve(addr.as_deref().unwrap_or(cli_relay)).await?;
+            let mut target = conformance::probe::Target::new(socket, key);
+            target.assume = conformance::Assumptions::parse(assume.iter().map(String::as_str))?;
+            target.wait = Duration::from_millis(wait_ms.max(100));
+            let report = conformance::relay::run(target, &sel, jobs, |c| {
+                eprintln!("{}", conformance::cli::progress_line(c))
+            })
+            .await;
+            conclude(&report, &suite, json)
+        }
+        ConformanceRole::Client {
+            listen,
+            suite,
+            key_file,
+            case_timeout,
+        } => {
+            let sel = selection(&suite);
+            if suite.list {
+                let items: Vec<_> = conformance::client::cases()
+                    .into_iter()
+                    .filter(|c| sel.matches(c.id))
+                    .map(|c| (c.id.to_owned(), c.level.as_str(), c.title, c.slow))
+                    .collect();
+                print!("{}", conformance::report::listing(&items));
+                return Ok(());
+            }
+            let socket = resolve(&listen).await?;
+            let listener = conformance::client::Listener::bind(socket, KeyPair::generate())
+                .await
+                .map_err(|e| format!("cannot listen on {socket}: {e}"))?;
+            let count = conformance::client::cases()
+                .iter()
+                .filter(|c| sel.matches(c.id))
+                .count();
+            if let Some(path) = &key_file {
+                std::fs::write(path, format!("{}\n", listener.key()))
+                    .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            }
+            println!(
+                "listening on {} with key {}",
+                listener.local_addr(),
+                listener.key()
+            );
+            println!(
+                "{count} cases: run the node scenario once per case, e.g. botd conformance scenario {} --server-key {} --repeat {count}",
+                listener.local_addr(),
+                listener.key()
+            );
+            let report = listener
+                .run(&sel, Duration::from_secs(case_timeout.max(1)), |c| {
+                    eprintln!("{}", conformance::cli::progress_line(c))
+                })
+                .await;
+            conclude(&report, &suite, json)
+        }
+        ConformanceRole::Scenario { addr, repeat } => {
+            let server_key = server_key
+                .ok_or("the relay's key is needed: --server-key HEX or BOTD_SERVER_KEY")?;
+            let key =
+                PublicKeyBytes::from_hex(server_key).map_err(|e| format!("--server-key: {e}"))?;
+            let socket = resolve(addr.as_deref().unwrap_or(cli_relay)).await?;
+            let mut failures = 0;
+            for round in 0..repeat {
+                match conformance::scenario::run(
+                    socket,
+                    key,
+                    &conformance::scenario::Options::default(),
+                )
+                .await
+                {
+                    Ok(summary) => eprintln!("scenario {}: {summary}", round + 1),
+                    Err(err) => {
+                        failures += 1;
+                        eprintln!("scenario {}: ended: {err}", round + 1);
+                    }
+                }
+            }
+            println!("scenario ran {repeat} time(s), {failures} ended early");
+            Ok(())
+        }
+    }
 }
 
 #[tokio::main(flavor = "current_thread")]

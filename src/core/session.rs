@@ -114,6 +114,8 @@ pub struct Session {
     liveness: Liveness,
     /// Sealed wire frames not yet handed to the transport, back to back.
     outbox: BytesMut,
+    /// The node's side (pushes it does not understand are ignored, not answered).
+    initiator: bool,
 }
 
 impl Session {
@@ -150,6 +152,7 @@ impl Session {
         phase: Phase,
         now: Instant,
     ) -> Self {
+        let initiator = matches!(phase, Phase::AwaitingWelcome);
         Self {
             sealer: Sealer::new(keys.send),
             opener: Opener::new(keys.recv),
@@ -164,6 +167,7 @@ impl Session {
             last_own_ping: None,
             liveness: Liveness::Quiet,
             outbox: BytesMut::new(),
+            initiator,
         }
     }
 
@@ -225,6 +229,8 @@ impl Session {
                 self.on_pong(&pong);
                 Ok(Received::Frame(Frame::new(frame.id, Body::Pong(pong))))
             }
+            // A node ignores pushes it does not understand (§7.1); only the relay answers them.
+            None if self.initiator && frame.id == 0 => Ok(Received::Nothing),
             None => Ok(Received::Reply(Frame::error(
                 frame.id,
                 ErrorCode::Unsupported,

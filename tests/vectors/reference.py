@@ -581,9 +581,9 @@ def build():
     long_sig = sign(S_I, sha256(pk_si_long, pk_sr, pk_ei))
     case("init_uncompressed_sender_key", "responder_init",
          "An Init whose sender_pubkey is the initiator's key in 65-byte uncompressed SEC1 form "
-         "(signed over sha256 of the 65 + 33 + 33 bytes). Brief section 1: only 33-byte "
-         "compressed keys are valid; section 3 step 2 checks field lengths before keys parse, "
-         "so it fails the field-length check.",
+         "(signed over sha256 of the 65 + 33 + 33 bytes). PROTOCOL.md section 2: only 33-byte "
+         "compressed keys are valid; section 4.2 checks field lengths (check 4) before keys "
+         "parse (check 5), so it fails the field-length check.",
          encode_init(INIT_ID, pk_si_long, pk_sr, pk_ei, long_sig), "bad_field")
 
     first = bytearray(bytes.fromhex(frames[0]["wire"]))

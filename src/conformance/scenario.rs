@@ -1,0 +1,168 @@
+//! The node scenario of docs/CONFORMANCE.md, run with this crate's [`Client`]: what the client
+//! role expects node software to do on each connection.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::client::{verify_delivery, Client, ClientError, ClientOptions, OutgoingMessage};
+use crate::core::keys::{KeyPair, PublicKeyBytes};
+use crate::proto::{Body, ErrorCode};
+
+/// The payloads the scenario sends to itself.
+pub const PAYLOADS: [&[u8]; 2] = [b"botd conformance 1", b"botd conformance 2"];
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Bound of the whole scenario.
+    pub limit: Duration,
+    /// Retries of one `Send` after `RATE_LIMITED`.
+    pub send_retries: u32,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            limit: Duration::from_secs(20),
+            send_retries: 3,
+        }
+    }
+}
+
+/// Runs the scenario once; `Ok` says how it ended normally, `Err` why it stopped early.
+pub async fn run(
+    addr: SocketAddr,
+    relay: PublicKeyBytes,
+    options: &Options,
+) -> Result<String, String> {
+    let identity = Arc::new(KeyPair::generate());
+    tokio::time::timeout(options.limit, scenario(addr, relay, identity, options))
+        .await
+        .map_err(|_| format!("scenario not done within {:?}", options.limit))?
+}
+
+async fn connect(
+    addr: SocketAddr,
+    relay: PublicKeyBytes,
+    identity: Arc<KeyPair>,
+) -> Result<Client, String> {
+    let options = ClientOptions {
+        connect_timeout: Duration::from_secs(10),
+        request_timeout: Duration::from_secs(10),
+        ..ClientOptions::default()
+    };
+    Client::connect(addr, identity, relay, options)
+        .await
+        .map_err(|e| format!("connect: {e}"))
+}
+
+async fn send_with_retries(
+    client: &Client,
+    message: &OutgoingMessage,
+    retries: u32,
+) -> Result<(), String> {
+    let mut tries = 0;
+    loop {
+        match client.send_message(message.clone()).await {
+            Ok(_) => return Ok(()),
+            Err(ClientError::Remote {
+                code: ErrorCode::RateLimited,
+                retry_after_ms,
+                ..
+            }) if tries < retries => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(retry_after_ms.clamp(1, 10_000))).await;
+            }
+            Err(e) => return Err(format!("send: {e}")),
+        }
+    }
+}
+
+async fn scenario(
+    addr: SocketAddr,
+    relay: PublicKeyBytes,
+    identity: Arc<KeyPair>,
+    options: &Options,
+) -> Result<String, String> {
+    let me = *identity.public();
+    let mut client = connect(addr, relay, identity.clone()).await?;
+    client
+        .register(crate::conformance::probe::registration(1, 5))
+        .await
+        .map_err(|e| format!("register: {e}"))?;
+    client
+        .subscribe(1, 0)
+        .await
+        .map_err(|e| format!("subscribe: {e}"))?;
+    // Sends run beside the delivery loop: deliveries may arrive before the second Sent.
+    let mut verified: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+    let mut seen: BTreeMap<u64, ()> = BTreeMap::new();
+    let mut highest = 0u64;
+    let mut reconnected = false;
+    let messages: Vec<OutgoingMessage> = PAYLOADS
+        .iter()
+        .map(|p| OutgoingMessage::new(me, 1, 1, p.to_vec()))
+        .collect();
+    let mut to_send = messages.iter();
+    let mut current = to_send.next();
+    let deadline = Instant::now() + options.limit;
+    loop {
+        if let Some(message) = current.take() {
+            send_with_retries(&client, message, options.send_retries).await?;
+            current = to_send.next();
+        }
+        if PAYLOADS.iter().all(|p| verified.values().any(|v| v == p)) {
+            client
+                .unregister(1)
+                .await
+                .map_err(|e| format!("unregister: {e}"))?;
+            return Ok(format!(
+                "received both messages (ids {:?})",
+                verified.keys().collect::<Vec<_>>()
+            ));
+        }
+        let wait = if current.is_some() {
+            Duration::from_millis(1)
+        } else {
+            deadline.saturating_duration_since(Instant::now())
+        };
+        let push = match tokio::time::timeout(wait, client.next_push()).await {
+            Err(_) if current.is_some() => continue,
+            Err(_) => return Err("no more deliveries".into()),
+            Ok(None) => return Err("the relay closed the connection".into()),
+            Ok(Some(push)) => push,
+        };
+        match push.body {
+            Some(Body::Deliver(d)) => {
+                let fresh = seen.insert(d.message_id, ()).is_none();
+                highest = highest.max(d.message_id);
+                let good = d.recipient_device == 1
+                    && matches!(verify_delivery(&d, &me), Ok(sender) if sender == me);
+                if fresh && good {
+                    verified.insert(d.message_id, d.payload.to_vec());
+                }
+                client
+                    .ack(1, vec![d.message_id])
+                    .await
+                    .map_err(|e| format!("ack: {e}"))?;
+            }
+            Some(Body::Error(e)) if e.code() == ErrorCode::Replaced => {
+                return Err("REPLACED: not subscribing again".into());
+            }
+            Some(Body::Error(e)) if e.code() == ErrorCode::SlowConsumer && !reconnected => {
+                reconnected = true;
+                drop(client);
+                client = connect(addr, relay, identity.clone()).await?;
+                client
+                    .subscribe(1, highest)
+                    .await
+                    .map_err(|e| format!("subscribe after SLOW_CONSUMER: {e}"))?;
+            }
+            Some(Body::Error(e)) => return Err(format!("relay pushed {}", e.code().as_str_name())),
+            _ => {} // PreKeysLow and pushes it does not understand are ignored.
+        }
+    }
+}
