@@ -1,4 +1,4 @@
-//! Crash recovery of the real `botd-relay` binary under `fsync = always`: rounds of concurrent
+//! Crash recovery of the real `botd-relay` binary under each fsync policy: rounds of concurrent
 //! sends and acks, each ended by a SIGKILL while the load is still running, then a restart on
 //! the same data directory. Afterwards every answered `Send` must still be there (or acked),
 //! no answered ack may come back, nothing may be invented and no message id may be reused; and
@@ -90,7 +90,7 @@ impl Drop for KillOnDrop {
 impl RelayProcess {
     /// Starts the relay on 127.0.0.1:0 over `data_dir`, its stderr going to `log`, and waits
     /// (bounded) for its `listening on ADDR as KEY` line.
-    async fn start(data_dir: &Path, log: &Path) -> Result<Self, String> {
+    async fn start(data_dir: &Path, log: &Path, fsync: &str) -> Result<Self, String> {
         let stderr = std::fs::File::create(log)
             .map_err(|err| format!("cannot create {}: {err}", log.display()))?;
         let mut command = Command::new(env!("CARGO_BIN_EXE_botd-relay"));
@@ -108,7 +108,7 @@ impl RelayProcess {
             .arg(data_dir)
             .arg("--metrics-listen")
             .arg("off")
-            .env("BOTD_FSYNC", "always")
+            .env("BOTD_FSYNC", fsync)
             .env("BOTD_LOG", "info")
             // The load, not the quotas, is what this test is about.
             .env("BOTD_SEND_RATE_PER_IDENTITY", unlimited)
@@ -530,7 +530,11 @@ impl TempDir {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
-        let path = std::env::temp_dir().join(format!("botd-crash-{}-{nanos}", std::process::id()));
+        let path = std::env::temp_dir().join(format!(
+            "botd-crash-{}-{nanos}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
         std::fs::create_dir_all(&path).expect("temp dir");
         Self { path, keep: false }
     }
@@ -578,18 +582,23 @@ fn log_tails(dir: &Path, lines: usize) -> String {
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn answered_messages_and_acks_survive_sigkill() {
+/// Runs the crash rounds under one fsync policy. Under every policy an answer leaves only once
+/// its record was handed to the operating system, so a crash of the process loses nothing
+/// answered (what `interval` and `never` may lose is a machine crash's, not this test's).
+async fn survives_sigkill(fsync: &str) {
+    // One policy at a time: each run loads the machine with a relay and its clients.
+    static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _turn = ONE_AT_A_TIME.lock().await;
     let seed = match std::env::var("BOTD_CRASH_SEED") {
         Ok(text) => text.trim().parse().expect("BOTD_CRASH_SEED is a u64"),
         Err(_) => std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64),
     };
-    println!("crash test seed {seed} (repeat with BOTD_CRASH_SEED={seed})");
+    println!("crash test (fsync {fsync}) seed {seed} (repeat with BOTD_CRASH_SEED={seed})");
     let mut dir = TempDir::new();
     let started = Instant::now();
-    let outcome = match timeout(TEST_TIMEOUT, run(&dir.path, seed)).await {
+    let outcome = match timeout(TEST_TIMEOUT, run(&dir.path, seed, fsync)).await {
         Ok(outcome) => outcome,
         Err(_) => Err(format!("the test took longer than {TEST_TIMEOUT:?}")),
     };
@@ -597,13 +606,28 @@ async fn answered_messages_and_acks_survive_sigkill() {
     if let Err(failure) = outcome {
         eprintln!("{}", log_tails(&dir.path, 30));
         dir.keep = std::env::var_os("BOTD_CRASH_KEEP").is_some();
-        panic!("seed {seed}: {failure}");
+        panic!("fsync {fsync}, seed {seed}: {failure}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answered_messages_and_acks_survive_sigkill_under_fsync_always() {
+    survives_sigkill("always").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answered_messages_and_acks_survive_sigkill_under_fsync_interval() {
+    survives_sigkill("interval").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answered_messages_and_acks_survive_sigkill_under_fsync_never() {
+    survives_sigkill("never").await;
 }
 
 /// Rounds of load and SIGKILL, then the final restart and the checks. Every relay process is
 /// killed when its guard goes out of scope, also on the error paths.
-async fn run(dir: &Path, seed: u64) -> Result<(), String> {
+async fn run(dir: &Path, seed: u64, fsync: &str) -> Result<(), String> {
     let data = dir.join("data");
     let mut rng = StdRng::seed_from_u64(seed);
     let parties = Arc::new(Parties {
@@ -615,7 +639,7 @@ async fn run(dir: &Path, seed: u64) -> Result<(), String> {
 
     for round in 0..ROUNDS {
         let t0 = Instant::now();
-        let mut relay = RelayProcess::start(&data, &log_path(dir, round))
+        let mut relay = RelayProcess::start(&data, &log_path(dir, round), fsync)
             .await
             .map_err(|err| format!("round {round}: {err}"))?;
         let startup = t0.elapsed();
@@ -713,7 +737,7 @@ async fn run(dir: &Path, seed: u64) -> Result<(), String> {
         }
     }
 
-    let final_round = final_check(dir, &data, relay_key, &parties, &ledger).await?;
+    let final_round = final_check(dir, &data, relay_key, &parties, &ledger, fsync).await?;
     let ledger = ledger.lock();
     println!(
         "totals: {} sends attempted, {} answered, {} delivered during rounds, {} acks answered; \
@@ -741,9 +765,10 @@ async fn final_check(
     relay_key: Option<PublicKeyBytes>,
     parties: &Arc<Parties>,
     ledger: &Shared,
+    fsync: &str,
 ) -> Result<String, String> {
     let t0 = Instant::now();
-    let relay = RelayProcess::start(data, &log_path(dir, ROUNDS))
+    let relay = RelayProcess::start(data, &log_path(dir, ROUNDS), fsync)
         .await
         .map_err(|err| format!("final start: {err}"))?;
     let startup = t0.elapsed();

@@ -1,10 +1,13 @@
 //! The journal: every store event, appended as a framed record `lsn (u64 BE) || Event` to
 //! segment files `journal-<first lsn>.log`. Recorders append to one in-memory buffer under a
 //! short lock (the event is encoded and checksummed before the lock is taken; the lock fixes
-//! the order, so file order is lsn order). A writer thread takes the whole buffer, writes it
-//! with one system call behind a batch marker, and, by the fsync policy, covers it with one
-//! `fdatasync` (group commit). It then publishes how far the journal is written and synced;
-//! answers wait on that progress asynchronously ([`Progress::wait`]).
+//! the order, so file order is lsn order). A writer thread takes the whole buffer and writes it
+//! with one system call behind a batch marker; a syncer thread covers what has been written with
+//! one `fdatasync` (group commit): at once under `always`, every `fsync_interval` under
+//! `interval`, never under `never`. Writes do not wait for an fsync in progress, so under load
+//! each fsync covers every batch written while the previous one ran. Both threads publish how
+//! far the journal is written and synced; answers wait on that progress asynchronously
+//! ([`Progress::wait`]).
 //!
 //! **Batch markers.** Every write begins with a marker record (lsn 0) naming the lsns that
 //! follow and the file offset up to which the segment was fsynced before the write. After a
@@ -13,6 +16,7 @@
 //! bytes that were synced).
 
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{IoSlice, Write};
 use std::path::{Path, PathBuf};
@@ -214,7 +218,29 @@ pub struct Journal {
     /// Bytes appended since start, for the snapshot trigger.
     appended: AtomicU64,
     progress: Arc<Progress>,
+    /// What the writer has written and the syncer has yet to cover.
+    to_sync: Mutex<SyncQueue>,
+    sync_wake: Condvar,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    syncer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// A segment file the writer has written up to `lsn` (and `len` bytes).
+struct Written {
+    file: Arc<File>,
+    path: PathBuf,
+    lsn: u64,
+    len: u64,
+    /// Where the syncer records how far it has synced the file, for the batch markers.
+    synced_len: Arc<AtomicU64>,
+}
+
+#[derive(Default)]
+struct SyncQueue {
+    /// In write order; consecutive writes of one file are merged.
+    written: VecDeque<Written>,
+    /// The writer has stopped: sync what is queued and stop.
+    stopping: bool,
 }
 
 thread_local! {
@@ -250,9 +276,20 @@ impl Journal {
             last_lsn: AtomicU64::new(next_lsn - 1),
             appended: AtomicU64::new(0),
             progress: Arc::new(Progress::new(options.policy, next_lsn - 1)),
+            to_sync: Mutex::new(SyncQueue::default()),
+            sync_wake: Condvar::new(),
             writer: Mutex::new(None),
+            syncer: Mutex::new(None),
         });
         let file = journal.create_segment(next_lsn)?;
+        if options.policy != FsyncPolicy::Never {
+            let syncer = journal.clone();
+            let handle = std::thread::Builder::new()
+                .name("botd-fsync".into())
+                .spawn(move || syncer.sync_loop())
+                .map_err(StorageError::io(dir))?;
+            *journal.syncer.lock() = Some(handle);
+        }
         let writer = journal.clone();
         let handle = std::thread::Builder::new()
             .name("botd-journal".into())
@@ -387,37 +424,40 @@ impl Journal {
         if let Some(handle) = self.writer.lock().take() {
             let _ = handle.join();
         }
+        {
+            let mut queue = self.to_sync.lock();
+            queue.stopping = true;
+            self.sync_wake.notify_one();
+        }
+        if let Some(handle) = self.syncer.lock().take() {
+            let _ = handle.join();
+        }
     }
 
-    fn write_loop(&self, file: File, first_lsn: u64) {
-        let mut segment = Segment {
+    fn new_segment(&self, file: File, first_lsn: u64) -> Segment {
+        Segment {
             path: self.dir.join(segment_name(first_lsn)),
-            file,
+            file: Arc::new(file),
             first_lsn,
             len: FILE_HEADER_LEN as u64,
-            synced_len: FILE_HEADER_LEN as u64,
+            synced_len: Arc::new(AtomicU64::new(FILE_HEADER_LEN as u64)),
             never_syncs: self.policy == FsyncPolicy::Never,
-        };
+        }
+    }
+
+    /// Takes batches from the pending buffer and writes them; hands what it wrote to the
+    /// syncer. Never waits for an fsync.
+    fn write_loop(&self, file: File, first_lsn: u64) {
+        let mut segment = self.new_segment(file, first_lsn);
         let mut batch = Vec::with_capacity(1 << 16);
-        let mut last_sync = Instant::now();
         let mut written_lsn = first_lsn - 1;
-        let mut synced_lsn = written_lsn;
         loop {
             let (batch_first, batch_last, rotate_at, shutdown) = {
                 let mut pending = self.pending.lock();
                 while pending.buf.is_empty() && pending.rotate_at.is_none() && !pending.shutdown {
-                    let wait = match self.policy {
-                        FsyncPolicy::Interval if synced_lsn < written_lsn => {
-                            self.fsync_interval.saturating_sub(last_sync.elapsed())
-                        }
-                        _ => Duration::from_secs(3600),
-                    };
                     self.writer_waiting.store(true, Ordering::Release);
-                    let timed_out = self.wake.wait_for(&mut pending, wait).timed_out();
+                    self.wake.wait(&mut pending);
                     self.writer_waiting.store(false, Ordering::Release);
-                    if timed_out {
-                        break;
-                    }
                 }
                 std::mem::swap(&mut pending.buf, &mut batch);
                 let first = pending.buf_first_lsn;
@@ -439,6 +479,7 @@ impl Journal {
                     None => (batch.len(), batch_last + 1),
                 };
                 segment.append(&batch[..split], batch_first, tail_first - 1)?;
+                self.hand_to_syncer(&segment, tail_first - 1);
                 let new_segment = match rotate_at {
                     Some((_, first)) if first == segment.first_lsn => None,
                     Some((_, first)) => Some(first),
@@ -446,47 +487,22 @@ impl Journal {
                     None => None,
                 };
                 if let Some(first) = new_segment {
-                    if self.policy != FsyncPolicy::Never {
-                        segment.sync()?;
-                        synced_lsn = written_lsn.max(tail_first - 1);
-                    }
-                    segment = Segment {
-                        path: self.dir.join(segment_name(first)),
-                        file: self.create_segment(first)?,
-                        first_lsn: first,
-                        len: FILE_HEADER_LEN as u64,
-                        synced_len: FILE_HEADER_LEN as u64,
-                        never_syncs: self.policy == FsyncPolicy::Never,
-                    };
+                    segment = self.new_segment(self.create_segment(first)?, first);
                 }
                 segment.append(&batch[split..], tail_first, batch_last)?;
+                self.hand_to_syncer(&segment, batch_last);
                 written_lsn = written_lsn.max(batch_last);
                 batch.clear();
                 // Waiters under `always` watch the synced lsn only.
-                if self.policy != FsyncPolicy::Always {
-                    self.progress.publish(&self.progress.written, written_lsn);
-                } else {
+                if self.policy == FsyncPolicy::Always {
                     self.progress.written.store(written_lsn, Ordering::Release);
-                }
-                let sync_due = match self.policy {
-                    FsyncPolicy::Always => true,
-                    FsyncPolicy::Interval => last_sync.elapsed() >= self.fsync_interval || shutdown,
-                    FsyncPolicy::Never => false,
-                };
-                if sync_due && synced_lsn < written_lsn {
-                    segment.sync()?;
-                    synced_lsn = written_lsn;
-                    last_sync = Instant::now();
-                }
-                if synced_lsn > self.progress.synced.load(Ordering::Acquire) {
-                    self.progress.publish(&self.progress.synced, synced_lsn);
+                } else {
+                    self.progress.publish(&self.progress.written, written_lsn);
                 }
                 Ok(())
             })();
             if let Err(err) = result {
-                tracing::error!(error = %err, "journal write failed; no further change will be acknowledged");
-                self.progress.fail();
-                self.room.notify_waiters();
+                self.fail(&err);
                 return;
             }
             if shutdown {
@@ -494,16 +510,92 @@ impl Journal {
             }
         }
     }
+
+    /// Tells the syncer that `segment` holds everything up to `lsn`.
+    fn hand_to_syncer(&self, segment: &Segment, lsn: u64) {
+        if self.policy == FsyncPolicy::Never {
+            return;
+        }
+        let mut queue = self.to_sync.lock();
+        match queue.written.back_mut() {
+            Some(last) if Arc::ptr_eq(&last.file, &segment.file) => {
+                last.lsn = last.lsn.max(lsn);
+                last.len = segment.len;
+            }
+            _ => queue.written.push_back(Written {
+                file: segment.file.clone(),
+                path: segment.path.clone(),
+                lsn,
+                len: segment.len,
+                synced_len: segment.synced_len.clone(),
+            }),
+        }
+        self.sync_wake.notify_one();
+    }
+
+    /// Covers what was written with fsyncs: as soon as there is something under `always`, at
+    /// most every `fsync_interval` under `interval`; publishes the synced lsn.
+    fn sync_loop(&self) {
+        let mut last_sync = Instant::now();
+        loop {
+            let (work, stopping) = {
+                let mut queue = self.to_sync.lock();
+                loop {
+                    if queue.stopping {
+                        break;
+                    }
+                    if !queue.written.is_empty() {
+                        let due = match self.policy {
+                            FsyncPolicy::Interval => {
+                                self.fsync_interval.saturating_sub(last_sync.elapsed())
+                            }
+                            _ => Duration::ZERO,
+                        };
+                        if due.is_zero() {
+                            break;
+                        }
+                        self.sync_wake.wait_for(&mut queue, due);
+                        continue;
+                    }
+                    self.sync_wake.wait(&mut queue);
+                }
+                (std::mem::take(&mut queue.written), queue.stopping)
+            };
+            last_sync = Instant::now();
+            for written in work {
+                if let Err(err) = written
+                    .file
+                    .sync_data()
+                    .map_err(StorageError::io(&written.path))
+                {
+                    self.fail(&err);
+                    return;
+                }
+                written.synced_len.fetch_max(written.len, Ordering::AcqRel);
+                self.progress.publish(&self.progress.synced, written.lsn);
+            }
+            if stopping && self.to_sync.lock().written.is_empty() {
+                return;
+            }
+        }
+    }
+
+    fn fail(&self, err: &StorageError) {
+        tracing::error!(error = %err, "journal write failed; no further change will be acknowledged");
+        self.progress.fail();
+        self.room.notify_waiters();
+    }
 }
 
 /// The segment file being appended to.
 struct Segment {
     path: PathBuf,
-    file: File,
+    file: Arc<File>,
     first_lsn: u64,
     len: u64,
-    /// Offset before which no crash can damage the file (see [`BatchMarker::synced_offset`]).
-    synced_len: u64,
+    /// Offset before which no crash can damage the file (see [`BatchMarker::synced_offset`]),
+    /// kept by the syncer.
+    synced_len: Arc<AtomicU64>,
     never_syncs: bool,
 }
 
@@ -515,22 +607,22 @@ impl Segment {
             return Ok(());
         }
         if self.never_syncs {
-            self.synced_len = self.len;
+            self.synced_len.store(self.len, Ordering::Release);
         }
         let marker = BatchMarker {
             first_lsn: first,
             last_lsn: last,
-            synced_offset: self.synced_len,
+            synced_offset: self.synced_len.load(Ordering::Acquire),
         }
         .encode();
         let total = marker.len() + records.len();
         let mut done = 0;
+        let mut file: &File = &self.file;
         while done < total {
             let result = if done < marker.len() {
-                self.file
-                    .write_vectored(&[IoSlice::new(&marker[done..]), IoSlice::new(records)])
+                file.write_vectored(&[IoSlice::new(&marker[done..]), IoSlice::new(records)])
             } else {
-                self.file.write(&records[done - marker.len()..])
+                file.write(&records[done - marker.len()..])
             };
             match result {
                 Ok(0) => {
@@ -545,14 +637,6 @@ impl Segment {
             }
         }
         self.len += total as u64;
-        Ok(())
-    }
-
-    fn sync(&mut self) -> Result<(), StorageError> {
-        self.file
-            .sync_data()
-            .map_err(StorageError::io(&self.path))?;
-        self.synced_len = self.len;
         Ok(())
     }
 }
