@@ -71,6 +71,10 @@ pub trait Handler: Send + Sync + 'static {
         1
     }
 
+    /// The connection has handed over every request it could read for now and will wait for
+    /// the answers: the moment for a store to write them in one go.
+    fn flush(&self) {}
+
     /// While the application is behind (e.g. its journal), a future that resolves when it
     /// can take more requests; the connection reads no further request until then.
     fn congestion(&self) -> Option<Pin<Box<dyn Future<Output = ()> + Send>>> {

@@ -343,6 +343,7 @@ async fn session<H: Handler>(
         pipeline: VecDeque::new(),
         held: None,
         barrier_pending: false,
+        dispatched: false,
         congestion: None,
         shutdown: Box::pin(shared.shutdown.clone().cancelled_owned()),
         timer: Box::pin(sleep_until(Instant::now())),
@@ -386,6 +387,8 @@ struct Live<'a, H: Handler> {
     held: Option<Frame>,
     /// A barrier's answer is pending: pushes wait until it has been sealed.
     barrier_pending: bool,
+    /// Requests were dispatched since the application was last asked to flush.
+    dispatched: bool,
     congestion: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
     shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
     timer: Pin<Box<Sleep>>,
@@ -431,6 +434,10 @@ impl<H: Handler> Live<'_, H> {
                 Poll::Ready(Some(end)) => return Poll::Ready(Ok(end)),
                 Poll::Ready(None) => progress = true,
                 Poll::Pending => {}
+            }
+            if std::mem::take(&mut self.dispatched) {
+                // Everything readable is dispatched: one write of the journal serves it all.
+                self.shared.handler.flush();
             }
             progress |= self.poll_write(cx)?;
             progress |= self.poll_timers(cx)?;
@@ -576,6 +583,7 @@ impl<H: Handler> Live<'_, H> {
             Answer::None => Ok(()),
             Answer::Ready(out) => self.answer(out),
             Answer::Pending(mut pending) => {
+                self.dispatched = true;
                 // Polled once now, so what it does before its first wait happens in arrival
                 // order.
                 let waker = std::task::Waker::noop();

@@ -727,6 +727,10 @@ impl<S: Store> Handler for Arc<Relay<S>> {
             .max(1)
     }
 
+    fn flush(&self) {
+        self.store.flush();
+    }
+
     fn congestion(&self) -> Option<Pin<Box<dyn Future<Output = ()> + Send>>> {
         self.store
             .congested()

@@ -191,6 +191,10 @@ pub trait Store: Send + Sync + 'static {
     /// Resolves once the store is no longer congested.
     fn until_uncongested(&self) -> impl Future<Output = ()> + Send + use<Self>;
 
+    /// The caller has started all the operations it has for now and will wait for them: a
+    /// store that batches its writes (group commit) should write now.
+    fn flush(&self) {}
+
     /// Marks `identity` as in use at `now_ms` (idle accounts expire after `account_ttl`).
     fn touch(&self, identity: &Identity, now_ms: u64);
 

@@ -1,8 +1,11 @@
 //! The journal: every store event, appended as a framed record `lsn (u64 BE) || Event` to
 //! segment files `journal-<first lsn>.log`. Recorders append to one in-memory buffer under a
 //! short lock (the event is encoded and checksummed before the lock is taken; the lock fixes
-//! the order, so file order is lsn order). A writer thread takes the whole buffer and writes it
-//! with one system call behind a batch marker; a syncer thread covers what has been written with
+//! the order, so file order is lsn order). Recording wakes nobody: a caller that will wait for
+//! its records asks for the write once it has recorded all it has for now ([`Journal::kick`];
+//! a connection does so after dispatching everything it read), so one write carries a whole
+//! burst of requests instead of the writer chasing each record. A writer thread takes the whole
+//! buffer and writes it with one system call behind a batch marker; a syncer thread covers what has been written with
 //! one `fdatasync` (group commit): at once under `always`, every `fsync_interval` under
 //! `interval`, never under `never`. Writes do not wait for an fsync in progress, so under load
 //! each fsync covers every batch written while the previous one ran. Both threads publish how
@@ -43,6 +46,11 @@ pub const MAX_SEQUENCE: u64 = 1 << 62;
 pub const MARKER_LSN: u64 = 0;
 /// Bytes of a marker body after its lsn: first lsn, last lsn, synced offset.
 const MARKER_LEN: usize = 24;
+/// The writer wakes on its own at least this often when it was not asked to write: records
+/// nobody waits for (and a forgotten [`Journal::kick`]) are written within this.
+const BACKSTOP: Duration = Duration::from_millis(10);
+/// A buffer this large is written without waiting to be asked.
+const KICK_BYTES: usize = 1 << 20;
 
 /// Name of the segment whose first record has `lsn`.
 pub fn segment_name(first_lsn: u64) -> String {
@@ -176,6 +184,8 @@ struct Pending {
     /// of which has this lsn, go into it.
     rotate_at: Option<(usize, u64)>,
     shutdown: bool,
+    /// Someone asked for the buffer to be written.
+    kicked: bool,
 }
 
 /// How a journal writes.
@@ -268,6 +278,7 @@ impl Journal {
                 buf_first_lsn: next_lsn,
                 rotate_at: None,
                 shutdown: false,
+                kicked: false,
             }),
             wake: Condvar::new(),
             writer_waiting: AtomicBool::new(false),
@@ -387,14 +398,32 @@ impl Journal {
             let size = pending.buf.len();
             self.pending_bytes.store(size, Ordering::Release);
             self.last_lsn.store(lsn, Ordering::Release);
+            let full = size >= KICK_BYTES && before < KICK_BYTES;
+            if full {
+                pending.kicked = true;
+            }
             drop(pending);
             self.appended
                 .fetch_add((size - before) as u64, Ordering::Relaxed);
-            if self.writer_waiting.load(Ordering::Acquire) {
+            if full && self.writer_waiting.load(Ordering::Acquire) {
                 self.wake.notify_one();
             }
             Ok(lsn)
         })
+    }
+
+    /// Asks the writer to write what is recorded: called by whoever will wait for it, once it
+    /// has recorded everything it has for now.
+    pub fn kick(&self) {
+        if self.pending_bytes.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let mut pending = self.pending.lock();
+        pending.kicked = true;
+        drop(pending);
+        if self.writer_waiting.load(Ordering::Acquire) {
+            self.wake.notify_one();
+        }
     }
 
     /// Starts a new segment with the next record; returns that record's lsn. Every record
@@ -454,11 +483,18 @@ impl Journal {
         loop {
             let (batch_first, batch_last, rotate_at, shutdown) = {
                 let mut pending = self.pending.lock();
-                while pending.buf.is_empty() && pending.rotate_at.is_none() && !pending.shutdown {
+                while !(pending.kicked && !pending.buf.is_empty())
+                    && pending.rotate_at.is_none()
+                    && !pending.shutdown
+                {
                     self.writer_waiting.store(true, Ordering::Release);
-                    self.wake.wait(&mut pending);
+                    let timed_out = self.wake.wait_for(&mut pending, BACKSTOP).timed_out();
                     self.writer_waiting.store(false, Ordering::Release);
+                    if timed_out && !pending.buf.is_empty() {
+                        break;
+                    }
                 }
+                pending.kicked = false;
                 std::mem::swap(&mut pending.buf, &mut batch);
                 let first = pending.buf_first_lsn;
                 pending.buf_first_lsn = pending.next_lsn;

@@ -325,6 +325,12 @@ impl Store for EmbeddedStore {
         }
     }
 
+    fn flush(&self) {
+        if let Some(journal) = self.journal() {
+            journal.kick();
+        }
+    }
+
     fn touch(&self, identity: &Identity, now_ms: u64) {
         self.inner.state.touch(identity, now_ms);
     }
@@ -524,6 +530,7 @@ impl Store for EmbeddedStore {
                 listener.closed(mailbox);
             }
         }
+        self.flush();
         let wait = self.inner.durable(swept.lsn);
         let expiry = swept.expiry;
         async move {
