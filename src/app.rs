@@ -13,7 +13,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use bytes::{BufMut, BytesMut};
+use bytes::BufMut;
 use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType};
 use prost::Message as _;
 use tokio::sync::mpsc;
@@ -147,7 +147,7 @@ fn varint_field_len(tag: u32, value: u64) -> usize {
     }
 }
 
-fn varint_field(tag: u32, value: u64, buf: &mut BytesMut) {
+fn varint_field(tag: u32, value: u64, buf: &mut Vec<u8>) {
     if value != 0 {
         encode_key(tag, WireType::Varint, buf);
         encode_varint(value, buf);
@@ -162,7 +162,7 @@ fn bytes_field_len(tag: u32, len: usize) -> usize {
     }
 }
 
-fn bytes_field(tag: u32, value: &[u8], buf: &mut BytesMut) {
+fn bytes_field(tag: u32, value: &[u8], buf: &mut Vec<u8>) {
     if !value.is_empty() {
         encode_key(tag, WireType::LengthDelimited, buf);
         encode_varint(value.len() as u64, buf);
@@ -184,7 +184,7 @@ fn deliver_len(device: u32, m: &Message) -> usize {
 }
 
 /// `Frame { id: frame_id, deliver: <m for device> }` in protobuf's canonical encoding.
-fn encode_deliver_frame(frame_id: u64, device: u32, m: &Message, buf: &mut BytesMut) {
+fn encode_deliver_frame(frame_id: u64, device: u32, m: &Message, buf: &mut Vec<u8>) {
     varint_field(FRAME_ID_TAG, frame_id, buf);
     encode_key(FRAME_DELIVER_TAG, WireType::LengthDelimited, buf);
     encode_varint(deliver_len(device, m) as u64, buf);
@@ -473,7 +473,7 @@ mod tests {
             };
             let expected = out.clone().into_frame().encode_to_vec();
             assert_eq!(out.encoded_len(), expected.len());
-            let mut buf = BytesMut::new();
+            let mut buf = Vec::new();
             if let Outgoing::Deliver {
                 frame_id,
                 device,

@@ -25,7 +25,12 @@ impl Clock {
     }
 
     pub fn now_ms(&self) -> u64 {
-        self.base_ms + self.base.elapsed().as_millis() as u64
+        self.at(Instant::now())
+    }
+
+    /// The Unix time in milliseconds of `instant` (a reading of tokio's clock the caller has).
+    pub fn at(&self, instant: Instant) -> u64 {
+        self.base_ms + instant.saturating_duration_since(self.base).as_millis() as u64
     }
 }
 

@@ -2,11 +2,11 @@
 //! Also how source addresses are grouped for per-address limits (IPv6 by /64, the block one
 //! host usually holds).
 
-use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash};
+use std::hash::Hash;
 use std::net::{IpAddr, Ipv6Addr};
 use std::time::Duration;
 
+use ahash::AHashMap;
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
@@ -102,7 +102,7 @@ impl TokenBucket {
 pub struct KeyedLimiter<K> {
     rate: Rate,
     max_keys: usize,
-    buckets: HashMap<K, TokenBucket>,
+    buckets: AHashMap<K, TokenBucket>,
 }
 
 impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
@@ -110,7 +110,7 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
         Self {
             rate,
             max_keys: max_keys.max(1),
-            buckets: HashMap::new(),
+            buckets: AHashMap::new(),
         }
     }
 
@@ -152,7 +152,7 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
 #[derive(Debug)]
 pub struct ShardedLimiter<K> {
     shards: Box<[Mutex<KeyedLimiter<K>>]>,
-    hasher: std::collections::hash_map::RandomState,
+    hasher: ahash::RandomState,
 }
 
 /// Shards of a [`ShardedLimiter`] (fewer when it tracks few keys).

@@ -3,7 +3,7 @@
 //! rotation every 1024 frames.
 
 use aes::cipher::{InnerIvInit, KeyInit, StreamCipher, StreamCipherCoreWrapper};
-use aes::Aes256;
+use aes::Aes256Enc;
 use bytes::{BufMut, Bytes, BytesMut};
 use hkdf::Hkdf;
 use hmac::{Hmac, Mac};
@@ -16,7 +16,7 @@ pub const TAG_LEN: usize = 16;
 pub const REKEY_INTERVAL: u64 = 1024;
 const REKEY_INFO: &[u8] = b"botd/1 rekey";
 
-type Aes256Ctr = ctr::Ctr64BE<Aes256>;
+type Aes256Ctr = ctr::Ctr64BE<Aes256Enc>;
 type HmacSha256 = Hmac<Sha256>;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -58,18 +58,19 @@ impl std::fmt::Debug for DirectionKeys {
     }
 }
 
-/// Keyed primitives of one direction plus its frame counter. The expanded AES key schedule and
-/// the keyed HMAC state are kept, so a frame costs no key setup.
+/// Keyed primitives of one direction plus its frame counter. The expanded AES key schedule
+/// (encryption only: CTR never decrypts a block) and the keyed HMAC state are kept, so a frame
+/// costs no key setup.
 struct DirectionState {
     keys: DirectionKeys,
-    aes: Aes256,
+    aes: Aes256Enc,
     mac: HmacSha256,
     seq: u64,
 }
 
 impl DirectionState {
     fn new(keys: DirectionKeys) -> Self {
-        let aes = Aes256::new(&keys.enc.into());
+        let aes = Aes256Enc::new(&keys.enc.into());
         let mac = <HmacSha256 as Mac>::new_from_slice(&keys.mac).expect("HMAC takes any key size");
         Self {
             keys,
@@ -85,10 +86,22 @@ impl DirectionState {
         iv
     }
 
+    fn ctr(&self) -> Aes256Ctr {
+        StreamCipherCoreWrapper::from_core(ctr::CtrCore::inner_iv_init(
+            self.aes.clone(),
+            &Self::iv(self.seq).into(),
+        ))
+    }
+
     fn keystream(&self, data: &mut [u8]) {
-        let core = ctr::CtrCore::inner_iv_init(self.aes.clone(), &Self::iv(self.seq).into());
-        let mut ctr: Aes256Ctr = StreamCipherCoreWrapper::from_core(core);
-        ctr.apply_keystream(data);
+        self.ctr().apply_keystream(data);
+    }
+
+    /// Encrypts `input` into `out` in one pass.
+    fn keystream_into(&self, input: &[u8], out: &mut [u8]) {
+        self.ctr()
+            .apply_keystream_b2b(input, out)
+            .expect("input and output have the same length");
     }
 
     fn tag_mac(&self, ciphertext: &[u8]) -> HmacSha256 {
@@ -128,43 +141,62 @@ impl Sealer {
         self.0.seq
     }
 
-    /// Seals the plaintext that `write` appends to `out` (exactly `plaintext_len` bytes) and
-    /// leaves the whole wire frame `len (u32 BE) || ciphertext || tag` at the end of `out`.
-    /// Writing the plaintext straight into the caller's output buffer spares a copy of every
-    /// payload and an allocation per frame: a connection seals all it has ready into one buffer
-    /// and writes it with one call.
+    /// Seals the plaintext that `write` produces (exactly `plaintext_len` bytes) and appends the
+    /// whole wire frame `len (u32 BE) || ciphertext || tag` to `out`. The plaintext is encoded
+    /// into a buffer of the thread's and encrypted from there into `out` in one pass: a
+    /// connection seals all it has ready into one output buffer and writes it with one call,
+    /// and no frame costs an allocation.
     pub fn seal_into(
         &mut self,
         out: &mut BytesMut,
         plaintext_len: usize,
-        write: impl FnOnce(&mut BytesMut),
+        write: impl FnOnce(&mut Vec<u8>),
     ) {
-        let body_len = plaintext_len + TAG_LEN;
+        PLAINTEXT.with(|scratch| {
+            let mut plaintext = scratch.borrow_mut();
+            plaintext.clear();
+            write(&mut plaintext);
+            debug_assert_eq!(
+                plaintext.len(),
+                plaintext_len,
+                "writer wrote the announced length"
+            );
+            self.seal_bytes(out, &plaintext);
+            if plaintext.capacity() > MAX_KEPT_SCRATCH {
+                *plaintext = Vec::new();
+            }
+        })
+    }
+
+    /// Seals a plaintext given as bytes, appending the wire frame to `out`.
+    pub fn seal_bytes(&mut self, out: &mut BytesMut, plaintext: &[u8]) {
+        let body_len = plaintext.len() + TAG_LEN;
         out.reserve(4 + body_len);
         out.put_u32(body_len as u32);
         let start = out.len();
-        write(out);
-        debug_assert_eq!(
-            out.len(),
-            start + plaintext_len,
-            "writer wrote the announced length"
-        );
+        out.resize(start + plaintext.len(), 0);
         let state = &mut self.0;
-        state.keystream(&mut out[start..]);
+        state.keystream_into(plaintext, &mut out[start..]);
         let tag = state.tag_mac(&out[start..]).finalize().into_bytes();
         out.extend_from_slice(&tag[..TAG_LEN]);
         state.advance();
     }
 
-    /// Seals a plaintext given as bytes and returns the wire frame; see [`Sealer::seal_into`].
+    /// Seals a plaintext given as bytes and returns the wire frame.
     pub fn seal(&mut self, plaintext: &[u8]) -> Bytes {
         let mut out = BytesMut::with_capacity(4 + plaintext.len() + TAG_LEN);
-        self.seal_into(&mut out, plaintext.len(), |buf| {
-            buf.extend_from_slice(plaintext)
-        });
+        self.seal_bytes(&mut out, plaintext);
         out.freeze()
     }
 }
+
+thread_local! {
+    /// Where plaintext is encoded before it is sealed.
+    static PLAINTEXT: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A thread's plaintext buffer keeps at most this much capacity between frames.
+const MAX_KEPT_SCRATCH: usize = 1 << 20;
 
 /// Checks and decrypts incoming frames of one direction.
 pub struct Opener(DirectionState);

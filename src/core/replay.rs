@@ -1,7 +1,9 @@
 //! A bounded memory of recently seen handshake ephemeral keys, so a replayed `Init` is refused.
 //! When full, the oldest entry is forgotten: the bound holds whatever a peer sends.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
+
+use ahash::AHashSet;
 
 use super::keys::{PublicKeyBytes, PUBLIC_KEY_LEN};
 
@@ -9,7 +11,7 @@ use super::keys::{PublicKeyBytes, PUBLIC_KEY_LEN};
 pub struct ReplayCache {
     capacity: usize,
     order: VecDeque<[u8; PUBLIC_KEY_LEN]>,
-    seen: HashSet<[u8; PUBLIC_KEY_LEN]>,
+    seen: AHashSet<[u8; PUBLIC_KEY_LEN]>,
 }
 
 impl ReplayCache {
@@ -18,7 +20,7 @@ impl ReplayCache {
         Self {
             capacity,
             order: VecDeque::with_capacity(capacity.min(4096)),
-            seen: HashSet::with_capacity(capacity.min(4096)),
+            seen: AHashSet::with_capacity(capacity.min(4096)),
         }
     }
 

@@ -378,7 +378,7 @@ impl Session {
         &mut self,
         len: usize,
         active: bool,
-        write: impl FnOnce(&mut BytesMut),
+        write: impl FnOnce(&mut Vec<u8>),
     ) -> Result<(), SessionError> {
         if len + TAG_LEN > self.peer_max_frame_len as usize {
             return Err(SessionError::FrameTooLarge {

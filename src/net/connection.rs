@@ -107,15 +107,15 @@ impl Inbound {
         }
     }
 
-    /// The next complete frame body, if buffered.
-    fn next_frame(&mut self) -> Result<Option<BytesMut>, NetError> {
+    /// The next complete frame body, if buffered (`now` dates a frame that begins here).
+    fn next_frame(&mut self, now: Instant) -> Result<Option<BytesMut>, NetError> {
         let frame = self.codec.decode(&mut self.buf)?;
         if frame.is_some() {
             self.budget.release(std::mem::take(&mut self.charged));
             self.partial_since = None;
         }
         if !self.buf.is_empty() && self.partial_since.is_none() {
-            self.partial_since = Some(Instant::now());
+            self.partial_since = Some(now);
         }
         Ok(frame)
     }
@@ -277,7 +277,7 @@ async fn handshake<H: Handler>(
 /// Reads one whole frame (the `Init`).
 async fn read_frame(stream: &TcpStream, inbound: &mut Inbound) -> Result<BytesMut, NetError> {
     loop {
-        if let Some(frame) = inbound.next_frame()? {
+        if let Some(frame) = inbound.next_frame(Instant::now())? {
             return Ok(frame);
         }
         let fill = std::future::poll_fn(|cx| inbound.poll_fill(stream, cx)).await?;
@@ -352,6 +352,7 @@ async fn session<H: Handler>(
         budget_retry_at: None,
         traffic: Traffic::default(),
         reported: Traffic::default(),
+        now: Instant::now(),
     });
     let result = std::future::poll_fn(|cx| conn.poll_session(cx)).await;
     let app = conn.app.take().expect("taken once");
@@ -397,6 +398,8 @@ struct Live<'a, H: Handler> {
     budget_retry_at: Option<Instant>,
     traffic: Traffic,
     reported: Traffic,
+    /// The clock, read once per round of work.
+    now: Instant,
 }
 
 impl<H: Handler> Live<'_, H> {
@@ -412,6 +415,7 @@ impl<H: Handler> Live<'_, H> {
 
     fn poll_work(&mut self, cx: &mut Context<'_>) -> Poll<Result<SessionEnd, NetError>> {
         loop {
+            self.now = Instant::now();
             if self.shutdown.as_mut().poll(cx).is_ready() {
                 self.session.send(&Frame::error(
                     0,
@@ -519,9 +523,9 @@ impl<H: Handler> Live<'_, H> {
             if !self.can_dispatch() {
                 break;
             }
-            if let Some(body) = self.inbound.next_frame()? {
+            if let Some(body) = self.inbound.next_frame(self.now)? {
                 self.count_in();
-                match self.session.on_frame(body, Instant::now())? {
+                match self.session.on_frame(body, self.now)? {
                     Received::Frame(frame) => {
                         if self.shared.handler.is_barrier(&frame) && !self.pipeline.is_empty() {
                             self.held = Some(frame);
@@ -556,7 +560,7 @@ impl<H: Handler> Live<'_, H> {
                     return Poll::Ready(Ok(Some(SessionEnd::PeerClosed)));
                 }
                 Poll::Ready(Ok(Fill::NoBudget)) => {
-                    self.budget_retry_at = Some(Instant::now() + BUDGET_RETRY);
+                    self.budget_retry_at = Some(self.now + BUDGET_RETRY);
                     progress = true;
                     break;
                 }
@@ -637,7 +641,7 @@ impl<H: Handler> Live<'_, H> {
         while self.session.transmit_len() > 0 {
             match self.stream.poll_write_ready(cx) {
                 Poll::Pending => {
-                    self.write_blocked_since.get_or_insert_with(Instant::now);
+                    self.write_blocked_since.get_or_insert(self.now);
                     return Ok(progress);
                 }
                 Poll::Ready(Err(err)) => return Err(err.into()),
@@ -654,7 +658,7 @@ impl<H: Handler> Live<'_, H> {
             }
         }
         if progress {
-            self.session.mark_sent(Instant::now());
+            self.session.mark_sent(self.now);
         }
         Ok(progress)
     }

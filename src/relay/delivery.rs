@@ -10,12 +10,13 @@
 //! a *pump*, one per subscription at a time, which runs synchronously when the store answers at
 //! once and finishes in a task otherwise.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Waker};
 
+use ahash::AHashMap;
 use parking_lot::Mutex;
 
 use crate::app::{Outgoing, PushHandle};
@@ -60,7 +61,7 @@ enum Next {
 
 pub struct Delivery<S: Store> {
     store: Arc<S>,
-    shards: Box<[Mutex<HashMap<MailboxId, Subscription>>]>,
+    shards: Box<[Mutex<AHashMap<MailboxId, Subscription>>]>,
     max_unacked: usize,
     generations: AtomicU64,
     delivered: metrics::Counter,
@@ -70,14 +71,14 @@ impl<S: Store> Delivery<S> {
     pub fn new(store: Arc<S>, max_unacked: usize) -> Arc<Self> {
         Arc::new(Self {
             store,
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS).map(|_| Mutex::new(AHashMap::new())).collect(),
             max_unacked: max_unacked.max(1),
             generations: AtomicU64::new(1),
             delivered: metrics::counter!(crate::metrics::MESSAGES_DELIVERED),
         })
     }
 
-    fn shard(&self, mailbox: &MailboxId) -> &Mutex<HashMap<MailboxId, Subscription>> {
+    fn shard(&self, mailbox: &MailboxId) -> &Mutex<AHashMap<MailboxId, Subscription>> {
         let h = u64::from_le_bytes(mailbox.identity[1..9].try_into().expect("8 bytes"));
         &self.shards[((h ^ u64::from(mailbox.device)) % SHARDS as u64) as usize]
     }

@@ -42,16 +42,14 @@ impl<K: std::hash::Hash + Eq + Clone> Bucket<K> {
         }
     }
 
-    fn take(&self, key: &K) -> Result<(), RelayError> {
-        self.limiter
-            .try_take(key, Instant::now())
-            .map_err(|retry_after| {
-                self.refused.increment(1);
-                RelayError::RateLimited {
-                    what: self.what,
-                    retry_after,
-                }
-            })
+    fn take(&self, key: &K, now: Instant) -> Result<(), RelayError> {
+        self.limiter.try_take(key, now).map_err(|retry_after| {
+            self.refused.increment(1);
+            RelayError::RateLimited {
+                what: self.what,
+                retry_after,
+            }
+        })
     }
 }
 
@@ -123,10 +121,11 @@ impl Limits {
         sender: &Identity,
         recipient: &Identity,
         address: &IpAddr,
+        now: Instant,
     ) -> Result<(), RelayError> {
-        self.sends.take(sender)?;
-        self.pairs.take(&(*sender, *recipient))?;
-        self.send_addresses.take(address)
+        self.sends.take(sender, now)?;
+        self.pairs.take(&(*sender, *recipient), now)?;
+        self.send_addresses.take(address, now)
     }
 
     /// A token of `limit` for the identity, then (where the family has one) the address.
@@ -135,16 +134,17 @@ impl Limits {
         limit: Limit,
         identity: &Identity,
         address: &IpAddr,
+        now: Instant,
     ) -> Result<(), RelayError> {
         match limit {
             Limit::Change => {
-                self.changes.take(identity)?;
-                self.change_addresses.take(address)
+                self.changes.take(identity, now)?;
+                self.change_addresses.take(address, now)
             }
-            Limit::Ack => self.acks.take(identity),
+            Limit::Ack => self.acks.take(identity, now),
             Limit::PrekeyFetch => {
-                self.fetches.take(identity)?;
-                self.fetch_addresses.take(address)
+                self.fetches.take(identity, now)?;
+                self.fetch_addresses.take(address, now)
             }
         }
     }

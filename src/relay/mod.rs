@@ -19,6 +19,8 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
+use tokio::time::Instant;
+
 use bytes::Bytes;
 use parking_lot::Mutex;
 
@@ -244,16 +246,13 @@ pub struct RelaySession {
     subscriptions: Vec<u32>,
     /// When the account was last marked in use by this session (ms).
     touched_ms: u64,
+    /// The clock, read once for the request being handled.
+    now: Instant,
 }
 
-/// A request's answer, possibly after a wait.
-type Reply = Pin<Box<dyn Future<Output = Result<Outgoing, RelayError>> + Send>>;
-
-fn reply(
-    future: impl Future<Output = Result<Outgoing, RelayError>> + Send + 'static,
-) -> Result<Reply, RelayError> {
-    Ok(Box::pin(future))
-}
+/// What a request's handling returns: an answer (possibly pending), or an error found before
+/// the store was asked.
+type Reply = Result<Answer, RelayError>;
 
 fn body(id: u64, body: Body) -> Outgoing {
     Outgoing::Frame(Frame::new(id, body))
@@ -350,15 +349,40 @@ impl<S: Store> Relay<S> {
 
     /// Takes a token for the request kind's limits (per identity, per address).
     fn limit(&self, limit: Limit, session: &RelaySession) -> Result<(), RelayError> {
-        self.limits.take(limit, &session.identity, &session.address)
+        self.limits
+            .take(limit, &session.identity, &session.address, session.now)
+    }
+
+    /// The answer to request `id`, once `future` resolves; counted by kind and outcome. One
+    /// allocation per request.
+    fn reply(
+        &self,
+        kind: RequestKind,
+        id: u64,
+        future: impl Future<Output = Result<Outgoing, RelayError>> + Send + 'static,
+    ) -> Reply {
+        let metrics = self.metrics.clone();
+        Ok(Answer::pending(async move {
+            match future.await {
+                Ok(answer) => {
+                    metrics.request(kind, None);
+                    answer
+                }
+                Err(err) => {
+                    metrics.request(kind, Some(err.code()));
+                    Outgoing::Frame(err.to_frame(id))
+                }
+            }
+        }))
     }
 
     fn dispatch(
         &self,
         session: &mut RelaySession,
+        kind: RequestKind,
         id: u64,
         request: Body,
-    ) -> Result<Reply, RelayError> {
+    ) -> Reply {
         let me = session.identity;
         let store = &self.store;
         match request {
@@ -367,7 +391,7 @@ impl<S: Store> Relay<S> {
                 let registration = validate::registration(&self.config, req)?;
                 let device_id = registration.device;
                 let done = store.register(&me, registration, self.clock.now_ms());
-                reply(async move {
+                self.reply(kind, id, async move {
                     let count = done.await?;
                     Ok(body(
                         id,
@@ -383,7 +407,7 @@ impl<S: Store> Relay<S> {
                 let device_id = req.device_id;
                 let done = store.unregister(&me, device_id);
                 session.subscriptions.retain(|d| *d != device_id);
-                reply(async move {
+                self.reply(kind, id, async move {
                     done.await?;
                     Ok(body(id, Body::Unregistered(Unregistered { device_id })))
                 })
@@ -398,7 +422,7 @@ impl<S: Store> Relay<S> {
                 let device_id = req.device_id;
                 let done =
                     store.upload_prekeys(&me, device_id, req.signed_prekey, req.one_time_prekeys);
-                reply(async move {
+                self.reply(kind, id, async move {
                     let count = done.await?;
                     Ok(body(
                         id,
@@ -409,7 +433,7 @@ impl<S: Store> Relay<S> {
             Body::GetPreKeyCount(req) => {
                 let device_id = req.device_id;
                 let done = store.prekey_count(&me, device_id);
-                reply(async move {
+                self.reply(kind, id, async move {
                     let count = done.await?;
                     Ok(body(
                         id,
@@ -432,7 +456,7 @@ impl<S: Store> Relay<S> {
                 let grants = self.limits.one_time_prekeys(target);
                 let done = store.fetch_prekeys(&target, devices, grants);
                 let metrics = self.metrics.clone();
-                reply(async move {
+                self.reply(kind, id, async move {
                     let fetched = done.await?;
                     metrics
                         .prekeys_handed_out
@@ -449,7 +473,7 @@ impl<S: Store> Relay<S> {
                     ))
                 })
             }
-            Body::Send(req) => self.send(session, id, req),
+            Body::Send(req) => self.send(session, kind, id, req),
             Body::Subscribe(req) => {
                 let mailbox = MailboxId {
                     identity: me,
@@ -461,7 +485,7 @@ impl<S: Store> Relay<S> {
                 if !session.subscriptions.contains(&req.device_id) {
                     session.subscriptions.push(req.device_id);
                 }
-                reply(async move {
+                self.reply(kind, id, async move {
                     let (last_id, replaced) = done.await?;
                     if let Some(old) = replaced {
                         let _ = old.push_frame(Frame::error(
@@ -488,7 +512,7 @@ impl<S: Store> Relay<S> {
                     },
                     req.message_id,
                 );
-                reply(async move {
+                self.reply(kind, id, async move {
                     Ok(Outgoing::Deliver {
                         frame_id: id,
                         device,
@@ -512,7 +536,7 @@ impl<S: Store> Relay<S> {
                     req.message_ids,
                 );
                 let metrics = self.metrics.clone();
-                reply(async move {
+                self.reply(kind, id, async move {
                     let deleted = done.await?;
                     metrics.messages_acked.increment(u64::from(deleted));
                     Ok(body(id, Body::Acked(Acked { deleted })))
@@ -524,7 +548,7 @@ impl<S: Store> Relay<S> {
                     RelayError::bad_request(format!("unknown accept value {}", req.accept))
                 })?;
                 let done = store.set_policy(&me, accept);
-                reply(async move {
+                self.reply(kind, id, async move {
                     done.await?;
                     Ok(body(id, Body::Done(Done {})))
                 })
@@ -533,7 +557,7 @@ impl<S: Store> Relay<S> {
                 self.limit(Limit::Change, session)?;
                 let contact = validate::identity_field(&req.identity, "identity")?;
                 let done = store.add_contact(&me, contact);
-                reply(async move {
+                self.reply(kind, id, async move {
                     done.await?;
                     Ok(body(id, Body::Done(Done {})))
                 })
@@ -542,7 +566,7 @@ impl<S: Store> Relay<S> {
                 self.limit(Limit::Change, session)?;
                 let contact = validate::identity_field(&req.identity, "identity")?;
                 let done = store.remove_contact(&me, contact);
-                reply(async move {
+                self.reply(kind, id, async move {
                     done.await?;
                     Ok(body(id, Body::Done(Done {})))
                 })
@@ -555,7 +579,7 @@ impl<S: Store> Relay<S> {
                 let expires_at_ms = now + ttl_ms;
                 let done = store.create_ticket(&me, token, expires_at_ms, uses, now);
                 let relay_pubkey = Bytes::copy_from_slice(self.relay_key.as_bytes());
-                reply(async move {
+                self.reply(kind, id, async move {
                     done.await?;
                     Ok(body(
                         id,
@@ -580,12 +604,17 @@ impl<S: Store> Relay<S> {
     fn send(
         &self,
         session: &RelaySession,
+        kind: RequestKind,
         id: u64,
         req: crate::proto::Send,
-    ) -> Result<Reply, RelayError> {
+    ) -> Reply {
         let fields = validate::send(&req, self.config.max_payload_len as usize)?;
-        self.limits
-            .send(&session.identity, &fields.recipient, &session.address)?;
+        self.limits.send(
+            &session.identity,
+            &fields.recipient,
+            &session.address,
+            session.now,
+        )?;
         let sender = session.identity;
         let registered = self.store.is_registered(&sender, req.sender_device);
         let store = self.store.clone();
@@ -602,10 +631,10 @@ impl<S: Store> Relay<S> {
             signature: fields.signature,
             payload: req.payload,
             ticket: fields.ticket,
-            received_at_ms: self.clock.now_ms(),
+            received_at_ms: self.clock.at(session.now),
         };
         let metrics = self.metrics.clone();
-        reply(async move {
+        self.reply(kind, id, async move {
             if !registered.await? {
                 return Err(RelayError::NotRegistered(message.sender_device));
             }
@@ -674,6 +703,7 @@ impl<S: Store> Handler for Arc<Relay<S>> {
             push,
             subscriptions: Vec::new(),
             touched_ms: now,
+            now: Instant::now(),
         }
     }
 
@@ -688,30 +718,17 @@ impl<S: Store> Handler for Arc<Relay<S>> {
                 RelayError::bad_request("requests need a non-zero frame id").to_frame(0),
             );
         }
-        let now = self.clock.now_ms();
+        session.now = Instant::now();
+        let now = self.clock.at(session.now);
         if now >= session.touched_ms + 3_600_000 {
             session.touched_ms = now;
             self.store.touch(&session.identity, now);
         }
-        match self.dispatch(session, id, request) {
+        match self.dispatch(session, kind, id, request) {
+            Ok(answer) => answer,
             Err(err) => {
                 self.metrics.request(kind, Some(err.code()));
                 Answer::frame(err.to_frame(id))
-            }
-            Ok(pending) => {
-                let metrics = self.metrics.clone();
-                Answer::pending(async move {
-                    match pending.await {
-                        Ok(answer) => {
-                            metrics.request(kind, None);
-                            answer
-                        }
-                        Err(err) => {
-                            metrics.request(kind, Some(err.code()));
-                            Outgoing::Frame(err.to_frame(id))
-                        }
-                    }
-                })
             }
         }
     }

@@ -14,7 +14,9 @@
 //! bytes; a chunk that takes no more appends is shrunk to fit, so unused capacity is bounded by
 //! one open chunk per mailbox.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use ahash::AHashMap;
 
 use prost::encoding::{decode_varint, encode_varint};
 
@@ -46,7 +48,7 @@ struct SenderEntry {
 #[derive(Debug, Clone, Default)]
 pub struct SenderTable {
     entries: Vec<Option<SenderEntry>>,
-    index: HashMap<(Identity, u32), u32>,
+    index: AHashMap<(Identity, u32), u32>,
     free: Vec<u32>,
 }
 
@@ -185,6 +187,9 @@ struct Chunk {
     present: u64,
     nonces: Vec<[u8; NONCE_LEN]>,
     records: Vec<u8>,
+    /// Bytes at the front of `records` that belonged to removed messages: acks mostly remove
+    /// the oldest message, and skipping it costs nothing where moving the rest would.
+    dead: usize,
 }
 
 impl Chunk {
@@ -195,6 +200,7 @@ impl Chunk {
             present: 0,
             nonces: Vec::new(),
             records: Vec::new(),
+            dead: 0,
         }
     }
 
@@ -220,7 +226,7 @@ impl Chunk {
 
     /// Byte offset of the `rank`-th record.
     fn offset_of(&self, rank: usize) -> usize {
-        let mut offset = 0;
+        let mut offset = self.dead;
         for _ in 0..rank {
             offset += Record::parse(&self.records[offset..], self.base_ms).len;
         }
@@ -243,7 +249,7 @@ impl Chunk {
     /// The stored messages in id order.
     fn iter(&self) -> impl Iterator<Item = StoredMessage<'_>> + '_ {
         let mut bits = self.present;
-        let mut offset = 0;
+        let mut offset = self.dead;
         (0..self.nonces.len()).map(move |rank| {
             let id = self.first_id + u64::from(bits.trailing_zeros());
             bits &= bits - 1;
@@ -287,10 +293,18 @@ impl Chunk {
         let record = Record::parse(&self.records[offset..], self.base_ms);
         let removed = (record.sender, record.payload.len());
         let len = record.len;
-        self.records.drain(offset..offset + len);
+        if offset == self.dead {
+            self.dead += len;
+            if self.dead * 2 > self.records.len() {
+                self.records.drain(..self.dead);
+                self.dead = 0;
+            }
+        } else {
+            self.records.drain(offset..offset + len);
+        }
         self.nonces.remove(rank);
         self.present &= !(1 << bit);
-        if closed && self.slack() > self.records.len() / 4 {
+        if closed && self.slack() > self.live_bytes() / 4 {
             self.shrink();
         }
         Some(removed)
@@ -299,10 +313,18 @@ impl Chunk {
     /// Allocated bytes beyond what the chunk holds.
     fn slack(&self) -> usize {
         self.records.capacity() - self.records.len()
+            + self.dead
             + NONCE_LEN * (self.nonces.capacity() - self.nonces.len())
     }
 
+    /// Bytes of records the chunk holds.
+    fn live_bytes(&self) -> usize {
+        self.records.len() - self.dead
+    }
+
     fn shrink(&mut self) {
+        self.records.drain(..self.dead);
+        self.dead = 0;
         self.records.shrink_to_fit();
         self.nonces.shrink_to_fit();
     }
@@ -358,7 +380,7 @@ impl MessageLog {
         let target = position.checked_sub(1).filter(|&i| {
             let chunk = &self.chunks[i];
             let appending = chunk.last_id().is_none_or(|last| id > last);
-            chunk.bit(id).is_some() && !(appending && chunk.records.len() >= CHUNK_TARGET_BYTES)
+            chunk.bit(id).is_some() && !(appending && chunk.live_bytes() >= CHUNK_TARGET_BYTES)
         });
         let index = match target {
             Some(i) => i,
@@ -437,7 +459,7 @@ impl MessageLog {
         let mut freed = 0;
         if let Some(open) = self.chunks.back_mut() {
             let slack = open.slack();
-            if slack > open.records.len() / 8 + 256 {
+            if slack > open.live_bytes() / 8 + 256 {
                 open.shrink();
                 freed += slack - open.slack();
             }
@@ -607,7 +629,7 @@ mod tests {
         }
         let open = log.chunks.back().unwrap();
         let open_slack = open.slack();
-        assert!(open_slack > open.records.len() / 8 + 256, "{open_slack}");
+        assert!(open_slack > open.live_bytes() / 8 + 256, "{open_slack}");
         assert_eq!(log.trim(), open_slack);
         assert_eq!(log.chunks.back().unwrap().slack(), 0);
         assert_eq!(log.trim(), 0, "nothing left to trim");

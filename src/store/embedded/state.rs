@@ -14,7 +14,9 @@
 //! Newly durable messages are announced to the listener by [`State::release`], in id order
 //! per shard.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use ahash::{AHashMap, AHashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -154,7 +156,7 @@ struct TicketState {
 struct Account {
     devices: BTreeMap<u32, Device>,
     accept: Accept,
-    contacts: HashSet<Identity>,
+    contacts: AHashSet<Identity>,
     tickets: HashMap<[u8; TICKET_LEN], TicketState>,
     /// Last time the identity was in use; idle accounts expire.
     last_seen_ms: u64,
@@ -165,7 +167,7 @@ impl Default for Account {
         Self {
             devices: BTreeMap::new(),
             accept: Accept::Open,
-            contacts: HashSet::new(),
+            contacts: AHashSet::new(),
             tickets: HashMap::new(),
             last_seen_ms: 0,
         }
@@ -246,7 +248,7 @@ struct Release {
 
 #[derive(Debug, Default)]
 struct ShardData {
-    accounts: HashMap<Identity, Account>,
+    accounts: AHashMap<Identity, Account>,
     /// The senders named by the shard's stored messages.
     senders: SenderTable,
     /// Messages applied in this run, not yet announced, in lsn order.
@@ -315,7 +317,7 @@ pub fn event_identity(event: &Event) -> Result<Identity, ApplyError> {
 
 /// The account an event applies to, created (and counted) if new.
 fn account_for<'a>(
-    accounts: &'a mut HashMap<Identity, Account>,
+    accounts: &'a mut AHashMap<Identity, Account>,
     identity: Identity,
     counters: &Counters,
 ) -> &'a mut Account {
@@ -650,31 +652,39 @@ impl State {
         }
     }
 
-    /// Announces the shard's messages that are durable by now, in order.
+    /// Announces the shard's messages that are durable by now, in order (one at a time, so
+    /// the shard's lock is never held while a listener runs).
     pub fn release(&self, index: usize, listener: &dyn Listener) {
         let shard = &self.shards[index];
         let _in_order = shard.release.lock();
         let durable = self.progress.durable();
-        let ready: Vec<Release> = {
-            let mut data = shard.data.lock();
-            let ShardData {
-                accounts,
-                unreleased,
-                ..
-            } = &mut *data;
-            let count = unreleased.partition_point(|r| r.lsn <= durable);
-            unreleased
-                .drain(..count)
-                // A message acked before it was announced is not announced.
-                .filter(|r| {
-                    accounts
+        loop {
+            let next = {
+                let mut data = shard.data.lock();
+                let ShardData {
+                    accounts,
+                    unreleased,
+                    ..
+                } = &mut *data;
+                loop {
+                    match unreleased.front() {
+                        Some(r) if r.lsn <= durable => {}
+                        _ => break None,
+                    }
+                    let r = unreleased.pop_front().expect("just looked");
+                    // A message acked before it was announced is not announced.
+                    let stored = accounts
                         .get(&r.mailbox.identity)
                         .and_then(|a| a.devices.get(&r.mailbox.device))
-                        .is_some_and(|d| d.mailbox.log.contains(r.message.id))
-                })
-                .collect()
-        };
-        for r in &ready {
+                        .is_some_and(|d| d.mailbox.log.contains(r.message.id));
+                    if stored {
+                        break Some(r);
+                    }
+                }
+            };
+            let Some(r) = next else {
+                return;
+            };
             listener.stored(&r.mailbox, &r.message, r.prev_id);
         }
     }
