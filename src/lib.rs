@@ -6,6 +6,7 @@
 //! - [`net`]: the tokio server that drives the core over TCP;
 //! - [`client`]: the initiator side, used by the `botd` CLI and by tests.
 
+pub mod bench;
 pub mod client;
 pub mod clock;
 pub mod config;

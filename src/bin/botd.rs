@@ -122,6 +122,8 @@ enum Command {
         #[command(subcommand)]
         action: ContactsAction,
     },
+    /// Load generator and comparison report (docs/BENCHMARKS.md)
+    Bench(botd_relay::bench::BenchArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -313,6 +315,7 @@ async fn run(cli: Cli) -> Result<(), String> {
     let key_path = cli.key.clone().unwrap_or_else(default_key_path);
     let server_key = cli.server_key.as_deref();
     match cli.command {
+        Command::Bench(args) => botd_relay::bench::run(args, &cli.relay, server_key).await?,
         Command::Keygen => {
             let pair = KeyPair::generate();
             keyfile::create(&key_path, &pair).map_err(|e| e.to_string())?;
