@@ -181,10 +181,9 @@ impl SenderTask {
             let now = Instant::now();
             let stopping = now >= phases.measure_end;
             let mut progressed = false;
-            let mut budget = 0;
             if !stopping {
                 let received = pair.received.load(Ordering::Acquire);
-                budget = self.pacer.budget(seq, report.failed, received, now);
+                let budget = self.pacer.budget(seq, report.failed, received, now);
                 if self.conn.session.transmit_len() < OUTBOX_HIGH {
                     let batch = budget.min(MAX_SEND_BATCH);
                     for _ in 0..batch {
@@ -246,18 +245,19 @@ impl SenderTask {
             if progressed {
                 continue;
             }
+            let room = self
+                .pacer
+                .room(seq, report.failed, pair.received.load(Ordering::Acquire));
+            let pending = self.conn.session.transmit_len() > 0;
             let wake_at = if stopping {
                 phases.deadline
+            } else if self.conn.session.transmit_len() >= OUTBOX_HIGH {
+                // The socket is full: its readiness wakes us.
+                phases.measure_end
             } else {
-                let due = self
-                    .pacer
-                    .next_due(seq)
-                    .filter(|_| budget == 0)
-                    .unwrap_or(phases.measure_end);
-                due.min(phases.measure_end)
+                self.pacer.wake_at(seq, room, phases.measure_end)
             };
-            let window_full = !stopping && budget == 0;
-            let pending = self.conn.session.transmit_len() > 0;
+            let window_full = !stopping && room == 0;
             tokio::select! {
                 ready = self.conn.ready(pending) => ready?,
                 _ = pair.notify.notified(), if window_full => {}

@@ -112,12 +112,27 @@ impl Pacer {
     /// Messages that may be sent at `now`, given `seq` sent so far, `failed` of them refused
     /// by the target (they will never arrive) and `received` by the receiver.
     pub fn budget(&self, seq: u64, failed: u64, received: u64, now: Instant) -> u64 {
-        let in_flight = seq.saturating_sub(failed).saturating_sub(received);
-        let mut budget = self.window.saturating_sub(in_flight);
+        let mut budget = self.room(seq, failed, received);
         if let Some((start, interval)) = self.schedule {
             budget = budget.min(self.due(start, interval, now).saturating_sub(seq));
         }
         budget
+    }
+
+    /// Free places in the window: what may be sent as far as the receiver is concerned.
+    pub fn room(&self, seq: u64, failed: u64, received: u64) -> u64 {
+        let in_flight = seq.saturating_sub(failed).saturating_sub(received);
+        self.window.saturating_sub(in_flight)
+    }
+
+    /// When a sender that may send nothing now should look again: never by the clock while
+    /// its window is full (its receiver wakes it), else when its next message is due (open
+    /// loop), and at the end of the measured interval in any case.
+    pub fn wake_at(&self, seq: u64, room: u64, measure_end: Instant) -> Instant {
+        match self.next_due(seq) {
+            Some(due) if room > 0 => due.min(measure_end),
+            _ => measure_end,
+        }
     }
 
     /// Messages due by `now` under the schedule: the one at `start` is message 0.
@@ -426,6 +441,9 @@ mod tests {
         assert_eq!(pacer.budget(128, 100, 28, now), 128);
         assert_eq!(pacer.intended(5, now), now);
         assert_eq!(pacer.next_due(5), None);
+        let end = now + Duration::from_secs(1);
+        assert_eq!(pacer.wake_at(5, 0, end), end);
+        assert_eq!(pacer.wake_at(5, 3, end), end);
     }
 
     #[test]
@@ -445,6 +463,11 @@ mod tests {
         assert_eq!(pacer.budget(0, 0, 0, start + ms * 100), 10);
         assert_eq!(pacer.intended(3, start + ms * 100), start + ms * 3);
         assert_eq!(pacer.next_due(7), Some(start + ms * 7));
+        // A full window is woken by the receiver, not by an overdue schedule (no busy loop).
+        let end = start + ms * 1000;
+        assert_eq!(pacer.wake_at(7, 0, end), end);
+        assert_eq!(pacer.wake_at(7, 1, end), start + ms * 7);
+        assert_eq!(pacer.wake_at(7_000, 1, end), end);
         let far = 5u64 << 32;
         assert_eq!(
             pacer.intended(far, start),

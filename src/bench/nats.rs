@@ -165,12 +165,10 @@ async fn core_publisher(
         if batch > 0 {
             continue;
         }
-        let wake_at = pacer
-            .next_due(seq)
-            .unwrap_or(phases.measure_end)
-            .min(phases.measure_end);
+        let room = pacer.room(seq, 0, pair.received.load(Ordering::Acquire));
+        let wake_at = pacer.wake_at(seq, room, phases.measure_end);
         tokio::select! {
-            _ = pair.notify.notified() => {}
+            _ = pair.notify.notified(), if room == 0 => {}
             _ = sleep_until(wake_at) => {}
         }
     }
@@ -415,10 +413,9 @@ async fn js_publisher(
     loop {
         let now = Instant::now();
         let stopping = now >= phases.measure_end;
-        let mut budget = 0;
         if !stopping {
             let received = pair.received.load(Ordering::Acquire);
-            budget = pacer
+            let budget = pacer
                 .budget(seq, report.failed, received, now)
                 .min(window.saturating_sub(acks.len()) as u64);
             let batch = budget.min(MAX_SEND_BATCH);
@@ -455,14 +452,15 @@ async fn js_publisher(
                 acks.len()
             ));
         }
-        let window_full = !stopping && budget == 0;
+        let room = pacer.room(seq, report.failed, pair.received.load(Ordering::Acquire));
+        let window_full = !stopping && room == 0;
         let wake_at = if stopping {
             phases.deadline
+        } else if acks.len() >= window {
+            // An ack frees a place; the acks branch wakes us.
+            phases.measure_end
         } else {
-            pacer
-                .next_due(seq)
-                .unwrap_or(phases.measure_end)
-                .min(phases.measure_end)
+            pacer.wake_at(seq, room, phases.measure_end)
         };
         tokio::select! {
             Some(ack) = acks.next(), if !acks.is_empty() => match ack {

@@ -156,6 +156,112 @@ fn fmt_ratio(values: &[f64]) -> String {
     fmt_spread(Spread::of(values), |v| format!("{v:.2}×"))
 }
 
+/// msgs/s, latency and server figures of the `relay` scenario, with per-round ratios.
+fn relay_table(out: &mut String, group: &Group) {
+    let js = group.reference("jetstream");
+    let nats = group.reference("nats");
+    let _ = writeln!(
+        out,
+        "| target | msgs/s | p50 µs | p99 µs | server CPU µs/msg | server RSS at end | × JetStream (msgs/s) | × NATS core (msgs/s) | × JetStream (p99) | clean |"
+    );
+    let _ = writeln!(
+        out,
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
+    );
+    for series in &group.series {
+        let vs = |reference: Option<&Series>, f: Metric| match reference {
+            Some(reference) if reference.label != series.label => {
+                fmt_ratio(&paired_ratios(&f(series), &f(reference)))
+            }
+            Some(_) => "1×".into(),
+            None => "–".into(),
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            series.label,
+            fmt_spread(Series::spread(&series.rate()), human),
+            fmt_spread(p50(series), |v| format!("{v:.0}")),
+            fmt_spread(Series::spread(&series.p99()), |v| format!("{v:.0}")),
+            fmt_spread(cpu(series), |v| format!("{v:.2}")),
+            fmt_spread(rss(series), human_bytes),
+            vs(js, Series::rate),
+            vs(nats, Series::rate),
+            vs(js, Series::p99),
+            if series.clean() { "yes" } else { "**NO**" },
+        );
+    }
+}
+
+fn p50(series: &Series) -> Option<Spread> {
+    Series::spread(&series.values(|r| r.latency_us.map(|l| l.p50)))
+}
+
+fn cpu(series: &Series) -> Option<Spread> {
+    Series::spread(&series.values(|r| r.server.map(|s| s.cpu_us_per_op)))
+}
+
+fn rss(series: &Series) -> Option<Spread> {
+    Series::spread(&series.values(|r| r.server.map(|s| s.rss_end_bytes as f64)))
+}
+
+/// `handshake`, `bulk` and `idle`: each with the bound it is compared with.
+fn session_table(out: &mut String, group: &Group) {
+    let (rate_name, bound_name): (&str, &str) = match group.scenario.as_str() {
+        "handshake" => (
+            "handshakes/s",
+            "× crypto bound (responder secp256k1 + HKDF, one core)",
+        ),
+        "bulk" => (
+            "payload bytes/s",
+            "× raw AES-256-CTR + HMAC-SHA256 seal+open",
+        ),
+        _ => ("sessions/s (connect)", "server RSS per session"),
+    };
+    let _ = writeln!(
+        out,
+        "| target | {rate_name} | p50 µs | p99 µs | server CPU µs/op | server RSS at end | {bound_name} | clean |"
+    );
+    let _ = writeln!(
+        out,
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
+    );
+    for series in &group.series {
+        let rate = if group.scenario == "bulk" {
+            fmt_spread(
+                Series::spread(&series.values(|r| Some(r.bytes_per_s))),
+                |v| format!("{}/s", human_bytes(v)),
+            )
+        } else {
+            fmt_spread(Series::spread(&series.rate()), human)
+        };
+        let bound = if group.scenario == "idle" {
+            fmt_spread(
+                Series::spread(&series.values(|r| r.idle.map(|i| i.bytes_per_session))),
+                human_bytes,
+            )
+        } else {
+            fmt_spread(Series::spread(&series.values(|r| r.bound_ratio)), |v| {
+                format!("{v:.3}")
+            })
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {rate} | {} | {} | {} | {} | {bound} | {} |",
+            series.label,
+            fmt_spread(p50(series), |v| format!("{v:.0}")),
+            fmt_spread(Series::spread(&series.p99()), |v| format!("{v:.0}")),
+            if group.scenario == "idle" {
+                "–".to_owned()
+            } else {
+                fmt_spread(cpu(series), |v| format!("{v:.2}"))
+            },
+            fmt_spread(rss(series), human_bytes),
+            if series.clean() { "yes" } else { "**NO**" },
+        );
+    }
+}
+
 /// The Markdown report.
 pub fn markdown(title: &str, meta: &[(String, String)], runs: &[RunResult]) -> String {
     let mut out = String::new();
@@ -178,78 +284,10 @@ pub fn markdown(title: &str, meta: &[(String, String)], runs: &[RunResult]) -> S
     );
     for group in group(runs) {
         let _ = writeln!(out, "## {}\n", group.title);
-        let unit = match group.scenario.as_str() {
-            "handshake" => "handshakes/s",
-            "idle" => "sessions/s",
-            _ => "msgs/s",
-        };
-        let js = group.reference("jetstream");
-        let nats = group.reference("nats");
-        let _ = writeln!(
-            out,
-            "| target | {unit} | p50 µs | p99 µs | server CPU µs/msg | server RSS at end | × JetStream ({unit}) | × NATS core ({unit}) | × JetStream (p99) | clean |"
-        );
-        let _ = writeln!(
-            out,
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
-        );
-        for series in &group.series {
-            let rate = series.rate();
-            let p99 = series.p99();
-            let p50 = series.values(|r| r.latency_us.map(|l| l.p50));
-            let cpu = series.values(|r| r.server.map(|s| s.cpu_us_per_op));
-            let rss = series.values(|r| r.server.map(|s| s.rss_end_bytes as f64));
-            let vs = |reference: Option<&Series>, f: Metric| match reference {
-                Some(reference) if reference.label != series.label => {
-                    fmt_ratio(&paired_ratios(&f(series), &f(reference)))
-                }
-                Some(_) => "1×".into(),
-                None => "–".into(),
-            };
-            let _ = writeln!(
-                out,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-                series.label,
-                fmt_spread(Series::spread(&rate), human),
-                fmt_spread(Series::spread(&p50), |v| format!("{v:.0}")),
-                fmt_spread(Series::spread(&p99), |v| format!("{v:.0}")),
-                fmt_spread(Series::spread(&cpu), |v| format!("{v:.2}")),
-                fmt_spread(Series::spread(&rss), human_bytes),
-                vs(js, Series::rate),
-                vs(nats, Series::rate),
-                vs(js, Series::p99),
-                if series.clean() { "yes" } else { "**NO**" },
-            );
-        }
-        let mut extras = Vec::new();
-        for series in &group.series {
-            let bound = series.values(|r| r.bound_ratio);
-            if !bound.is_empty() {
-                let what = if group.scenario == "bulk" {
-                    "bytes/s over raw AES-256-CTR + HMAC-SHA256 seal+open"
-                } else {
-                    "handshakes/s over the responder's crypto on one core"
-                };
-                extras.push(format!(
-                    "{}: {what}: {}",
-                    series.label,
-                    fmt_spread(Series::spread(&bound), |v| format!("{v:.3}"))
-                ));
-            }
-            let per_session = series.values(|r| r.idle.map(|i| i.bytes_per_session));
-            if !per_session.is_empty() {
-                extras.push(format!(
-                    "{}: server RSS per idle session: {}",
-                    series.label,
-                    fmt_spread(Series::spread(&per_session), human_bytes)
-                ));
-            }
-        }
-        if !extras.is_empty() {
-            out.push('\n');
-            for line in extras {
-                let _ = writeln!(out, "* {line}");
-            }
+        if group.scenario == "relay" {
+            relay_table(&mut out, &group);
+        } else {
+            session_table(&mut out, &group);
         }
         out.push('\n');
     }
@@ -376,10 +414,15 @@ pub fn chart(path: &std::path::Path, title: &str, runs: &[RunResult]) -> Result<
             .draw()
             .map_err(|e| draw_err(&e))?;
         let bar = 0.8 / labels.len() as f64;
+        let value_style = ("sans-serif", 11)
+            .into_font()
+            .color(&BLACK)
+            .pos(Pos::new(HPos::Center, VPos::Bottom));
         for (k, label) in labels.iter().enumerate() {
             let color = palette[k % palette.len()];
             let mut bars = Vec::new();
             let mut whiskers = Vec::new();
+            let mut values = Vec::new();
             for (g, group) in groups.iter().enumerate() {
                 let Some(series) = group.series.iter().find(|s| &s.label == label) else {
                     continue;
@@ -393,6 +436,10 @@ pub fn chart(path: &std::path::Path, title: &str, runs: &[RunResult]) -> Result<
                     color.filled(),
                 ));
                 let mid = x0 + bar * 0.45;
+                values.push(
+                    EmptyElement::at((mid, s.max.max(s.median)))
+                        + Text::new(human(s.median), (0, -14), value_style.clone()),
+                );
                 whiskers.push(PathElement::new(
                     vec![(mid, s.min), (mid, s.max)],
                     BLACK.stroke_width(2),
@@ -406,6 +453,7 @@ pub fn chart(path: &std::path::Path, title: &str, runs: &[RunResult]) -> Result<
                     Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled())
                 });
             chart.draw_series(whiskers).map_err(|e| draw_err(&e))?;
+            chart.draw_series(values).map_err(|e| draw_err(&e))?;
         }
         let style = ("sans-serif", 14)
             .into_font()

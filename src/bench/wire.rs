@@ -159,11 +159,16 @@ impl Conn {
     pub fn try_flush(&mut self) -> Result<usize, String> {
         let mut written = 0;
         while self.session.transmit_len() > 0 {
+            let pending = self.session.transmit_len();
             match self.stream.try_write(self.session.transmit()) {
                 Ok(0) => return Err("the connection closed while writing".into()),
                 Ok(n) => {
                     self.session.advance_transmit(n);
                     written += n;
+                    if n < pending {
+                        // The socket buffer is full; another try would only say so.
+                        break;
+                    }
                 }
                 Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(err) => return Err(format!("write: {err}")),
@@ -181,9 +186,16 @@ impl Conn {
         let mut read = 0;
         while read < MAX_READ_PER_CALL && !self.eof {
             self.rbuf.reserve(READ_CHUNK);
+            let room = self.rbuf.capacity() - self.rbuf.len();
             match self.stream.try_read_buf(&mut self.rbuf) {
                 Ok(0) => self.eof = true,
-                Ok(n) => read += n,
+                Ok(n) => {
+                    read += n;
+                    if n < room {
+                        // A short read drained the socket; another read would only say so.
+                        break;
+                    }
+                }
                 Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(err) => return Err(format!("read: {err}")),
             }
