@@ -53,6 +53,11 @@ if ! command -v nats-server >/dev/null 2>&1; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y nats-server >/dev/null \
         || { apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y nats-server >/dev/null; }
 fi
+# The relay build measured: the commit, and whether the sources differed from it when built.
+rev=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+if ! git diff --quiet HEAD -- src Cargo.toml Cargo.lock proto build.rs 2>/dev/null; then
+    rev="$rev (with uncommitted changes)"
+fi
 log "building the release binaries (cargo build --release)"
 cargo build --release --quiet --bin botd-relay --bin botd
 target_dir=$(cargo metadata --format-version 1 --no-deps 2>/dev/null \
@@ -161,6 +166,7 @@ kind_of["JetStream"]=jetstream
 
 # --- runs -------------------------------------------------------------------------------------
 date=$(date -u +%Y-%m-%d)
+started=$(date -u '+%Y-%m-%d %H:%M')
 mkdir -p "$out"
 results="$out/$date.jsonl"
 : >"$results"
@@ -207,11 +213,9 @@ done
 
 # --- report -----------------------------------------------------------------------------------
 for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-rev=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-if ! git diff --quiet HEAD -- src Cargo.toml 2>/dev/null; then rev="$rev (with uncommitted changes)"; fi
 cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)
 meta=(
-    --meta "date (UTC)=$(date -u '+%Y-%m-%d %H:%M')"
+    --meta "date (UTC)=$started"
     --meta "relay build=$rev ($relay_bin)"
     --meta "nats-server=$nats_version, JetStream file store in a temp dir, one replica"
     --meta "machine=$(nproc) × ${cpu:-unknown CPU}, Linux $(uname -r)"

@@ -482,6 +482,31 @@ fn only_botd(target: &Target, scenario: &str) -> Result<(), String> {
     }
 }
 
+/// The longest a whole run may take: every setup step at its timeout, the phases, and a
+/// margin. Only a safety net: each step has its own, shorter bound.
+pub fn run_limit(scenario: &Scenario, common: &CommonArgs) -> Duration {
+    const SETUP_CONCURRENCY: u32 = 32;
+    let connections = match scenario {
+        Scenario::Relay(a) => (a.senders + a.receivers) as u32,
+        Scenario::Bulk(_) => 2,
+        Scenario::Handshake(_) => 1,
+        Scenario::Idle(a) => a.sessions as u32,
+        Scenario::Report(_) => 0,
+    };
+    let drain = match scenario {
+        Scenario::Relay(a) => a.drain,
+        Scenario::Bulk(a) => a.drain,
+        _ => Duration::ZERO,
+    };
+    // Connect and register per chunk of connections, then subscribe one by one.
+    let setup_steps = 2 * connections.div_ceil(SETUP_CONCURRENCY) + connections + 2;
+    common.connect_timeout * setup_steps
+        + common.warmup
+        + common.duration
+        + drain
+        + Duration::from_secs(30)
+}
+
 /// Entry point of `botd bench`. `default_target` is the global `--relay` address,
 /// `server_key` the global `--server-key`.
 pub async fn run(
@@ -497,25 +522,31 @@ pub async fn run(
         Scenario::Report(report) => return report::run(report),
     };
     let target = Target::parse(common.target.as_deref().unwrap_or(default_target))?;
-    let mut result = match args.scenario {
-        Scenario::Relay(a) => relay(&a, &target, server_key).await?,
-        Scenario::Handshake(a) => {
-            only_botd(&target, "handshake")?;
-            let addr = resolve(target.addr()).await?;
-            sessions::handshake(&a, addr, relay_key(server_key)?).await?
+    let limit = run_limit(&args.scenario, &common);
+    let scenario = async {
+        match args.scenario {
+            Scenario::Relay(a) => relay(&a, &target, server_key).await,
+            Scenario::Handshake(a) => {
+                only_botd(&target, "handshake")?;
+                let addr = resolve(target.addr()).await?;
+                sessions::handshake(&a, addr, relay_key(server_key)?).await
+            }
+            Scenario::Bulk(a) => {
+                only_botd(&target, "bulk")?;
+                let addr = resolve(target.addr()).await?;
+                sessions::bulk(&a, addr, relay_key(server_key)?).await
+            }
+            Scenario::Idle(a) => {
+                only_botd(&target, "idle")?;
+                let addr = resolve(target.addr()).await?;
+                sessions::idle(&a, addr, relay_key(server_key)?).await
+            }
+            Scenario::Report(_) => unreachable!("handled above"),
         }
-        Scenario::Bulk(a) => {
-            only_botd(&target, "bulk")?;
-            let addr = resolve(target.addr()).await?;
-            sessions::bulk(&a, addr, relay_key(server_key)?).await?
-        }
-        Scenario::Idle(a) => {
-            only_botd(&target, "idle")?;
-            let addr = resolve(target.addr()).await?;
-            sessions::idle(&a, addr, relay_key(server_key)?).await?
-        }
-        Scenario::Report(_) => unreachable!("handled above"),
     };
+    let mut result = tokio::time::timeout(limit, scenario)
+        .await
+        .map_err(|_| format!("the run did not finish within {limit:?}; gave up"))??;
     result.target = target.kind().to_owned();
     result.addr = target.addr().to_owned();
     result.label = common
@@ -725,6 +756,19 @@ mod tests {
             parse(&["bench", "report", "r.jsonl"]).scenario,
             Scenario::Report(_)
         ));
+    }
+
+    #[test]
+    fn whole_run_limit_covers_setup_phases_and_drain() {
+        let args = parse(&["bench", "relay", "-s", "2", "-r", "2", "--duration", "5s"]);
+        let Scenario::Relay(relay) = &args.scenario else {
+            panic!()
+        };
+        // 4 connections: 2 setup chunks + 4 subscribes + 2, at 10 s each; 2 + 5 + 10 + 30 s.
+        assert_eq!(
+            run_limit(&args.scenario, &relay.common),
+            Duration::from_secs(80 + 47)
+        );
     }
 
     #[test]

@@ -310,7 +310,7 @@ pub fn markdown(title: &str, meta: &[(String, String)], runs: &[RunResult]) -> S
             )
         })
         .collect();
-    let _ = writeln!(out, "## Runs that were not clean\n");
+    let _ = writeln!(out, "## Runs that were not clean, and warnings\n");
     if problems.is_empty() {
         let _ = writeln!(
             out,
