@@ -113,7 +113,7 @@ pub struct RelayArgs {
     /// One AckMessages per delivery instead of one per read batch (relay targets)
     #[arg(long)]
     pub ack_each: bool,
-    /// Sign every message and verify every delivery (measures the generator's ECDSA too)
+    /// Sign every message and verify every delivery, relay targets (measures the generator's ECDSA too)
     #[arg(long)]
     pub sign: bool,
 }
