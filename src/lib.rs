@@ -12,6 +12,7 @@
 //! - [`conformance`]: the botd/1 conformance suite, for relays and for node software.
 
 pub mod app;
+pub mod bench;
 pub mod client;
 pub mod clock;
 pub mod config;

@@ -132,6 +132,8 @@ enum Command {
         #[command(subcommand)]
         role: ConformanceRole,
     },
+    /// Load generator and comparison report (docs/BENCHMARKS.md)
+    Bench(botd_relay::bench::BenchArgs),
 }
 
 /// Options shared by both roles of the conformance suite.
@@ -394,6 +396,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         Command::Conformance { role } => {
             return conformance(role, &cli.relay, server_key, cli.json.clone()).await
         }
+        Command::Bench(args) => botd_relay::bench::run(args, &cli.relay, server_key).await?,
         Command::Keygen => {
             let pair = KeyPair::generate();
             keyfile::create(&key_path, &pair).map_err(|e| e.to_string())?;

@@ -1,0 +1,238 @@
+#!/usr/bin/env bash
+# Side-by-side throughput run: botd-relay (once per fsync policy, plus any extra relay builds)
+# against NATS core and NATS JetStream, measured by one tool (`botd bench`) the same way.
+#
+#   benches/compare.sh [--duration 5s] [--warmup 2s] [--rounds 3] [--window 128]
+#                      [--scenarios "16:16:100 16:16:1KiB 1:1:100 1:1:1KiB"]
+#                      [--policies "always interval never"]
+#                      [--relay-bin [LABEL=]PATH]... [--extra-policies "interval"]
+#                      [--no-session-scenarios] [--out bench-results]
+#
+# Every server runs pinned to CPU 1, the load generator to CPU 0. Each round runs every scenario
+# against every target one after the other (A B C A B C …). Results: bench-results/<date>.md,
+# <date>.svg and the raw <date>.jsonl. See docs/BENCHMARKS.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+duration=5s
+warmup=2s
+rounds=3
+window=128
+scenarios="16:16:100 16:16:1KiB 1:1:100 1:1:1KiB"
+policies="always interval never"
+extra_policies="interval"
+session_scenarios=1
+out=bench-results
+extra_bins=()
+
+usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --duration) duration=$2; shift 2 ;;
+        --warmup) warmup=$2; shift 2 ;;
+        --rounds) rounds=$2; shift 2 ;;
+        --window) window=$2; shift 2 ;;
+        --scenarios) scenarios=$2; shift 2 ;;
+        --policies) policies=$2; shift 2 ;;
+        --extra-policies) extra_policies=$2; shift 2 ;;
+        --relay-bin) extra_bins+=("$2"); shift 2 ;;
+        --no-session-scenarios) session_scenarios=0; shift ;;
+        --out) out=$2; shift 2 ;;
+        -h|--help) usage 0 ;;
+        *) echo "compare.sh: unknown option $1" >&2; usage 2 ;;
+    esac
+done
+if [ "$rounds" -lt 1 ]; then echo "compare.sh: --rounds must be at least 1" >&2; exit 2; fi
+
+log() { echo "compare.sh: $*" >&2; }
+
+# --- prerequisites --------------------------------------------------------------------------
+if ! command -v nats-server >/dev/null 2>&1; then
+    log "installing Debian's nats-server"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y nats-server >/dev/null \
+        || { apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y nats-server >/dev/null; }
+fi
+# The relay build measured: the commit, and whether the sources differed from it when built.
+rev=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+if ! git diff --quiet HEAD -- src Cargo.toml Cargo.lock proto build.rs 2>/dev/null; then
+    rev="$rev (with uncommitted changes)"
+fi
+log "building the release binaries (cargo build --release)"
+cargo build --release --quiet --bin botd-relay --bin botd
+target_dir=$(cargo metadata --format-version 1 --no-deps 2>/dev/null \
+    | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
+target_dir=${target_dir:-target}
+botd="$target_dir/release/botd"
+relay_bin="$target_dir/release/botd-relay"
+
+if [ "$(nproc)" -ge 2 ]; then
+    server_cpu=(taskset -c 1)
+    client_cpu=(taskset -c 0)
+    pinning="servers on CPU 1, load generator on CPU 0 (taskset)"
+else
+    server_cpu=()
+    client_cpu=()
+    pinning="none (fewer than 2 CPUs)"
+fi
+
+tmp=$(mktemp -d /tmp/botd-compare.XXXXXX)
+pids=()
+cleanup() {
+    for pid in "${pids[@]}"; do
+        kill -TERM "$pid" 2>/dev/null || true
+    done
+    for pid in "${pids[@]}"; do
+        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$pid" 2>/dev/null || true
+    done
+    rm -rf "$tmp"
+}
+trap cleanup EXIT
+
+# Waits up to 15 s for a line matching $2 in file $1 and prints it.
+wait_for_line() {
+    local file=$1 pattern=$2 line
+    for _ in $(seq 150); do
+        line=$(grep -m1 -E "$pattern" "$file" 2>/dev/null || true)
+        if [ -n "$line" ]; then echo "$line"; return 0; fi
+        sleep 0.1
+    done
+    return 1
+}
+
+# --- servers ----------------------------------------------------------------------------------
+labels=()
+declare -A addr_of key_of pid_of kind_of
+
+mkdir -p "$tmp/nats"
+"${server_cpu[@]}" nats-server -a 127.0.0.1 -p -1 -js -sd "$tmp/nats" >"$tmp/nats.log" 2>&1 &
+nats_pid=$!
+pids+=("$nats_pid")
+line=$(wait_for_line "$tmp/nats.log" "Listening for client connections on") \
+    || { cat "$tmp/nats.log" >&2; log "nats-server did not start"; exit 1; }
+nats_addr=${line##* on }
+nats_version=$(nats-server --version 2>&1 | head -1)
+log "nats-server ($nats_version) with JetStream on $nats_addr, pid $nats_pid"
+
+unlimited='{ per_second = 100000000.0, burst = 100000000 }'
+# Starts relay binary $2 with fsync policy $3 under label $1.
+start_relay() {
+    local label=$1 bin=$2 policy=$3 dir
+    dir=$(mktemp -d "$tmp/relay.XXXXXX")
+    env BOTD_SEND_RATE_PER_IDENTITY="$unlimited" BOTD_SEND_RATE_PER_PAIR="$unlimited" \
+        BOTD_SEND_RATE_PER_IP="$unlimited" BOTD_ACK_RATE_PER_IDENTITY="$unlimited" \
+        BOTD_CHANGE_RATE_PER_IDENTITY="$unlimited" BOTD_CHANGE_RATE_PER_IP="$unlimited" \
+        BOTD_PREKEY_FETCH_RATE="$unlimited" BOTD_HANDSHAKE_RATE_PER_IP="$unlimited" \
+        BOTD_MAILBOX_MAX_MESSAGES=100000 BOTD_MAX_UNAUTHENTICATED_PER_IP=100000 \
+        BOTD_METRICS_LISTEN=off BOTD_FSYNC="$policy" BOTD_LOG=warn \
+        "${server_cpu[@]}" "$bin" --listen 127.0.0.1:0 --data-dir "$dir/data" \
+        >"$dir/stdout" 2>"$dir/stderr" &
+    local pid=$!
+    pids+=("$pid")
+    local line
+    line=$(wait_for_line "$dir/stdout" "^botd-relay listening on ") \
+        || { cat "$dir/stderr" >&2; log "relay $label did not start"; exit 1; }
+    # botd-relay listening on ADDR as PUBKEYHEX
+    local words
+    read -r -a words <<<"$line"
+    labels+=("$label")
+    addr_of[$label]=${words[3]}
+    key_of[$label]=${words[5]}
+    pid_of[$label]=$pid
+    kind_of[$label]=botd
+    log "relay '$label' on ${words[3]}, pid $pid, log $dir/stderr"
+}
+
+for policy in $policies; do
+    start_relay "botd $policy" "$relay_bin" "$policy"
+done
+extra_labels=()
+for spec in "${extra_bins[@]}"; do
+    if [[ $spec == *=* ]]; then name=${spec%%=*}; path=${spec#*=}; else name=$(basename "$(dirname "$(dirname "$(dirname "$spec")")")"); path=$spec; fi
+    if [ ! -x "$path" ]; then log "--relay-bin $path is not an executable"; exit 2; fi
+    for policy in $extra_policies; do
+        start_relay "$name $policy" "$path" "$policy"
+        extra_labels+=("$name $policy")
+    done
+done
+labels+=("NATS core" "JetStream")
+addr_of["NATS core"]="nats://$nats_addr"
+addr_of["JetStream"]="jetstream://$nats_addr"
+pid_of["NATS core"]=$nats_pid
+pid_of["JetStream"]=$nats_pid
+kind_of["NATS core"]=nats
+kind_of["JetStream"]=jetstream
+
+# --- runs -------------------------------------------------------------------------------------
+date=$(date -u +%Y-%m-%d)
+started=$(date -u '+%Y-%m-%d %H:%M')
+mkdir -p "$out"
+results="$out/$date.jsonl"
+: >"$results"
+failures="$tmp/failures"
+: >"$failures"
+
+# Runs `botd bench SCENARIO` against target $1 with the rest as arguments.
+bench() {
+    local label=$1 scenario=$2 round=$3
+    shift 3
+    local target=${addr_of[$label]} key_args=()
+    if [ "${kind_of[$label]}" = botd ]; then key_args=(--server-key "${key_of[$label]}"); fi
+    log "round $round: $scenario $* → $label"
+    if ! "${client_cpu[@]}" "$botd" bench "$scenario" "$target" "${key_args[@]}" \
+        --server-pid "${pid_of[$label]}" --duration "$duration" --warmup "$warmup" \
+        --json --quiet --label "$label" --round "$round" "$@" \
+        >>"$results" 2>"$tmp/run.err"; then
+        log "FAILED: round $round $scenario $* → $label: $(tail -3 "$tmp/run.err")"
+        echo "round $round, $scenario $*, $label: $(tail -1 "$tmp/run.err")" >>"$failures"
+    fi
+    grep -v '^$' "$tmp/run.err" | sed 's/^/    /' >&2 || true
+}
+
+session_labels=()
+for label in "${labels[@]}"; do
+    if [ "${kind_of[$label]}" = botd ] && [[ $label == *" interval" ]]; then session_labels+=("$label"); fi
+done
+
+for round in $(seq "$rounds"); do
+    for scenario in $scenarios; do
+        IFS=: read -r s r payload <<<"$scenario"
+        for label in "${labels[@]}"; do
+            bench "$label" relay "$round" -s "$s" -r "$r" --payload "$payload" --window "$window"
+        done
+    done
+    if [ "$session_scenarios" = 1 ]; then
+        for label in "${session_labels[@]}"; do
+            bench "$label" handshake "$round" -c 16
+            bench "$label" bulk "$round" --payload 256KiB --window 8
+            bench "$label" idle "$round" -k 1000
+        done
+    fi
+done
+
+# --- report -----------------------------------------------------------------------------------
+for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)
+meta=(
+    --meta "date (UTC)=$started"
+    --meta "relay build=$rev ($relay_bin)"
+    --meta "nats-server=$nats_version, JetStream file store in a temp dir, one replica"
+    --meta "machine=$(nproc) × ${cpu:-unknown CPU}, Linux $(uname -r)"
+    --meta "pinning=$pinning"
+    --meta "per run=$warmup warm-up, then $duration measured; rounds: $rounds, targets alternating (A B C A B C …)"
+    --meta "scenarios=S→R sessions × payload: $scenarios; window $window (closed loop)"
+    --meta "relay settings=application rate limits lifted, mailbox_max_messages 100000, metrics off, fresh data dir per relay"
+)
+for spec in "${extra_bins[@]}"; do meta+=(--meta "extra relay=$spec (policies: $extra_policies)"); done
+"$botd" bench report "$results" --md "$out/$date.md" --svg "$out/$date.svg" "${meta[@]}"
+if [ -s "$failures" ]; then
+    {
+        echo
+        echo "## Runs that failed"
+        echo
+        sed 's/^/* /' "$failures"
+    } >>"$out/$date.md"
+    log "some runs failed, see $out/$date.md"
+fi
+log "wrote $out/$date.md, $out/$date.svg and $results"
