@@ -396,7 +396,9 @@ async fn run(cli: Cli) -> Result<(), String> {
         Command::Conformance { role } => {
             return conformance(role, &cli.relay, server_key, cli.json.clone()).await
         }
-        Command::Bench(args) => botd_relay::bench::run(args, &cli.relay, server_key).await?,
+        Command::Bench(args) => {
+            botd_relay::bench::run(args, &cli.relay, server_key, cli.json.is_some()).await?
+        }
         Command::Keygen => {
             let pair = KeyPair::generate();
             keyfile::create(&key_path, &pair).map_err(|e| e.to_string())?;
