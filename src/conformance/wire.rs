@@ -194,7 +194,7 @@ impl FlexCipher {
     fn advance(&mut self) {
         if let Some(shift) = self.rotate_shift {
             let first = REKEY_INTERVAL - 1 + shift;
-            if self.seq >= first && (self.seq - first) % REKEY_INTERVAL == 0 {
+            if self.seq >= first && (self.seq - first).is_multiple_of(REKEY_INTERVAL) {
                 self.keys = self.keys.rotated();
             }
         }
