@@ -595,7 +595,10 @@ mod tests {
             .map(|(k, _)| *k)
             .filter(|k| !doc.contains(&format!("| `{k}` |")))
             .collect();
-        assert!(missing.is_empty(), "not in docs/CONFORMANCE.md: {missing:?}");
+        assert!(
+            missing.is_empty(),
+            "not in docs/CONFORMANCE.md: {missing:?}"
+        );
     }
 
     #[test]

@@ -130,7 +130,8 @@ async fn scenario(
     let mut to_send = messages.iter();
     let mut current = to_send.next();
     let deadline = Instant::now() + options.limit;
-    loop {
+    // Bounded in time by `options.limit` (see `run`) and in steps here.
+    for _ in 0..MAX_STEPS {
         if let Some(message) = current.filter(|_| !lost) {
             match send_with_retries(&client, message, options.send_retries).await? {
                 // After a reconnection the same message goes again, with the same nonce.
@@ -204,4 +205,8 @@ async fn scenario(
             _ => {}
         }
     }
+    Err(format!("not done after {MAX_STEPS} steps"))
 }
+
+/// Sends, pushes and polls one scenario may go through.
+const MAX_STEPS: usize = 100_000;
