@@ -15,10 +15,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::BufMut;
-use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType};
-use prost::Message as _;
 use futures_util::task::AtomicWaker;
 use parking_lot::Mutex;
+use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType};
+use prost::Message as _;
 
 use crate::core::keys::PublicKeyBytes;
 use crate::core::session::{Session, SessionError};
@@ -446,9 +446,7 @@ impl PushReceiver {
         self.queue.waker.register(cx.waker());
         match self.take() {
             Some(push) => std::task::Poll::Ready(Some(push)),
-            None if self.queue.senders.load(Ordering::Acquire) == 0 => {
-                std::task::Poll::Ready(None)
-            }
+            None if self.queue.senders.load(Ordering::Acquire) == 0 => std::task::Poll::Ready(None),
             None => std::task::Poll::Pending,
         }
     }

@@ -763,4 +763,3 @@ async fn linger_close(stream: &mut TcpStream) {
     })
     .await;
 }
-
