@@ -204,14 +204,15 @@ pub(super) async fn serve<H: Handler>(
                 .record(started.elapsed().as_secs_f64());
             let remote = established.remote;
             let mut traffic = Traffic::default();
-            let result = session(
+            // Boxed, like the handshake: the task itself stays small for the whole session.
+            let result = Box::pin(session(
                 &shared,
                 &mut stream,
                 inbound,
                 established,
                 peer,
                 &mut traffic,
-            )
+            ))
             .await;
             let reason = match &result {
                 Ok(end) => end.reason(),
@@ -233,7 +234,8 @@ pub(super) async fn serve<H: Handler>(
             info!(%peer, reason = err.reason(), error = %err, "handshake failed");
         }
     }
-    linger_close(&mut stream).await;
+    // Boxed: its read buffer exists only while a connection closes, not in every task.
+    Box::pin(linger_close(&mut stream)).await;
 }
 
 /// Reads the whole `Init` (before any slot is taken), waits its turn for crypto, answers it
@@ -300,62 +302,13 @@ async fn read_frame(stream: &TcpStream, inbound: &mut Inbound) -> Result<BytesMu
 async fn session<H: Handler>(
     shared: &Shared<H>,
     stream: &mut TcpStream,
-    mut inbound: Inbound,
+    inbound: Inbound,
     established: Established,
     peer: SocketAddr,
     traffic: &mut Traffic,
 ) -> Result<SessionEnd, NetError> {
     let config = &shared.config;
-    inbound.codec.set_max_frame_len(config.max_frame_len);
-    let timers = Timers {
-        ping_min_interval: config.ping_min_interval,
-        probe_after: Some(config.ping_interval),
-        keepalive_after: None,
-        pong_timeout: config.pong_timeout,
-        idle_timeout: Some(config.idle_timeout),
-    };
-    // Peers accept frames up to the relay's own announced limit (docs/PROTOCOL.md).
-    let mut session = Session::responder(
-        established.keys,
-        timers,
-        config.max_frame_len,
-        Instant::now(),
-    );
-    session.send_welcome(Welcome {
-        protocol: PROTOCOL_NAME.to_owned(),
-        server_version: env!("CARGO_PKG_VERSION").to_owned(),
-        max_frame_len: config.max_frame_len,
-        max_payload_len: config.max_payload_len,
-        ping_interval_ms: config.ping_interval.as_millis() as u64,
-        server_time_ms: crate::clock::unix_millis(),
-        idle_timeout_ms: config.idle_timeout.as_millis() as u64,
-        relay_pubkey: bytes::Bytes::copy_from_slice(shared.identity.public().as_bytes()),
-        ping_min_interval_ms: config.ping_min_interval.as_millis() as u64,
-    })?;
-    let (push, pushes) = crate::app::push_channel(config.max_outbound_bytes);
-    let app = shared.handler.connect(established.remote, peer, push);
-    let mut conn = Box::new(Live {
-        shared,
-        stream,
-        inbound,
-        session,
-        app: Some(app),
-        pushes,
-        pushes_open: true,
-        pipeline: VecDeque::new(),
-        held: None,
-        barrier_pending: false,
-        dispatched: false,
-        congestion: None,
-        shutdown: Box::pin(shared.shutdown.clone().cancelled_owned()),
-        timer: Box::pin(sleep_until(Instant::now())),
-        timer_at: None,
-        write_blocked_since: None,
-        budget_retry_at: None,
-        traffic: Traffic::default(),
-        reported: Traffic::default(),
-        now: Instant::now(),
-    });
+    let mut conn = Live::start(shared, stream, inbound, established, peer)?;
     let result = std::future::poll_fn(|cx| conn.poll_session(cx)).await;
     let app = conn.app.take().expect("taken once");
     shared.handler.disconnect(app);
@@ -404,7 +357,70 @@ struct Live<'a, H: Handler> {
     now: Instant,
 }
 
-impl<H: Handler> Live<'_, H> {
+impl<'a, H: Handler> Live<'a, H> {
+    /// Sends `Welcome` and connects the application. A plain function, so that nothing of
+    /// this size stays in the connection task's state (an idle session's memory is mostly
+    /// what this box holds).
+    fn start(
+        shared: &'a Shared<H>,
+        stream: &'a mut TcpStream,
+        mut inbound: Inbound,
+        established: Established,
+        peer: SocketAddr,
+    ) -> Result<Box<Self>, NetError> {
+        let config = &shared.config;
+        inbound.codec.set_max_frame_len(config.max_frame_len);
+        let timers = Timers {
+            ping_min_interval: config.ping_min_interval,
+            probe_after: Some(config.ping_interval),
+            keepalive_after: None,
+            pong_timeout: config.pong_timeout,
+            idle_timeout: Some(config.idle_timeout),
+        };
+        // Peers accept frames up to the relay's own announced limit (docs/PROTOCOL.md).
+        let mut session = Session::responder(
+            established.keys,
+            timers,
+            config.max_frame_len,
+            Instant::now(),
+        );
+        session.send_welcome(Welcome {
+            protocol: PROTOCOL_NAME.to_owned(),
+            server_version: env!("CARGO_PKG_VERSION").to_owned(),
+            max_frame_len: config.max_frame_len,
+            max_payload_len: config.max_payload_len,
+            ping_interval_ms: config.ping_interval.as_millis() as u64,
+            server_time_ms: crate::clock::unix_millis(),
+            idle_timeout_ms: config.idle_timeout.as_millis() as u64,
+            relay_pubkey: bytes::Bytes::copy_from_slice(shared.identity.public().as_bytes()),
+            ping_min_interval_ms: config.ping_min_interval.as_millis() as u64,
+        })?;
+        let (push, pushes) = crate::app::push_channel(config.max_outbound_bytes);
+        let app = shared.handler.connect(established.remote, peer, push);
+        Ok(Box::new(Live {
+            shared,
+            stream,
+            inbound,
+            session,
+            app: Some(app),
+            pushes,
+            pushes_open: true,
+            pipeline: VecDeque::new(),
+            held: None,
+            barrier_pending: false,
+            dispatched: false,
+            congestion: None,
+            shutdown: Box::pin(shared.shutdown.clone().cancelled_owned()),
+            timer: Box::pin(sleep_until(Instant::now())),
+            timer_at: None,
+            write_blocked_since: None,
+            budget_retry_at: None,
+            traffic: Traffic::default(),
+            reported: Traffic::default(),
+            now: Instant::now(),
+        }))
+    }
+
     fn app(&mut self) -> &mut H::Session {
         self.app.as_mut().expect("present while the session runs")
     }
