@@ -9,7 +9,8 @@
 //! - [`app`]: the contract between the application and the network glue;
 //! - [`net`]: the tokio server that drives the core and the application over TCP;
 //! - [`client`]: the initiator side, used by the `botd` CLI and by tests;
-//! - [`conformance`]: the botd/1 conformance suite, for relays and for node software.
+//! - [`conformance`]: the botd/1 conformance suite, for relays and for node software;
+//! - [`fuzzing`]: the harnesses of the fuzz targets in `fuzz/`, shared with `cargo test`.
 
 pub mod app;
 pub mod bench;
@@ -18,6 +19,7 @@ pub mod clock;
 pub mod config;
 pub mod conformance;
 pub mod core;
+pub mod fuzzing;
 pub mod keyfile;
 pub mod memory;
 pub mod metrics;
