@@ -148,6 +148,24 @@ const EXPECTED: &[(&str, &str, &str)] = &[
         "refused: journal-00000000000000000001.log at 441: record body checksum mismatch \
          before the last journal segment",
     ),
+    (
+        "data_dir",
+        "empty-segments-at-the-end",
+        "recovered: no snapshot, 3 segments, 6 records replayed, 0 skipped, no torn tail, \
+         next lsn 7",
+    ),
+    (
+        "data_dir",
+        "segment-named-after-later-records",
+        "refused: journal-00000000000000000020.log at 56: lsn 7 is below the segment's first \
+         lsn 20",
+    ),
+    (
+        "data_dir",
+        "regression-second-start-new-segment-exists",
+        "refused: journal-00000000000000000263.log at 56: lsn 7 is below the segment's first \
+         lsn 263",
+    ),
 ];
 
 fn seed_dir() -> PathBuf {

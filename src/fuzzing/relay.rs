@@ -15,11 +15,11 @@ use prost::Message as _;
 
 use super::input::Input;
 use super::storage::assert_snapshot_round_trip;
-use super::transport::keys;
+use super::transport::{keys, relay_keys, relay_session};
 use super::{cap, Outcome};
 use crate::app::{push_channel, Answer, Handler, Outgoing, PendingAnswer, Push, PushReceiver};
 use crate::config::{Config, MetricsListen};
-use crate::core::cipher::TAG_LEN;
+use crate::core::cipher::{Opener, TAG_LEN};
 use crate::core::keys::{sha256, KeyPair};
 use crate::proto::{Body, ErrorCode, Frame};
 use crate::ratelimit::Rate;
@@ -365,16 +365,25 @@ fn connect(
     (Handler::connect(app, *key.public(), addr, push), pushes)
 }
 
-/// The frame of an answer or push, checked to fit the relay's frame limit and to encode as
-/// long as it says.
+/// The frame of an answer or push, checked to fit the relay's frame limit, to encode as long
+/// as it says, and to seal (as a connection seals it) into a frame that opens to exactly its
+/// protobuf encoding.
 fn sealable(out: Outgoing, limit: usize) -> Frame {
     let len = out.encoded_len();
     assert!(
         len <= limit,
         "a frame of {len} bytes exceeds the limit of {limit}"
     );
+    let mut session = relay_session(tokio::time::Instant::now());
+    out.seal(&mut session)
+        .expect("an answer within the limit seals");
+    let wire = session.poll_transmit().expect("a sealed frame");
+    let opened = Opener::new(relay_keys())
+        .open(bytes::BytesMut::from(&wire[4..]))
+        .expect("a sealed answer opens");
     let frame = out.into_frame();
     assert_eq!(frame.encoded_len(), len, "encoded_len of {frame:?}");
+    assert_eq!(&opened[..], &frame.encode_to_vec()[..], "sealed {frame:?}");
     frame
 }
 

@@ -1095,6 +1095,28 @@ fn data_dir() -> Seeds {
             ),
         ),
         (
+            "empty-segments-at-the-end",
+            data_dir_input(
+                0,
+                &[
+                    (1, 3, segment(1, first)),
+                    (7, 0, header.clone()),
+                    (8, 0, header.clone()),
+                ],
+                None,
+                false,
+            ),
+        ),
+        (
+            "segment-named-after-later-records",
+            data_dir_input(
+                0,
+                &[(1, 3, segment(1, first)), (20, 3, segment(7, second))],
+                None,
+                false,
+            ),
+        ),
+        (
             "partial-header-last-segment",
             data_dir_input(
                 0,

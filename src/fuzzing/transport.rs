@@ -108,7 +108,7 @@ fn node_timers() -> Timers {
 /// The largest frame body the sessions of these targets accept from each other.
 const SESSION_FRAME_LIMIT: u32 = 1 << 20;
 
-fn relay_session(now: Instant) -> Session {
+pub(super) fn relay_session(now: Instant) -> Session {
     let keys = SessionKeys {
         send: relay_keys(),
         recv: node_keys(),

@@ -17,7 +17,7 @@ use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, Weak};
 
 use tokio::time::Instant;
 
@@ -99,23 +99,30 @@ impl Sessions {
     }
 }
 
-/// What the store tells the relay.
+/// What the store tells the relay. The store holds this listener and the delivery holds the
+/// store, so the listener holds the delivery weakly: a relay that is dropped frees its store.
 struct Events<S: Store> {
-    delivery: Arc<Delivery<S>>,
+    delivery: Weak<Delivery<S>>,
     sessions: Arc<Sessions>,
 }
 
 impl<S: Store> Listener for Events<S> {
     fn stored(&self, mailbox: &MailboxId, message: &Arc<Message>, prev_id: Option<u64>) {
-        self.delivery.stored(mailbox, message, prev_id);
+        if let Some(delivery) = self.delivery.upgrade() {
+            delivery.stored(mailbox, message, prev_id);
+        }
     }
 
     fn removed(&self, mailbox: &MailboxId, ids: &[u64]) {
-        self.delivery.removed(mailbox, ids);
+        if let Some(delivery) = self.delivery.upgrade() {
+            delivery.removed(mailbox, ids);
+        }
     }
 
     fn closed(&self, mailbox: &MailboxId) {
-        self.delivery.closed(mailbox);
+        if let Some(delivery) = self.delivery.upgrade() {
+            delivery.closed(mailbox);
+        }
     }
 
     fn prekeys_low(&self, identity: &Identity, device: u32, count: u32) {
@@ -269,7 +276,7 @@ impl<S: Store> Relay<S> {
         let delivery = Delivery::new(store.clone(), config.max_unacked);
         let sessions = Arc::new(Sessions::default());
         store.set_listener(Arc::new(Events {
-            delivery: delivery.clone(),
+            delivery: Arc::downgrade(&delivery),
             sessions: sessions.clone(),
         }));
         Arc::new(Self {
@@ -783,5 +790,30 @@ impl<S: Store> Handler for Arc<Relay<S>> {
             self.delivery.unsubscribe(&mailbox, &session.push);
         }
         self.sessions.remove(&session.identity, &session.push);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::embedded::EmbeddedStore;
+
+    /// The store holds the relay's listener, which reaches the delivery, which holds the store:
+    /// none of it may keep the others alive once the relay is gone.
+    #[test]
+    fn a_dropped_relay_frees_its_store() {
+        let config = Arc::new(Config::default());
+        let key = *crate::core::keys::KeyPair::generate().public();
+        let relay = Relay::new(config.clone(), key, EmbeddedStore::in_memory(&config));
+        let (delivery, sessions) = (
+            Arc::downgrade(&relay.delivery),
+            Arc::downgrade(&relay.sessions),
+        );
+        drop(relay);
+        assert!(
+            delivery.upgrade().is_none(),
+            "the delivery outlives the relay"
+        );
+        assert!(sessions.upgrade().is_none(), "the store outlives the relay");
     }
 }

@@ -95,7 +95,7 @@ pub fn recover(
         Vec::new()
     };
     report.segments = segments.len();
-    for (index, (_, path)) in segments.iter().enumerate() {
+    for (index, (first_lsn, path)) in segments.iter().enumerate() {
         let is_last = index + 1 == segments.len();
         let data = std::fs::read(path).map_err(StorageError::io(path))?;
         // A crash right after a segment was created can leave its header unfinished.
@@ -136,6 +136,15 @@ pub fn recover(
                         return Err(reader.corrupt_at(
                             offset,
                             format!("lsn {lsn} is out of range (at most {MAX_SEQUENCE})"),
+                        ));
+                    }
+                    // A segment is named by the lsn of its first record. One holding older
+                    // records is not a segment the journal wrote, and would make the journal
+                    // start a segment whose name is taken.
+                    if lsn < *first_lsn {
+                        return Err(reader.corrupt_at(
+                            offset,
+                            format!("lsn {lsn} is below the segment's first lsn {first_lsn}"),
                         ));
                     }
                     let event = Event::decode(&body[8..]).map_err(|err| {
@@ -190,8 +199,9 @@ pub fn recover(
             }
         }
         // A segment created just before a stop holds no record: its name would collide with the
-        // segment the journal starts next.
-        if repair && is_last && records == 0 {
+        // segment the journal starts next. (Only the last one can be such a segment; an empty
+        // one before it would collide just the same, and holds nothing either.)
+        if repair && records == 0 {
             std::fs::remove_file(path).map_err(StorageError::io(path))?;
         }
     }
