@@ -39,7 +39,7 @@ pub use state::State;
 
 use super::{
     Appended, Expiry, Fetched, Identity, Listener, MailboxId, Message, NewMessage, Registration,
-    Store, StoreError, StoreResult, StoreStats, TICKET_LEN,
+    Store, StoreError, StoreResult, StoreStats, StoreTotals, TICKET_LEN,
 };
 use crate::config::Config;
 use crate::proto::{Accept, PreKey, SignedPreKey};
@@ -541,5 +541,9 @@ impl Store for EmbeddedStore {
 
     fn stats(&self) -> StoreStats {
         self.inner.state.stats()
+    }
+
+    fn totals(&self) -> StoreTotals {
+        self.inner.state.totals()
     }
 }
