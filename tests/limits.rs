@@ -717,3 +717,77 @@ async fn prekeys_low_is_pushed_once_per_crossing() {
     assert_eq!(fetch_then_pushes(&fetcher, &mut bob).await, [(1, 9)]);
     relay.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Values at the ends of their types
+// ---------------------------------------------------------------------------------------------
+
+/// Ids, lifetimes and counts at the ends of their types get the answers the spec defines,
+/// nothing is stored out of range, and the session goes on: a ticket of `u32::MAX` seconds or
+/// uses is refused, `u64::MAX` as `after_id`, `message_id` or an ack id is harmless, and
+/// `u32::MAX` as a device id, registration id or prekey id is an ordinary value.
+#[tokio::test]
+async fn values_at_the_ends_of_their_types_get_defined_answers() {
+    let (relay, _app) = start_relay(test_config()).await;
+    let alice = registered(&relay, 0).await;
+    let bob = registered(&relay, 0).await;
+    // Tickets: u32::MAX seconds is far past max_ticket_ttl, u32::MAX uses past max_ticket_uses.
+    assert_eq!(
+        code(bob.create_ticket(u32::MAX, 1).await),
+        ErrorCode::BadRequest
+    );
+    assert_eq!(
+        code(bob.create_ticket(60, u32::MAX).await),
+        ErrorCode::BadRequest
+    );
+    // Message ids: nothing is stored above u64::MAX - 1, nothing wraps.
+    assert_eq!(bob.subscribe(1, u64::MAX).await.unwrap().last_id, 0);
+    assert_eq!(
+        code(bob.get_message(1, u64::MAX).await),
+        ErrorCode::NotFound
+    );
+    let sent = alice.send_message(to(&bob, 1, &b"m"[..])).await.unwrap();
+    assert_eq!(sent.message_id, 1);
+    assert_eq!(
+        bob.ack(1, vec![u64::MAX, u64::MAX - 1])
+            .await
+            .unwrap()
+            .deleted,
+        0
+    );
+    assert_eq!(&bob.get_message(1, 1).await.unwrap().payload[..], b"m");
+    assert_eq!(bob.ack(1, vec![u64::MAX, 1]).await.unwrap().deleted, 1);
+    // Device, registration and prekey ids: the whole u32 range is usable.
+    let mut last = registration(1, 0);
+    last.device_id = u32::MAX;
+    last.registration_id = u32::MAX;
+    last.one_time_prekeys = vec![PreKey {
+        id: u32::MAX,
+        public_key: Bytes::from_static(&[8; 33]),
+    }];
+    bob.register(last).await.unwrap();
+    let bundles = alice
+        .fetch_prekeys(bob.identity(), vec![u32::MAX])
+        .await
+        .unwrap();
+    assert_eq!(bundles.len(), 1);
+    assert_eq!(bundles[0].device_id, u32::MAX);
+    assert_eq!(bundles[0].registration_id, u32::MAX);
+    assert_eq!(
+        bundles[0].one_time_prekey.as_ref().map(|key| key.id),
+        Some(u32::MAX)
+    );
+    let sent = alice
+        .send_message(to(&bob, u32::MAX, &b"n"[..]))
+        .await
+        .unwrap();
+    assert_eq!(
+        &bob.get_message(u32::MAX, sent.message_id)
+            .await
+            .unwrap()
+            .payload[..],
+        b"n"
+    );
+    bob.ping().await.unwrap();
+    relay.stop().await;
+}

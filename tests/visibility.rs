@@ -463,3 +463,59 @@ fn store_gauges_are_current_between_sweeps() {
         relay.stop().await;
     });
 }
+
+/// A request flood in one session: with the disk stalled, a session that pipelines 40 sends
+/// has `max_pipelined_requests` of them started and reads no further (the rest wait unread in
+/// the socket). Waiting on the relay's own disk is not a trickled frame: the session outlives
+/// `frame_timeout` meanwhile, and once the disk catches up every send is answered.
+#[tokio::test]
+async fn a_pipelined_flood_starts_at_most_max_pipelined_requests() {
+    let dir = TempDir::new("pipeline");
+    let frame_timeout = Duration::from_millis(300);
+    let (relay, _app, store) = start_durable_relay(
+        Config {
+            max_pipelined_requests: 8,
+            frame_timeout,
+            ..durable_config(FsyncPolicy::Always)
+        },
+        &dir,
+    )
+    .await;
+    let alice = Arc::new(relay.client().await);
+    alice.register(registration(1, 0)).await.unwrap();
+    let bob = relay.client().await;
+    bob.register(registration(1, 0)).await.unwrap();
+
+    let journal = journal(&store);
+    let held = journal.hold_writes();
+    let before = journal.last_lsn();
+    let sends: Vec<_> = (0..40u8)
+        .map(|n| {
+            let (alice, outgoing) = (alice.clone(), message(&bob, 1, vec![n; 10]));
+            tokio::spawn(async move { alice.send_message(outgoing).await })
+        })
+        .collect();
+    wait_until("8 sends are recorded", HANG, || {
+        journal.last_lsn() >= before + 8
+    })
+    .await;
+    // Longer than frame_timeout: the rest stay unread, and the session stays open.
+    tokio::time::sleep(2 * frame_timeout).await;
+    assert_eq!(
+        journal.last_lsn(),
+        before + 8,
+        "more than 8 requests started"
+    );
+    assert!(sends.iter().all(|send| !send.is_finished()));
+
+    drop(held);
+    let mut ids = Vec::new();
+    for send in sends {
+        let sent = timeout(HANG, send).await.unwrap().unwrap();
+        ids.push(sent.expect("answered, not closed").message_id);
+    }
+    ids.sort_unstable();
+    assert_eq!(ids, (1..=40).collect::<Vec<u64>>());
+    relay.stop().await;
+    store.journal().unwrap().shutdown();
+}
