@@ -605,3 +605,4 @@ async fn sigkill_of_a_relay_its_clients_get_their_backlog_from_the_other() {
     assert_eq!(bob.ack(1, got).await.unwrap().deleted as usize, sent.len());
     assert_no_push(&mut bob, "nothing more").await;
 }
+

@@ -21,6 +21,7 @@ pub const H_SIGNATURE: &str = "Botd-Signature";
 pub const H_RECEIVED_AT: &str = "Botd-Received-At";
 pub const H_MAILBOX_GENERATION: &str = "Botd-Mailbox-Generation";
 const H_EXPECTED_LAST_SUBJECT_SEQUENCE: &str = "Nats-Expected-Last-Subject-Sequence";
+const H_MSG_ID: &str = "Nats-Msg-Id";
 
 /// The events stream keeps notices this long: enough for a relay that lost its connection
 /// for a while to catch up.
@@ -191,18 +192,25 @@ impl Bucket {
         key: &str,
         headers: HeaderMap,
         value: Bytes,
-    ) -> Result<u64, PublishFailure> {
+    ) -> Result<jetstream::publish::PublishAck, PublishFailure> {
         let subject = format!("{}{key}", self.prefix);
         let ack = self
             .js
             .publish_with_headers(subject, headers, value)
             .await
             .map_err(PublishFailure)?;
-        ack.await.map(|ack| ack.sequence).map_err(PublishFailure)
+        ack.await.map_err(PublishFailure)
     }
 
     /// Writes `value` if the entry is still at `revision`: `Ok(None)` when another write came
     /// first.
+    ///
+    /// The condition is `Nats-Expected-Last-Subject-Sequence`, which a clustered nats-server
+    /// 2.9 checks against what its stream has applied, not against writes still being
+    /// replicated: two writers from one revision could both succeed. The message id
+    /// `<key>@<revision>` closes that gap, since the leader records message ids (for
+    /// de-duplication) as it proposes them: the second writer from a revision is answered
+    /// "duplicate" and counts as having lost.
     pub async fn compare_and_set(
         &self,
         key: &str,
@@ -211,8 +219,10 @@ impl Bucket {
     ) -> Result<Option<u64>, NatsError> {
         let mut headers = HeaderMap::new();
         headers.insert(H_EXPECTED_LAST_SUBJECT_SEQUENCE, HeaderValue::from(revision));
+        headers.insert(H_MSG_ID, format!("{key}@{revision}").as_str());
         match self.publish(key, headers, value).await {
-            Ok(revision) => Ok(Some(revision)),
+            Ok(ack) if ack.duplicate => Ok(None),
+            Ok(ack) => Ok(Some(ack.sequence)),
             Err(PublishFailure(err))
                 if err.kind() == jetstream::context::PublishErrorKind::WrongLastSequence =>
             {
@@ -226,6 +236,7 @@ impl Bucket {
     pub async fn put(&self, key: &str, value: Bytes) -> Result<u64, NatsError> {
         self.publish(key, HeaderMap::new(), value)
             .await
+            .map(|ack| ack.sequence)
             .map_err(|PublishFailure(err)| NatsError::request(err))
     }
 
