@@ -135,9 +135,18 @@ async fn every_request_and_store_error_on_jetstream() {
     // Register, re-register, device limits.
     let registered = bob.register(registration(1, 5)).await.unwrap();
     assert_eq!(registered.one_time_prekeys, 5);
-    assert_eq!(bob.register(registration(1, 3)).await.unwrap().one_time_prekeys, 3);
+    assert_eq!(
+        bob.register(registration(1, 3))
+            .await
+            .unwrap()
+            .one_time_prekeys,
+        3
+    );
     bob.register(registration(2, 2)).await.unwrap();
-    assert_eq!(code(bob.register(registration(3, 0)).await), ErrorCode::BadRequest);
+    assert_eq!(
+        code(bob.register(registration(3, 0)).await),
+        ErrorCode::BadRequest
+    );
 
     // Prekeys: upload, count, limits, duplicates.
     let count = bob
@@ -164,7 +173,11 @@ async fn every_request_and_store_error_on_jetstream() {
             }],
         })
         .await;
-    assert_eq!(code(again), ErrorCode::BadRequest, "over max_prekeys_per_device");
+    assert_eq!(
+        code(again),
+        ErrorCode::BadRequest,
+        "over max_prekeys_per_device"
+    );
     assert_eq!(code(bob.prekey_count(7).await), ErrorCode::NotRegistered);
 
     // Fetch: oldest first, device 2 runs out and its owner hears PreKeysLow once.
@@ -203,13 +216,21 @@ async fn every_request_and_store_error_on_jetstream() {
     let d1 = next_deliver(&mut bob).await;
     let d2 = next_deliver(&mut bob).await;
     assert_eq!(
-        (d1.message_id, &d1.payload[..], d2.message_id, &d2.payload[..]),
+        (
+            d1.message_id,
+            &d1.payload[..],
+            d2.message_id,
+            &d2.payload[..]
+        ),
         (sent.message_id, &b"one"[..], second.message_id, &b"two"[..])
     );
     verify_delivery(&d1, &bob_key).unwrap();
     let live = alice.send_message(to(&bob, &b"three"[..])).await.unwrap();
     let d3 = next_deliver(&mut bob).await;
-    assert_eq!((d3.message_id, &d3.payload[..]), (live.message_id, &b"three"[..]));
+    assert_eq!(
+        (d3.message_id, &d3.payload[..]),
+        (live.message_id, &b"three"[..])
+    );
     assert_eq!(bob.get_message(1, d2.message_id).await.unwrap(), d2);
     assert_eq!(code(bob.get_message(1, 1 << 40).await), ErrorCode::NotFound);
     assert_eq!(
@@ -231,7 +252,10 @@ async fn every_request_and_store_error_on_jetstream() {
             .deleted,
         1
     );
-    assert_eq!(code(bob.get_message(1, d1.message_id).await), ErrorCode::NotFound);
+    assert_eq!(
+        code(bob.get_message(1, d1.message_id).await),
+        ErrorCode::NotFound
+    );
     assert_eq!(code(bob.ack(9, vec![1]).await), ErrorCode::NotRegistered);
     // After its ack the same nonce stores a new message.
     let renewed = alice.send_message(first.clone()).await.unwrap();
@@ -264,7 +288,9 @@ async fn every_request_and_store_error_on_jetstream() {
         code(alice.send_message(bad_ticket).await),
         ErrorCode::TicketInvalid
     );
-    bob.send_message(to(&bob, &b"note to self"[..])).await.unwrap();
+    bob.send_message(to(&bob, &b"note to self"[..]))
+        .await
+        .unwrap();
     let ticket = bob.create_ticket(600, 1).await.unwrap();
     let mut with_ticket = to(&bob, &b"first contact"[..]);
     with_ticket.ticket = ticket.token.clone();
@@ -282,7 +308,10 @@ async fn every_request_and_store_error_on_jetstream() {
     carol.register(registration(1, 0)).await.unwrap();
     let mut used = to(&bob, &b"me too"[..]);
     used.ticket = ticket.token.clone();
-    assert_eq!(code(carol.send_message(used).await), ErrorCode::TicketInvalid);
+    assert_eq!(
+        code(carol.send_message(used).await),
+        ErrorCode::TicketInvalid
+    );
     // max_contacts = 1: a second ticket admits nobody while the list is full.
     let second_ticket = bob.create_ticket(600, 1).await.unwrap();
     let mut full = to(&bob, &b"me too"[..]);
@@ -313,7 +342,11 @@ async fn every_request_and_store_error_on_jetstream() {
     );
     assert_eq!(code(bob.unregister(1).await), ErrorCode::NotRegistered);
     bob.register(registration(1, 0)).await.unwrap();
-    assert_eq!(bob.subscribe(1, 0).await.unwrap().last_id, 0, "mailbox emptied");
+    assert_eq!(
+        bob.subscribe(1, 0).await.unwrap().last_id,
+        0,
+        "mailbox emptied"
+    );
     assert_no_push(&mut bob, "old messages are gone").await;
     let after = alice.send_message(to(&bob, &b"new"[..])).await.unwrap();
     assert!(after.message_id > before.message_id, "ids are never reused");
@@ -365,8 +398,14 @@ async fn two_relays_on_one_cluster_share_one_state() {
 
     // An ack through A frees B's window (max_unacked 256: fill it, then ack one).
     let bob_a = client_as(&relay_a, &bob_key).await;
-    assert_eq!(bob_a.ack(1, vec![sent.message_id]).await.unwrap().deleted, 1);
-    assert_eq!(code(bob_b.get_message(1, sent.message_id).await), ErrorCode::NotFound);
+    assert_eq!(
+        bob_a.ack(1, vec![sent.message_id]).await.unwrap().deleted,
+        1
+    );
+    assert_eq!(
+        code(bob_b.get_message(1, sent.message_id).await),
+        ErrorCode::NotFound
+    );
 
     // 50 fetchers over both relays: 40 keys, each handed out once.
     let mut tasks = Vec::new();
@@ -516,7 +555,8 @@ async fn sigkill_of_a_nats_node_under_load_loses_no_answered_message() {
         }
     }
     assert!(
-        answered.len() + failed == SENDERS * PER_SENDER && answered.len() >= SENDERS * PER_SENDER / 2,
+        answered.len() + failed == SENDERS * PER_SENDER
+            && answered.len() >= SENDERS * PER_SENDER / 2,
         "{} answered, {failed} failed",
         answered.len()
     );
@@ -530,14 +570,24 @@ async fn sigkill_of_a_nats_node_under_load_loses_no_answered_message() {
     while seen.len() < answered.len() {
         let deliver = next_deliver(&mut bob_a).await;
         verify_delivery(&deliver, &bob_identity).unwrap();
-        assert!(seen.insert(deliver.message_id, deliver.payload.to_vec()).is_none());
+        assert!(seen
+            .insert(deliver.message_id, deliver.payload.to_vec())
+            .is_none());
         unacked.push(deliver.message_id);
         if unacked.len() >= 64 || seen.len() == answered.len() {
-            deleted += bob_a.ack(1, std::mem::take(&mut unacked)).await.unwrap().deleted as usize;
+            deleted += bob_a
+                .ack(1, std::mem::take(&mut unacked))
+                .await
+                .unwrap()
+                .deleted as usize;
         }
     }
     assert_eq!(seen, answered, "delivered as answered");
-    assert_eq!(deleted, answered.len(), "every answered message was stored once");
+    assert_eq!(
+        deleted,
+        answered.len(),
+        "every answered message was stored once"
+    );
     if failed == 0 {
         assert_no_push(&mut bob_a, "nothing unanswered was stored").await;
     }
@@ -567,7 +617,9 @@ async fn sigkill_of_a_relay_its_clients_get_their_backlog_from_the_other() {
     let mut bob = connect(relay_a.addr, relay_a.key, &bob_key).await.unwrap();
     bob.register(registration(1, 0)).await.unwrap();
     bob.subscribe(1, 0).await.unwrap();
-    let alice = connect(relay_b.addr, relay_b.key, &alice_key).await.unwrap();
+    let alice = connect(relay_b.addr, relay_b.key, &alice_key)
+        .await
+        .unwrap();
     alice.register(registration(1, 0)).await.unwrap();
     let bob_identity = *bob.identity();
     let first = alice
@@ -587,7 +639,12 @@ async fn sigkill_of_a_relay_its_clients_get_their_backlog_from_the_other() {
     for n in 0..20 {
         let payload = format!("while away {n}");
         let answer = alice
-            .send_message(OutgoingMessage::new(bob_identity, 1, 1, payload.into_bytes()))
+            .send_message(OutgoingMessage::new(
+                bob_identity,
+                1,
+                1,
+                payload.into_bytes(),
+            ))
             .await
             .unwrap();
         sent.push(answer.message_id);
@@ -605,4 +662,3 @@ async fn sigkill_of_a_relay_its_clients_get_their_backlog_from_the_other() {
     assert_eq!(bob.ack(1, got).await.unwrap().deleted as usize, sent.len());
     assert_no_push(&mut bob, "nothing more").await;
 }
-

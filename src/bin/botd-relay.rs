@@ -9,9 +9,9 @@ use botd_relay::config::{Config, MetricsListen};
 use botd_relay::keyfile;
 use std::sync::Arc;
 
+use botd_relay::config::StoreBackend;
 use botd_relay::net::Server;
 use botd_relay::relay::Relay;
-use botd_relay::config::StoreBackend;
 use botd_relay::store::embedded::{self, EmbeddedStore};
 use botd_relay::store::nats::NatsStore;
 use botd_relay::store::Store;
@@ -146,8 +146,12 @@ async fn run(config: Config, identity: botd_relay::core::keys::KeyPair) -> Resul
         let store = NatsStore::connect(&config)
             .await
             .map_err(|err| err.to_string())?;
-        info!(servers = urls.join(","), prefix = config.nats_prefix, replicas = config.nats_replicas,
-            "JetStream store connected");
+        info!(
+            servers = urls.join(","),
+            prefix = config.nats_prefix,
+            replicas = config.nats_replicas,
+            "JetStream store connected"
+        );
         let config = Arc::new(config);
         let relay = Relay::new(config.clone(), *identity.public(), store);
         let background = tokio_util::sync::CancellationToken::new();

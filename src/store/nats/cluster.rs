@@ -218,7 +218,10 @@ impl Bucket {
         revision: u64,
     ) -> Result<Option<u64>, NatsError> {
         let mut headers = HeaderMap::new();
-        headers.insert(H_EXPECTED_LAST_SUBJECT_SEQUENCE, HeaderValue::from(revision));
+        headers.insert(
+            H_EXPECTED_LAST_SUBJECT_SEQUENCE,
+            HeaderValue::from(revision),
+        );
         headers.insert(H_MSG_ID, format!("{key}@{revision}").as_str());
         match self.publish(key, headers, value).await {
             Ok(ack) if ack.duplicate => Ok(None),

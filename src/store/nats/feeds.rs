@@ -91,9 +91,7 @@ async fn run_feed(
                 let created = stream
                     .create_consumer(consumer::pull::OrderedConfig {
                         filter_subject: filter.clone(),
-                        deliver_policy: consumer::DeliverPolicy::ByStartSequence {
-                            start_sequence,
-                        },
+                        deliver_policy: consumer::DeliverPolicy::ByStartSequence { start_sequence },
                         ..Default::default()
                     })
                     .await;

@@ -212,8 +212,8 @@ impl Inner {
         match value {
             None => Ok(None),
             Some(bytes) => {
-                let record = decode::<AccountRecord>(&bytes)
-                    .ok_or(NatsError::Corrupt("account record"))?;
+                let record =
+                    decode::<AccountRecord>(&bytes).ok_or(NatsError::Corrupt("account record"))?;
                 Ok(Some((record, revision)))
             }
         }
@@ -254,7 +254,10 @@ impl Inner {
                     } else {
                         encode(&record)
                     };
-                    if self.cluster.accounts.compare_and_set(&key, bytes, revision)
+                    if self
+                        .cluster
+                        .accounts
+                        .compare_and_set(&key, bytes, revision)
                         .await?
                         .is_some()
                     {
@@ -284,7 +287,10 @@ impl Inner {
             match step(current)? {
                 Step::Keep(answer) => return Ok(answer),
                 Step::Write(record, answer) => {
-                    if self.cluster.keys.compare_and_set(key, encode(&record), revision)
+                    if self
+                        .cluster
+                        .keys
+                        .compare_and_set(key, encode(&record), revision)
                         .await?
                         .is_some()
                     {
@@ -314,7 +320,10 @@ impl Inner {
             }
             let next = count.saturating_add_signed(delta);
             let bytes = Bytes::from(next.to_string());
-            if self.cluster.accounts.compare_and_set(IDENTITIES_KEY, bytes, revision)
+            if self
+                .cluster
+                .accounts
+                .compare_and_set(IDENTITIES_KEY, bytes, revision)
                 .await?
                 .is_some()
             {
@@ -388,7 +397,11 @@ impl Inner {
 
     /// The id of the message `sender` stored with `nonce` in `mailbox`, if it is stored.
     async fn find_nonce(&self, subject: &str) -> StoreResult<Option<u64>> {
-        match self.messages().get_last_raw_message_by_subject(subject).await {
+        match self
+            .messages()
+            .get_last_raw_message_by_subject(subject)
+            .await
+        {
             Ok(raw) => Ok(Some(raw.sequence)),
             Err(err) if err.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
             Err(err) => Err(unavailable(err)),
@@ -517,10 +530,7 @@ impl Inner {
         };
         let generation: u64 = rand::random();
         let key = keys_key(&me, reg.device, generation);
-        self.cluster
-            .keys
-            .put(&key, encode(&keys))
-            .await?;
+        self.cluster.keys.put(&key, encode(&keys)).await?;
         let limits = self.limits.clone();
         let device = reg.device;
         let mut counted = false;
@@ -819,9 +829,7 @@ impl Inner {
                     .tickets
                     .iter()
                     .position(|t| {
-                        t.token == token
-                            && t.expires_at_ms > msg.received_at_ms
-                            && t.uses_left > 0
+                        t.token == token && t.expires_at_ms > msg.received_at_ms && t.uses_left > 0
                     })
                     .ok_or(StoreError::TicketInvalid)?;
                 if account.contacts.len() >= limits.max_contacts {
@@ -852,7 +860,10 @@ impl Inner {
             let generation = slot.mailbox_generation;
             let bytes = encode(&account);
             let key = account_key(&msg.to.identity);
-            if self.cluster.accounts.compare_and_set(&key, bytes, revision)
+            if self
+                .cluster
+                .accounts
+                .compare_and_set(&key, bytes, revision)
                 .await?
                 .is_some()
             {
@@ -1106,9 +1117,8 @@ impl Inner {
                 .account(&mailbox.identity)
                 .await?
                 .and_then(|(a, _)| a.registered(mailbox.device).map(|s| s.mailbox_generation));
-            let (counted, stale): (Vec<_>, Vec<_>) = messages
-                .into_iter()
-                .partition(|(_, g)| Some(*g) == current);
+            let (counted, stale): (Vec<_>, Vec<_>) =
+                messages.into_iter().partition(|(_, g)| Some(*g) == current);
             for (id, _) in stale {
                 let _ = self.messages().delete_message(id).await;
             }
@@ -1218,9 +1228,9 @@ impl Store for NatsStore {
     fn touch(&self, identity: &Identity, now_ms: u64) {
         {
             let mut touched = self.inner.touched.lock();
-            let due = touched.get(identity).is_none_or(|&at| {
-                now_ms >= at.saturating_add(self.inner.limits.touch_interval_ms)
-            });
+            let due = touched
+                .get(identity)
+                .is_none_or(|&at| now_ms >= at.saturating_add(self.inner.limits.touch_interval_ms));
             if !due {
                 return;
             }
@@ -1311,7 +1321,9 @@ impl Store for NatsStore {
         max_count: usize,
         max_bytes: usize,
     ) -> impl Future<Output = StoreResult<Vec<Arc<Message>>>> + Send + use<> {
-        self.inner.clone().read(mailbox, after, max_count, max_bytes)
+        self.inner
+            .clone()
+            .read(mailbox, after, max_count, max_bytes)
     }
 
     fn get(

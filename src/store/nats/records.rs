@@ -279,7 +279,9 @@ impl Names {
         &self,
         subject: &str,
     ) -> Option<(MailboxId, Identity, [u8; crate::store::NONCE_LEN])> {
-        let rest = subject.strip_prefix(&self.message_root)?.strip_prefix('.')?;
+        let rest = subject
+            .strip_prefix(&self.message_root)?
+            .strip_prefix('.')?;
         let mut parts = rest.split('.');
         let identity = parts.next()?;
         let device = parts.next()?;
