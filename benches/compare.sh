@@ -7,7 +7,8 @@
 #                      [--scenarios "16:16:100 16:16:1KiB 1:1:100 1:1:1KiB"]
 #                      [--policies "always interval never"]
 #                      [--relay-bin [LABEL=]PATH]... [--extra-policies "interval"]
-#                      [--js-relays "r1 r3"] [--no-session-scenarios] [--out bench-results]
+#                      [--js-relays "r1 r3"] [--no-session-scenarios] [--no-build]
+#                      [--out bench-results]
 #
 # --js-relays: relays on the JetStream store (`store = "nats://…"`): r1 on the single
 # nats-server (1 replica), r3 on a local 3-node cluster (3 replicas); "" for none.
@@ -26,10 +27,11 @@ policies="always interval never"
 extra_policies="interval"
 session_scenarios=1
 js_relays="r1 r3"
+build=1
 out=bench-results
 extra_bins=()
 
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -43,6 +45,7 @@ while [ $# -gt 0 ]; do
         --relay-bin) extra_bins+=("$2"); shift 2 ;;
         --no-session-scenarios) session_scenarios=0; shift ;;
         --js-relays) js_relays=$2; shift 2 ;;
+        --no-build) build=0; shift ;;
         --out) out=$2; shift 2 ;;
         -h|--help) usage 0 ;;
         *) echo "compare.sh: unknown option $1" >&2; usage 2 ;;
@@ -63,8 +66,12 @@ rev=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 if ! git diff --quiet HEAD -- src Cargo.toml Cargo.lock proto build.rs 2>/dev/null; then
     rev="$rev (with uncommitted changes)"
 fi
-log "building the release binaries (cargo build --release)"
-cargo build --release --quiet --bin botd-relay --bin botd
+if [ "$build" = 1 ]; then
+    log "building the release binaries (cargo build --release)"
+    cargo build --release --quiet --bin botd-relay --bin botd
+else
+    rev="$rev (binaries as built before, --no-build)"
+fi
 target_dir=$(cargo metadata --format-version 1 --no-deps 2>/dev/null \
     | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
 target_dir=${target_dir:-target}

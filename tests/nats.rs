@@ -369,8 +369,9 @@ async fn two_relays_on_one_cluster_share_one_state() {
         one_time_prekey_rate_per_device: botd_relay::ratelimit::Rate::new(1000.0, 1000),
         ..relay_config(nats.store_setting_of(0), &prefix, 3)
     };
+    // B names all three servers (A only the first): both forms of `store` work.
     let config_b = Config {
-        store: nats.store_setting_of(1),
+        store: nats.store_setting(),
         ..config_a.clone()
     };
     let (relay_a, _a) = relay_on(config_a).await;

@@ -54,6 +54,14 @@ impl Cluster {
     pub async fn connect(urls: &[String], config: &Config) -> Result<Self, NatsError> {
         let timeout = config.nats_request_timeout;
         let joined = urls.join(",");
+        let addrs = urls
+            .iter()
+            .map(|url| url.parse::<async_nats::ServerAddr>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|err| NatsError::Connect {
+                urls: joined.clone(),
+                message: err.to_string(),
+            })?;
         let client = async_nats::ConnectOptions::new()
             .name("botd-relay")
             .connection_timeout(timeout)
@@ -69,7 +77,7 @@ impl Cluster {
                     other => tracing::debug!(event = %other, "NATS event"),
                 }
             })
-            .connect(joined.as_str())
+            .connect(addrs)
             .await
             .map_err(|err| NatsError::Connect {
                 urls: joined.clone(),

@@ -800,7 +800,13 @@ impl Inner {
         // `None` until looked up; looked up only when a check could refuse the message, since a
         // retry of a stored message must get its id whatever the policy and quotas say now.
         let mut earlier: Option<Option<u64>> = None;
+        let mut attempt = 0;
         let generation = loop {
+            if attempt == MAX_ATTEMPTS {
+                return Err(NatsError::Contended("a mailbox's usage").into());
+            }
+            back_off(attempt).await;
+            attempt += 1;
             let (account, revision) = self
                 .account(&msg.to.identity)
                 .await?
