@@ -7,6 +7,7 @@
 //! and the session is told to close as a slow consumer, so a reader that never reads cannot grow
 //! the relay's memory.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -14,9 +15,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::BufMut;
+use futures_util::task::AtomicWaker;
+use parking_lot::Mutex;
 use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType};
 use prost::Message as _;
-use tokio::sync::mpsc;
 
 use crate::core::keys::PublicKeyBytes;
 use crate::core::session::{Session, SessionError};
@@ -280,27 +282,34 @@ pub enum Push {
     SlowConsumer,
 }
 
+/// The queue between the application and one connection. It holds no memory while empty (an
+/// idle session costs nothing here), and the receiver is woken once per batch, not per push.
 #[derive(Debug)]
-struct Depth {
+struct Queue {
+    items: Mutex<VecDeque<(Push, usize)>>,
+    waker: AtomicWaker,
+    /// Bytes queued and not yet taken.
     bytes: AtomicUsize,
     overflowed: AtomicBool,
     /// The application paused its pushes and wants to hear when the queue has drained.
     resume_wanted: AtomicBool,
+    /// The receiver is gone.
+    closed: AtomicBool,
+    /// Live senders; at zero the receiver hears that nothing more will come.
+    senders: AtomicUsize,
     limit: usize,
 }
 
 /// Cloneable sender side, held by the application.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct PushHandle {
-    tx: mpsc::UnboundedSender<(Push, usize)>,
-    depth: Arc<Depth>,
+    queue: Arc<Queue>,
 }
 
 /// Receiver side, held by the connection task.
 #[derive(Debug)]
 pub struct PushReceiver {
-    rx: mpsc::UnboundedReceiver<(Push, usize)>,
-    depth: Arc<Depth>,
+    queue: Arc<Queue>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -313,41 +322,76 @@ pub enum PushError {
 
 /// A push path bounded to `limit` queued bytes.
 pub fn push_channel(limit: usize) -> (PushHandle, PushReceiver) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let depth = Arc::new(Depth {
+    let queue = Arc::new(Queue {
+        items: Mutex::new(VecDeque::new()),
+        waker: AtomicWaker::new(),
         bytes: AtomicUsize::new(0),
         overflowed: AtomicBool::new(false),
         resume_wanted: AtomicBool::new(false),
+        closed: AtomicBool::new(false),
+        senders: AtomicUsize::new(1),
         limit,
     });
     (
         PushHandle {
-            tx,
-            depth: depth.clone(),
+            queue: queue.clone(),
         },
-        PushReceiver { rx, depth },
+        PushReceiver { queue },
     )
+}
+
+impl Queue {
+    fn enqueue(&self, push: Push, size: usize) {
+        let was_empty = {
+            let mut items = self.items.lock();
+            items.push_back((push, size));
+            items.len() == 1
+        };
+        // A non-empty queue has already woken its receiver, which drains it all.
+        if was_empty {
+            self.waker.wake();
+        }
+    }
+}
+
+impl Clone for PushHandle {
+    fn clone(&self) -> Self {
+        self.queue.senders.fetch_add(1, Ordering::AcqRel);
+        Self {
+            queue: self.queue.clone(),
+        }
+    }
+}
+
+impl Drop for PushHandle {
+    fn drop(&mut self) {
+        if self.queue.senders.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.queue.waker.wake();
+        }
+    }
 }
 
 impl PushHandle {
     /// Queues a frame for the session. Never blocks; refuses when the session is gone or behind.
     pub fn push(&self, out: Outgoing) -> Result<(), PushError> {
-        if self.depth.overflowed.load(Ordering::Acquire) {
+        let queue = &*self.queue;
+        if queue.closed.load(Ordering::Acquire) {
+            return Err(PushError::Closed);
+        }
+        if queue.overflowed.load(Ordering::Acquire) {
             return Err(PushError::SlowConsumer);
         }
         let size = out.encoded_len();
-        let queued = self.depth.bytes.fetch_add(size, Ordering::AcqRel) + size;
-        if queued > self.depth.limit {
-            self.depth.bytes.fetch_sub(size, Ordering::AcqRel);
-            if !self.depth.overflowed.swap(true, Ordering::AcqRel) {
-                let _ = self.tx.send((Push::SlowConsumer, 0));
+        let queued = queue.bytes.fetch_add(size, Ordering::AcqRel) + size;
+        if queued > queue.limit {
+            queue.bytes.fetch_sub(size, Ordering::AcqRel);
+            if !queue.overflowed.swap(true, Ordering::AcqRel) {
+                queue.enqueue(Push::SlowConsumer, 0);
             }
             return Err(PushError::SlowConsumer);
         }
-        self.tx.send((Push::Out(out), size)).map_err(|_| {
-            self.depth.bytes.fetch_sub(size, Ordering::AcqRel);
-            PushError::Closed
-        })
+        queue.enqueue(Push::Out(out), size);
+        Ok(())
     }
 
     /// Queues a protobuf frame.
@@ -357,67 +401,89 @@ impl PushHandle {
 
     /// Bytes queued and not yet taken by the session.
     pub fn queued_bytes(&self) -> usize {
-        self.depth.bytes.load(Ordering::Acquire)
+        self.queue.bytes.load(Ordering::Acquire)
     }
 
     /// The queue's limit in bytes; past it the session is closed as a slow consumer.
     pub fn limit(&self) -> usize {
-        self.depth.limit
+        self.queue.limit
     }
 
     /// Asks the session to call the handler's `resume` once everything queued has been taken.
     pub fn request_resume(&self) {
-        self.depth.resume_wanted.store(true, Ordering::Release);
+        self.queue.resume_wanted.store(true, Ordering::Release);
     }
 
     /// True while a requested resume has not happened yet: the application paused its pushes.
     pub fn resume_pending(&self) -> bool {
-        self.depth.resume_wanted.load(Ordering::Acquire)
+        self.queue.resume_wanted.load(Ordering::Acquire)
     }
 
     /// True once the session ended.
     pub fn is_closed(&self) -> bool {
-        self.tx.is_closed()
+        self.queue.closed.load(Ordering::Acquire)
     }
 
     /// True when both handles lead to the same session.
     pub fn same_session(&self, other: &PushHandle) -> bool {
-        self.tx.same_channel(&other.tx)
+        Arc::ptr_eq(&self.queue, &other.queue)
     }
 }
 
 impl PushReceiver {
-    pub async fn recv(&mut self) -> Option<Push> {
-        let (push, size) = self.rx.recv().await?;
-        self.depth.bytes.fetch_sub(size, Ordering::AcqRel);
+    fn take(&self) -> Option<Push> {
+        let (push, size) = self.queue.items.lock().pop_front()?;
+        self.queue.bytes.fetch_sub(size, Ordering::AcqRel);
         Some(push)
     }
 
-    /// The next push, registering for a wake-up if none is queued.
+    /// The next push, registering for a wake-up if none is queued; `None` once every sender
+    /// is gone and the queue is empty.
     pub fn poll_recv(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Push>> {
-        self.rx.poll_recv(cx).map(|item| {
-            item.map(|(push, size)| {
-                self.depth.bytes.fetch_sub(size, Ordering::AcqRel);
-                push
-            })
-        })
+        if let Some(push) = self.take() {
+            return std::task::Poll::Ready(Some(push));
+        }
+        self.queue.waker.register(cx.waker());
+        match self.take() {
+            Some(push) => std::task::Poll::Ready(Some(push)),
+            None if self.queue.senders.load(Ordering::Acquire) == 0 => std::task::Poll::Ready(None),
+            None => std::task::Poll::Pending,
+        }
+    }
+
+    pub async fn recv(&mut self) -> Option<Push> {
+        std::future::poll_fn(|cx| self.poll_recv(cx)).await
     }
 
     /// The next queued push, if one is waiting.
     pub fn try_recv(&mut self) -> Option<Push> {
-        let (push, size) = self.rx.try_recv().ok()?;
-        self.depth.bytes.fetch_sub(size, Ordering::AcqRel);
-        Some(push)
+        self.take()
     }
 
     /// Bytes queued and not yet taken.
     pub fn queued_bytes(&self) -> usize {
-        self.depth.bytes.load(Ordering::Acquire)
+        self.queue.bytes.load(Ordering::Acquire)
     }
 
     /// True (once) when a resume was requested and the queue is now empty.
     pub fn take_resume(&self) -> bool {
-        self.queued_bytes() == 0 && self.depth.resume_wanted.swap(false, Ordering::AcqRel)
+        self.queued_bytes() == 0 && self.queue.resume_wanted.swap(false, Ordering::AcqRel)
+    }
+
+    /// Gives back the queue's memory once it is empty (a burst of pushes leaves capacity).
+    pub fn release_idle_memory(&self) {
+        let mut items = self.queue.items.lock();
+        if items.is_empty() && items.capacity() > 0 {
+            *items = VecDeque::new();
+        }
+    }
+}
+
+impl Drop for PushReceiver {
+    fn drop(&mut self) {
+        self.queue.closed.store(true, Ordering::Release);
+        // What is queued can no longer be delivered; let its memory go now.
+        self.queue.items.lock().clear();
     }
 }
 

@@ -25,7 +25,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::Decoder;
 
 /// Cases written to decided behaviour that today's relay does not have yet (see the report).
-const PENDING_RELAY_CHANGES: &[&str] = &["8.3/order-hash-length-before-ticket"];
+const PENDING_RELAY_CHANGES: &[&str] = &[];
 
 /// The one place that starts this crate's relay (adapt here when its constructors change).
 async fn start_our_relay() -> (common::Relay, Arc<App>) {
@@ -73,6 +73,75 @@ async fn relay_role_passes_against_our_relay() {
             "{id} now passes: update the list"
         );
     }
+}
+
+/// Runs `ids` against our relay configured by `config`, with the matching `--assume` values;
+/// each must pass.
+async fn passes_with_limits(
+    config: impl FnOnce(&mut botd_relay::config::Config),
+    assume: &str,
+    ids: &[&str],
+) {
+    let mut c = common::test_config();
+    config(&mut c);
+    let (r, _app) = common::start_relay(c).await;
+    let mut t = target(r.addr, r.key);
+    t.assume = botd_relay::conformance::Assumptions::parse([assume]).unwrap();
+    let report = run_cases(t, ids).await;
+    for id in ids {
+        assert_verdict(&report, id, Verdict::Pass);
+    }
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_role_cases_that_need_small_limits_pass_against_our_relay() {
+    passes_with_limits(
+        |c| {
+            c.mailbox_max_messages = 20;
+            c.mailbox_max_bytes = 1 << 20;
+            c.max_contacts = 10;
+            c.max_tickets_per_identity = 20;
+        },
+        "mailbox_max_messages=20 mailbox_max_bytes=1048576 max_contacts=10 max_tickets_per_identity=20",
+        &[
+            "8.3/mailbox-full-messages",
+            "8.3/mailbox-full-bytes",
+            "8.3/contacts-full-ticket",
+            "8.6/ticket-limit",
+        ],
+    )
+    .await;
+    passes_with_limits(
+        |c| {
+            c.max_identity_stored_bytes = 1 << 20;
+            c.max_stored_bytes = 3 << 20;
+        },
+        "max_identity_stored_bytes=1048576 max_stored_bytes=3145728",
+        &["8.3/identity-quota"],
+    )
+    .await;
+    passes_with_limits(
+        |c| {
+            c.max_identity_stored_bytes = 1 << 20;
+            c.max_stored_bytes = 3 << 20;
+        },
+        "max_identity_stored_bytes=1048576 max_stored_bytes=3145728",
+        &["8.3/relay-quota"],
+    )
+    .await;
+    passes_with_limits(
+        |c| c.max_identities = 12,
+        "max_identities=12",
+        &["8.2/register-identities-quota"],
+    )
+    .await;
+    passes_with_limits(
+        |c| c.max_rate_limited_keys = 8,
+        "max_rate_limited_keys=8",
+        &["8.1/limiter-keys-full"],
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -227,12 +296,17 @@ enum Breakage {
     AnswersErrors,
     /// Cuts AckMessages lists to 4096 ids instead of refusing them.
     TruncatesAcks,
+    /// Refuses a Register of device 0 before its rate limit is checked.
+    ValidatesBeforeLimiting,
 }
+
+/// Fetch requests (encoded) and the answers first given to them.
+type Fetches = Arc<Mutex<Vec<(Vec<u8>, Frame)>>>;
 
 struct Broken {
     app: Arc<App>,
     breakage: Breakage,
-    fetches: Arc<Mutex<Vec<(Vec<u8>, Frame)>>>,
+    fetches: Fetches,
     identities: Arc<Mutex<Vec<PublicKeyBytes>>>,
 }
 
@@ -348,6 +422,13 @@ impl Handler for Broken {
                 ));
             }
             (Breakage::TruncatesAcks, Some(Body::AckMessages(a))) => a.message_ids.truncate(4096),
+            (Breakage::ValidatesBeforeLimiting, Some(Body::Register(r))) if r.device_id == 0 => {
+                return Answer::frame(Frame::error(
+                    frame.id,
+                    botd_relay::proto::ErrorCode::BadRequest,
+                    "device_id must be at least 1",
+                ));
+            }
             _ => {}
         }
         self.app.request(&mut session.0, frame)
@@ -423,6 +504,11 @@ async fn relay_answering_errors_is_caught() {
 #[tokio::test]
 async fn relay_truncating_ack_lists_is_caught() {
     caught_by(Breakage::TruncatesAcks, "8.4/ack-4097-ids").await;
+}
+
+#[tokio::test]
+async fn relay_validating_before_rate_limiting_is_caught() {
+    caught_by(Breakage::ValidatesBeforeLimiting, "8.1/change-rate-limit").await;
 }
 
 // --- a broken client --------------------------------------------------------------------------

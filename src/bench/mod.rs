@@ -71,9 +71,6 @@ pub struct CommonArgs {
     /// Pid of the server under test (local): its CPU per operation and its memory
     #[arg(long, value_name = "PID")]
     pub server_pid: Option<u32>,
-    /// Print one JSON object on stdout instead of the summary table
-    #[arg(long)]
-    pub json: bool,
     /// Name of the target in results (e.g. "botd interval")
     #[arg(long)]
     pub label: Option<String>,
@@ -509,10 +506,13 @@ pub fn run_limit(scenario: &Scenario, common: &CommonArgs) -> Duration {
 
 /// Entry point of `botd bench`. `default_target` is the global `--relay` address,
 /// `server_key` the global `--server-key`.
+/// Runs a scenario; with `json` (the CLI's global `--json`) the result is one JSON object on
+/// stdout instead of the summary table.
 pub async fn run(
     args: BenchArgs,
     default_target: &str,
     server_key: Option<&str>,
+    json: bool,
 ) -> Result<(), String> {
     let common = match &args.scenario {
         Scenario::Relay(a) => a.common.clone(),
@@ -554,7 +554,7 @@ pub async fn run(
         .clone()
         .unwrap_or_else(|| target.kind().to_owned());
     result.round = common.round;
-    if common.json {
+    if json {
         println!(
             "{}",
             serde_json::to_string(&result).map_err(|err| format!("json: {err}"))?
@@ -707,7 +707,6 @@ mod tests {
             "500ms",
             "--server-pid",
             "42",
-            "--json",
             "--label",
             "botd interval",
             "--round",
@@ -733,7 +732,6 @@ mod tests {
         assert_eq!(params.warmup, Duration::from_millis(500));
         assert_eq!(params.server_pid, Some(42));
         assert!(params.ack_each && params.sign);
-        assert!(relay.common.json);
         assert_eq!(relay.common.round, Some(3));
         assert_eq!(relay.common.target, None);
     }

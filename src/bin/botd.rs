@@ -13,6 +13,7 @@ use botd_relay::keyfile;
 use botd_relay::proto::{self, Accept, Body, PreKey, SignedPreKey};
 use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::{json, Value};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -36,10 +37,11 @@ struct Cli {
     /// The relay's public key (66 hex characters), as printed by `botd-relay pubkey`
     #[arg(long, value_name = "HEX", global = true, env = "BOTD_SERVER_KEY")]
     server_key: Option<String>,
-    /// Machine-readable output: one JSON object per line (per message for `listen`). For
-    /// `conformance`, `--json FILE` writes the JSON report (`--json` alone prints it).
-    #[arg(long, value_name = "FILE", global = true, num_args = 0..=1)]
-    json: Option<Option<PathBuf>>,
+    /// Machine-readable output on standard output: one JSON object per line (one per message
+    /// for `listen`, one for the other commands, the report for `conformance`), with the fields
+    /// the terminal shows; times as RFC 3339 and Unix milliseconds, keys and bytes as hex
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -148,9 +150,12 @@ struct SuiteArgs {
     /// Run one case (repeatable), e.g. 8.3/idempotent-resend
     #[arg(long = "case", value_name = "ID")]
     cases: Vec<String>,
-    /// Also run the slow cases (minutes of timers)
+    /// Also run the slow cases (minutes of timers, or of rate-limit waits)
     #[arg(long)]
     slow: bool,
+    /// Write the JSON report (as `--json` prints it)
+    #[arg(long, value_name = "FILE")]
+    json_file: Option<PathBuf>,
     /// Write the JUnit XML report
     #[arg(long, value_name = "FILE")]
     junit: Option<PathBuf>,
@@ -171,6 +176,7 @@ enum ConformanceRole {
         #[command(flatten)]
         suite: SuiteArgs,
         /// Limits the suite cannot read from Welcome: KEY=VALUE ..., e.g. mailbox_max_messages=50
+        /// or change_rate_per_identity=100 (the keys are listed in docs/CONFORMANCE.md)
         #[arg(long, value_name = "KEY=VALUE", num_args = 1..)]
         assume: Vec<String>,
         /// Cases run at once
@@ -341,20 +347,85 @@ fn show_payload(payload: &[u8]) -> String {
     }
 }
 
-fn describe_delivery(deliver: &proto::Deliver, me: &PublicKeyBytes) -> String {
-    let check = match verify_delivery(deliver, me) {
+/// RFC 3339 (UTC, milliseconds) of a Unix time in milliseconds.
+fn time(unix_ms: u64) -> String {
+    conformance::rfc3339_ms(unix_ms)
+}
+
+/// A delivered message as the terminal shows it, and as JSON with the same fields.
+fn delivery(deliver: &proto::Deliver, me: &PublicKeyBytes) -> (String, Value) {
+    let verified = verify_delivery(deliver, me);
+    let check = match &verified {
         Ok(_) => "signature ok".to_owned(),
         Err(err) => format!("SIGNATURE INVALID: {err}"),
     };
-    format!(
-        "#{} from {}:{} at {} ms ({} bytes, {check}): {}",
+    let text = format!(
+        "#{} from {}:{} at {} ({} bytes, {check}): {}",
         deliver.message_id,
         hex::encode(&deliver.sender),
         deliver.sender_device,
-        deliver.received_at_ms,
+        time(deliver.received_at_ms),
         deliver.payload.len(),
         show_payload(&deliver.payload)
-    )
+    );
+    let value = json!({
+        "message_id": deliver.message_id,
+        "sender": hex::encode(&deliver.sender),
+        "sender_device": deliver.sender_device,
+        "recipient_device": deliver.recipient_device,
+        "received_at": time(deliver.received_at_ms),
+        "received_at_ms": deliver.received_at_ms,
+        "payload_len": deliver.payload.len(),
+        "signature_ok": verified.is_ok(),
+        "signature_error": verified.err().map(|e| e.to_string()),
+        "sender_nonce": hex::encode(&deliver.sender_nonce),
+        // The payload as text when it is UTF-8, and always as hex.
+        "text": std::str::from_utf8(&deliver.payload).ok(),
+        "payload": hex::encode(&deliver.payload),
+    });
+    (text, value)
+}
+
+/// Where results go: text for people, or one JSON object per line.
+#[derive(Clone, Copy)]
+struct Out {
+    json: bool,
+}
+
+impl Out {
+    /// Prints one result, a line at a time (so that `listen` can be piped). When the reader has
+    /// gone away (e.g. `| head -1`), `botd` stops at once, before acting on what it could not
+    /// show: `listen` does not acknowledge a message it could not print.
+    fn emit(&self, text: impl std::fmt::Display, value: Value) {
+        use std::io::Write;
+        let mut stdout = std::io::stdout().lock();
+        let written = if self.json {
+            writeln!(stdout, "{value}")
+        } else {
+            writeln!(stdout, "{text}")
+        };
+        if written.and_then(|()| stdout.flush()).is_err() {
+            std::process::exit(0);
+        }
+    }
+}
+
+fn bundle_json(b: &proto::PreKeyBundle) -> Value {
+    let signed = b.signed_prekey.clone().unwrap_or_default();
+    json!({
+        "device_id": b.device_id,
+        "registration_id": b.registration_id,
+        "identity_key": hex::encode(&b.identity_key),
+        "signed_prekey": {
+            "id": signed.id,
+            "public_key": hex::encode(&signed.public_key),
+            "signature": hex::encode(&signed.signature),
+        },
+        "one_time_prekey": b.one_time_prekey.as_ref().map(|k| json!({
+            "id": k.id,
+            "public_key": hex::encode(&k.public_key),
+        })),
+    })
 }
 
 struct Session {
@@ -392,30 +463,53 @@ fn fail(what: &'static str) -> impl Fn(botd_relay::client::ClientError) -> Strin
 async fn run(cli: Cli) -> Result<(), String> {
     let key_path = cli.key.clone().unwrap_or_else(default_key_path);
     let server_key = cli.server_key.as_deref();
+    let out = Out { json: cli.json };
     match cli.command {
         Command::Conformance { role } => {
-            return conformance(role, &cli.relay, server_key, cli.json.clone()).await
+            return conformance(role, &cli.relay, server_key, out).await
         }
-        Command::Bench(args) => botd_relay::bench::run(args, &cli.relay, server_key).await?,
+        Command::Bench(args) => {
+            botd_relay::bench::run(args, &cli.relay, server_key, cli.json).await?
+        }
         Command::Keygen => {
             let pair = KeyPair::generate();
             keyfile::create(&key_path, &pair).map_err(|e| e.to_string())?;
             eprintln!("wrote {}", key_path.display());
-            println!("{}", pair.public());
+            out.emit(
+                pair.public(),
+                json!({ "identity": pair.public().to_hex(), "key_file": key_path }),
+            );
         }
-        Command::Id => println!("{}", load_key(&key_path)?.public()),
+        Command::Id => {
+            let public = *load_key(&key_path)?.public();
+            out.emit(public, json!({ "identity": public.to_hex() }));
+        }
         Command::Ping { addr } => {
             let relay_addr = addr.unwrap_or(cli.relay);
             let s = connect(&relay_addr, server_key, &key_path).await?;
-            let welcome = s.client.welcome();
-            println!(
-                "connected to {relay_addr} ({} {}), relay key {}",
-                welcome.protocol,
-                welcome.server_version,
-                s.client.relay_key()
-            );
+            let welcome = s.client.welcome().clone();
             let rtt = s.client.ping().await.map_err(fail("ping"))?;
-            println!("pong in {:.3} ms", rtt.as_secs_f64() * 1000.0);
+            let rtt_ms = rtt.as_secs_f64() * 1000.0;
+            out.emit(
+                format!(
+                    "connected to {relay_addr} ({} {}), relay key {}, relay time {}\npong in {rtt_ms:.3} ms",
+                    welcome.protocol,
+                    welcome.server_version,
+                    s.client.relay_key(),
+                    time(welcome.server_time_ms),
+                ),
+                json!({
+                    "relay": relay_addr,
+                    "protocol": welcome.protocol,
+                    "server_version": welcome.server_version,
+                    "relay_key": s.client.relay_key().to_hex(),
+                    "server_time": time(welcome.server_time_ms),
+                    "server_time_ms": welcome.server_time_ms,
+                    "max_frame_len": welcome.max_frame_len,
+                    "max_payload_len": welcome.max_payload_len,
+                    "rtt_ms": rtt_ms,
+                }),
+            );
         }
         Command::Register {
             device,
@@ -436,20 +530,31 @@ async fn run(cli: Cli) -> Result<(), String> {
                 })
                 .await
                 .map_err(fail("register"))?;
-            println!(
-                "registered {}:{} with {} one-time prekeys",
-                s.identity.public(),
-                registered.device_id,
-                registered.one_time_prekeys
+            out.emit(
+                format!(
+                    "registered {}:{} with {} one-time prekeys",
+                    s.identity.public(),
+                    registered.device_id,
+                    registered.one_time_prekeys
+                ),
+                json!({
+                    "identity": s.identity.public().to_hex(),
+                    "device_id": registered.device_id,
+                    "one_time_prekeys": registered.one_time_prekeys,
+                }),
             );
         }
         Command::Unregister { device } => {
             let s = connect(&cli.relay, server_key, &key_path).await?;
-            s.client
+            let done = s
+                .client
                 .unregister(device)
                 .await
                 .map_err(fail("unregister"))?;
-            println!("unregistered device {device}");
+            out.emit(
+                format!("unregistered device {}", done.device_id),
+                json!({ "identity": s.identity.public().to_hex(), "device_id": done.device_id }),
+            );
         }
         Command::Send {
             to,
@@ -478,11 +583,22 @@ async fn run(cli: Cli) -> Result<(), String> {
                 message.ticket =
                     Bytes::from(hex::decode(ticket.trim()).map_err(|_| "--ticket must be hex")?);
             }
+            let nonce = hex::encode(message.nonce);
             let sent = s.client.send_message(message).await.map_err(fail("send"))?;
-            println!(
-                "sent message {}{}",
-                sent.message_id,
-                if sent.duplicate { " (duplicate)" } else { "" }
+            out.emit(
+                format!(
+                    "sent message {} to {recipient}:{recipient_device}{}",
+                    sent.message_id,
+                    if sent.duplicate { " (duplicate)" } else { "" }
+                ),
+                json!({
+                    "message_id": sent.message_id,
+                    "duplicate": sent.duplicate,
+                    "recipient": recipient.to_hex(),
+                    "recipient_device": recipient_device,
+                    "sender_device": device,
+                    "sender_nonce": nonce,
+                }),
             );
         }
         Command::Listen {
@@ -509,7 +625,8 @@ async fn run(cli: Cli) -> Result<(), String> {
                 };
                 match push.body {
                     Some(Body::Deliver(deliver)) => {
-                        println!("{}", describe_delivery(&deliver, &me));
+                        let (text, value) = delivery(&deliver, &me);
+                        out.emit(text, value);
                         if !no_ack {
                             s.client
                                 .ack(device, vec![deliver.message_id])
@@ -523,7 +640,11 @@ async fn run(cli: Cli) -> Result<(), String> {
                         low.device_id, low.count
                     ),
                     Some(Body::Error(error)) => {
-                        return Err(format!("relay: {:?}: {}", error.code(), error.message))
+                        return Err(format!(
+                            "relay: {}: {}",
+                            conformance::probe::code_name(error.code),
+                            error.message
+                        ))
                     }
                     other => eprintln!("note: unexpected push {other:?}"),
                 }
@@ -536,7 +657,8 @@ async fn run(cli: Cli) -> Result<(), String> {
                 .get_message(device, id)
                 .await
                 .map_err(fail("get"))?;
-            println!("{}", describe_delivery(&deliver, s.identity.public()));
+            let (text, value) = delivery(&deliver, s.identity.public());
+            out.emit(text, value);
         }
         Command::Prekeys { action } => {
             let s = connect(&cli.relay, server_key, &key_path).await?;
@@ -558,38 +680,57 @@ async fn run(cli: Cli) -> Result<(), String> {
                         })
                         .await
                         .map_err(fail("upload"))?;
-                    println!(
-                        "device {} now has {} one-time prekeys",
-                        stored.device_id, stored.count
+                    out.emit(
+                        format!(
+                            "device {} now has {} one-time prekeys",
+                            stored.device_id, stored.count
+                        ),
+                        json!({ "device_id": stored.device_id, "count": stored.count }),
                     );
                 }
                 PrekeysAction::Fetch { pubkey, devices } => {
+                    let identity = parse_pubkey(&pubkey)?;
                     let bundles = s
                         .client
-                        .fetch_prekeys(&parse_pubkey(&pubkey)?, devices)
+                        .fetch_prekeys(&identity, devices)
                         .await
                         .map_err(fail("fetch"))?;
-                    for b in bundles {
-                        let one_time = b.one_time_prekey.map_or("none left".to_owned(), |k| {
-                            format!("#{} {}", k.id, hex::encode(&k.public_key))
-                        });
-                        let signed = b.signed_prekey.unwrap_or_default();
-                        println!(
-                            "device {} registration {} identity_key {} signed_prekey #{} {} one_time {}",
-                            b.device_id,
-                            b.registration_id,
-                            hex::encode(&b.identity_key),
-                            signed.id,
-                            hex::encode(&signed.public_key),
-                            one_time
-                        );
-                    }
+                    let text = bundles
+                        .iter()
+                        .map(|b| {
+                            let one_time = b.one_time_prekey.as_ref().map_or(
+                                "none".to_owned(),
+                                |k| format!("#{} {}", k.id, hex::encode(&k.public_key)),
+                            );
+                            let signed = b.signed_prekey.clone().unwrap_or_default();
+                            format!(
+                                "device {} registration {} identity_key {} signed_prekey #{} {} one_time {}",
+                                b.device_id,
+                                b.registration_id,
+                                hex::encode(&b.identity_key),
+                                signed.id,
+                                hex::encode(&signed.public_key),
+                                one_time
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join("\n");
+                    out.emit(
+                        text,
+                        json!({
+                            "identity": identity.to_hex(),
+                            "bundles": bundles.iter().map(bundle_json).collect::<Vec<_>>(),
+                        }),
+                    );
                 }
                 PrekeysAction::Count { device } => {
                     let count = s.client.prekey_count(device).await.map_err(fail("count"))?;
-                    println!(
-                        "device {} has {} one-time prekeys",
-                        count.device_id, count.count
+                    out.emit(
+                        format!(
+                            "device {} has {} one-time prekeys",
+                            count.device_id, count.count
+                        ),
+                        json!({ "device_id": count.device_id, "count": count.count }),
                     );
                 }
             }
@@ -604,13 +745,25 @@ async fn run(cli: Cli) -> Result<(), String> {
                 .create_ticket(ttl_s, uses)
                 .await
                 .map_err(fail("ticket"))?;
-            println!("{}", hex::encode(&ticket.token));
-            eprintln!(
-                "ticket for {} on relay {}: {} use(s), expires at {} ms",
-                hex::encode(&ticket.identity),
-                hex::encode(&ticket.relay_pubkey),
-                ticket.uses,
-                ticket.expires_at_ms
+            if !out.json {
+                eprintln!(
+                    "ticket for {} on relay {}: {} use(s), expires {}",
+                    hex::encode(&ticket.identity),
+                    hex::encode(&ticket.relay_pubkey),
+                    ticket.uses,
+                    time(ticket.expires_at_ms)
+                );
+            }
+            out.emit(
+                hex::encode(&ticket.token),
+                json!({
+                    "token": hex::encode(&ticket.token),
+                    "identity": hex::encode(&ticket.identity),
+                    "relay_pubkey": hex::encode(&ticket.relay_pubkey),
+                    "uses": ticket.uses,
+                    "expires_at": time(ticket.expires_at_ms),
+                    "expires_at_ms": ticket.expires_at_ms,
+                }),
             );
         }
         Command::Policy { accept } => {
@@ -620,26 +773,31 @@ async fn run(cli: Cli) -> Result<(), String> {
                 PolicyArg::ContactsOnly => Accept::ContactsOnly,
             };
             s.client.set_policy(accept).await.map_err(fail("policy"))?;
-            println!("policy set to {}", accept.as_str_name());
+            out.emit(
+                format!("policy set to {}", accept.as_str_name()),
+                json!({ "policy": accept.as_str_name() }),
+            );
         }
         Command::Contacts { action } => {
             let s = connect(&cli.relay, server_key, &key_path).await?;
-            match action {
+            let (verb, pubkey) = match action {
                 ContactsAction::Add { pubkey } => {
                     s.client
                         .add_contact(&parse_pubkey(&pubkey)?)
                         .await
                         .map_err(fail("add contact"))?;
-                    println!("added {pubkey}");
+                    ("added", pubkey)
                 }
                 ContactsAction::Remove { pubkey } => {
                     s.client
                         .remove_contact(&parse_pubkey(&pubkey)?)
                         .await
                         .map_err(fail("remove contact"))?;
-                    println!("removed {pubkey}");
+                    ("removed", pubkey)
                 }
-            }
+            };
+            let contact = parse_pubkey(&pubkey)?.to_hex();
+            out.emit(format!("{verb} {contact}"), json!({ verb: contact }));
         }
     }
     Ok(())
@@ -653,37 +811,19 @@ fn selection(suite: &SuiteArgs) -> Selection {
     }
 }
 
-fn outputs(suite: &SuiteArgs, json: Option<Option<PathBuf>>) -> Outputs {
+fn outputs(suite: &SuiteArgs, out: Out) -> Outputs {
     Outputs {
-        json: json.clone().flatten(),
+        json: suite.json_file.clone(),
         junit: suite.junit.clone(),
         html: suite.html.clone(),
         quiet: suite.quiet,
+        json_to_stdout: out.json,
     }
 }
 
-/// Prints the report (and JSON to stdout for a bare `--json`); an error when a case failed.
-fn conclude(
-    report: &conformance::Report,
-    suite: &SuiteArgs,
-    json: Option<Option<PathBuf>>,
-) -> Result<(), String> {
-    let out = outputs(suite, json.clone());
-    let passed = if matches!(json, Some(None)) {
-        let mut quiet = out.clone();
-        quiet.quiet = true;
-        println!("{}", conformance::report::json(report));
-        conformance::cli::finish(
-            report,
-            &Outputs {
-                json: None,
-                ..quiet
-            },
-        )?
-    } else {
-        conformance::cli::finish(report, &out)?
-    };
-    if passed {
+/// Prints the report (as JSON on standard output with `--json`); an error when a case failed.
+fn conclude(report: &conformance::Report, suite: &SuiteArgs, out: Out) -> Result<(), String> {
+    if conformance::cli::finish(report, &outputs(suite, out))? {
         Ok(())
     } else {
         Err(format!(
@@ -693,11 +833,20 @@ fn conclude(
     }
 }
 
+/// A line for people: standard output, or standard error when standard output carries JSON.
+fn say(out: Out, text: impl std::fmt::Display) {
+    if out.json {
+        eprintln!("{text}");
+    } else {
+        println!("{text}");
+    }
+}
+
 async fn conformance(
     role: ConformanceRole,
     cli_relay: &str,
     server_key: Option<&str>,
-    json: Option<Option<PathBuf>>,
+    out: Out,
 ) -> Result<(), String> {
     match role {
         ConformanceRole::Relay {
@@ -714,7 +863,7 @@ async fn conformance(
                     .filter(|c| sel.matches(c.id))
                     .map(|c| (c.id.to_owned(), c.level.as_str(), c.title, c.slow))
                     .collect();
-                print!("{}", conformance::report::listing(&items));
+                list(out, &items);
                 return Ok(());
             }
             let server_key = server_key
@@ -729,7 +878,7 @@ async fn conformance(
                 eprintln!("{}", conformance::cli::progress_line(c))
             })
             .await;
-            conclude(&report, &suite, json)
+            conclude(&report, &suite, out)
         }
         ConformanceRole::Client {
             listen,
@@ -744,7 +893,7 @@ async fn conformance(
                     .filter(|c| sel.matches(c.id))
                     .map(|c| (c.id.to_owned(), c.level.as_str(), c.title, c.slow))
                     .collect();
-                print!("{}", conformance::report::listing(&items));
+                list(out, &items);
                 return Ok(());
             }
             let socket = resolve(&listen).await?;
@@ -759,22 +908,28 @@ async fn conformance(
                 std::fs::write(path, format!("{}\n", listener.key()))
                     .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
             }
-            println!(
-                "listening on {} with key {}",
-                listener.local_addr(),
-                listener.key()
+            say(
+                out,
+                format!(
+                    "listening on {} with key {}",
+                    listener.local_addr(),
+                    listener.key()
+                ),
             );
-            println!(
-                "{count} cases: run the node scenario once per case, e.g. botd conformance scenario {} --server-key {} --repeat {count}",
-                listener.local_addr(),
-                listener.key()
+            say(
+                out,
+                format!(
+                    "{count} cases: run the node scenario once per case, e.g. botd conformance scenario {} --server-key {} --repeat {count}",
+                    listener.local_addr(),
+                    listener.key()
+                ),
             );
             let report = listener
                 .run(&sel, Duration::from_secs(case_timeout.max(1)), |c| {
                     eprintln!("{}", conformance::cli::progress_line(c))
                 })
                 .await;
-            conclude(&report, &suite, json)
+            conclude(&report, &suite, out)
         }
         ConformanceRole::Scenario { addr, repeat } => {
             let server_key = server_key
@@ -783,34 +938,58 @@ async fn conformance(
                 PublicKeyBytes::from_hex(server_key).map_err(|e| format!("--server-key: {e}"))?;
             let socket = resolve(addr.as_deref().unwrap_or(cli_relay)).await?;
             let mut failures = 0;
+            let mut runs = Vec::new();
             for round in 0..repeat {
-                match conformance::scenario::run(
+                let result = conformance::scenario::run(
                     socket,
                     key,
                     &conformance::scenario::Options::default(),
                 )
-                .await
-                {
+                .await;
+                match &result {
                     Ok(summary) => eprintln!("scenario {}: {summary}", round + 1),
                     Err(err) => {
                         failures += 1;
                         eprintln!("scenario {}: ended: {err}", round + 1);
                     }
                 }
+                runs.push(json!({
+                    "run": round + 1,
+                    "completed": result.is_ok(),
+                    "detail": result.unwrap_or_else(|e| e),
+                }));
             }
-            println!("scenario ran {repeat} time(s), {failures} ended early");
+            out.emit(
+                format!("scenario ran {repeat} time(s), {failures} ended early"),
+                json!({ "runs": repeat, "ended_early": failures, "results": runs }),
+            );
             Ok(())
         }
     }
 }
 
+/// The case listing of `--list`.
+fn list(out: Out, items: &[(String, &'static str, &'static str, bool)]) {
+    let value = json!({
+        "cases": items.iter().map(|(id, level, title, slow)| json!({
+            "id": id, "level": level, "title": title, "slow": slow,
+        })).collect::<Vec<_>>(),
+    });
+    let text = conformance::report::listing(items);
+    out.emit(text.trim_end(), value);
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    let json = cli.json;
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("botd: {err}");
+            if json {
+                println!("{}", json!({ "error": err }));
+            }
             ExitCode::FAILURE
         }
     }

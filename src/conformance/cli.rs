@@ -13,6 +13,8 @@ pub struct Outputs {
     pub html: Option<PathBuf>,
     /// Print only the closing line and failures (no table).
     pub quiet: bool,
+    /// Print the JSON report on standard output; the lines for people go to standard error.
+    pub json_to_stdout: bool,
 }
 
 /// A progress line for a finished case (to stderr, as cases finish).
@@ -33,18 +35,25 @@ pub fn finish(report: &Report, outputs: &Outputs) -> Result<bool, String> {
     write(&outputs.json, report::json(report))?;
     write(&outputs.junit, report::junit(report))?;
     write(&outputs.html, report::html(report))?;
-    if outputs.quiet {
+    let mut text = String::new();
+    if outputs.quiet || outputs.json_to_stdout {
         for c in report
             .cases
             .iter()
             .filter(|c| c.outcome.verdict == Verdict::Fail)
         {
-            println!("FAIL {}: {}", c.id, c.outcome.detail);
+            text.push_str(&format!("FAIL {}: {}\n", c.id, c.outcome.detail));
         }
     } else {
-        print!("{}", report::table(report));
+        text.push_str(&report::table(report));
     }
-    println!("{}", report::totals(report));
-    println!("{}", report::closing_line(report));
+    text.push_str(&format!("{}\n", report::totals(report)));
+    text.push_str(&format!("{}\n", report::closing_line(report)));
+    if outputs.json_to_stdout {
+        println!("{}", report::json_line(report));
+        eprint!("{text}");
+    } else {
+        print!("{text}");
+    }
     Ok(report.ok())
 }

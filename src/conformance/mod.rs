@@ -157,14 +157,24 @@ pub struct LogLine {
     pub text: String,
 }
 
-/// Most lines kept per case; a flood from a peer is summarised, not stored.
+/// Most lines kept per case: the first ones, and the last [`LOG_TAIL`] (where a long case
+/// comes to its verdict); a flood from a peer is summarised, not stored.
 const MAX_LOG_LINES: usize = 400;
+const LOG_TAIL: usize = 100;
+
+#[derive(Default)]
+struct Lines {
+    head: Vec<LogLine>,
+    tail: std::collections::VecDeque<LogLine>,
+    /// Lines that fell out between head and tail.
+    dropped: usize,
+}
 
 /// The exchange of one case: frames sent and received, and the suite's remarks.
 #[derive(Clone)]
 pub struct Log {
     start: Instant,
-    lines: Arc<Mutex<(Vec<LogLine>, usize)>>,
+    lines: Arc<Mutex<Lines>>,
 }
 
 impl Default for Log {
@@ -177,17 +187,11 @@ impl Log {
     pub fn new() -> Self {
         Self {
             start: Instant::now(),
-            lines: Arc::new(Mutex::new((Vec::new(), 0))),
+            lines: Arc::new(Mutex::new(Lines::default())),
         }
     }
 
     pub fn add(&self, conn: &str, dir: Dir, text: impl Into<String>) {
-        let mut guard = self.lines.lock();
-        let (lines, dropped) = &mut *guard;
-        if lines.len() >= MAX_LOG_LINES {
-            *dropped += 1;
-            return;
-        }
         let mut text = text.into();
         if text.len() > 600 {
             let mut cut = 600;
@@ -197,12 +201,22 @@ impl Log {
             text.truncate(cut);
             text.push('…');
         }
-        lines.push(LogLine {
+        let line = LogLine {
             at_ms: self.start.elapsed().as_millis() as u64,
             dir,
             conn: conn.to_owned(),
             text,
-        });
+        };
+        let mut lines = self.lines.lock();
+        if lines.head.len() < MAX_LOG_LINES - LOG_TAIL {
+            lines.head.push(line);
+            return;
+        }
+        if lines.tail.len() == LOG_TAIL {
+            lines.tail.pop_front();
+            lines.dropped += 1;
+        }
+        lines.tail.push_back(line);
     }
 
     pub fn note(&self, text: impl Into<String>) {
@@ -210,17 +224,18 @@ impl Log {
     }
 
     pub fn lines(&self) -> Vec<LogLine> {
-        let guard = self.lines.lock();
-        let (lines, dropped) = &*guard;
-        let mut out = lines.clone();
-        if *dropped > 0 {
+        let lines = self.lines.lock();
+        let mut out = lines.head.clone();
+        if lines.dropped > 0 {
+            let at_ms = lines.tail.front().map_or(0, |l| l.at_ms);
             out.push(LogLine {
-                at_ms: self.start.elapsed().as_millis() as u64,
+                at_ms,
                 dir: Dir::Note,
                 conn: String::new(),
-                text: format!("{dropped} further lines not kept"),
+                text: format!("{} further lines not kept", lines.dropped),
             });
         }
+        out.extend(lines.tail.iter().cloned());
         out
     }
 }
@@ -252,12 +267,60 @@ pub const ASSUME_KEYS: &[(&str, &str)] = &[
         "burst of the prekey fetch limiter (default 100)",
     ),
     (
+        "prekey_fetch_rate",
+        "prekey fetches per second per requesting identity (default 5)",
+    ),
+    (
+        "prekey_fetch_burst_per_ip",
+        "burst of the prekey fetch limiter per source address (default 200)",
+    ),
+    (
+        "prekey_fetch_rate_per_ip",
+        "prekey fetches per second per source address (default 20)",
+    ),
+    (
+        "one_time_prekey_burst_per_device",
+        "one-time prekeys handed out per device at once (default 20)",
+    ),
+    (
         "send_burst_per_identity",
         "burst of the sender limiter (default 1000)",
     ),
     (
         "send_burst_per_pair",
         "burst of the pair limiter (default 200)",
+    ),
+    (
+        "send_burst_per_ip",
+        "burst of the send limiter per source address (default 5000)",
+    ),
+    (
+        "send_rate_per_ip",
+        "sends per second per source address (default 1000)",
+    ),
+    (
+        "change_burst_per_identity",
+        "burst of the account-change limiter per identity (default 100)",
+    ),
+    (
+        "change_rate_per_identity",
+        "account changes per second per identity (default 10)",
+    ),
+    (
+        "change_burst_per_ip",
+        "burst of the account-change limiter per source address (default 500)",
+    ),
+    (
+        "change_rate_per_ip",
+        "account changes per second per source address (default 50)",
+    ),
+    (
+        "ack_burst_per_identity",
+        "burst of the AckMessages limiter per identity (default 5000)",
+    ),
+    (
+        "ack_rate_per_identity",
+        "AckMessages per second per identity (default 1000)",
     ),
     (
         "max_unacked",
@@ -291,6 +354,18 @@ pub const ASSUME_KEYS: &[(&str, &str)] = &[
     (
         "max_rate_limited_keys",
         "keys per application rate limiter (cases skipped unless given)",
+    ),
+    (
+        "max_identities",
+        "identities the relay stores at most (cases skipped unless given)",
+    ),
+    (
+        "max_identity_stored_bytes",
+        "payload bytes stored for one identity (cases skipped unless given)",
+    ),
+    (
+        "max_stored_bytes",
+        "payload bytes stored by the relay (cases skipped unless given)",
     ),
     ("handshake_timeout_ms", "handshake deadline (default 10000)"),
     ("pong_timeout_ms", "wait for a Pong (default 20000)"),
@@ -430,7 +505,7 @@ impl Report {
 }
 
 /// Which cases to run and how.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Selection {
     /// Sections to run (empty: all).
     pub sections: Vec<String>,
@@ -438,16 +513,6 @@ pub struct Selection {
     pub cases: Vec<String>,
     /// Run the cases that wait for minutes of timers.
     pub slow: bool,
-}
-
-impl Default for Selection {
-    fn default() -> Self {
-        Self {
-            sections: Vec::new(),
-            cases: Vec::new(),
-            slow: false,
-        }
-    }
 }
 
 impl Selection {
@@ -523,6 +588,20 @@ mod tests {
     }
 
     #[test]
+    fn every_assume_key_is_documented() {
+        let doc = include_str!("../../docs/CONFORMANCE.md");
+        let missing: Vec<_> = ASSUME_KEYS
+            .iter()
+            .map(|(k, _)| *k)
+            .filter(|k| !doc.contains(&format!("| `{k}` |")))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "not in docs/CONFORMANCE.md: {missing:?}"
+        );
+    }
+
+    #[test]
     fn rfc3339_of_the_vector_time() {
         assert_eq!(rfc3339_ms(1_767_225_600_000), "2026-01-01T00:00:00.000Z");
     }
@@ -536,6 +615,12 @@ mod tests {
         let lines = log.lines();
         assert_eq!(lines.len(), MAX_LOG_LINES + 1);
         assert!(lines[0].text.len() < 700);
-        assert!(lines.last().unwrap().text.contains("50 further"));
+        assert!(lines[MAX_LOG_LINES - LOG_TAIL].text.contains("50 further"));
+        // The last lines are kept.
+        assert!(lines
+            .last()
+            .unwrap()
+            .text
+            .starts_with(&format!("line {} ", MAX_LOG_LINES + 49)));
     }
 }

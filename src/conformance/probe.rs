@@ -82,9 +82,13 @@ pub fn code_name(code: i32) -> String {
         .unwrap_or_else(|_| format!("code {code}"))
 }
 
-/// How many times setup steps retry after `RATE_LIMITED`, and the longest wait honoured.
-const SETUP_RETRIES: usize = 8;
+/// How often a request is repeated after `RATE_LIMITED` (waiting `retry_after_ms` each time),
+/// the longest single wait honoured, and the longest time spent waiting for one request. The
+/// suite's sessions share the relay's per-address buckets (§8.1), so a request may have to
+/// wait its turn behind other cases' requests.
+const RATE_LIMIT_RETRIES: usize = 200;
 const MAX_RETRY_WAIT: Duration = Duration::from_secs(5);
+const MAX_RATE_LIMIT_WAIT: Duration = Duration::from_secs(40);
 
 /// A raw TCP connection to the relay, for handshake cases.
 pub struct Raw {
@@ -559,9 +563,50 @@ impl Probe {
         Ok(out)
     }
 
-    /// A request that must succeed.
+    /// A request's outcome, honouring `RATE_LIMITED`: a refused request changes nothing
+    /// (§8.1), so it is sent again after `retry_after_ms` (bounded in count and time). Any
+    /// other outcome, or a refusal past the bounds, is returned.
+    pub async fn call_patiently(&mut self, body: Body) -> Step<Result<Body, ErrorAnswer>> {
+        let started = Instant::now();
+        let mut noted = false;
+        for _ in 0..RATE_LIMIT_RETRIES {
+            match self.call(body.clone()).await? {
+                Err(e) if e.code == ErrorCode::RateLimited as i32 => {
+                    let wait = Duration::from_millis(e.retry_after_ms.max(1)).min(MAX_RETRY_WAIT)
+                        // A little spread, so that cases waiting on one bucket do not retry in
+                        // lockstep.
+                        + Duration::from_millis(rand::random::<u64>() % 20);
+                    if started.elapsed() + wait > MAX_RATE_LIMIT_WAIT {
+                        return Ok(Err(e));
+                    }
+                    if !noted {
+                        noted = true;
+                        self.log.add(
+                            &self.name,
+                            Dir::Note,
+                            "rate limited: waiting retry_after_ms and sending again (setup)",
+                        );
+                    }
+                    tokio::time::sleep(wait).await;
+                }
+                other => {
+                    if noted {
+                        self.log.add(
+                            &self.name,
+                            Dir::Note,
+                            format!("served after waiting {:?}", started.elapsed()),
+                        );
+                    }
+                    return Ok(other);
+                }
+            }
+        }
+        self.call(body).await
+    }
+
+    /// A request that must succeed (`RATE_LIMITED` honoured).
     pub async fn ok(&mut self, body: Body, what: &str) -> Step<Body> {
-        match self.call(body).await? {
+        match self.call_patiently(body).await? {
             Ok(b) => Ok(b),
             Err(e) => Err(Outcome::fail(format!(
                 "{what}: the relay answered {} ({:?})",
@@ -573,35 +618,29 @@ impl Probe {
 
     /// A setup request: must succeed, and `RATE_LIMITED` is honoured and retried (bounded).
     pub async fn setup(&mut self, body: Body, what: &str) -> Step<Body> {
-        for _ in 0..SETUP_RETRIES {
-            match self.call(body.clone()).await? {
-                Ok(b) => return Ok(b),
-                Err(e) if e.code == ErrorCode::RateLimited as i32 => {
-                    let wait = Duration::from_millis(e.retry_after_ms.max(1)).min(MAX_RETRY_WAIT);
-                    self.log.add(
-                        &self.name,
-                        Dir::Note,
-                        format!("setup rate limited; waiting {wait:?} as retry_after_ms says"),
-                    );
-                    tokio::time::sleep(wait + Duration::from_millis(5)).await;
-                }
-                Err(e) => {
-                    return Err(Outcome::fail(format!(
-                        "setup step {what}: the relay answered {} ({:?})",
-                        e.name(),
-                        e.message
-                    )))
-                }
-            }
+        match self.call_patiently(body).await? {
+            Ok(b) => Ok(b),
+            Err(e) if e.code == ErrorCode::RateLimited as i32 => Err(Outcome::fail(format!(
+                "setup step {what}: still RATE_LIMITED after waiting {MAX_RATE_LIMIT_WAIT:?} \
+                 as retry_after_ms said"
+            ))),
+            Err(e) => Err(Outcome::fail(format!(
+                "setup step {what}: the relay answered {} ({:?})",
+                e.name(),
+                e.message
+            ))),
         }
-        Err(Outcome::fail(format!(
-            "setup step {what}: still RATE_LIMITED after {SETUP_RETRIES} tries"
-        )))
     }
 
-    /// PASS when the request fails with `code`, FAIL otherwise.
+    /// PASS when the request fails with `code`, FAIL otherwise. Unless `RATE_LIMITED` is the
+    /// code expected, a `RATE_LIMITED` answer is honoured and the request sent again.
     pub async fn expect_code(&mut self, body: Body, code: ErrorCode) -> Step<Outcome> {
-        match self.call(body).await? {
+        let answer = if code == ErrorCode::RateLimited {
+            self.call(body).await?
+        } else {
+            self.call_patiently(body).await?
+        };
+        match answer {
             Err(e) if e.code == code as i32 => Ok(Outcome::pass()),
             Err(e) => Err(Outcome::fail(format!(
                 "expected {}, got {} ({:?})",
@@ -622,20 +661,15 @@ impl Probe {
         if let Some(f) = self.pushes.pop_front() {
             return Ok(f);
         }
-        let deadline = Instant::now() + within;
-        for _ in 0..100_000 {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let f = self.next_frame(left).await?;
-            if f.id == 0 {
-                return Ok(f);
-            }
-            return Err(Outcome::fail(format!(
-                "waiting for a push, got a frame with id {}: {}",
-                f.id,
-                describe(&f)
-            )));
+        let f = self.next_frame(within).await?;
+        if f.id == 0 {
+            return Ok(f);
         }
-        Err(Outcome::fail("too many frames"))
+        Err(Outcome::fail(format!(
+            "waiting for a push, got a frame with id {}: {}",
+            f.id,
+            describe(&f)
+        )))
     }
 
     /// Pushes kept so far (and none read further).
@@ -745,6 +779,20 @@ impl Probe {
                 describe(&Frame::new(0, other))
             ))),
         }
+    }
+
+    /// Unregisters `device` (setup: rate limits honoured); the case's cleanup then leaves it.
+    pub async fn unregister(&mut self, device: u32) -> Step<()> {
+        self.setup(
+            Body::Unregister(proto::Unregister { device_id: device }),
+            "Unregister",
+        )
+        .await?;
+        let me = self.key();
+        self.cleanup
+            .lock()
+            .retain(|(k, d)| !(*k.public() == me && *d == device));
+        Ok(())
     }
 
     /// A signed `Send` from `sender_device` to `to`'s `device`, with a fresh nonce.

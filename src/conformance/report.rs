@@ -87,8 +87,18 @@ fn summary_by_section(r: &Report) -> BTreeMap<Vec<u32>, (String, [usize; 5])> {
     sections
 }
 
-/// The machine-readable report.
+/// The machine-readable report, pretty-printed (for a file).
 pub fn json(r: &Report) -> String {
+    serde_json::to_string_pretty(&json_value(r)).unwrap_or_default()
+}
+
+/// The machine-readable report on one line (for `--json` on standard output).
+pub fn json_line(r: &Report) -> String {
+    json_value(r).to_string()
+}
+
+/// The machine-readable report as a JSON value.
+pub fn json_value(r: &Report) -> serde_json::Value {
     let cases: Vec<serde_json::Value> = r
         .cases
         .iter()
@@ -114,7 +124,7 @@ pub fn json(r: &Report) -> String {
     for v in Verdict::ALL {
         totals.insert(v.as_str().to_owned(), r.count(v).into());
     }
-    let value = serde_json::json!({
+    serde_json::json!({
         "suite": "botd/1 conformance",
         "role": r.role,
         "target": r.target,
@@ -123,8 +133,7 @@ pub fn json(r: &Report) -> String {
         "totals": totals,
         "ok": r.ok(),
         "cases": cases,
-    });
-    serde_json::to_string_pretty(&value).unwrap_or_default()
+    })
 }
 
 fn xml(text: &str) -> String {

@@ -59,15 +59,22 @@ async fn connect(
         .map_err(|e| format!("connect: {e}"))
 }
 
+/// How a `Send` of the scenario ended.
+enum SendOutcome {
+    Sent,
+    /// The connection went away before the answer; the pushes still buffered say why.
+    Lost,
+}
+
 async fn send_with_retries(
     client: &Client,
     message: &OutgoingMessage,
     retries: u32,
-) -> Result<(), String> {
+) -> Result<SendOutcome, String> {
     let mut tries = 0;
     loop {
         match client.send_message(message.clone()).await {
-            Ok(_) => return Ok(()),
+            Ok(_) => return Ok(SendOutcome::Sent),
             Err(ClientError::Remote {
                 code: ErrorCode::RateLimited,
                 retry_after_ms,
@@ -76,9 +83,21 @@ async fn send_with_retries(
                 tries += 1;
                 tokio::time::sleep(Duration::from_millis(retry_after_ms.clamp(1, 10_000))).await;
             }
+            Err(ClientError::Closed | ClientError::Timeout(_)) => return Ok(SendOutcome::Lost),
             Err(e) => return Err(format!("send: {e}")),
         }
     }
+}
+
+/// Error pushes after which the relay closes the session (§7.4).
+fn ends_session(code: i32) -> bool {
+    [
+        ErrorCode::PingFlood,
+        ErrorCode::ShuttingDown,
+        ErrorCode::Timeout,
+    ]
+    .iter()
+    .any(|c| *c as i32 == code)
 }
 
 async fn scenario(
@@ -102,6 +121,8 @@ async fn scenario(
     let mut seen: BTreeMap<u64, ()> = BTreeMap::new();
     let mut highest = 0u64;
     let mut reconnected = false;
+    // The connection is gone: no more requests, only the pushes still buffered.
+    let mut lost = false;
     let messages: Vec<OutgoingMessage> = PAYLOADS
         .iter()
         .map(|p| OutgoingMessage::new(me, 1, 1, p.to_vec()))
@@ -109,10 +130,14 @@ async fn scenario(
     let mut to_send = messages.iter();
     let mut current = to_send.next();
     let deadline = Instant::now() + options.limit;
-    loop {
-        if let Some(message) = current.take() {
-            send_with_retries(&client, message, options.send_retries).await?;
-            current = to_send.next();
+    // Bounded in time by `options.limit` (see `run`) and in steps here.
+    for _ in 0..MAX_STEPS {
+        if let Some(message) = current.filter(|_| !lost) {
+            match send_with_retries(&client, message, options.send_retries).await? {
+                // After a reconnection the same message goes again, with the same nonce.
+                SendOutcome::Lost => lost = true,
+                SendOutcome::Sent => current = to_send.next(),
+            }
         }
         if PAYLOADS.iter().all(|p| verified.values().any(|v| v == p)) {
             client
@@ -124,13 +149,13 @@ async fn scenario(
                 verified.keys().collect::<Vec<_>>()
             ));
         }
-        let wait = if current.is_some() {
+        let wait = if current.is_some() && !lost {
             Duration::from_millis(1)
         } else {
             deadline.saturating_duration_since(Instant::now())
         };
         let push = match tokio::time::timeout(wait, client.next_push()).await {
-            Err(_) if current.is_some() => continue,
+            Err(_) if current.is_some() && !lost => continue,
             Err(_) => return Err("no more deliveries".into()),
             Ok(None) => return Err("the relay closed the connection".into()),
             Ok(Some(push)) => push,
@@ -144,25 +169,44 @@ async fn scenario(
                 if fresh && good {
                     verified.insert(d.message_id, d.payload.to_vec());
                 }
-                client
-                    .ack(1, vec![d.message_id])
-                    .await
-                    .map_err(|e| format!("ack: {e}"))?;
+                // Acknowledged, verified or not. On a lost connection the pushes still
+                // buffered tell why it went.
+                if !lost {
+                    match client.ack(1, vec![d.message_id]).await {
+                        Ok(_) => {}
+                        Err(ClientError::Closed | ClientError::Timeout(_)) => lost = true,
+                        Err(e) => return Err(format!("ack: {e}")),
+                    }
+                }
             }
-            Some(Body::Error(e)) if e.code() == ErrorCode::Replaced => {
+            Some(Body::Error(e)) if e.code == ErrorCode::Replaced as i32 => {
                 return Err("REPLACED: not subscribing again".into());
             }
-            Some(Body::Error(e)) if e.code() == ErrorCode::SlowConsumer && !reconnected => {
+            Some(Body::Error(e)) if e.code == ErrorCode::SlowConsumer as i32 && !reconnected => {
                 reconnected = true;
                 drop(client);
                 client = connect(addr, relay, identity.clone()).await?;
+                lost = false;
                 client
                     .subscribe(1, highest)
                     .await
                     .map_err(|e| format!("subscribe after SLOW_CONSUMER: {e}"))?;
             }
-            Some(Body::Error(e)) => return Err(format!("relay pushed {}", e.code().as_str_name())),
-            _ => {} // PreKeysLow and pushes it does not understand are ignored.
+            Some(Body::Error(e))
+                if e.code == ErrorCode::SlowConsumer as i32 || ends_session(e.code) =>
+            {
+                return Err(format!(
+                    "relay pushed {}",
+                    crate::conformance::probe::code_name(e.code)
+                ));
+            }
+            // PreKeysLow, error codes it does not know, and pushes it does not understand
+            // are ignored (§7.1, §7.4).
+            _ => {}
         }
     }
+    Err(format!("not done after {MAX_STEPS} steps"))
 }
+
+/// Sends, pushes and polls one scenario may go through.
+const MAX_STEPS: usize = 100_000;

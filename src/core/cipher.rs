@@ -58,26 +58,49 @@ impl std::fmt::Debug for DirectionKeys {
     }
 }
 
-/// Keyed primitives of one direction plus its frame counter. The expanded AES key schedule
-/// (encryption only: CTR never decrypts a block) and the keyed HMAC state are kept, so a frame
-/// costs no key setup.
-struct DirectionState {
-    keys: DirectionKeys,
+/// A direction's keys in the form the primitives use: the expanded AES key schedule
+/// (encryption only: CTR never decrypts a block) and the keyed HMAC state, so a frame costs no
+/// key setup.
+struct Keyed {
     aes: Aes256Enc,
     mac: HmacSha256,
+}
+
+impl Keyed {
+    fn new(keys: &DirectionKeys) -> Self {
+        Self {
+            aes: Aes256Enc::new(&keys.enc.into()),
+            mac: <HmacSha256 as Mac>::new_from_slice(&keys.mac).expect("HMAC takes any key size"),
+        }
+    }
+}
+
+/// One direction's keys and frame counter. The keyed primitives take about 2 KiB (the AES
+/// implementation reserves room for its software fallback), so they exist only while the
+/// session is busy: [`DirectionState::release`] drops them when it goes quiet, and the next
+/// frame keys them again (about 100 ns).
+struct DirectionState {
+    keys: DirectionKeys,
+    keyed: Option<Box<Keyed>>,
     seq: u64,
 }
 
 impl DirectionState {
     fn new(keys: DirectionKeys) -> Self {
-        let aes = Aes256Enc::new(&keys.enc.into());
-        let mac = <HmacSha256 as Mac>::new_from_slice(&keys.mac).expect("HMAC takes any key size");
         Self {
             keys,
-            aes,
-            mac,
+            keyed: None,
             seq: 0,
         }
+    }
+
+    fn keyed(&mut self) -> &Keyed {
+        let keys = &self.keys;
+        self.keyed.get_or_insert_with(|| Box::new(Keyed::new(keys)))
+    }
+
+    fn release(&mut self) {
+        self.keyed = None;
     }
 
     fn iv(seq: u64) -> [u8; 16] {
@@ -86,27 +109,29 @@ impl DirectionState {
         iv
     }
 
-    fn ctr(&self) -> Aes256Ctr {
+    fn ctr(&mut self) -> Aes256Ctr {
+        let iv = Self::iv(self.seq);
         StreamCipherCoreWrapper::from_core(ctr::CtrCore::inner_iv_init(
-            self.aes.clone(),
-            &Self::iv(self.seq).into(),
+            self.keyed().aes.clone(),
+            &iv.into(),
         ))
     }
 
-    fn keystream(&self, data: &mut [u8]) {
+    fn keystream(&mut self, data: &mut [u8]) {
         self.ctr().apply_keystream(data);
     }
 
     /// Encrypts `input` into `out` in one pass.
-    fn keystream_into(&self, input: &[u8], out: &mut [u8]) {
+    fn keystream_into(&mut self, input: &[u8], out: &mut [u8]) {
         self.ctr()
             .apply_keystream_b2b(input, out)
             .expect("input and output have the same length");
     }
 
-    fn tag_mac(&self, ciphertext: &[u8]) -> HmacSha256 {
-        let mut mac = self.mac.clone();
-        mac.update(&self.seq.to_be_bytes());
+    fn tag_mac(&mut self, ciphertext: &[u8]) -> HmacSha256 {
+        let seq = self.seq;
+        let mut mac = self.keyed().mac.clone();
+        mac.update(&seq.to_be_bytes());
         mac.update(ciphertext);
         mac
     }
@@ -134,6 +159,11 @@ pub struct Sealer(DirectionState);
 impl Sealer {
     pub fn new(keys: DirectionKeys) -> Self {
         Self(DirectionState::new(keys))
+    }
+
+    /// Drops the keyed primitives until the next frame (an idle session holds only its keys).
+    pub fn release(&mut self) {
+        self.0.release();
     }
 
     /// The counter the next sealed frame will use.
@@ -204,6 +234,11 @@ pub struct Opener(DirectionState);
 impl Opener {
     pub fn new(keys: DirectionKeys) -> Self {
         Self(DirectionState::new(keys))
+    }
+
+    /// Drops the keyed primitives until the next frame (an idle session holds only its keys).
+    pub fn release(&mut self) {
+        self.0.release();
     }
 
     /// The counter the next opened frame must carry.

@@ -42,6 +42,11 @@ impl FrameCodec {
         Self { max_frame_len }
     }
 
+    /// The current limit.
+    pub fn max_frame_len(&self) -> u32 {
+        self.max_frame_len
+    }
+
     /// Changes the limit, e.g. from the small handshake bound to the session bound.
     pub fn set_max_frame_len(&mut self, max_frame_len: u32) {
         self.max_frame_len = max_frame_len;

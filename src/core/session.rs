@@ -20,8 +20,10 @@ use crate::proto::{random_id, valid_id, Body, ErrorCode, Frame, Ping, Pong, Welc
 /// Extra wait beyond the peer's ping interval before we ping again.
 pub const OWN_PING_MARGIN: Duration = Duration::from_secs(1);
 
-/// An empty output buffer keeps at most this much capacity, so idle sessions hold little.
+/// An empty output buffer keeps at most this much capacity between writes.
 const IDLE_OUTBOX_CAPACITY: usize = 16 * 1024;
+/// The first allocation of an empty output buffer: room for a burst of small frames.
+const OUTBOX_START: usize = 8 * 1024;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SessionError {
@@ -387,6 +389,9 @@ impl Session {
             });
         }
         self.sent_active |= active;
+        if self.outbox.capacity() == 0 {
+            self.outbox.reserve(OUTBOX_START.max(len + TAG_LEN + 4));
+        }
         self.sealer.seal_into(&mut self.outbox, len, write);
         Ok(())
     }
@@ -421,6 +426,16 @@ impl Session {
         if self.outbox.is_empty() && self.outbox.capacity() > IDLE_OUTBOX_CAPACITY {
             self.outbox = BytesMut::new();
         }
+    }
+
+    /// Gives back the output buffer's memory if nothing waits in it (a session about to go
+    /// quiet).
+    pub fn release_idle_memory(&mut self) {
+        if self.outbox.is_empty() && self.outbox.capacity() > 0 {
+            self.outbox = BytesMut::new();
+        }
+        self.sealer.release();
+        self.opener.release();
     }
 
     /// Takes every sealed wire frame at once (length prefixes included), if any.

@@ -40,7 +40,8 @@ use crate::proto::{ErrorCode, Frame, Welcome, PROTOCOL_NAME};
 /// buffer `max_frame_len` bytes.
 pub const MAX_HANDSHAKE_FRAME_LEN: u32 = 1024;
 
-/// Bytes reserved for a read when no longer frame is announced.
+/// Bytes reserved for a read when no longer frame is announced (in a session; before the
+/// handshake completes, the frame limit itself).
 const READ_CHUNK: usize = 16 * 1024;
 /// Past this much sealed and unwritten output, the session takes no new requests or pushes
 /// until the peer reads.
@@ -138,7 +139,7 @@ impl Inbound {
                     }
                     total - self.buf.len()
                 }
-                _ => READ_CHUNK,
+                _ => READ_CHUNK.min(self.codec.max_frame_len() as usize + 4),
             };
             if self.buf.capacity() - self.buf.len() < want {
                 self.buf.reserve(want);
@@ -191,7 +192,8 @@ pub(super) async fn serve<H: Handler>(
     let mut inbound = Inbound::new(MAX_HANDSHAKE_FRAME_LEN, shared.budget.clone());
     let handshake = tokio::select! {
         _ = shared.shutdown.cancelled() => Ok(None),
-        outcome = handshake(&shared, &mut stream, &mut inbound, peer, ticket, started) => outcome.map(Some),
+        // Boxed: its state is dropped once the session runs, so a task holds only the session's.
+        outcome = Box::pin(handshake(&shared, &mut stream, &mut inbound, peer, ticket, started)) => outcome.map(Some),
     };
     match handshake {
         Ok(Some(established)) => {
@@ -446,6 +448,10 @@ impl<H: Handler> Live<'_, H> {
             progress |= self.poll_write(cx)?;
             progress |= self.poll_timers(cx)?;
             if !progress {
+                // Nothing more to do until the peer or the application moves: an idle
+                // session keeps no buffers.
+                self.session.release_idle_memory();
+                self.pushes.release_idle_memory();
                 return Poll::Pending;
             }
         }

@@ -86,6 +86,11 @@ impl Sessions {
         }
     }
 
+    /// Identities with an open session.
+    fn connected(&self) -> Vec<Identity> {
+        self.0.lock().keys().copied().collect()
+    }
+
     fn notify(&self, identity: &Identity, frame: Frame) {
         let sessions = self.0.lock();
         for push in sessions.get(identity).into_iter().flatten() {
@@ -298,6 +303,11 @@ impl<S: Store> Relay<S> {
         let now = self.clock.now_ms();
         let message_cutoff = now.saturating_sub(self.config.message_ttl.as_millis() as u64);
         let account_cutoff = now.saturating_sub(self.config.account_ttl.as_millis() as u64);
+        // A session that stays connected keeps its account, whatever it sends (Pings only,
+        // say): its identity counts as in use at every sweep.
+        for identity in self.sessions.connected() {
+            self.store.touch(&identity, now);
+        }
         let swept = self.store.expire(message_cutoff, account_cutoff);
         let peak = self.payload_peak.clone();
         async move {

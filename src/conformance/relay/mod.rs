@@ -2,6 +2,7 @@
 
 mod app;
 mod handshake;
+mod limits;
 mod send;
 mod session;
 
@@ -26,7 +27,31 @@ pub struct CaseDef {
     pub title: &'static str,
     /// Waits for minutes of timers: runs only with `--slow`.
     pub slow: bool,
+    /// Whether the case runs on its own rather than beside others.
+    pub alone: Alone,
     pub run: fn(Ctx) -> CaseResultFuture,
+}
+
+/// When a case runs relative to the others. The suite's sessions all come from one source
+/// address, so they share the relay's per-address buckets (§8.1): a case that measures a
+/// bucket must not see other cases take its tokens, and a case that empties a per-address
+/// bucket must not starve the others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Alone {
+    /// Runs beside other cases (`--jobs` at a time).
+    No,
+    /// Measures a bucket: runs one at a time, before the others.
+    First,
+    /// Empties a per-address bucket: runs one at a time, after the others.
+    Last,
+}
+
+impl CaseDef {
+    /// Runs this case on its own (see [`Alone`]).
+    pub fn alone(mut self, alone: Alone) -> Self {
+        self.alone = alone;
+        self
+    }
 }
 
 /// Defines a case inline: `case!("8.3/x", Must, "title", |cx| { … Ok(Outcome::pass()) })`.
@@ -37,6 +62,7 @@ macro_rules! case {
             level: $crate::conformance::Level::$level,
             title: $title,
             slow: false,
+            alone: $crate::conformance::relay::Alone::No,
             run: {
                 #[allow(unused_mut)]
                 async fn case_fn(
@@ -68,7 +94,12 @@ pub struct Ctx {
     pub t: Arc<Target>,
     pub log: Log,
     pub cleanup: Cleanup,
+    /// The run was started with `--slow`.
+    pub slow: bool,
 }
+
+/// Longest a case may spend waiting for rate-limit tokens without `--slow`.
+const FAST_TOKEN_WAIT: Duration = Duration::from_secs(20);
 
 impl Ctx {
     /// A session with a fresh identity.
@@ -107,6 +138,36 @@ impl Ctx {
         })
     }
 
+    /// A bucket's burst and rate per second, as assumed (or the spec's defaults).
+    pub fn bucket(&self, burst: (&str, u64), rate: (&str, u64)) -> (u64, u64) {
+        (
+            self.limit(burst.0, burst.1),
+            self.limit(rate.0, rate.1).max(1),
+        )
+    }
+
+    /// The per-identity bucket of account changes (burst, rate).
+    pub fn change_bucket(&self) -> (u64, u64) {
+        self.bucket(
+            ("change_burst_per_identity", 100),
+            ("change_rate_per_identity", 10),
+        )
+    }
+
+    /// Skips the case unless `requests` tokens of the bucket can be had quickly, or the run
+    /// is `--slow`: waiting for tokens beyond the burst takes `(requests − burst) / rate`.
+    pub fn affordable(&self, requests: u64, bucket: (u64, u64), what: &str) -> Step<()> {
+        let (burst, rate) = bucket;
+        let secs = requests.saturating_sub(burst) / rate.max(1);
+        if self.slow || Duration::from_secs(secs) <= FAST_TOKEN_WAIT {
+            return Ok(());
+        }
+        Err(Outcome::skip(format!(
+            "needs {requests} {what}, about {secs} s of rate-limit waits (burst {burst}, {rate}/s): \
+             run with --slow, or give the relay's smaller limits with --assume"
+        )))
+    }
+
     pub fn wait(&self) -> Duration {
         self.t.wait
     }
@@ -127,6 +188,7 @@ pub fn cases() -> Vec<CaseDef> {
     all.extend(session::cases());
     all.extend(app::cases());
     all.extend(send::cases());
+    all.extend(limits::cases());
     all.sort_by(|a, b| {
         super::section_key(super::section_of(a.id))
             .cmp(&super::section_key(super::section_of(b.id)))
@@ -135,9 +197,10 @@ pub fn cases() -> Vec<CaseDef> {
     all
 }
 
-/// Hard limit for one case: fast cases get a minute, slow ones the idle timeout and more.
-fn case_limit(def: &CaseDef) -> Duration {
-    if def.slow {
+/// Hard limit for one case: 90 s, or the idle timeout and more in a `--slow` run (slow cases,
+/// and cases that wait for many rate-limit tokens).
+fn case_limit(slow: bool) -> Duration {
+    if slow {
         Duration::from_secs(15 * 60)
     } else {
         Duration::from_secs(90)
@@ -159,13 +222,28 @@ pub async fn run(
         .filter(|c| selection.matches(c.id))
         .collect();
     let slow = selection.slow;
-    let mut stream = futures_util::stream::iter(selected.into_iter().map(|def| {
+    let (first, others): (Vec<CaseDef>, Vec<CaseDef>) =
+        selected.into_iter().partition(|c| c.alone == Alone::First);
+    let (last, rest): (Vec<CaseDef>, Vec<CaseDef>) =
+        others.into_iter().partition(|c| c.alone == Alone::Last);
+    let mut reports = Vec::new();
+    for def in first {
+        let report = run_one(def, target.clone(), slow).await;
+        progress(&report);
+        reports.push(report);
+    }
+    let mut stream = futures_util::stream::iter(rest.into_iter().map(|def| {
         let target = target.clone();
         async move { run_one(def, target, slow).await }
     }))
     .buffer_unordered(jobs.max(1));
-    let mut reports = Vec::new();
     while let Some(report) = stream.next().await {
+        progress(&report);
+        reports.push(report);
+    }
+    drop(stream);
+    for def in last {
+        let report = run_one(def, target.clone(), slow).await;
         progress(&report);
         reports.push(report);
     }
@@ -190,9 +268,10 @@ async fn run_one(def: CaseDef, target: Arc<Target>, slow: bool) -> CaseReport {
             t: target.clone(),
             log: log.clone(),
             cleanup: Arc::new(Mutex::new(Vec::new())),
+            slow,
         };
         let cleanup = cx.cleanup.clone();
-        let outcome = run_guarded((def.run)(cx), case_limit(&def)).await;
+        let outcome = run_guarded((def.run)(cx), case_limit(slow)).await;
         clean_up(&target, &log, &cleanup).await;
         outcome
     };
@@ -227,12 +306,12 @@ async fn clean_up(target: &Target, log: &Log, cleanup: &Cleanup) {
             };
             for device in devices {
                 let _ = p
-                    .call(Body::Unregister(Unregister { device_id: device }))
+                    .call_patiently(Body::Unregister(Unregister { device_id: device }))
                     .await;
             }
         }
     };
-    if tokio::time::timeout(Duration::from_secs(20), work)
+    if tokio::time::timeout(Duration::from_secs(30), work)
         .await
         .is_err()
     {

@@ -355,7 +355,6 @@ pub(super) fn cases() -> Vec<CaseDef> {
             }
         }),
         case!("8.3/sender-rate-limit", Must, "the sender's bucket refuses with RATE_LIMITED across recipients", |cx| {
-            let mut a = cx.node("A").await?;
             let burst = cx.limit("send_burst_per_identity", 1000);
             let pair_burst = cx.limit("send_burst_per_pair", 200);
             let recipients = (burst * 4 / (pair_burst * 3 / 4).max(1)).clamp(2, 60);
@@ -363,30 +362,46 @@ pub(super) fn cases() -> Vec<CaseDef> {
             for i in 0..recipients {
                 keys.push(cx.node(&format!("R{i}")).await?.key());
             }
-            let mut counts = vec![0u64; keys.len()];
-            let mut n = 0u64;
-            while n < burst * 4 {
-                let batch: Vec<usize> = (0..250u64).map(|k| ((n + k) as usize) % keys.len()).collect();
-                let bodies = batch.iter().map(|i| Body::Send(a.signed(&keys[*i], 1, 1, Bytes::new()))).collect();
-                for (r, i) in a.pipeline(bodies).await?.into_iter().zip(batch) {
-                    match r {
-                        Ok(_) => counts[i] += 1,
-                        Err(e) if e.code == ErrorCode::RateLimited as i32 => {
-                            if counts[i] + 10 >= pair_burst {
-                                return Err(Outcome::fail("the pair bucket refused first; cannot tell the sender bucket"));
+            for attempt in 0..2 {
+                let mut a = cx.node(&format!("A{attempt}")).await?;
+                let mut counts = vec![0u64; keys.len()];
+                let mut n = 0u64;
+                let mut refused = None;
+                'sending: while n < burst * 4 {
+                    let batch: Vec<usize> = (0..250u64).map(|k| ((n + k) as usize) % keys.len()).collect();
+                    let bodies = batch.iter().map(|i| Body::Send(a.signed(&keys[*i], 1, 1, Bytes::new()))).collect();
+                    for (r, i) in a.pipeline(bodies).await?.into_iter().zip(batch) {
+                        match r {
+                            Ok(_) => counts[i] += 1,
+                            Err(e) if e.code == ErrorCode::RateLimited as i32 => {
+                                if counts[i] + 10 >= pair_burst {
+                                    return Err(Outcome::fail("the pair bucket refused first; cannot tell the sender bucket"));
+                                }
+                                refused = Some(n);
+                                break 'sending;
                             }
-                            if n < burst {
-                                return Err(Outcome::fail(format!("refused after {n} sends, below the burst of {burst}")));
-                            }
-                            return Ok(Outcome::pass_with(format!("refused after {n} sends over {} recipients", keys.len())));
+                            Err(e) => return Err(Outcome::fail(format!("send {n}: {}", e.name()))),
                         }
-                        Err(e) => return Err(Outcome::fail(format!("send {n}: {}", e.name()))),
+                        n += 1;
                     }
-                    n += 1;
+                }
+                match refused {
+                    None => return Err(Outcome::fail(format!("{n} sends from one identity and the sender bucket never refused"))),
+                    // The address's bucket (shared with other sessions of this address, e.g.
+                    // an earlier run) may have refused first: once more when it is full.
+                    Some(n) if n < burst && attempt == 0 => {
+                        let (ip_burst, ip_rate) = cx.bucket(("send_burst_per_ip", 5000), ("send_rate_per_ip", 1000));
+                        let wait = Duration::from_secs((ip_burst / ip_rate.max(1)).clamp(1, 15));
+                        cx.note(format!("refused below the burst: waiting {wait:?} for the address's bucket to refill, then once more"));
+                        tokio::time::sleep(wait).await;
+                    }
+                    Some(n) if n < burst => return Err(Outcome::fail(format!("refused after {n} sends, below the burst of {burst}"))),
+                    Some(n) => return Ok(Outcome::pass_with(format!("refused after {n} sends over {} recipients", keys.len()))),
                 }
             }
-            Err(Outcome::fail("the sender bucket never refused"))
-        }),
+            Err(Outcome::fail("no attempt"))
+        })
+        .alone(super::Alone::First),
         case!("8.3/rate-limit-per-identity", Must, "buckets are keyed by identity, shared by all its sessions", |cx| {
             let (mut a, b) = pair(&cx).await?;
             let mut a2 = cx.probe_as("A2", a.identity.clone()).await?;
@@ -396,24 +411,6 @@ pub(super) fn cases() -> Vec<CaseDef> {
             let answers = a2.pipeline(bodies).await?;
             if answers.iter().any(|r| matches!(r, Err(e) if e.code == ErrorCode::RateLimited as i32)) { Ok(Outcome::pass()) } else {
                 Err(Outcome::fail("another session of the same identity got a full bucket"))
-            }
-        }),
-        case!("8.3/limiter-keys-full", Must, "when a limiter tracks its maximum of keys in use, a new key gets RATE_LIMITED with retry_after_ms ≥ 1", |cx| {
-            let keys = cx.need("max_rate_limited_keys")?;
-            if keys > 64 {
-                return Ok(Outcome::skip("max_rate_limited_keys above 64 is too many identities to fill"));
-            }
-            let b = cx.node("B").await?;
-            for i in 0..keys {
-                let mut s = cx.node(&format!("S{i}")).await?;
-                s.send_msg(&b.key(), 1, Bytes::new()).await?;
-            }
-            let mut last = cx.node("N").await?;
-            let req = last.signed(&b.key(), 1, 1, Bytes::new());
-            match last.call(Body::Send(req)).await? {
-                Err(e) if e.code == ErrorCode::RateLimited as i32 && e.retry_after_ms >= 1 => Ok(Outcome::pass()),
-                Err(e) => Err(Outcome::fail(format!("{} retry_after_ms {}", e.name(), e.retry_after_ms))),
-                Ok(_) => Err(Outcome::fail("a new key was admitted although all tracked keys were in use")),
             }
         }),
         // --- policy and tickets --------------------------------------------------------------

@@ -595,7 +595,7 @@ pub(super) fn cases() -> Vec<CaseDef> {
             let step = interval / 2;
             for i in 0..4 {
                 p.send_frame(&Frame::new(0, Body::Pong(Pong { id: format!("keep-{i}"), ping_id: "none".into() }))).await;
-                if p.relay_pings.len() > 0 {
+                if !p.relay_pings.is_empty() {
                     return Err(Outcome::fail("the relay probed although Pongs kept arriving"));
                 }
                 match p.quiet_for(step).await {

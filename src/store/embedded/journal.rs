@@ -482,7 +482,7 @@ impl Journal {
         loop {
             let (batch_first, batch_last, rotate_at, shutdown) = {
                 let mut pending = self.pending.lock();
-                while !(pending.kicked && !pending.buf.is_empty())
+                while (pending.buf.is_empty() || !pending.kicked)
                     && pending.rotate_at.is_none()
                     && !pending.shutdown
                 {
