@@ -27,12 +27,35 @@ use crate::store::{Listener, MailboxId};
 /// them all (later messages of a forgotten mailbox get `prev_id = None`, which costs a read).
 const MAX_TRACKED_MAILBOXES: usize = 200_000;
 
+/// Messages whose mailbox this relay remembers, so that an ack deletes them without reading
+/// them first; past this it forgets them all.
+const MAX_KNOWN_MESSAGES: usize = 262_144;
+
+/// Where a stored message belongs: mailbox, mailbox generation, payload length.
+pub type Placement = (MailboxId, u64, u64);
+
 /// What the feeds share with the store.
 pub struct Shared {
     pub listener: OnceLock<Arc<dyn Listener>>,
     pub names: Names,
     /// This relay instance, in the events it publishes.
     pub origin: u64,
+    /// Messages seen by the feed (or read), by id.
+    pub known: parking_lot::Mutex<AHashMap<u64, Placement>>,
+}
+
+impl Shared {
+    pub fn remember(&self, id: u64, placement: Placement) {
+        let mut known = self.known.lock();
+        if known.len() >= MAX_KNOWN_MESSAGES {
+            known.clear();
+        }
+        known.insert(id, placement);
+    }
+
+    pub fn forget(&self, id: u64) -> Option<Placement> {
+        self.known.lock().remove(&id)
+    }
 }
 
 /// Starts both feeds; they stop when `stop` is cancelled.
@@ -139,7 +162,7 @@ async fn run_feed(
                 Feed::Messages(last_seen) => {
                     let empty = async_nats::HeaderMap::new();
                     let headers = message.headers.as_ref().unwrap_or(&empty);
-                    let Some((mailbox, _, decoded)) = decode_message(
+                    let Some((mailbox, generation, decoded)) = decode_message(
                         &shared.names,
                         message.subject.as_str(),
                         sequence,
@@ -152,6 +175,10 @@ async fn run_feed(
                         last_seen.clear();
                     }
                     let prev = last_seen.insert(mailbox, sequence);
+                    shared.remember(
+                        sequence,
+                        (mailbox, generation, decoded.payload.len() as u64),
+                    );
                     listener.stored(&mailbox, &Arc::new(decoded), prev);
                 }
                 Feed::Events => {

@@ -169,6 +169,7 @@ impl NatsStore {
             listener: OnceLock::new(),
             names: cluster.names.clone(),
             origin: rand::random(),
+            known: Mutex::new(AHashMap::new()),
         });
         let stop = CancellationToken::new();
         feeds::start(
@@ -441,11 +442,17 @@ impl Inner {
     ) -> StoreResult<(Vec<u64>, u64)> {
         let results: Vec<StoreResult<Option<(u64, u64)>>> = futures_util::stream::iter(ids)
             .map(|id| async move {
-                let Some(message) = self.stored_message(mailbox, generation, id).await? else {
-                    return Ok(None);
+                // A message this relay saw is known to be of this mailbox; others are read
+                // first, so that an ack never deletes another mailbox's message.
+                let len = match self.shared.forget(id) {
+                    Some((of, gen, len)) if of == *mailbox && gen == generation => len,
+                    _ => match self.stored_message(mailbox, generation, id).await? {
+                        Some(message) => message.payload.len() as u64,
+                        None => return Ok(None),
+                    },
                 };
                 match self.messages().delete_message(id).await {
-                    Ok(true) => Ok(Some((id, message.payload.len() as u64))),
+                    Ok(true) => Ok(Some((id, len))),
                     Ok(false) => Ok(None),
                     Err(err) if err.to_string().contains("no message found") => Ok(None),
                     Err(err) => Err(unavailable(err)),
