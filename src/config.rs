@@ -634,4 +634,42 @@ mod tests {
             Config::load(None, vars(&[("BOTD_MAILBOX_MAX_MESSAGES", &too_many)])).unwrap_err();
         assert!(err.to_string().contains("mailbox_max_messages"), "{err}");
     }
+
+    #[test]
+    fn store_backend_is_embedded_or_a_nats_server_list() {
+        assert_eq!(
+            Config::default().store_backend().unwrap(),
+            StoreBackend::Embedded
+        );
+        let config = Config::load(
+            None,
+            vars(&[("BOTD_STORE", "nats://10.0.0.1:4222, 10.0.0.2:4223")]),
+        )
+        .unwrap();
+        assert_eq!(
+            config.store_backend().unwrap(),
+            StoreBackend::Nats(vec![
+                "nats://10.0.0.1:4222".into(),
+                "nats://10.0.0.2:4223".into()
+            ])
+        );
+        for bad in [
+            "nats://",
+            "nats://host",
+            "nats://host:port",
+            "redis://x:1",
+            "",
+        ] {
+            let err = Config::load(None, vars(&[("BOTD_STORE", bad)])).unwrap_err();
+            assert!(err.to_string().contains("store"), "{bad}: {err}");
+        }
+        for (var, value) in [
+            ("BOTD_NATS_REPLICAS", "2"),
+            ("BOTD_NATS_PREFIX", "a.b"),
+            ("BOTD_NATS_REQUEST_TIMEOUT", "1ms"),
+        ] {
+            let err = Config::load(None, vars(&[(var, value)])).unwrap_err();
+            assert!(err.to_string().contains("nats_"), "{var}={value}: {err}");
+        }
+    }
 }
