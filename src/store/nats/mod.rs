@@ -409,8 +409,9 @@ impl Inner {
         }
     }
 
-    /// Takes stored messages out of a mailbox's usage (after their deletion).
-    async fn release_usage(&self, mailbox: &MailboxId, messages: u64, bytes: u64) {
+    /// Takes stored messages out of a mailbox's usage (after their deletion); `highest` is the
+    /// highest id among them, remembered for `last_id`.
+    async fn release_usage(&self, mailbox: &MailboxId, messages: u64, bytes: u64, highest: u64) {
         if messages == 0 {
             return;
         }
@@ -424,6 +425,7 @@ impl Inner {
                 };
                 slot.messages = slot.messages.saturating_sub(messages);
                 slot.bytes = slot.bytes.saturating_sub(bytes);
+                slot.last_removed_id = slot.last_removed_id.max(highest);
                 Ok(Step::Write(account, ()))
             })
             .await;
@@ -476,7 +478,8 @@ impl Inner {
         }
         deleted.sort_unstable();
         // What was deleted is gone whatever else failed: count it out before reporting.
-        self.release_usage(mailbox, deleted.len() as u64, bytes)
+        let highest = deleted.last().copied().unwrap_or(0);
+        self.release_usage(mailbox, deleted.len() as u64, bytes, highest)
             .await;
         if !deleted.is_empty() {
             if let Some(listener) = self.listener() {
@@ -619,6 +622,16 @@ impl Inner {
     }
 
     async fn unregister(self: Arc<Self>, me: Identity, device: u32) -> StoreResult<()> {
+        let mailbox = MailboxId {
+            identity: me,
+            device,
+        };
+        // The mailbox's messages go: their highest id stays known, as ids continue if the
+        // device comes back.
+        let last_stored = self
+            .find_nonce(&self.shared.names.mailbox_filter(&mailbox))
+            .await?
+            .unwrap_or(0);
         let (keys_generation, removed) = self
             .update_account(&me, |account| {
                 let Some(mut account) = account.filter(|a| a.registered(device).is_some()) else {
@@ -626,6 +639,7 @@ impl Inner {
                 };
                 let slot = account.slot_mut(device).expect("registered");
                 let generation = slot.keys_generation;
+                slot.last_removed_id = slot.last_removed_id.max(last_stored);
                 slot.registered = false;
                 slot.messages = 0;
                 slot.bytes = 0;
@@ -644,11 +658,7 @@ impl Inner {
             .keys
             .purge(&keys_key(&me, device, keys_generation))
             .await;
-        self.close_mailbox(&MailboxId {
-            identity: me,
-            device,
-        })
-        .await;
+        self.close_mailbox(&mailbox).await;
         Ok(())
     }
 
@@ -911,7 +921,7 @@ impl Inner {
                         | jetstream::context::PublishErrorKind::BrokenPipe
                 );
                 if !open {
-                    self.release_usage(&msg.to, 1, len).await;
+                    self.release_usage(&msg.to, 1, len, 0).await;
                 }
                 if kind == jetstream::context::PublishErrorKind::WrongLastSequence {
                     // Stored meanwhile through another relay (or session): a duplicate.
@@ -987,9 +997,15 @@ impl Inner {
     }
 
     async fn last_id(self: Arc<Self>, mailbox: MailboxId) -> StoreResult<u64> {
-        self.mailbox_generation(&mailbox).await?;
+        let account = self.account(&mailbox.identity).await?.map(|(a, _)| a);
+        let removed = account
+            .as_ref()
+            .and_then(|a| a.registered(mailbox.device))
+            .map(|s| s.last_removed_id)
+            .ok_or(StoreError::NotRegistered(mailbox.device))?;
         let filter = self.shared.names.mailbox_filter(&mailbox);
-        Ok(self.find_nonce(&filter).await?.unwrap_or(0))
+        let stored = self.find_nonce(&filter).await?.unwrap_or(0);
+        Ok(stored.max(removed))
     }
 
     async fn ack(self: Arc<Self>, mailbox: MailboxId, mut ids: Vec<u64>) -> StoreResult<u32> {

@@ -36,6 +36,10 @@ pub struct DeviceSlot {
     pub messages: u64,
     #[prost(uint64, tag = "6")]
     pub bytes: u64,
+    /// The highest id of a message that left the mailbox (acked, expired, or dropped with an
+    /// earlier registration), so `last_id` still counts it once the message is gone.
+    #[prost(uint64, tag = "7")]
+    pub last_removed_id: u64,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
