@@ -6,7 +6,9 @@
 //!   prekeys popped exactly once by 50 fetchers spread over both relays, a ticket used once,
 //!   an idempotent resend through the other relay, unregistration seen by the other relay;
 //! * SIGKILL of one NATS node under load: every answered message is delivered as sent;
-//! * SIGKILL of one relay process: its client reconnects to the other and gets its backlog.
+//! * SIGKILL of one relay process: its client reconnects to the other and gets its backlog;
+//! * the NATS server gone and back: `INTERNAL` meanwhile, sessions stay up, then served again
+//!   and live delivery resumes.
 //!
 //! Every wait is bounded; assertions count, they do not time.
 
@@ -667,4 +669,57 @@ async fn sigkill_of_a_relay_its_clients_get_their_backlog_from_the_other() {
     assert_eq!(got, sent);
     assert_eq!(bob.ack(1, got).await.unwrap().deleted as usize, sent.len());
     assert_no_push(&mut bob, "nothing more").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_the_nats_server_answers_internal_and_the_relay_serves_again_after() {
+    let Some(bin) =
+        binary("losing_the_nats_server_answers_internal_and_the_relay_serves_again_after")
+    else {
+        return;
+    };
+    let mut nats = Nats::single(&bin).await;
+    let (relay, _app) = relay_on(relay_config(nats.store_setting(), &prefix("outage"), 1)).await;
+    let alice = relay.client().await;
+    let mut bob = relay.client().await;
+    alice.register(registration(1, 0)).await.unwrap();
+    bob.register(registration(1, 0)).await.unwrap();
+    bob.subscribe(1, 0).await.unwrap();
+    let first = alice.send_message(to(&bob, &b"before"[..])).await.unwrap();
+    assert_eq!(next_deliver(&mut bob).await.message_id, first.message_id);
+
+    nats.nodes[0].kill();
+    let outage = to(&bob, &b"during"[..]);
+    let answer = timeout(ARRIVES_WITHIN, alice.send_message(outage.clone()))
+        .await
+        .expect("answered within the request timeout");
+    assert_eq!(code(answer), ErrorCode::Internal);
+    // The sessions stay up meanwhile.
+    alice.ping().await.expect("session alive");
+    bob.ping().await.expect("session alive");
+
+    nats.nodes[0].restart();
+    // The client reconnects by itself; the retry (same nonce) goes through, bounded in tries.
+    let mut stored = None;
+    for _ in 0..50 {
+        match alice.send_message(outage.clone()).await {
+            Ok(sent) => {
+                stored = Some(sent);
+                break;
+            }
+            Err(err) if err.code() == Some(ErrorCode::Internal) => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Err(err) => panic!("unexpected answer {err}"),
+        }
+    }
+    let stored = stored.expect("the relay serves again after the server is back");
+    assert!(stored.message_id > first.message_id);
+    // Live delivery resumes too (the feed was recreated from where it stopped).
+    let delivered = next_deliver(&mut bob).await;
+    assert_eq!(
+        (delivered.message_id, &delivered.payload[..]),
+        (stored.message_id, &b"during"[..])
+    );
+    relay.stop().await;
 }
