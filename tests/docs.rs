@@ -11,5 +11,8 @@ fn readme_documents_every_config_field() {
         .keys()
         .filter(|field| !readme.contains(&format!("| `{field}` |")))
         .collect();
-    assert!(missing.is_empty(), "README.md has no table row for {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "README.md has no table row for {missing:?}"
+    );
 }

@@ -1314,7 +1314,10 @@ async fn a_stalled_subscriber_is_paused_not_dropped_and_gets_everything_when_it_
             match &frame.body {
                 Some(Body::Deliver(deliver)) => {
                     let expected = &sent[pushed.len()];
-                    assert_eq!((deliver.message_id, &deliver.payload), (expected.0, &expected.1));
+                    assert_eq!(
+                        (deliver.message_id, &deliver.payload),
+                        (expected.0, &expected.1)
+                    );
                     pushed.push(deliver.message_id);
                 }
                 other => panic!("unexpected push {other:?}"),

@@ -264,3 +264,14 @@ pub fn error_code(frame: &botd_relay::proto::Frame) -> botd_relay::proto::ErrorC
         other => panic!("expected an Error frame, got {other:?}"),
     }
 }
+
+/// A relay serving the application over `store` (any backend).
+pub async fn start_relay_on<S: botd_relay::store::Store>(
+    config: Config,
+    store: S,
+) -> (Relay, Arc<botd_relay::relay::Relay<S>>) {
+    let identity = KeyPair::generate();
+    let app = botd_relay::relay::Relay::new(Arc::new(config.clone()), *identity.public(), store);
+    let relay = start_as(config, identity, app.clone()).await;
+    (relay, app)
+}
