@@ -176,6 +176,10 @@ async fn run(config: Config, identity: botd_relay::core::keys::KeyPair) -> Resul
     let relay = Relay::new(config.clone(), *identity.public(), store.clone());
     let background = tokio_util::sync::CancellationToken::new();
     tokio::spawn(relay.clone().run_maintenance(background.clone()));
+    tokio::spawn(embedded::disk::run_disk_gauges(
+        config.data_dir.clone(),
+        background.clone(),
+    ));
     tokio::spawn(embedded::run_snapshots(
         store.clone(),
         config.clone(),
