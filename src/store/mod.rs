@@ -18,6 +18,7 @@
 //! seen is never given to another message after a crash.
 
 pub mod embedded;
+pub mod nats;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -441,3 +441,14 @@ pub async fn start_durable_relay(
     let relay = start_as(config, identity, app.clone()).await;
     (relay, app, store)
 }
+
+/// A relay serving the application over `store` (any backend).
+pub async fn start_relay_on<S: botd_relay::store::Store>(
+    config: Config,
+    store: S,
+) -> (Relay, Arc<botd_relay::relay::Relay<S>>) {
+    let identity = KeyPair::generate();
+    let app = botd_relay::relay::Relay::new(Arc::new(config.clone()), *identity.public(), store);
+    let relay = start_as(config, identity, app.clone()).await;
+    (relay, app)
+}

@@ -15,6 +15,7 @@
 //! the journal to cover the change under the fsync policy, then announces newly durable
 //! messages to the listener.
 
+pub mod disk;
 pub mod journal;
 pub mod mailbox;
 pub mod record;
