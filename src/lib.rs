@@ -18,6 +18,7 @@ pub mod clock;
 pub mod config;
 pub mod conformance;
 pub mod core;
+pub mod fdlimit;
 pub mod keyfile;
 pub mod memory;
 pub mod metrics;

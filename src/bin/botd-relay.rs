@@ -16,7 +16,7 @@ use botd_relay::store::embedded::{self, EmbeddedStore};
 use botd_relay::store::nats::NatsStore;
 use botd_relay::store::Store;
 use clap::{Parser, Subcommand};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 /// File name of the relay's identity key inside the data directory.
 const IDENTITY_FILE: &str = "identity.key";
@@ -117,6 +117,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Run => {
+            raise_open_files(config.max_connections);
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(runtime) => runtime,
                 Err(err) => {
@@ -133,6 +134,29 @@ fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+/// Each connection is a descriptor: lifts the soft limit to what `max_connections` needs (at
+/// most the hard limit) and warns when that is still short.
+fn raise_open_files(max_connections: usize) {
+    match botd_relay::fdlimit::raise_open_files(max_connections) {
+        Ok(Some(limit)) if !limit.fits(max_connections) => warn!(
+            open_files = limit.after,
+            hard_limit = limit.hard,
+            max_connections,
+            "the open-files limit is below max_connections: connections past it are refused at \
+             accept (raise `ulimit -Hn` / LimitNOFILE, or lower max_connections)"
+        ),
+        Ok(Some(limit)) if limit.after > limit.before => {
+            info!(
+                from = limit.before,
+                to = limit.after,
+                "open-files limit raised"
+            )
+        }
+        Ok(_) => {}
+        Err(err) => warn!(%err, "cannot raise the open-files limit"),
     }
 }
 
