@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# Side-by-side throughput run: botd-relay (once per fsync policy, plus any extra relay builds)
-# against NATS core and NATS JetStream, measured by one tool (`botd bench`) the same way.
+# Side-by-side throughput run: botd-relay (once per fsync policy, plus any extra relay builds,
+# plus relays on the JetStream store) against NATS core and NATS JetStream, measured by one tool
+# (`botd bench`) the same way.
 #
 #   benches/compare.sh [--duration 5s] [--warmup 2s] [--rounds 3] [--window 128]
 #                      [--scenarios "16:16:100 16:16:1KiB 1:1:100 1:1:1KiB"]
 #                      [--policies "always interval never"]
 #                      [--relay-bin [LABEL=]PATH]... [--extra-policies "interval"]
-#                      [--no-session-scenarios] [--out bench-results]
+#                      [--js-relays "r1 r3"] [--no-session-scenarios] [--no-build]
+#                      [--out bench-results]
 #
+# --js-relays: relays on the JetStream store (`store = "nats://…"`): r1 on the single
+# nats-server (1 replica), r3 on a local 3-node cluster (3 replicas); "" for none.
 # Every server runs pinned to CPU 1, the load generator to CPU 0. Each round runs every scenario
 # against every target one after the other (A B C A B C …). Results: bench-results/<date>.md,
 # <date>.svg and the raw <date>.jsonl. See docs/BENCHMARKS.md.
@@ -22,10 +26,12 @@ scenarios="16:16:100 16:16:1KiB 1:1:100 1:1:1KiB"
 policies="always interval never"
 extra_policies="interval"
 session_scenarios=1
+js_relays="r1 r3"
+build=1
 out=bench-results
 extra_bins=()
 
-usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -38,6 +44,8 @@ while [ $# -gt 0 ]; do
         --extra-policies) extra_policies=$2; shift 2 ;;
         --relay-bin) extra_bins+=("$2"); shift 2 ;;
         --no-session-scenarios) session_scenarios=0; shift ;;
+        --js-relays) js_relays=$2; shift 2 ;;
+        --no-build) build=0; shift ;;
         --out) out=$2; shift 2 ;;
         -h|--help) usage 0 ;;
         *) echo "compare.sh: unknown option $1" >&2; usage 2 ;;
@@ -58,8 +66,12 @@ rev=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 if ! git diff --quiet HEAD -- src Cargo.toml Cargo.lock proto build.rs 2>/dev/null; then
     rev="$rev (with uncommitted changes)"
 fi
-log "building the release binaries (cargo build --release)"
-cargo build --release --quiet --bin botd-relay --bin botd
+if [ "$build" = 1 ]; then
+    log "building the release binaries (cargo build --release)"
+    cargo build --release --quiet --bin botd-relay --bin botd
+else
+    rev="$rev (binaries as built before, --no-build)"
+fi
 target_dir=$(cargo metadata --format-version 1 --no-deps 2>/dev/null \
     | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
 target_dir=${target_dir:-target}
@@ -115,12 +127,44 @@ nats_addr=${line##* on }
 nats_version=$(nats-server --version 2>&1 | head -1)
 log "nats-server ($nats_version) with JetStream on $nats_addr, pid $nats_pid"
 
+# A local 3-node JetStream cluster for the R3 relay (same CPU as the other servers).
+cluster_pids=()
+cluster_url=
+if [[ " $js_relays " == *" r3 "* ]]; then
+    free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+    cports=(); rports=()
+    for i in 0 1 2; do cports+=("$(free_port)"); rports+=("$(free_port)"); done
+    for i in 0 1 2; do
+        routes=""
+        for j in 0 1 2; do [ "$j" = "$i" ] || routes="$routes${routes:+,}nats://127.0.0.1:${rports[$j]}"; done
+        mkdir -p "$tmp/cluster/n$i"
+        "${server_cpu[@]}" nats-server -js -sd "$tmp/cluster/n$i" -n "n$i" -a 127.0.0.1 -p "${cports[$i]}" \
+            --cluster_name botd-bench --cluster "nats://127.0.0.1:${rports[$i]}" --routes "$routes" \
+            >"$tmp/cluster/n$i.log" 2>&1 &
+        cluster_pids+=("$!")
+        pids+=("$!")
+    done
+    for i in 0 1 2; do
+        wait_for_line "$tmp/cluster/n$i.log" "Server is ready" >/dev/null \
+            || { cat "$tmp/cluster/n$i.log" >&2; log "cluster node n$i did not start"; exit 1; }
+    done
+    cluster_url="nats://127.0.0.1:${cports[0]},127.0.0.1:${cports[1]},127.0.0.1:${cports[2]}"
+    # JetStream in a cluster needs its meta leader before a stream can be created.
+    wait_for_line "$tmp/cluster/n0.log" "JetStream cluster new metadata leader|Self is new JetStream cluster metadata leader" >/dev/null \
+        || for i in 1 2; do wait_for_line "$tmp/cluster/n$i.log" "metadata leader" >/dev/null && break; done
+    sleep 2
+    log "3-node JetStream cluster on $cluster_url, pids ${cluster_pids[*]}"
+fi
+
 unlimited='{ per_second = 100000000.0, burst = 100000000 }'
-# Starts relay binary $2 with fsync policy $3 under label $1.
+declare -A store_of nats_pids_of
+# Starts relay binary $2 with fsync policy $3 under label $1 (on store $4 if given, default
+# embedded; $5: its JetStream replicas).
 start_relay() {
-    local label=$1 bin=$2 policy=$3 dir
+    local label=$1 bin=$2 policy=$3 store=${4:-embedded} replicas=${5:-1} dir
     dir=$(mktemp -d "$tmp/relay.XXXXXX")
-    env BOTD_SEND_RATE_PER_IDENTITY="$unlimited" BOTD_SEND_RATE_PER_PAIR="$unlimited" \
+    env BOTD_STORE="$store" BOTD_NATS_REPLICAS="$replicas" BOTD_NATS_PREFIX="bench$RANDOM" \
+        BOTD_SEND_RATE_PER_IDENTITY="$unlimited" BOTD_SEND_RATE_PER_PAIR="$unlimited" \
         BOTD_SEND_RATE_PER_IP="$unlimited" BOTD_ACK_RATE_PER_IDENTITY="$unlimited" \
         BOTD_CHANGE_RATE_PER_IDENTITY="$unlimited" BOTD_CHANGE_RATE_PER_IP="$unlimited" \
         BOTD_PREKEY_FETCH_RATE="$unlimited" BOTD_HANDSHAKE_RATE_PER_IP="$unlimited" \
@@ -147,6 +191,15 @@ start_relay() {
 for policy in $policies; do
     start_relay "botd $policy" "$relay_bin" "$policy"
 done
+for js in $js_relays; do
+    case "$js" in
+        r1) start_relay "botd JS R1" "$relay_bin" interval "nats://$nats_addr" 1
+            nats_pids_of["botd JS R1"]=$nats_pid ;;
+        r3) start_relay "botd JS R3" "$relay_bin" interval "$cluster_url" 3
+            nats_pids_of["botd JS R3"]="${cluster_pids[*]}" ;;
+        *) log "--js-relays: unknown $js (r1, r3)"; exit 2 ;;
+    esac
+done
 extra_labels=()
 for spec in "${extra_bins[@]}"; do
     if [[ $spec == *=* ]]; then name=${spec%%=*}; path=${spec#*=}; else name=$(basename "$(dirname "$(dirname "$(dirname "$spec")")")"); path=$spec; fi
@@ -169,14 +222,29 @@ date=$(date -u +%Y-%m-%d)
 started=$(date -u '+%Y-%m-%d %H:%M')
 mkdir -p "$out"
 results="$out/$date.jsonl"
+nats_cpu="$out/$date-jetstream-store-cpu.tsv"
 : >"$results"
+printf 'target\tround\tscenario\tnats-server CPU s\tmessages (est.)\tnats-server CPU µs/msg\n' >"$nats_cpu"
 failures="$tmp/failures"
 : >"$failures"
+
+# CPU seconds (user + system) the processes $@ used so far.
+cpu_seconds() {
+    local total=0 pid ticks
+    for pid in "$@"; do
+        ticks=$(awk '{ print $14 + $15 }' "/proc/$pid/stat" 2>/dev/null || echo 0)
+        total=$((total + ticks))
+    done
+    awk -v t="$total" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.3f", t / hz }'
+}
 
 # Runs `botd bench SCENARIO` against target $1 with the rest as arguments.
 bench() {
     local label=$1 scenario=$2 round=$3
     shift 3
+    local nats_pids=${nats_pids_of[$label]:-} nats_before=
+    # shellcheck disable=SC2086
+    if [ -n "$nats_pids" ]; then nats_before=$(cpu_seconds $nats_pids); fi
     local target=${addr_of[$label]} key_args=()
     if [ "${kind_of[$label]}" = botd ]; then key_args=(--server-key "${key_of[$label]}"); fi
     log "round $round: $scenario $* → $label"
@@ -186,6 +254,18 @@ bench() {
         >>"$results" 2>"$tmp/run.err"; then
         log "FAILED: round $round $scenario $* → $label: $(tail -3 "$tmp/run.err")"
         echo "round $round, $scenario $*, $label: $(tail -1 "$tmp/run.err")" >>"$failures"
+    elif [ -n "$nats_pids" ]; then
+        # nats-server CPU behind a relay on the JetStream store, per message (the sample spans
+        # warm-up and measurement, so it is divided by the messages of both, estimated from the
+        # measured rate).
+        local used ops
+        # shellcheck disable=SC2086
+        used=$(awk -v a="$nats_before" -v b="$(cpu_seconds $nats_pids)" 'BEGIN { print b - a }')
+        ops=$(tail -1 "$results" | sed -n 's/.*"ops_per_s":\([0-9.]*\).*/\1/p')
+        awk -v label="$label" -v round="$round" -v what="$scenario $*" -v used="$used" \
+            -v rate="${ops:-0}" -v secs="$(( ${duration%s} + ${warmup%s} ))" \
+            'BEGIN { n = rate * secs; printf "%s\t%s\t%s\t%.2f\t%.0f\t%.1f\n", label, round, what, used, n, (n > 0 ? used * 1e6 / n : 0) }' \
+            >>"$nats_cpu"
     fi
     grep -v '^$' "$tmp/run.err" | sed 's/^/    /' >&2 || true
 }
@@ -217,7 +297,8 @@ cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)
 meta=(
     --meta "date (UTC)=$started"
     --meta "relay build=$rev ($relay_bin)"
-    --meta "nats-server=$nats_version, JetStream file store in a temp dir, one replica"
+    --meta "nats-server=$nats_version, JetStream file store in a temp dir, one replica (the R3 relay: a local 3-node cluster, three replicas)"
+    --meta "JetStream-store relays=${js_relays:-none}: server CPU is the relay's; nats-server's is in $(basename "$nats_cpu")"
     --meta "machine=$(nproc) × ${cpu:-unknown CPU}, Linux $(uname -r)"
     --meta "pinning=$pinning"
     --meta "per run=$warmup warm-up, then $duration measured; rounds: $rounds, targets alternating (A B C A B C …)"
@@ -234,5 +315,17 @@ if [ -s "$failures" ]; then
         sed 's/^/* /' "$failures"
     } >>"$out/$date.md"
     log "some runs failed, see $out/$date.md"
+fi
+if [ "$(wc -l <"$nats_cpu")" -gt 1 ]; then
+    {
+        echo
+        echo "## nats-server CPU behind the relays on the JetStream store"
+        echo
+        echo "| target | round | scenario | nats-server CPU s | messages (est.) | nats-server CPU µs/msg |"
+        echo "| --- | --- | --- | --- | --- | --- |"
+        tail -n +2 "$nats_cpu" | awk -F'\t' '{ printf "| %s | %s | %s | %s | %s | %s |\n", $1, $2, $3, $4, $5, $6 }'
+    } >>"$out/$date.md"
+else
+    rm -f "$nats_cpu"
 fi
 log "wrote $out/$date.md, $out/$date.svg and $results"

@@ -149,7 +149,7 @@ fn varint_field_len(tag: u32, value: u64) -> usize {
     }
 }
 
-fn varint_field(tag: u32, value: u64, buf: &mut Vec<u8>) {
+fn varint_field(tag: u32, value: u64, buf: &mut impl BufMut) {
     if value != 0 {
         encode_key(tag, WireType::Varint, buf);
         encode_varint(value, buf);
@@ -164,7 +164,7 @@ fn bytes_field_len(tag: u32, len: usize) -> usize {
     }
 }
 
-fn bytes_field(tag: u32, value: &[u8], buf: &mut Vec<u8>) {
+fn bytes_field(tag: u32, value: &[u8], buf: &mut impl BufMut) {
     if !value.is_empty() {
         encode_key(tag, WireType::LengthDelimited, buf);
         encode_varint(value.len() as u64, buf);
@@ -185,8 +185,13 @@ fn deliver_len(device: u32, m: &Message) -> usize {
         + varint_field_len(9, m.received_at_ms)
 }
 
-/// `Frame { id: frame_id, deliver: <m for device> }` in protobuf's canonical encoding.
-fn encode_deliver_frame(frame_id: u64, device: u32, m: &Message, buf: &mut Vec<u8>) {
+/// Bytes of a `Deliver` frame before its payload, at most: frame id, the body's key and length,
+/// fields 1 to 7 and field 8's key and length.
+const DELIVER_HEAD_MAX: usize = 11 + 6 + 11 + 35 + 6 + 6 + 10 + 34 + 66 + 6;
+
+/// `Frame { id: frame_id, deliver: <m for device> }` in protobuf's canonical encoding, up to
+/// and including the payload's length (the payload and field 9 follow).
+fn encode_deliver_head(frame_id: u64, device: u32, m: &Message, buf: &mut impl BufMut) {
     varint_field(FRAME_ID_TAG, frame_id, buf);
     encode_key(FRAME_DELIVER_TAG, WireType::LengthDelimited, buf);
     encode_varint(deliver_len(device, m) as u64, buf);
@@ -197,8 +202,10 @@ fn encode_deliver_frame(frame_id: u64, device: u32, m: &Message, buf: &mut Vec<u
     bytes_field(5, &m.nonce, buf);
     bytes_field(6, &m.payload_hash, buf);
     bytes_field(7, &m.signature, buf);
-    bytes_field(8, &m.payload, buf);
-    varint_field(9, m.received_at_ms, buf);
+    if !m.payload.is_empty() {
+        encode_key(8, WireType::LengthDelimited, buf);
+        encode_varint(m.payload.len() as u64, buf);
+    }
 }
 
 impl Outgoing {
@@ -228,9 +235,19 @@ impl Outgoing {
                 frame_id,
                 device,
                 message,
-            } => session.send_encoded(self.encoded_len(), true, |buf| {
-                encode_deliver_frame(*frame_id, *device, message, buf)
-            }),
+            } => {
+                // Everything but the payload (and the time after it) is encoded here; the
+                // payload is encrypted from where the store keeps it.
+                let mut head = [0u8; DELIVER_HEAD_MAX];
+                let mut tail = [0u8; 16];
+                let (head_len, tail_len) = {
+                    let (mut h, mut t) = (&mut head[..], &mut tail[..]);
+                    encode_deliver_head(*frame_id, *device, message, &mut h);
+                    varint_field(9, message.received_at_ms, &mut t);
+                    (DELIVER_HEAD_MAX - h.len(), 16 - t.len())
+                };
+                session.send_parts(&[&head[..head_len], &message.payload, &tail[..tail_len]])
+            }
         }
     }
 
@@ -516,7 +533,7 @@ mod tests {
     }
 
     #[test]
-    fn a_deliver_encoded_by_hand_is_the_protobuf_encoding() {
+    fn a_deliver_sealed_from_parts_is_the_protobuf_encoding() {
         for (id, payload, time) in [
             (1u64, &b"hello"[..], 1_767_225_600_000u64),
             (0, &b""[..], 0),
@@ -539,15 +556,30 @@ mod tests {
             };
             let expected = out.clone().into_frame().encode_to_vec();
             assert_eq!(out.encoded_len(), expected.len());
-            let mut buf = Vec::new();
-            if let Outgoing::Deliver {
-                frame_id,
-                device,
-                message,
-            } = &out
-            {
-                encode_deliver_frame(*frame_id, *device, message, &mut buf);
-            }
+            // Sealed as a connection seals it, then opened: the plaintext is the encoding.
+            let keys = |b: u8| crate::core::cipher::DirectionKeys {
+                enc: [b; 32],
+                mac: [b + 1; 32],
+            };
+            let mut session = Session::responder(
+                crate::core::handshake::SessionKeys {
+                    send: keys(1),
+                    recv: keys(3),
+                },
+                crate::core::session::Timers {
+                    ping_min_interval: std::time::Duration::from_secs(30),
+                    probe_after: None,
+                    keepalive_after: None,
+                    pong_timeout: std::time::Duration::from_secs(20),
+                    idle_timeout: None,
+                },
+                1 << 20,
+                tokio::time::Instant::now(),
+            );
+            out.seal(&mut session).unwrap();
+            let wire = session.poll_transmit().unwrap();
+            let mut opener = crate::core::cipher::Opener::new(keys(1));
+            let buf = opener.open(bytes::BytesMut::from(&wire[4..])).unwrap();
             assert_eq!(&buf[..], &expected[..]);
         }
     }

@@ -3,13 +3,13 @@
 //! owns the socket and the session; the [`Client`] talks to it over bounded channels.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{sleep_until, timeout, Instant};
 use tokio_util::codec::FramedRead;
@@ -87,6 +87,8 @@ pub struct ClientOptions {
     pub push_buffer: usize,
     /// Send keepalive pings so the relay does not close a quiet session (e.g. a listener).
     pub keepalive: bool,
+    /// The local address to connect from (any port); `None` lets the system choose.
+    pub local_ip: Option<IpAddr>,
 }
 
 impl Default for ClientOptions {
@@ -98,6 +100,7 @@ impl Default for ClientOptions {
             max_relay_frame_len: 16 << 20,
             push_buffer: 1024,
             keepalive: true,
+            local_ip: None,
         }
     }
 }
@@ -139,7 +142,18 @@ impl Client {
         relay: PublicKeyBytes,
         options: ClientOptions,
     ) -> Result<Self, ClientError> {
-        let stream = TcpStream::connect(addr).await?;
+        let stream = match options.local_ip {
+            None => TcpStream::connect(addr).await?,
+            Some(ip) => {
+                let socket = if ip.is_ipv4() {
+                    TcpSocket::new_v4()?
+                } else {
+                    TcpSocket::new_v6()?
+                };
+                socket.bind(SocketAddr::new(ip, 0))?;
+                socket.connect(addr).await?
+            }
+        };
         let _ = stream.set_nodelay(true);
         let (read, mut write) = stream.into_split();
         let mut reader = FramedRead::new(read, FrameCodec::new(options.max_frame_len));

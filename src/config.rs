@@ -250,6 +250,30 @@ pub struct Config {
     pub snapshot_interval: Duration,
     /// A snapshot is also written once this many journal bytes accumulated since the last one.
     pub snapshot_journal_bytes: u64,
+
+    // --- Store backend ---
+    /// Where the relay keeps its state: `embedded` (memory, journal and snapshots under
+    /// `data_dir`) or `nats://HOST:PORT[,HOST:PORT…]` (a NATS JetStream cluster shared by any
+    /// number of relays; see docs/SCALING.md).
+    pub store: String,
+    /// JetStream replicas of every stream and bucket the relay creates: 1, or 3 on a cluster of
+    /// at least three servers. Streams that already exist keep theirs.
+    pub nats_replicas: usize,
+    /// How long one JetStream request (publish acknowledgement, read, compare-and-set) may take
+    /// before the request that needed it fails with `INTERNAL`; also the connect timeout.
+    #[serde(with = "humantime_serde")]
+    pub nats_request_timeout: Duration,
+    /// Prefix of every stream, bucket and subject name on the cluster (letters, digits, `_`,
+    /// `-`): relays with the same prefix share one state, other prefixes are independent.
+    pub nats_prefix: String,
+}
+
+/// The `store` setting, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreBackend {
+    Embedded,
+    /// NATS server URLs (`nats://HOST:PORT` each).
+    Nats(Vec<String>),
 }
 
 impl Default for Config {
@@ -315,6 +339,10 @@ impl Default for Config {
             journal_max_pending_bytes: 64 << 20,
             snapshot_interval: Duration::from_secs(300),
             snapshot_journal_bytes: 256 << 20,
+            store: "embedded".into(),
+            nats_replicas: 1,
+            nats_request_timeout: Duration::from_secs(5),
+            nats_prefix: "botd".into(),
         }
     }
 }
@@ -360,9 +388,54 @@ impl Config {
         Ok(config)
     }
 
+    /// The store backend `store` names.
+    pub fn store_backend(&self) -> Result<StoreBackend, ConfigError> {
+        let text = self.store.trim();
+        if text == "embedded" {
+            return Ok(StoreBackend::Embedded);
+        }
+        let Some(rest) = text.strip_prefix("nats://") else {
+            return Err(ConfigError::Invalid(format!(
+                "store must be `embedded` or `nats://HOST:PORT[,HOST:PORT…]`, got {text:?}"
+            )));
+        };
+        let mut urls = Vec::new();
+        for part in rest.split(',') {
+            let host_port = part.trim().trim_start_matches("nats://");
+            let valid = host_port
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if !valid {
+                return Err(ConfigError::Invalid(format!(
+                    "store: {part:?} is not HOST:PORT"
+                )));
+            }
+            urls.push(format!("nats://{host_port}"));
+        }
+        Ok(StoreBackend::Nats(urls))
+    }
+
     /// Rejects settings that cannot work together.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let fail = |msg: &str| Err(ConfigError::Invalid(msg.to_owned()));
+        self.store_backend()?;
+        if self.nats_replicas != 1 && self.nats_replicas != 3 {
+            return fail("nats_replicas must be 1 or 3");
+        }
+        if self.nats_request_timeout < Duration::from_millis(100)
+            || self.nats_request_timeout > Duration::from_secs(600)
+        {
+            return fail("nats_request_timeout must be between 100ms and 10m");
+        }
+        if self.nats_prefix.is_empty()
+            || self.nats_prefix.len() > 32
+            || !self
+                .nats_prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return fail("nats_prefix must be 1 to 32 letters, digits, `_` or `-`");
+        }
         if self.max_frame_len < 1024 {
             return fail("max_frame_len must be at least 1024");
         }
@@ -560,5 +633,43 @@ mod tests {
         let err =
             Config::load(None, vars(&[("BOTD_MAILBOX_MAX_MESSAGES", &too_many)])).unwrap_err();
         assert!(err.to_string().contains("mailbox_max_messages"), "{err}");
+    }
+
+    #[test]
+    fn store_backend_is_embedded_or_a_nats_server_list() {
+        assert_eq!(
+            Config::default().store_backend().unwrap(),
+            StoreBackend::Embedded
+        );
+        let config = Config::load(
+            None,
+            vars(&[("BOTD_STORE", "nats://10.0.0.1:4222, 10.0.0.2:4223")]),
+        )
+        .unwrap();
+        assert_eq!(
+            config.store_backend().unwrap(),
+            StoreBackend::Nats(vec![
+                "nats://10.0.0.1:4222".into(),
+                "nats://10.0.0.2:4223".into()
+            ])
+        );
+        for bad in [
+            "nats://",
+            "nats://host",
+            "nats://host:port",
+            "redis://x:1",
+            "",
+        ] {
+            let err = Config::load(None, vars(&[("BOTD_STORE", bad)])).unwrap_err();
+            assert!(err.to_string().contains("store"), "{bad}: {err}");
+        }
+        for (var, value) in [
+            ("BOTD_NATS_REPLICAS", "2"),
+            ("BOTD_NATS_PREFIX", "a.b"),
+            ("BOTD_NATS_REQUEST_TIMEOUT", "1ms"),
+        ] {
+            let err = Config::load(None, vars(&[(var, value)])).unwrap_err();
+            assert!(err.to_string().contains("nats_"), "{var}={value}: {err}");
+        }
     }
 }

@@ -19,6 +19,7 @@ pub mod clock;
 pub mod config;
 pub mod conformance;
 pub mod core;
+pub mod fdlimit;
 pub mod fuzzing;
 pub mod keyfile;
 pub mod memory;

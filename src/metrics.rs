@@ -32,6 +32,8 @@ pub const ACCOUNTS_REMOVED: &str = "botd_accounts_removed_total";
 pub const IDENTITIES: &str = "botd_identities";
 pub const JOURNAL_PENDING_BYTES: &str = "botd_journal_pending_bytes";
 pub const JOURNAL_BACKPRESSURE: &str = "botd_journal_backpressure_total";
+pub const STORE_DISK_BYTES: &str = "botd_store_disk_bytes";
+pub const STORE_DISK_AVAILABLE_BYTES: &str = "botd_store_disk_available_bytes";
 pub const RATE_LIMITED: &str = "botd_rate_limited_total";
 pub const QUOTA_HITS: &str = "botd_quota_hits_total";
 

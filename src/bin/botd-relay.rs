@@ -1,5 +1,6 @@
 //! The relay server: `botd-relay [--listen ADDR] [--data-dir DIR] [--metrics-listen ADDR|off]
-//! [--config FILE]`, and `botd-relay pubkey --data-dir DIR`.
+//! [--store embedded|nats://HOST:PORT[,…]] [--config FILE]`, and `botd-relay pubkey --data-dir
+//! DIR`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -8,11 +9,14 @@ use botd_relay::config::{Config, MetricsListen};
 use botd_relay::keyfile;
 use std::sync::Arc;
 
+use botd_relay::config::StoreBackend;
 use botd_relay::net::Server;
 use botd_relay::relay::Relay;
 use botd_relay::store::embedded::{self, EmbeddedStore};
+use botd_relay::store::nats::NatsStore;
+use botd_relay::store::Store;
 use clap::{Parser, Subcommand};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 /// File name of the relay's identity key inside the data directory.
 const IDENTITY_FILE: &str = "identity.key";
@@ -37,6 +41,10 @@ struct RunArgs {
     /// Prometheus exporter address, or `off` [default: 127.0.0.1:9946]
     #[arg(long, value_name = "ADDR|off", global = true)]
     metrics_listen: Option<MetricsListen>,
+    /// Store backend: `embedded`, or `nats://HOST:PORT[,HOST:PORT…]` for a JetStream cluster
+    /// shared with other relays [default: embedded]
+    #[arg(long, value_name = "BACKEND", global = true)]
+    store: Option<String>,
     /// TOML file with any `Config` field (see README); flags and BOTD_* variables override it
     #[arg(long, value_name = "FILE", global = true)]
     config: Option<PathBuf>,
@@ -63,6 +71,10 @@ fn load_config(args: &RunArgs) -> Result<Config, String> {
     }
     if let Some(metrics) = args.metrics_listen {
         config.metrics_listen = metrics;
+    }
+    if let Some(store) = &args.store {
+        config.store = store.clone();
+        config.validate().map_err(|e| e.to_string())?;
     }
     Ok(config)
 }
@@ -105,6 +117,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Run => {
+            raise_open_files(config.max_connections);
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(runtime) => runtime,
                 Err(err) => {
@@ -124,13 +137,53 @@ fn main() -> ExitCode {
     }
 }
 
+/// Each connection is a descriptor: lifts the soft limit to what `max_connections` needs (at
+/// most the hard limit) and warns when that is still short.
+fn raise_open_files(max_connections: usize) {
+    match botd_relay::fdlimit::raise_open_files(max_connections) {
+        Ok(Some(limit)) if !limit.fits(max_connections) => warn!(
+            open_files = limit.after,
+            hard_limit = limit.hard,
+            max_connections,
+            "the open-files limit is below max_connections: connections past it are refused at \
+             accept (raise `ulimit -Hn` / LimitNOFILE, or lower max_connections)"
+        ),
+        Ok(Some(limit)) if limit.after > limit.before => {
+            info!(
+                from = limit.before,
+                to = limit.after,
+                "open-files limit raised"
+            )
+        }
+        Ok(_) => {}
+        Err(err) => warn!(%err, "cannot raise the open-files limit"),
+    }
+}
+
 async fn run(config: Config, identity: botd_relay::core::keys::KeyPair) -> Result<(), String> {
     if let MetricsListen::At(addr) = config.metrics_listen {
         botd_relay::metrics::install_prometheus(addr)
             .map_err(|err| format!("cannot serve metrics on {addr}: {err}"))?;
         info!(%addr, "metrics exporter listening");
     }
-    let listen = config.listen;
+    if let Ok(StoreBackend::Nats(urls)) = config.store_backend() {
+        let store = NatsStore::connect(&config)
+            .await
+            .map_err(|err| err.to_string())?;
+        info!(
+            servers = urls.join(","),
+            prefix = config.nats_prefix,
+            replicas = config.nats_replicas,
+            "JetStream store connected"
+        );
+        let config = Arc::new(config);
+        let relay = Relay::new(config.clone(), *identity.public(), store);
+        let background = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(relay.clone().run_maintenance(background.clone()));
+        serve(config, identity, relay).await?;
+        background.cancel();
+        return Ok(());
+    }
     let clock = botd_relay::clock::Clock::new();
     let (store, report) =
         EmbeddedStore::open(&config, clock.now_ms()).map_err(|err| err.to_string())?;
@@ -147,13 +200,35 @@ async fn run(config: Config, identity: botd_relay::core::keys::KeyPair) -> Resul
     let relay = Relay::new(config.clone(), *identity.public(), store.clone());
     let background = tokio_util::sync::CancellationToken::new();
     tokio::spawn(relay.clone().run_maintenance(background.clone()));
+    tokio::spawn(embedded::disk::run_disk_gauges(
+        config.data_dir.clone(),
+        background.clone(),
+    ));
     tokio::spawn(embedded::run_snapshots(
         store.clone(),
         config.clone(),
         *relay.clock(),
         background.clone(),
     ));
-    let server = Server::bind((*config).clone(), identity, relay.clone())
+    serve(config.clone(), identity, relay.clone()).await?;
+    background.cancel();
+    let now_ms = relay.clock().now_ms();
+    tokio::task::spawn_blocking(move || store.close(now_ms))
+        .await
+        .map_err(|err| err.to_string())?
+        .map_err(|err| format!("final snapshot failed: {err}"))?;
+    info!("store saved");
+    Ok(())
+}
+
+/// Serves the relay application until SIGINT or SIGTERM.
+async fn serve<S: Store>(
+    config: Arc<Config>,
+    identity: botd_relay::core::keys::KeyPair,
+    relay: Arc<Relay<S>>,
+) -> Result<(), String> {
+    let listen = config.listen;
+    let server = Server::bind((*config).clone(), identity, relay)
         .await
         .map_err(|err| format!("cannot listen on {listen}: {err}"))?;
     let addr = server.local_addr().map_err(|err| err.to_string())?;
@@ -168,13 +243,6 @@ async fn run(config: Config, identity: botd_relay::core::keys::KeyPair) -> Resul
         handle.shutdown();
     });
     server.run().await;
-    background.cancel();
-    let now_ms = relay.clock().now_ms();
-    tokio::task::spawn_blocking(move || store.close(now_ms))
-        .await
-        .map_err(|err| err.to_string())?
-        .map_err(|err| format!("final snapshot failed: {err}"))?;
-    info!("store saved");
     Ok(())
 }
 

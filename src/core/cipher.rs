@@ -121,13 +121,6 @@ impl DirectionState {
         self.ctr().apply_keystream(data);
     }
 
-    /// Encrypts `input` into `out` in one pass.
-    fn keystream_into(&mut self, input: &[u8], out: &mut [u8]) {
-        self.ctr()
-            .apply_keystream_b2b(input, out)
-            .expect("input and output have the same length");
-    }
-
     fn tag_mac(&mut self, ciphertext: &[u8]) -> HmacSha256 {
         let seq = self.seq;
         let mut mac = self.keyed().mac.clone();
@@ -200,13 +193,26 @@ impl Sealer {
 
     /// Seals a plaintext given as bytes, appending the wire frame to `out`.
     pub fn seal_bytes(&mut self, out: &mut BytesMut, plaintext: &[u8]) {
-        let body_len = plaintext.len() + TAG_LEN;
+        self.seal_parts(out, &[plaintext]);
+    }
+
+    /// Seals the plaintext made of `parts` one after the other, encrypting each straight from
+    /// where it lies (a stored payload is not copied into a plaintext buffer first).
+    pub fn seal_parts(&mut self, out: &mut BytesMut, parts: &[&[u8]]) {
+        let plaintext_len: usize = parts.iter().map(|p| p.len()).sum();
+        let body_len = plaintext_len + TAG_LEN;
         out.reserve(4 + body_len);
         out.put_u32(body_len as u32);
         let start = out.len();
-        out.resize(start + plaintext.len(), 0);
+        out.resize(start + plaintext_len, 0);
         let state = &mut self.0;
-        state.keystream_into(plaintext, &mut out[start..]);
+        let mut ctr = state.ctr();
+        let mut at = start;
+        for part in parts {
+            ctr.apply_keystream_b2b(part, &mut out[at..at + part.len()])
+                .expect("input and output have the same length");
+            at += part.len();
+        }
         let tag = state.tag_mac(&out[start..]).finalize().into_bytes();
         out.extend_from_slice(&tag[..TAG_LEN]);
         state.advance();

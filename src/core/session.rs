@@ -396,6 +396,23 @@ impl Session {
         Ok(())
     }
 
+    /// Seals a plaintext given in parts (see [`Sealer::seal_parts`]) into the outbox.
+    pub fn send_parts(&mut self, parts: &[&[u8]]) -> Result<(), SessionError> {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        if len + TAG_LEN > self.peer_max_frame_len as usize {
+            return Err(SessionError::FrameTooLarge {
+                len: len + TAG_LEN,
+                max: self.peer_max_frame_len,
+            });
+        }
+        self.sent_active = true;
+        if self.outbox.capacity() == 0 {
+            self.outbox.reserve(OUTBOX_START.max(len + TAG_LEN + 4));
+        }
+        self.sealer.seal_parts(&mut self.outbox, parts);
+        Ok(())
+    }
+
     /// Seals bytes that need not be a `Frame` and returns the wire frame without queuing it.
     /// For conformance tests that must send what a correct peer never would.
     pub fn seal_plaintext(&mut self, plaintext: &[u8]) -> Bytes {

@@ -992,14 +992,38 @@ fn relay_data_dir() -> RawFiles {
     let _ = state.append(message(1));
     store.flush();
     store.snapshot(1_700_000_000_100).expect("a snapshot");
-    let _ = state.register(&bob, registration, 1_700_000_000_000);
-    let _ = state.append(message(2));
-    let _ = state.ack(
-        &MailboxId {
-            identity: alice,
-            device: 1,
-        },
-        &[1],
+    // Each change written on its own (a batch of one), so that the journal's batch markers
+    // fall in the same places on every run.
+    let written = |lsn: Option<u64>| {
+        let journal = store.journal().expect("a journal");
+        let lsn = lsn.expect("the change is recorded");
+        for _ in 0..10_000 {
+            journal.kick();
+            if journal.progress().durable() >= lsn {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        panic!("lsn {lsn} is never written");
+    };
+    written(
+        state
+            .register(&bob, registration, 1_700_000_000_000)
+            .ok()
+            .map(|c| c.lsn),
+    );
+    written(state.append(message(2)).ok().map(|c| c.lsn));
+    written(
+        state
+            .ack(
+                &MailboxId {
+                    identity: alice,
+                    device: 1,
+                },
+                &[1],
+            )
+            .ok()
+            .map(|c| c.lsn),
     );
     store.journal().expect("a journal").shutdown();
     drop(store);

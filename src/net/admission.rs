@@ -32,6 +32,8 @@ struct Unauthenticated {
     order: VecDeque<u64>,
     live: HashMap<u64, (IpAddr, CancellationToken)>,
     next_id: u64,
+    /// Connections closed to make room, since start.
+    evicted: u64,
 }
 
 /// Caps on connections that have not completed their handshake.
@@ -79,6 +81,7 @@ impl Admission {
             if let Some((old_group, token)) = state.live.remove(&oldest) {
                 token.cancel();
                 Self::forget(&mut state, old_group);
+                state.evicted += 1;
                 self.evictions.increment(1);
             }
         }
@@ -122,6 +125,11 @@ impl Admission {
     /// Connections currently unauthenticated.
     pub fn unauthenticated(&self) -> usize {
         self.state.lock().live.len()
+    }
+
+    /// Unauthenticated connections closed to make room for newer ones, since start.
+    pub fn evicted(&self) -> u64 {
+        self.state.lock().evicted
     }
 }
 
@@ -191,12 +199,47 @@ impl CryptoSlots {
             }
         };
         if let Some(rx) = wait {
-            // Ours once handed over. If this future is dropped while waiting, the handover
-            // fails and goes to the next waiter; no permit exists yet to give a slot back.
-            let _ = rx.await;
+            // Ours once handed over. If this future is dropped while waiting, the guard closes
+            // the channel, so a later handover goes to the next waiter, and passes on a slot
+            // that was handed over but not yet taken.
+            let mut waiting = Waiting {
+                rx,
+                slots: self.clone(),
+                done: false,
+            };
+            let _ = (&mut waiting.rx).await;
+            waiting.done = true;
         }
         CryptoPermit {
             slots: self.clone(),
+        }
+    }
+
+    /// Connections queued for a turn (including ones that gave up and are not yet passed over).
+    pub fn waiting(&self) -> usize {
+        self.queues.lock().waiting.values().map(VecDeque::len).sum()
+    }
+}
+
+/// A queued [`CryptoSlots::acquire`]: if it is dropped after the slot was handed to it but
+/// before it took the slot (a timeout or an eviction firing at that moment), the slot goes on
+/// to the next waiter instead of being lost.
+struct Waiting {
+    rx: oneshot::Receiver<()>,
+    slots: Arc<CryptoSlots>,
+    done: bool,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        self.rx.close();
+        if self.rx.try_recv().is_ok() {
+            drop(CryptoPermit {
+                slots: self.slots.clone(),
+            });
         }
     }
 }
@@ -232,6 +275,8 @@ impl Drop for CryptoPermit {
 pub struct InboundBudget {
     limit: usize,
     used: AtomicUsize,
+    /// The most `used` has ever been.
+    peak: AtomicUsize,
     gauge: metrics::Gauge,
 }
 
@@ -240,6 +285,7 @@ impl InboundBudget {
         Arc::new(Self {
             limit,
             used: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
             gauge: metrics::gauge!(m::INBOUND_BUFFER_BYTES),
         })
     }
@@ -258,6 +304,7 @@ impl InboundBudget {
                 Ordering::Relaxed,
             ) {
                 Ok(_) => {
+                    self.peak.fetch_max(used + bytes, Ordering::Relaxed);
                     self.gauge.increment(bytes as f64);
                     return true;
                 }
@@ -275,6 +322,15 @@ impl InboundBudget {
 
     pub fn used(&self) -> usize {
         self.used.load(Ordering::Acquire)
+    }
+
+    /// The most the budget has held at once since start.
+    pub fn peak(&self) -> usize {
+        self.peak.load(Ordering::Relaxed)
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit
     }
 }
 

@@ -174,6 +174,13 @@ impl Inbound {
     fn frame_deadline(&self, frame_timeout: Duration) -> Option<Instant> {
         self.partial_since.map(|since| since + frame_timeout)
     }
+
+    /// Moves the start of the frame being received `by` later: time the relay did not read.
+    fn shift_frame_clock(&mut self, by: Duration) {
+        if let Some(since) = &mut self.partial_since {
+            *since += by;
+        }
+    }
 }
 
 impl Drop for Inbound {
@@ -351,6 +358,9 @@ struct Live<'a, H: Handler> {
     timer_at: Option<Instant>,
     write_blocked_since: Option<Instant>,
     budget_retry_at: Option<Instant>,
+    /// Since when the session has not been reading because of the relay itself (see
+    /// [`Live::frame_deadline`]).
+    frame_clock_paused: Option<Instant>,
     traffic: Traffic,
     reported: Traffic,
     /// The clock, read once per round of work.
@@ -415,6 +425,7 @@ impl<'a, H: Handler> Live<'a, H> {
             timer_at: None,
             write_blocked_since: None,
             budget_retry_at: None,
+            frame_clock_paused: None,
             traffic: Traffic::default(),
             reported: Traffic::default(),
             now: Instant::now(),
@@ -685,13 +696,40 @@ impl<'a, H: Handler> Live<'a, H> {
         Ok(progress)
     }
 
+    /// When the frame being received must be complete. `frame_timeout` bounds the peer's time
+    /// to send a frame, so while the session does not read because of the relay itself (its
+    /// pipeline is full, a barrier waits for it, the journal is congested) the clock stands
+    /// still: a peer whose requests wait for the disk is not a trickler. Not reading because
+    /// the peer does not read its answers is the peer's doing, bounded by `write_timeout`.
+    fn frame_deadline(&mut self) -> Option<Instant> {
+        let relay_busy = self.held.is_some()
+            || self.congestion.is_some()
+            || self.pipeline.len() >= self.shared.handler.max_pipelined();
+        match (relay_busy, self.frame_clock_paused) {
+            (true, None) => {
+                self.frame_clock_paused = Some(self.now);
+                None
+            }
+            (true, Some(_)) => None,
+            (false, paused) => {
+                if let Some(since) = paused {
+                    self.frame_clock_paused = None;
+                    self.inbound
+                        .shift_frame_clock(self.now.saturating_duration_since(since));
+                }
+                self.inbound
+                    .frame_deadline(self.shared.config.frame_timeout)
+            }
+        }
+    }
+
     /// Session timers, the write timeout, the frame timeout and the budget retry.
     fn poll_timers(&mut self, cx: &mut Context<'_>) -> Result<bool, NetError> {
         let config = &self.shared.config;
         let write_deadline = self
             .write_blocked_since
             .map(|since| since + config.write_timeout);
-        let frame_deadline = self.inbound.frame_deadline(config.frame_timeout);
+        let frame_deadline = self.frame_deadline();
         let deadline = [
             Some(self.session.next_deadline()),
             write_deadline,

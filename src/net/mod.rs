@@ -8,7 +8,7 @@ mod connection;
 mod server;
 
 pub use admission::{Admission, CryptoSlots, InboundBudget, Refusal};
-pub use server::{Server, ServerHandle};
+pub use server::{Server, ServerHandle, ServerStats};
 
 use crate::core::codec::CodecError;
 use crate::core::handshake::HandshakeError;

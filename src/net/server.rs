@@ -75,16 +75,62 @@ pub struct Server<H> {
     admission: Arc<Admission>,
 }
 
-/// Lets another task stop a running server.
-#[derive(Clone, Debug)]
+/// Lets another task stop a running server and see what it holds.
+#[derive(Clone)]
 pub struct ServerHandle {
     shutdown: CancellationToken,
+    connection_slots: Arc<Semaphore>,
+    max_connections: usize,
+    admission: Arc<Admission>,
+    crypto: Arc<CryptoSlots>,
+    budget: Arc<InboundBudget>,
+}
+
+/// What a server holds at one moment: the resources its admission control bounds. The same
+/// values are exported as metrics; this is for tests and tools that need them exactly.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ServerStats {
+    /// Connections with a task (handshake, session or closing linger), against
+    /// `max_connections`.
+    pub connections_open: usize,
+    /// Connections whose handshake has not completed, against `max_unauthenticated`.
+    pub unauthenticated: usize,
+    /// Unauthenticated connections closed to admit newer ones, since start.
+    pub evicted: u64,
+    /// Connections whose whole `Init` arrived, queued for a turn of handshake crypto.
+    pub handshakes_waiting: usize,
+    /// Bytes of partly received frames held now, against `max_inbound_buffer_bytes`.
+    pub inbound_buffer_bytes: usize,
+    /// The most those bytes have been at once since start.
+    pub inbound_buffer_peak: usize,
 }
 
 impl ServerHandle {
     /// Starts a graceful shutdown; [`Server::run`] returns once sessions have drained.
     pub fn shutdown(&self) {
         self.shutdown.cancel();
+    }
+
+    /// What the server holds now (also after [`Server::run`] returned: connections that
+    /// outlive the shutdown grace still count until they end).
+    pub fn stats(&self) -> ServerStats {
+        ServerStats {
+            connections_open: self.max_connections - self.connection_slots.available_permits(),
+            unauthenticated: self.admission.unauthenticated(),
+            evicted: self.admission.evicted(),
+            handshakes_waiting: self.crypto.waiting(),
+            inbound_buffer_bytes: self.budget.used(),
+            inbound_buffer_peak: self.budget.peak(),
+        }
+    }
+}
+
+impl std::fmt::Debug for ServerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerHandle")
+            .field("shutdown", &self.shutdown.is_cancelled())
+            .field("stats", &self.stats())
+            .finish()
     }
 }
 
@@ -131,7 +177,17 @@ impl<H: Handler> Server<H> {
     pub fn handle(&self) -> ServerHandle {
         ServerHandle {
             shutdown: self.shared.shutdown.clone(),
+            connection_slots: self.connection_slots.clone(),
+            max_connections: self.shared.config.max_connections,
+            admission: self.admission.clone(),
+            crypto: self.shared.crypto.clone(),
+            budget: self.shared.budget.clone(),
         }
+    }
+
+    /// What the server holds now; see [`ServerHandle::stats`].
+    pub fn stats(&self) -> ServerStats {
+        self.handle().stats()
     }
 
     /// Accepts connections until shut down, then drains the sessions (at most `shutdown_grace`).

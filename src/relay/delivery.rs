@@ -163,6 +163,12 @@ impl<S: Store> Delivery<S> {
                     device: mailbox.device,
                     message: message.clone(),
                 };
+                // Live messages are paced like a backlog: past half of the push queue they
+                // wait in the store, and the pump sends them once the session has drained its
+                // queue. Only a peer that stops reading altogether fills the queue.
+                if paced_out(sub, &out) {
+                    return;
+                }
                 if sub.push.push(out).is_ok() {
                     sub.pushed(message.id);
                     self.delivered.increment(1);
@@ -277,9 +283,7 @@ impl<S: Store> Delivery<S> {
                 // started this pump, so its queue cannot drain meanwhile: stop at half of it
                 // and continue when it has drained. Only a peer that stops reading while
                 // live messages keep coming reaches the hard limit (SLOW_CONSUMER).
-                let half = sub.push.limit() / 2;
-                if !sub.in_flight.is_empty() && sub.push.queued_bytes() + out.encoded_len() > half {
-                    sub.push.request_resume();
+                if paced_out(sub, &out) {
                     sub.pumping = false;
                     self.delivered.increment(pushed);
                     return;
@@ -306,6 +310,17 @@ impl<S: Store> Delivery<S> {
     pub fn subscriptions(&self) -> usize {
         self.shards.iter().map(|s| s.lock().len()).sum()
     }
+}
+
+/// True when `out` would take the subscriber's push queue past half its bound while it has
+/// deliveries in flight: the subscription pauses until the queue has drained.
+fn paced_out(sub: &Subscription, out: &Outgoing) -> bool {
+    let half = sub.push.limit() / 2;
+    if !sub.in_flight.is_empty() && sub.push.queued_bytes() + out.encoded_len() > half {
+        sub.push.request_resume();
+        return true;
+    }
+    false
 }
 
 fn message_id(out: &Outgoing) -> u64 {

@@ -30,8 +30,16 @@ pub enum RelayError {
     Forbidden(&'static str),
     #[error("ticket is unknown, used up or expired")]
     TicketInvalid,
-    #[error("{0}")]
-    QuotaExceeded(&'static str),
+    /// A limit of the account (devices, prekeys, contacts, tickets): `BAD_REQUEST`; `kind`
+    /// names it in `quota_hits_total`.
+    #[error("{message}")]
+    Limit { kind: &'static str, message: String },
+    /// A relay-wide storage cap; `kind` names it in `quota_hits_total`.
+    #[error("{message}")]
+    QuotaExceeded {
+        kind: &'static str,
+        message: &'static str,
+    },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -48,8 +56,10 @@ impl From<StoreError> for RelayError {
                 RelayError::Forbidden("recipient accepts contacts only; a ticket is required")
             }
             StoreError::TicketInvalid => RelayError::TicketInvalid,
-            StoreError::Limit { message, .. } => RelayError::BadRequest(message),
-            StoreError::QuotaExceeded { message, .. } => RelayError::QuotaExceeded(message),
+            StoreError::Limit { kind, message } => RelayError::Limit { kind, message },
+            StoreError::QuotaExceeded { kind, message } => {
+                RelayError::QuotaExceeded { kind, message }
+            }
             StoreError::Unavailable(message) => RelayError::Internal(message),
         }
     }
@@ -62,7 +72,7 @@ impl RelayError {
 
     pub fn code(&self) -> ErrorCode {
         match self {
-            RelayError::BadRequest(_) => ErrorCode::BadRequest,
+            RelayError::BadRequest(_) | RelayError::Limit { .. } => ErrorCode::BadRequest,
             RelayError::NotRegistered(_) | RelayError::IdentityNotRegistered => {
                 ErrorCode::NotRegistered
             }
@@ -73,8 +83,18 @@ impl RelayError {
             RelayError::RateLimited { .. } => ErrorCode::RateLimited,
             RelayError::Forbidden(_) => ErrorCode::Forbidden,
             RelayError::TicketInvalid => ErrorCode::TicketInvalid,
-            RelayError::QuotaExceeded(_) => ErrorCode::QuotaExceeded,
+            RelayError::QuotaExceeded { .. } => ErrorCode::QuotaExceeded,
             RelayError::Internal(_) => ErrorCode::Internal,
+        }
+    }
+
+    /// The quota or size limit this refusal hit, as `quota_hits_total` labels it.
+    pub fn quota_kind(&self) -> Option<&'static str> {
+        match self {
+            RelayError::Limit { kind, .. } | RelayError::QuotaExceeded { kind, .. } => Some(kind),
+            RelayError::MailboxFull(_) => Some("mailbox_full"),
+            RelayError::PayloadTooLarge { .. } => Some("payload_too_large"),
+            _ => None,
         }
     }
 

@@ -137,6 +137,9 @@ impl<S: Store> Listener for Events<S> {
     }
 }
 
+/// How often the maintenance task refreshes the store gauges.
+pub const GAUGE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The thirteen requests, for per-kind metrics.
 const REQUEST_KINDS: usize = 13;
 /// "ok" and every error code.
@@ -151,6 +154,7 @@ struct RelayMetrics {
     prekeys_handed_out: metrics::Counter,
     prekeys_exhausted: metrics::Counter,
     prekeys_withheld: metrics::Counter,
+    journal_backpressure: metrics::Counter,
 }
 
 impl RelayMetrics {
@@ -165,6 +169,15 @@ impl RelayMetrics {
             prekeys_handed_out: metrics::counter!(m::PREKEYS_HANDED_OUT),
             prekeys_exhausted: metrics::counter!(m::PREKEYS_EXHAUSTED),
             prekeys_withheld: metrics::counter!(m::PREKEYS_WITHHELD),
+            journal_backpressure: metrics::counter!(m::JOURNAL_BACKPRESSURE),
+        }
+    }
+
+    /// A refused request: counted by kind and code, and by the quota it hit, if any.
+    fn refused(&self, kind: RequestKind, err: &RelayError) {
+        self.request(kind, Some(err.code()));
+        if let Some(quota) = err.quota_kind() {
+            metrics::counter!(m::QUOTA_HITS, "kind" => quota).increment(1);
         }
     }
 
@@ -332,21 +345,27 @@ impl<S: Store> Relay<S> {
         }
     }
 
-    /// Refreshes the store gauges from the store's counters (cheap; called every second).
+    /// Refreshes the store gauges from the store's running totals (cheap; the maintenance
+    /// task calls it every [`GAUGE_INTERVAL`], so they are current between sweeps).
     pub fn refresh_gauges(&self) {
-        let stats = self.store.stats();
-        metrics::gauge!(m::MAILBOX_MESSAGES).set(stats.messages as f64);
-        metrics::gauge!(m::MAILBOX_BYTES).set(stats.payload_bytes as f64);
-        metrics::gauge!(m::IDENTITIES).set(stats.identities as f64);
+        let totals = self.store.totals();
+        metrics::gauge!(m::MAILBOX_MESSAGES).set(totals.messages as f64);
+        metrics::gauge!(m::MAILBOX_BYTES).set(totals.payload_bytes as f64);
+        metrics::gauge!(m::IDENTITIES).set(totals.identities as f64);
+        metrics::gauge!(m::JOURNAL_PENDING_BYTES).set(totals.journal_pending_bytes as f64);
     }
 
-    /// Sweeps every `expiry_interval` until `shutdown` fires.
+    /// Sweeps every `expiry_interval` and refreshes the store gauges every
+    /// [`GAUGE_INTERVAL`], until `shutdown` fires.
     pub async fn run_maintenance(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
         let mut tick = tokio::time::interval(self.config.expiry_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut gauges = tokio::time::interval(GAUGE_INTERVAL);
+        gauges.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
+                _ = gauges.tick() => self.refresh_gauges(),
                 _ = tick.tick() => {
                     // The sweep walks every mailbox and may trim the heap: off the runtime's
                     // workers, like snapshots.
@@ -386,7 +405,7 @@ impl<S: Store> Relay<S> {
                     answer
                 }
                 Err(err) => {
-                    metrics.request(kind, Some(err.code()));
+                    metrics.refused(kind, &err);
                     Outgoing::Frame(err.to_frame(id))
                 }
             }
@@ -744,7 +763,7 @@ impl<S: Store> Handler for Arc<Relay<S>> {
         match self.dispatch(session, kind, id, request) {
             Ok(answer) => answer,
             Err(err) => {
-                self.metrics.request(kind, Some(err.code()));
+                self.metrics.refused(kind, &err);
                 Answer::frame(err.to_frame(id))
             }
         }
@@ -766,9 +785,11 @@ impl<S: Store> Handler for Arc<Relay<S>> {
     }
 
     fn congestion(&self) -> Option<Pin<Box<dyn Future<Output = ()> + Send>>> {
-        self.store
-            .congested()
-            .then(|| Box::pin(self.store.until_uncongested()) as Pin<Box<_>>)
+        if !self.store.congested() {
+            return None;
+        }
+        self.metrics.journal_backpressure.increment(1);
+        Some(Box::pin(self.store.until_uncongested()))
     }
 
     fn resume(&self, session: &mut RelaySession) {

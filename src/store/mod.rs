@@ -18,6 +18,7 @@
 //! seen is never given to another message after a crash.
 
 pub mod embedded;
+pub mod nats;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -122,6 +123,16 @@ pub struct StoreStats {
     pub messages: usize,
     pub payload_bytes: usize,
     pub one_time_prekeys: usize,
+}
+
+/// Running totals for gauges, cheap enough to read every second.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct StoreTotals {
+    pub identities: usize,
+    pub messages: usize,
+    pub payload_bytes: u64,
+    /// Changes recorded but not yet handed to the disk (0 for a store without a journal).
+    pub journal_pending_bytes: usize,
 }
 
 /// Why a store operation failed. Each maps to one wire error code (`relay::RelayError`).
@@ -326,4 +337,16 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = StoreResult<Expiry>> + Send + use<Self>;
 
     fn stats(&self) -> StoreStats;
+
+    /// Identities, messages and payload bytes now, for gauges; without walking the store where
+    /// the backend keeps running counts.
+    fn totals(&self) -> StoreTotals {
+        let stats = self.stats();
+        StoreTotals {
+            identities: stats.identities,
+            messages: stats.messages,
+            payload_bytes: stats.payload_bytes as u64,
+            journal_pending_bytes: 0,
+        }
+    }
 }

@@ -157,10 +157,14 @@ pub struct RawPeer {
 
 impl RawPeer {
     pub async fn connect(relay: &Relay) -> RawPeer {
+        Self::connect_stream(relay, TcpStream::connect(relay.addr).await.unwrap()).await
+    }
+
+    /// The handshake over a connected `stream`.
+    pub async fn connect_stream(relay: &Relay, mut stream: TcpStream) -> RawPeer {
         use botd_relay::core::handshake::AwaitingAck;
         use botd_relay::core::session::{Session, Timers};
         let identity = KeyPair::generate();
-        let mut stream = TcpStream::connect(relay.addr).await.unwrap();
         let (waiting, init) = AwaitingAck::start(&identity, relay.key);
         write_frame(&mut stream, &init).await;
         let mut peer = RawPeer {
@@ -263,4 +267,188 @@ pub fn error_code(frame: &botd_relay::proto::Frame) -> botd_relay::proto::ErrorC
         Some(botd_relay::proto::Body::Error(error)) => error.code(),
         other => panic!("expected an Error frame, got {other:?}"),
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hostile peers from other loopback addresses, bounded waits, metrics, durable relays
+// ---------------------------------------------------------------------------------------------
+
+/// The loopback address `127.0.0.<n>` (the whole of 127/8 reaches the relay on 127.0.0.1).
+pub fn loopback(n: u8) -> std::net::IpAddr {
+    std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, n))
+}
+
+/// A socket bound to `ip` (any port), ready to connect.
+pub fn socket_from(ip: std::net::IpAddr) -> tokio::net::TcpSocket {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(ip, 0)).unwrap();
+    socket
+}
+
+/// A TCP connection to the relay from `ip`.
+pub async fn connect_from(relay: &Relay, ip: std::net::IpAddr) -> TcpStream {
+    socket_from(ip).connect(relay.addr).await.unwrap()
+}
+
+/// Polls `condition` every few milliseconds until it holds; panics (naming `what`) if it does
+/// not within `within`. A hang guard, not a measurement.
+pub async fn wait_until(what: &str, within: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + within;
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "gave up waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// True when the relay has closed `stream` (end of stream or reset), false while it is open.
+/// Does not wait; discards anything readable.
+pub fn is_closed(stream: &TcpStream) -> bool {
+    let mut buf = [0u8; 1024];
+    loop {
+        match stream.try_read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => return false,
+            Err(_) => return true,
+        }
+    }
+}
+
+impl Relay {
+    /// A client connecting from `ip`, with a fresh identity.
+    pub async fn client_from(&self, ip: std::net::IpAddr) -> Client {
+        self.client_from_as(ip, Arc::new(KeyPair::generate())).await
+    }
+
+    pub async fn client_from_as(&self, ip: std::net::IpAddr, identity: Arc<KeyPair>) -> Client {
+        let options = ClientOptions {
+            local_ip: Some(ip),
+            ..ClientOptions::default()
+        };
+        Client::connect(self.addr, identity, self.key, options)
+            .await
+            .expect("client connects")
+    }
+
+    pub fn stats(&self) -> botd_relay::net::ServerStats {
+        self.handle.stats()
+    }
+}
+
+impl RawPeer {
+    /// The handshake over `socket` (bound, not yet connected), e.g. one with a small receive
+    /// buffer or another source address.
+    pub async fn connect_over(relay: &Relay, socket: tokio::net::TcpSocket) -> RawPeer {
+        Self::connect_stream(relay, socket.connect(relay.addr).await.unwrap()).await
+    }
+}
+
+/// What a test's own metrics recorder has seen (Prometheus text, parsed on demand).
+#[derive(Clone)]
+pub struct Metrics(metrics_exporter_prometheus::PrometheusHandle);
+
+impl Metrics {
+    /// The sum of the series of `name` whose labels include all of `labels` (0 if none).
+    pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let text = self.0.render();
+        let mut sum = 0.0;
+        for line in text.lines() {
+            if line.starts_with('#') {
+                continue;
+            }
+            let Some((series, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let (metric, label_text) = match series.split_once('{') {
+                Some((metric, rest)) => (metric, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            if metric != name {
+                continue;
+            }
+            let matches = labels.iter().all(|(k, v)| {
+                label_text
+                    .split(',')
+                    .any(|pair| pair == format!("{k}=\"{v}\""))
+            });
+            if matches {
+                sum += value.parse::<f64>().unwrap_or(0.0);
+            }
+        }
+        sum
+    }
+
+    pub fn render(&self) -> String {
+        self.0.render()
+    }
+}
+
+/// Runs `test` on a current-thread runtime with a metrics recorder of its own, so that its
+/// counts are not mixed with other tests' (every metric of the relay is recorded on the
+/// runtime's thread). `paused` starts tokio's clock paused.
+pub fn with_metrics<F, Fut>(paused: bool, test: F)
+where
+    F: FnOnce(Metrics) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let handle = Metrics(recorder.handle());
+    metrics::with_local_recorder(&recorder, || {
+        let mut builder = tokio::runtime::Builder::new_current_thread();
+        builder.enable_all();
+        if paused {
+            builder.start_paused(true);
+        }
+        builder.build().unwrap().block_on(test(handle))
+    })
+}
+
+/// A directory removed when dropped.
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> Self {
+        let path = std::env::temp_dir().join(format!(
+            "botd-{name}-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&path).unwrap();
+        Self(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A relay serving the application over a durable store in `dir` (journal and snapshots on
+/// disk, with `config`'s fsync policy).
+pub async fn start_durable_relay(
+    mut config: Config,
+    dir: &TempDir,
+) -> (Relay, Arc<App>, EmbeddedStore) {
+    config.data_dir = dir.0.clone();
+    let (store, _) = EmbeddedStore::open(&config, 1).expect("store opens");
+    let identity = KeyPair::generate();
+    let app =
+        botd_relay::relay::Relay::new(Arc::new(config.clone()), *identity.public(), store.clone());
+    let relay = start_as(config, identity, app.clone()).await;
+    (relay, app, store)
+}
+
+/// A relay serving the application over `store` (any backend).
+pub async fn start_relay_on<S: botd_relay::store::Store>(
+    config: Config,
+    store: S,
+) -> (Relay, Arc<botd_relay::relay::Relay<S>>) {
+    let identity = KeyPair::generate();
+    let app = botd_relay::relay::Relay::new(Arc::new(config.clone()), *identity.public(), store);
+    let relay = start_as(config, identity, app.clone()).await;
+    (relay, app)
 }

@@ -220,6 +220,8 @@ pub struct Journal {
     wake: Condvar,
     /// The writer waits on `wake`: only then do recorders need to signal it.
     writer_waiting: AtomicBool,
+    /// Test hook ([`Journal::hold_writes`]): the writer takes no batch while set.
+    held: AtomicBool,
     /// Bytes in the pending buffer, readable without the lock.
     pending_bytes: AtomicUsize,
     /// Signalled whenever the writer takes a batch (room in the buffer).
@@ -282,6 +284,7 @@ impl Journal {
             }),
             wake: Condvar::new(),
             writer_waiting: AtomicBool::new(false),
+            held: AtomicBool::new(false),
             pending_bytes: AtomicUsize::new(0),
             room: Notify::new(),
             last_lsn: AtomicU64::new(next_lsn - 1),
@@ -345,6 +348,23 @@ impl Journal {
     /// The highest lsn handed out so far.
     pub fn last_lsn(&self) -> u64 {
         self.last_lsn.load(Ordering::Acquire)
+    }
+
+    /// Encoded records waiting for the writer.
+    pub fn pending_bytes(&self) -> usize {
+        self.pending_bytes.load(Ordering::Acquire)
+    }
+
+    /// Test hook: until the returned guard is dropped the writer writes nothing, as if the
+    /// disk had stalled: records pile up in the buffer, nothing new becomes durable, and past
+    /// `journal_max_pending_bytes` the journal is congested. A rotation or a shutdown still
+    /// writes.
+    #[doc(hidden)]
+    pub fn hold_writes(self: &Arc<Self>) -> WritesHeld {
+        self.held.store(true, Ordering::Release);
+        WritesHeld {
+            journal: self.clone(),
+        }
     }
 
     /// True while the writer is behind by more than `journal_max_pending_bytes`.
@@ -482,14 +502,16 @@ impl Journal {
         loop {
             let (batch_first, batch_last, rotate_at, shutdown) = {
                 let mut pending = self.pending.lock();
-                while (pending.buf.is_empty() || !pending.kicked)
+                while (pending.buf.is_empty()
+                    || !pending.kicked
+                    || self.held.load(Ordering::Acquire))
                     && pending.rotate_at.is_none()
                     && !pending.shutdown
                 {
                     self.writer_waiting.store(true, Ordering::Release);
                     let timed_out = self.wake.wait_for(&mut pending, BACKSTOP).timed_out();
                     self.writer_waiting.store(false, Ordering::Release);
-                    if timed_out && !pending.buf.is_empty() {
+                    if timed_out && !pending.buf.is_empty() && !self.held.load(Ordering::Acquire) {
                         break;
                     }
                 }
@@ -619,6 +641,22 @@ impl Journal {
         tracing::error!(error = %err, "journal write failed; no further change will be acknowledged");
         self.progress.fail();
         self.room.notify_waiters();
+    }
+}
+
+/// Returned by [`Journal::hold_writes`]; dropping it lets the writer go on.
+#[doc(hidden)]
+pub struct WritesHeld {
+    journal: Arc<Journal>,
+}
+
+impl Drop for WritesHeld {
+    fn drop(&mut self) {
+        self.journal.held.store(false, Ordering::Release);
+        let mut pending = self.journal.pending.lock();
+        pending.kicked = true;
+        drop(pending);
+        self.journal.wake.notify_one();
     }
 }
 

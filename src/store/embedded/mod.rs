@@ -15,6 +15,7 @@
 //! the journal to cover the change under the fsync policy, then announces newly durable
 //! messages to the listener.
 
+pub mod disk;
 pub mod journal;
 pub mod mailbox;
 pub mod record;
@@ -39,7 +40,7 @@ pub use state::State;
 
 use super::{
     Appended, Expiry, Fetched, Identity, Listener, MailboxId, Message, NewMessage, Registration,
-    Store, StoreError, StoreResult, StoreStats, TICKET_LEN,
+    Store, StoreError, StoreResult, StoreStats, StoreTotals, TICKET_LEN,
 };
 use crate::config::Config;
 use crate::proto::{Accept, PreKey, SignedPreKey};
@@ -541,5 +542,9 @@ impl Store for EmbeddedStore {
 
     fn stats(&self) -> StoreStats {
         self.inner.state.stats()
+    }
+
+    fn totals(&self) -> StoreTotals {
+        self.inner.state.totals()
     }
 }

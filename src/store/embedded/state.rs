@@ -31,7 +31,7 @@ use crate::proto::store::{self as ev, event::Kind, Event, Removal};
 use crate::proto::{Accept, PreKey, PreKeyBundle, SignedPreKey};
 use crate::store::{
     Appended, Expiry, Fetched, Identity, Listener, MailboxId, Message, NewMessage, Registration,
-    StoreError, StoreStats, NONCE_LEN, TICKET_LEN,
+    StoreError, StoreStats, StoreTotals, NONCE_LEN, TICKET_LEN,
 };
 
 /// The `Message` of a stored record (the payload hash is recomputed: 32 bytes per stored
@@ -92,6 +92,7 @@ impl Mailbox {
         counters
             .stored_bytes
             .fetch_sub(len as u64, Ordering::Relaxed);
+        counters.messages.fetch_sub(1, Ordering::Relaxed);
         true
     }
 
@@ -99,6 +100,9 @@ impl Mailbox {
         counters
             .stored_bytes
             .fetch_sub(self.log.payload_bytes() as u64, Ordering::Relaxed);
+        counters
+            .messages
+            .fetch_sub(self.log.len(), Ordering::Relaxed);
         for sender in self.log.clear() {
             senders.release(sender);
         }
@@ -267,6 +271,8 @@ struct Shard {
 #[derive(Debug, Default)]
 pub struct Counters {
     identities: AtomicUsize,
+    /// Messages stored in all mailboxes.
+    messages: AtomicUsize,
     stored_bytes: AtomicU64,
     /// Mailboxes created from now on start at this id or above.
     id_floor: AtomicU64,
@@ -431,11 +437,16 @@ fn apply(shard: &mut ShardData, event: &Event, counters: &Counters) -> Result<()
                     payload: &e.payload,
                     received_at_ms,
                 };
-                if let Some((replaced, len)) = mailbox.log.insert(message_id, &record) {
-                    senders.release(replaced);
-                    counters
-                        .stored_bytes
-                        .fetch_sub(len as u64, Ordering::Relaxed);
+                match mailbox.log.insert(message_id, &record) {
+                    Some((replaced, len)) => {
+                        senders.release(replaced);
+                        counters
+                            .stored_bytes
+                            .fetch_sub(len as u64, Ordering::Relaxed);
+                    }
+                    None => {
+                        counters.messages.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
                 counters
                     .stored_bytes
@@ -1174,18 +1185,21 @@ impl State {
         })
     }
 
-    /// Deletes acknowledged messages; returns how many, and which.
+    /// Deletes acknowledged messages; returns how many, and which. Only messages a read could
+    /// show count: one that is not durable yet was never delivered, so an ack cannot take it.
     pub fn ack(&self, mailbox: &MailboxId, ids: &[u64]) -> Result<Change<Vec<u64>>, StoreError> {
+        let durable = self.progress.durable();
         let mut shard = self.data(&mailbox.identity);
         let device = shard
             .accounts
-            .get(&mailbox.identity)
-            .and_then(|a| a.registered(mailbox.device))
+            .get_mut(&mailbox.identity)
+            .and_then(|a| a.registered_mut(mailbox.device))
             .ok_or(StoreError::NotRegistered(mailbox.device))?;
+        let visible = device.mailbox.visible_up_to(durable);
         let mut present: Vec<u64> = ids
             .iter()
             .copied()
-            .filter(|id| device.mailbox.log.contains(*id))
+            .filter(|id| *id <= visible && device.mailbox.log.contains(*id))
             .collect();
         present.sort_unstable();
         present.dedup();
@@ -1411,6 +1425,16 @@ impl State {
             }
         }
         swept
+    }
+
+    /// Running totals, read without walking the store.
+    pub fn totals(&self) -> StoreTotals {
+        StoreTotals {
+            identities: self.counters.identities.load(Ordering::Relaxed),
+            messages: self.counters.messages.load(Ordering::Relaxed),
+            payload_bytes: self.counters.stored_bytes.load(Ordering::Relaxed),
+            journal_pending_bytes: self.journal.as_ref().map_or(0, |j| j.pending_bytes()),
+        }
     }
 
     pub fn stats(&self) -> StoreStats {
