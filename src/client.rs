@@ -164,13 +164,7 @@ impl Client {
         let ack = reader.next().await.ok_or(ClientError::HandshakeRefused)??;
         let established = waiting.on_ack(&identity, &ack)?;
 
-        let timers = Timers {
-            ping_min_interval: Duration::from_secs(30),
-            probe_after: None,
-            keepalive_after: None,
-            pong_timeout: Duration::from_secs(20),
-            idle_timeout: None,
-        };
+        let timers = Timers::initiator();
         let mut session = Session::initiator(
             established.keys,
             timers,

@@ -3,6 +3,8 @@
 //! changes, corruption and overflowing values reported with file and offset, and the data
 //! directory lock.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -15,28 +17,9 @@ use botd_relay::store::embedded::recovery;
 use botd_relay::store::embedded::{EmbeddedStore, State, StorageError};
 use botd_relay::store::{Identity, MailboxId, NewMessage, Registration};
 use bytes::Bytes;
+use common::TempDir;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let path = std::env::temp_dir().join(format!(
-            "botd-durability-{name}-{}-{}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir_all(&path).unwrap();
-        Self(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn config(dir: &Path) -> Config {
     Config {

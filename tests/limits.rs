@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use botd_relay::app::{push_channel, Answer, Handler, Push, PushReceiver};
+use botd_relay::app::Push;
 use botd_relay::client::{Client, ClientError, OutgoingMessage};
 use botd_relay::config::Config;
 use botd_relay::core::keys::{KeyPair, PublicKeyBytes};
@@ -22,7 +22,6 @@ use botd_relay::proto::{
     Subscribe, Unregister, UploadPreKeys,
 };
 use botd_relay::ratelimit::Rate;
-use botd_relay::relay::RelaySession;
 use bytes::Bytes;
 use common::*;
 
@@ -40,16 +39,6 @@ async fn registered(relay: &Relay, one_time: u32) -> Client {
 
 fn to(recipient: &Client, device: u32, payload: impl Into<Bytes>) -> OutgoingMessage {
     OutgoingMessage::new(*recipient.identity(), device, 1, payload)
-}
-
-/// The relay's error code (panics on success or on a local failure).
-fn code<T: std::fmt::Debug>(result: Result<T, ClientError>) -> ErrorCode {
-    match result {
-        Err(err) => err
-            .code()
-            .unwrap_or_else(|| panic!("expected an answer from the relay, got {err}")),
-        Ok(answer) => panic!("expected an error, got {answer:?}"),
-    }
 }
 
 /// `retry_after_ms` of a `RATE_LIMITED` answer (panics on anything else).
@@ -324,51 +313,14 @@ async fn the_account_goes_with_its_last_device_and_its_ids_are_never_reused() {
 
 // --- Driving the application directly (paused time) ------------------------------------------
 
-/// A session of the application without sockets.
-struct DirectPeer {
-    key: Arc<KeyPair>,
-    session: Option<RelaySession>,
-    pushes: PushReceiver,
-    next_id: u64,
-}
-
-impl DirectPeer {
-    fn connect(app: &Arc<App>, key: Arc<KeyPair>) -> Self {
-        let (push, pushes) = push_channel(1 << 20);
-        let session = app.connect(*key.public(), "127.0.0.1:1".parse().unwrap(), push);
-        Self {
-            key,
-            session: Some(session),
-            pushes,
-            next_id: 0,
-        }
-    }
-
-    fn identity(&self) -> PublicKeyBytes {
-        *self.key.public()
-    }
-
-    async fn call(&mut self, app: &Arc<App>, body: Body) -> Body {
-        self.next_id += 1;
-        let session = self.session.as_mut().expect("connected");
-        let frame = match app.request(session, Frame::new(self.next_id, body)) {
-            Answer::None => panic!("no answer"),
-            Answer::Ready(out) => out.into_frame(),
-            Answer::Pending(pending) => pending.await.into_frame(),
-        };
-        frame.body.expect("answers have a body")
-    }
-
-    fn disconnect(&mut self, app: &Arc<App>) {
-        app.disconnect(self.session.take().expect("connected"));
-    }
-
-    async fn send(&mut self, app: &Arc<App>, to: PublicKeyBytes) -> u64 {
-        let request = OutgoingMessage::new(to, 1, 1, &b"m"[..]).sign(&self.key);
-        match self.call(app, Body::Send(request)).await {
-            Body::Sent(sent) => sent.message_id,
-            other => panic!("expected Sent, got {other:?}"),
-        }
+/// Sends one message from `from` to device 1 of `to`; its id.
+async fn send_id(from: &mut DirectPeer, app: &Arc<App>, to: PublicKeyBytes) -> u64 {
+    match from
+        .send(app, &OutgoingMessage::new(to, 1, 1, &b"m"[..]))
+        .await
+    {
+        Body::Sent(sent) => sent.message_id,
+        other => panic!("expected Sent, got {other:?}"),
     }
 }
 
@@ -385,16 +337,16 @@ fn idle_accounts_are_removed_after_account_ttl() {
         };
         let app = app(&config, *KeyPair::generate().public());
         let bob_key = Arc::new(KeyPair::generate());
-        let mut alice = DirectPeer::connect(&app, Arc::new(KeyPair::generate()));
-        let mut bob = DirectPeer::connect(&app, bob_key.clone());
-        let mut carol = DirectPeer::connect(&app, Arc::new(KeyPair::generate()));
+        let mut alice = DirectPeer::connect_as(&app, Arc::new(KeyPair::generate()));
+        let mut bob = DirectPeer::connect_as(&app, bob_key.clone());
+        let mut carol = DirectPeer::connect_as(&app, Arc::new(KeyPair::generate()));
         for peer in [&mut alice, &mut bob, &mut carol] {
             let answer = peer.call(&app, Body::Register(registration(1, 0))).await;
             assert!(matches!(answer, Body::Registered(_)), "{answer:?}");
         }
         let bob_id = bob.identity();
-        alice.send(&app, bob_id).await;
-        let last = alice.send(&app, bob_id).await;
+        send_id(&mut alice, &app, bob_id).await;
+        let last = send_id(&mut alice, &app, bob_id).await;
         bob.call(
             &app,
             Body::SetPolicy(SetPolicy {
@@ -419,12 +371,12 @@ fn idle_accounts_are_removed_after_account_ttl() {
         }
         let carol_id = carol.identity();
         assert!(
-            alice.send(&app, carol_id).await >= 1,
+            send_id(&mut alice, &app, carol_id).await >= 1,
             "carol's account stays"
         );
 
         // Bob comes back as a new account: open policy, ids above the old ones.
-        let mut bob = DirectPeer::connect(&app, bob_key);
+        let mut bob = DirectPeer::connect_as(&app, bob_key);
         bob.call(&app, Body::Register(registration(1, 0))).await;
         match bob
             .call(
@@ -440,7 +392,7 @@ fn idle_accounts_are_removed_after_account_ttl() {
             other => panic!("{other:?}"),
         }
         assert!(bob.pushes.try_recv().is_none(), "nothing survived");
-        let fresh = alice.send(&app, bob_id).await;
+        let fresh = send_id(&mut alice, &app, bob_id).await;
         assert!(fresh > last, "id {fresh} reused (last was {last})");
         match bob.pushes.try_recv() {
             Some(Push::Out(out)) => match out.into_frame().body {

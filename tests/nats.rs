@@ -19,27 +19,18 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use botd_relay::client::{verify_delivery, Client, ClientError, ClientOptions, OutgoingMessage};
+use botd_relay::client::{verify_delivery, Client, ClientOptions, OutgoingMessage};
 use botd_relay::config::Config;
 use botd_relay::core::keys::KeyPair;
 use botd_relay::proto::{Accept, Body, Deliver, ErrorCode, Frame, PreKey, UploadPreKeys};
 use botd_relay::store::nats::NatsStore;
 use bytes::Bytes;
-use common::{registration, start_relay_on, Relay};
+use common::{code, registration, start_relay_on, Relay};
 use jetstream::{binary, relay_config, Nats, RelayProcess};
 use tokio::time::timeout;
 
 const ARRIVES_WITHIN: Duration = Duration::from_secs(20);
 const QUIET: Duration = Duration::from_millis(400);
-
-fn code<T: std::fmt::Debug>(result: Result<T, ClientError>) -> ErrorCode {
-    match result {
-        Err(err) => err
-            .code()
-            .unwrap_or_else(|| panic!("expected an answer from the relay, got {err}")),
-        Ok(answer) => panic!("expected an error, got {answer:?}"),
-    }
-}
 
 async fn next_push(client: &mut Client) -> Frame {
     timeout(ARRIVES_WITHIN, client.next_push())

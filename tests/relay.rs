@@ -9,7 +9,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use botd_relay::app::{push_channel, Answer, Handler, Push, PushReceiver};
 use botd_relay::client::{verify_delivery, Client, ClientError, OutgoingMessage};
 use botd_relay::config::Config;
 use botd_relay::core::keys::{KeyPair, PublicKeyBytes};
@@ -18,7 +17,6 @@ use botd_relay::proto::{
     GetPreKeyCount, PreKey, Registered, Sent, SetPolicy, Subscribe, UploadPreKeys,
 };
 use botd_relay::ratelimit::Rate;
-use botd_relay::relay::RelaySession;
 use bytes::Bytes;
 use common::*;
 use tokio::time::{sleep, timeout};
@@ -42,16 +40,6 @@ async fn registered(relay: &Relay, one_time: u32) -> Client {
 /// A message from device 1 to device 1 of `to`.
 fn to(recipient: &Client, payload: impl Into<Bytes>) -> OutgoingMessage {
     OutgoingMessage::new(*recipient.identity(), 1, 1, payload)
-}
-
-/// The relay's error code of a failed request (panics on success or on a local error).
-fn code<T: std::fmt::Debug>(result: Result<T, ClientError>) -> ErrorCode {
-    match result {
-        Err(err) => err
-            .code()
-            .unwrap_or_else(|| panic!("expected an answer from the relay, got {err}")),
-        Ok(answer) => panic!("expected an error, got {answer:?}"),
-    }
 }
 
 /// The next push, within [`ARRIVES_WITHIN`].
@@ -97,71 +85,6 @@ fn prekeys(ids: std::ops::RangeInclusive<u32>) -> Vec<PreKey> {
 
 fn direct_app(config: Config) -> Arc<App> {
     app(&config, *KeyPair::generate().public())
-}
-
-/// The frame an answer resolves to.
-async fn answer_frame(answer: Answer) -> Option<Frame> {
-    match answer {
-        Answer::None => None,
-        Answer::Ready(out) => Some(out.into_frame()),
-        Answer::Pending(pending) => Some(pending.await.into_frame()),
-    }
-}
-
-/// A session of the application without sockets.
-struct DirectPeer {
-    key: KeyPair,
-    session: RelaySession,
-    pushes: PushReceiver,
-    next_id: u64,
-}
-
-impl DirectPeer {
-    fn connect(app: &Arc<App>) -> Self {
-        let key = KeyPair::generate();
-        let (push, pushes) = push_channel(1 << 20);
-        let session = app.connect(*key.public(), "127.0.0.1:1".parse().unwrap(), push);
-        Self {
-            key,
-            session,
-            pushes,
-            next_id: 0,
-        }
-    }
-
-    fn identity(&self) -> PublicKeyBytes {
-        *self.key.public()
-    }
-
-    /// One request, one answer with the same frame id.
-    async fn call(&mut self, app: &Arc<App>, body: Body) -> Body {
-        self.next_id += 1;
-        let answer = answer_frame(app.request(&mut self.session, Frame::new(self.next_id, body)))
-            .await
-            .expect("one answer per request");
-        assert_eq!(answer.id, self.next_id);
-        answer.body.expect("answers have a body")
-    }
-
-    async fn register(&mut self, app: &Arc<App>) {
-        let answer = self.call(app, Body::Register(registration(1, 3))).await;
-        assert!(matches!(answer, Body::Registered(_)), "{answer:?}");
-    }
-
-    /// Signs `message` as this peer and sends it.
-    async fn send(&mut self, app: &Arc<App>, message: &OutgoingMessage) -> Body {
-        let request = message.sign(&self.key);
-        self.call(app, Body::Send(request)).await
-    }
-
-    /// A pushed frame that is already queued.
-    fn try_push(&mut self) -> Option<Frame> {
-        match self.pushes.try_recv() {
-            Some(Push::Out(out)) => Some(out.into_frame()),
-            Some(Push::SlowConsumer) => panic!("unexpected SlowConsumer"),
-            None => None,
-        }
-    }
 }
 
 fn direct_code(body: &Body) -> ErrorCode {

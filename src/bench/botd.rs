@@ -16,7 +16,8 @@ use super::load::{receiver_of, Pacer, PayloadTemplate, Phases, Shared, Stamp, Ta
 use super::scenario::{
     count_error, orchestrate, LoadParams, Outcome, ReceiverReport, SenderReport,
 };
-use super::wire::{closes_session, message_digest, push_error, registration, Conn, SendHeader};
+use super::wire::{closes_session, push_error, registration, Conn, SendHeader};
+use crate::relay::message_digest;
 
 /// The device every bench session registers and uses.
 const DEVICE: u32 = 1;

@@ -22,7 +22,7 @@ use tokio::time::{sleep, sleep_until, timeout, Instant};
 
 use super::load::{receiver_of, Pacer, PayloadTemplate, Phases, Shared, Stamp, Tally};
 use super::scenario::{
-    count_error, orchestrate, LoadParams, Outcome, ReceiverReport, SenderReport,
+    count_error, orchestrate, LoadParams, Outcome, ReceiverReport, SenderReport, Task,
 };
 
 /// Messages published in one go before the publisher looks at its window again.
@@ -73,6 +73,43 @@ fn payload(template: &PayloadTemplate, stamp: &Stamp) -> bytes::Bytes {
     buf.freeze()
 }
 
+/// Starts the run's clock and one task per publisher, each with its pacer, sending to its
+/// receiver's subject.
+fn start_senders<P, Fut>(
+    publishers: Vec<P>,
+    params: &LoadParams,
+    run: &str,
+    template: &Arc<PayloadTemplate>,
+    publish: fn(usize, P, Subject, Pacer, Arc<Shared>, Arc<PayloadTemplate>) -> Fut,
+) -> (Arc<Shared>, Vec<Task<SenderReport>>)
+where
+    P: Send + 'static,
+    Fut: std::future::Future<Output = Result<SenderReport, String>> + Send + 'static,
+{
+    let start = Instant::now();
+    let shared = Shared::new(
+        params.senders,
+        Phases::new(start, params.warmup, params.duration, params.drain),
+    );
+    let tasks = publishers
+        .into_iter()
+        .enumerate()
+        .zip(pacers(params, start))
+        .map(|((index, publisher), pacer)| {
+            let subject = subject(run, receiver_of(index, params.receivers));
+            tokio::spawn(publish(
+                index,
+                publisher,
+                subject,
+                pacer,
+                shared.clone(),
+                template.clone(),
+            ))
+        })
+        .collect();
+    (shared, tasks)
+}
+
 /// NATS core pub/sub.
 pub async fn run_core(params: &LoadParams, addr: &str, title: &str) -> Result<Outcome, String> {
     params.check()?;
@@ -98,24 +135,7 @@ pub async fn run_core(params: &LoadParams, addr: &str, title: &str) -> Result<Ou
         publishers.push(connect(addr, limit).await?);
     }
 
-    let start = Instant::now();
-    let shared = Shared::new(
-        params.senders,
-        Phases::new(start, params.warmup, params.duration, params.drain),
-    );
-    let mut sender_tasks = Vec::new();
-    for ((index, client), pacer) in publishers
-        .into_iter()
-        .enumerate()
-        .zip(pacers(params, start))
-    {
-        let shared = shared.clone();
-        let template = template.clone();
-        let subject = subject(&run, receiver_of(index, params.receivers));
-        sender_tasks.push(tokio::spawn(async move {
-            core_publisher(index, client, subject, pacer, shared, template).await
-        }));
-    }
+    let (shared, sender_tasks) = start_senders(publishers, params, &run, &template, core_publisher);
     let mut receiver_tasks = Vec::new();
     for (client, subscription) in subscribers {
         let shared = shared.clone();
@@ -354,24 +374,7 @@ async fn jetstream_inner(
         publishers.push(js);
     }
 
-    let start = Instant::now();
-    let shared = Shared::new(
-        params.senders,
-        Phases::new(start, params.warmup, params.duration, params.drain),
-    );
-    let mut sender_tasks = Vec::new();
-    for ((index, js), pacer) in publishers
-        .into_iter()
-        .enumerate()
-        .zip(pacers(params, start))
-    {
-        let shared = shared.clone();
-        let template = template.clone();
-        let subject = subject(run, receiver_of(index, params.receivers));
-        sender_tasks.push(tokio::spawn(async move {
-            js_publisher(index, js, subject, pacer, shared, template).await
-        }));
-    }
+    let (shared, sender_tasks) = start_senders(publishers, params, run, &template, js_publisher);
     let mut receiver_tasks = Vec::new();
     for (client, messages) in consumers {
         let shared = shared.clone();

@@ -104,7 +104,7 @@ pub fn count_error(errors: &mut BTreeMap<String, u64>, what: impl Into<String>) 
     *errors.entry(what.into()).or_insert(0) += 1;
 }
 
-type Task<T> = JoinHandle<Result<T, String>>;
+pub type Task<T> = JoinHandle<Result<T, String>>;
 
 /// Runs the phases for tasks already spawned against `shared`, then merges their reports.
 pub async fn orchestrate(

@@ -15,7 +15,7 @@ use tokio_util::codec::Decoder;
 
 use crate::core::codec::{encode_frame, FrameCodec};
 use crate::core::handshake::AwaitingAck;
-use crate::core::keys::{sha256, KeyPair, PublicKeyBytes, PUBLIC_KEY_LEN, SIGNATURE_LEN};
+use crate::core::keys::{KeyPair, PublicKeyBytes, PUBLIC_KEY_LEN, SIGNATURE_LEN};
 use crate::core::session::{Received, Session, Timers};
 use crate::proto::{self, Body, ErrorCode, Frame, Welcome};
 
@@ -81,13 +81,7 @@ impl Conn {
             .write_all(&encode_frame(&init))
             .await
             .map_err(|err| format!("send Init to {addr}: {err}"))?;
-        let timers = Timers {
-            ping_min_interval: Duration::from_secs(30),
-            probe_after: None,
-            keepalive_after: None,
-            pong_timeout: Duration::from_secs(20),
-            idle_timeout: None,
-        };
+        let timers = Timers::initiator();
         let mut codec = FrameCodec::new(1024);
         let mut rbuf = BytesMut::with_capacity(4096);
         let ack = read_body(&mut stream, &mut codec, &mut rbuf)
@@ -320,24 +314,6 @@ pub fn registration(identity: &PublicKeyBytes, device_id: u32) -> proto::Registe
     }
 }
 
-/// The digest a message signature covers (docs/PROTOCOL.md §8.3).
-pub fn message_digest(
-    sender: &[u8],
-    recipient: &[u8],
-    recipient_device: u32,
-    nonce: &[u8],
-    payload_hash: &[u8],
-) -> [u8; 32] {
-    sha256(&[
-        b"botd/1 message",
-        sender,
-        recipient,
-        &recipient_device.to_be_bytes(),
-        nonce,
-        payload_hash,
-    ])
-}
-
 /// The fixed fields of one sender's `Send` requests.
 pub struct SendHeader {
     pub recipient: [u8; PUBLIC_KEY_LEN],
@@ -490,25 +466,6 @@ mod tests {
             assert_eq!(&buf[..], &want.encode_to_vec()[..], "size {size}");
             assert_eq!(Frame::decode(&buf[..]).unwrap(), want);
         }
-    }
-
-    #[test]
-    fn message_digest_matches_the_protocol_example() {
-        // docs/PROTOCOL.md §8.3: sender secret 11 × 32, recipient secret 22 × 32.
-        let sender = KeyPair::from_secret_bytes(&[0x11; 32]).unwrap();
-        let recipient = KeyPair::from_secret_bytes(&[0x22; 32]).unwrap();
-        let hash = sha256(&[b"hello"]);
-        let digest = message_digest(
-            sender.public().as_bytes(),
-            recipient.public().as_bytes(),
-            1,
-            &[0, 1, 2, 3, 4, 5, 6, 7],
-            &hash,
-        );
-        assert_eq!(
-            hex::encode(digest),
-            "4a58bca16d5bcd84b6a88da0609d2f7d7931389917b585854c99e1e04f809ec9"
-        );
     }
 
     #[test]

@@ -71,6 +71,20 @@ pub struct Timers {
     pub idle_timeout: Option<Duration>,
 }
 
+impl Timers {
+    /// A node's timers until `Welcome` says more: BOTD's 30 s ping rule, 20 s for a Pong, and
+    /// no pings of its own.
+    pub fn initiator() -> Self {
+        Self {
+            ping_min_interval: Duration::from_secs(30),
+            probe_after: None,
+            keepalive_after: None,
+            pong_timeout: Duration::from_secs(20),
+            idle_timeout: None,
+        }
+    }
+}
+
 /// What an opened frame means for the caller.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Received {

@@ -78,11 +78,43 @@ pub(super) fn marker_record(first_lsn: u64, last_lsn: u64, synced_offset: u64) -
 /// offset as u32), 255 an event at any lsn (u64, then the event as a chunk), anything else an
 /// event (chunk) at the previous lsn plus `k`.
 pub(super) fn journal_bytes(mode: u8, content: &[u8]) -> Vec<u8> {
+    framed_file(mode, content, &journal_header(mode), |input, file| {
+        let mut lsn = 0u64;
+        while !input.is_empty() {
+            let body = match input.u8() {
+                0 => {
+                    let first = u64::from(input.u16());
+                    let last = u64::from(input.u16());
+                    marker_record(first, last, u64::from(input.u32()))
+                }
+                255 => {
+                    lsn = input.u64();
+                    journal_record(lsn, input.chunk())
+                }
+                step => {
+                    lsn = lsn.wrapping_add(u64::from(step));
+                    journal_record(lsn, input.chunk())
+                }
+            };
+            append_record(file, &[&body]);
+        }
+    })
+}
+
+/// A file from `content` in encoding `mode` (see the module documentation): 0 the bytes as
+/// they are, 1 `header` then the bytes, 2 `header` then each chunk as a framed record, 3
+/// `header` then what `structured` writes.
+fn framed_file(
+    mode: u8,
+    content: &[u8],
+    header: &[u8],
+    structured: impl FnOnce(&mut Input, &mut Vec<u8>),
+) -> Vec<u8> {
+    if mode & 3 == 0 {
+        return content.to_vec();
+    }
     let mut input = Input::new(content);
-    let mut file = match mode & 3 {
-        0 => return content.to_vec(),
-        _ => journal_header(mode).to_vec(),
-    };
+    let mut file = header.to_vec();
     match mode & 3 {
         1 => file.extend_from_slice(content),
         2 => {
@@ -90,27 +122,7 @@ pub(super) fn journal_bytes(mode: u8, content: &[u8]) -> Vec<u8> {
                 append_record(&mut file, &[input.chunk()]);
             }
         }
-        _ => {
-            let mut lsn = 0u64;
-            while !input.is_empty() {
-                let body = match input.u8() {
-                    0 => {
-                        let first = u64::from(input.u16());
-                        let last = u64::from(input.u16());
-                        marker_record(first, last, u64::from(input.u32()))
-                    }
-                    255 => {
-                        lsn = input.u64();
-                        journal_record(lsn, input.chunk())
-                    }
-                    step => {
-                        lsn = lsn.wrapping_add(u64::from(step));
-                        journal_record(lsn, input.chunk())
-                    }
-                };
-                append_record(&mut file, &[&body]);
-            }
-        }
+        _ => structured(&mut input, &mut file),
     }
     file
 }
@@ -124,47 +136,34 @@ pub(super) fn snapshot_record_body(kind: snapshot_record::Kind) -> Vec<u8> {
 /// content starts with the trailer's fields (a cover count `u8 % 5`, the covers as u16, the id
 /// floor as u16); each chunk after them is an event, and the trailer counts them.
 pub(super) fn snapshot_bytes(mode: u8, content: &[u8]) -> Vec<u8> {
-    let mut input = Input::new(content);
-    let mut file = match mode & 3 {
-        0 => return content.to_vec(),
-        _ => file_header(SNAPSHOT_MAGIC, SNAPSHOT_VERSION).to_vec(),
-    };
-    match mode & 3 {
-        1 => file.extend_from_slice(content),
-        2 => {
-            while !input.is_empty() {
-                append_record(&mut file, &[input.chunk()]);
-            }
+    let header = file_header(SNAPSHOT_MAGIC, SNAPSHOT_VERSION);
+    framed_file(mode, content, &header, |input, file| {
+        let covers: Vec<u64> = (0..input.u8() % 5)
+            .map(|_| u64::from(input.u16()))
+            .collect();
+        let id_floor = u64::from(input.u16());
+        let header = snapshot_record_body(snapshot_record::Kind::Header(SnapshotHeader {
+            shard_count: covers.len() as u32,
+            created_at_ms: 1,
+        }));
+        append_record(file, &[&header]);
+        let mut events = 0;
+        while !input.is_empty() {
+            // An event's bytes as the `event` field of a record, without decoding them.
+            let event = input.chunk();
+            let mut body = vec![0x12];
+            prost::encoding::encode_varint(event.len() as u64, &mut body);
+            body.extend_from_slice(event);
+            append_record(file, &[&body]);
+            events += 1;
         }
-        _ => {
-            let covers: Vec<u64> = (0..input.u8() % 5)
-                .map(|_| u64::from(input.u16()))
-                .collect();
-            let id_floor = u64::from(input.u16());
-            let header = snapshot_record_body(snapshot_record::Kind::Header(SnapshotHeader {
-                shard_count: covers.len() as u32,
-                created_at_ms: 1,
-            }));
-            append_record(&mut file, &[&header]);
-            let mut events = 0;
-            while !input.is_empty() {
-                // An event's bytes as the `event` field of a record, without decoding them.
-                let event = input.chunk();
-                let mut body = vec![0x12];
-                prost::encoding::encode_varint(event.len() as u64, &mut body);
-                body.extend_from_slice(event);
-                append_record(&mut file, &[&body]);
-                events += 1;
-            }
-            let trailer = snapshot_record_body(snapshot_record::Kind::Trailer(SnapshotTrailer {
-                events,
-                cover_lsns: covers,
-                id_floor,
-            }));
-            append_record(&mut file, &[&trailer]);
-        }
-    }
-    file
+        let trailer = snapshot_record_body(snapshot_record::Kind::Trailer(SnapshotTrailer {
+            events,
+            cover_lsns: covers,
+            id_floor,
+        }));
+        append_record(file, &[&trailer]);
+    })
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use crate::proto::{self, ErrorCode, Frame};
-use crate::store::StoreError;
+use crate::store::{QuotaKind, StoreError};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RelayError {
@@ -33,11 +33,11 @@ pub enum RelayError {
     /// A limit of the account (devices, prekeys, contacts, tickets): `BAD_REQUEST`; `kind`
     /// names it in `quota_hits_total`.
     #[error("{message}")]
-    Limit { kind: &'static str, message: String },
+    Limit { kind: QuotaKind, message: String },
     /// A relay-wide storage cap; `kind` names it in `quota_hits_total`.
     #[error("{message}")]
     QuotaExceeded {
-        kind: &'static str,
+        kind: QuotaKind,
         message: &'static str,
     },
     #[error("internal error: {0}")]
@@ -89,11 +89,11 @@ impl RelayError {
     }
 
     /// The quota or size limit this refusal hit, as `quota_hits_total` labels it.
-    pub fn quota_kind(&self) -> Option<&'static str> {
+    pub fn quota_kind(&self) -> Option<QuotaKind> {
         match self {
-            RelayError::Limit { kind, .. } | RelayError::QuotaExceeded { kind, .. } => Some(kind),
-            RelayError::MailboxFull(_) => Some("mailbox_full"),
-            RelayError::PayloadTooLarge { .. } => Some("payload_too_large"),
+            RelayError::Limit { kind, .. } | RelayError::QuotaExceeded { kind, .. } => Some(*kind),
+            RelayError::MailboxFull(_) => Some(QuotaKind::MailboxFull),
+            RelayError::PayloadTooLarge { .. } => Some(QuotaKind::PayloadTooLarge),
             _ => None,
         }
     }

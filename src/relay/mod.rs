@@ -37,7 +37,7 @@ use crate::proto::{
 };
 use crate::ratelimit::address_group;
 use crate::store::{
-    Appended, Identity, Listener, MailboxId, Message, NewMessage, Store, StoreError,
+    Appended, Identity, Listener, MailboxId, Message, NewMessage, QuotaKind, Store, StoreError,
 };
 use delivery::Delivery;
 use limits::{Limit, Limits};
@@ -155,6 +155,7 @@ struct RelayMetrics {
     prekeys_exhausted: metrics::Counter,
     prekeys_withheld: metrics::Counter,
     journal_backpressure: metrics::Counter,
+    quota_hits: [OnceLock<metrics::Counter>; QuotaKind::ALL.len()],
 }
 
 impl RelayMetrics {
@@ -170,6 +171,7 @@ impl RelayMetrics {
             prekeys_exhausted: metrics::counter!(m::PREKEYS_EXHAUSTED),
             prekeys_withheld: metrics::counter!(m::PREKEYS_WITHHELD),
             journal_backpressure: metrics::counter!(m::JOURNAL_BACKPRESSURE),
+            quota_hits: std::array::from_fn(|_| OnceLock::new()),
         }
     }
 
@@ -177,7 +179,9 @@ impl RelayMetrics {
     fn refused(&self, kind: RequestKind, err: &RelayError) {
         self.request(kind, Some(err.code()));
         if let Some(quota) = err.quota_kind() {
-            metrics::counter!(m::QUOTA_HITS, "kind" => quota).increment(1);
+            self.quota_hits[quota as usize]
+                .get_or_init(|| metrics::counter!(m::QUOTA_HITS, "kind" => quota.as_str()))
+                .increment(1);
         }
     }
 
@@ -818,6 +822,25 @@ impl<S: Store> Handler for Arc<Relay<S>> {
 mod tests {
     use super::*;
     use crate::store::embedded::EmbeddedStore;
+
+    #[test]
+    fn message_digest_matches_the_protocol_example() {
+        // docs/PROTOCOL.md §8.3: sender secret 11 × 32, recipient secret 22 × 32.
+        let sender = crate::core::keys::KeyPair::from_secret_bytes(&[0x11; 32]).unwrap();
+        let recipient = crate::core::keys::KeyPair::from_secret_bytes(&[0x22; 32]).unwrap();
+        let hash = sha256(&[b"hello"]);
+        let digest = message_digest(
+            sender.public().as_bytes(),
+            recipient.public().as_bytes(),
+            1,
+            &[0, 1, 2, 3, 4, 5, 6, 7],
+            &hash,
+        );
+        assert_eq!(
+            hex::encode(digest),
+            "4a58bca16d5bcd84b6a88da0609d2f7d7931389917b585854c99e1e04f809ec9"
+        );
+    }
 
     /// The store holds the relay's listener, which reaches the delivery, which holds the store:
     /// none of it may keep the others alive once the relay is gone.

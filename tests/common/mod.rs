@@ -452,3 +452,105 @@ pub async fn start_relay_on<S: botd_relay::store::Store>(
     let relay = start_as(config, identity, app.clone()).await;
     (relay, app)
 }
+
+/// The relay's error code of a failed request (panics on success or on a local error).
+pub fn code<T: std::fmt::Debug>(
+    result: Result<T, botd_relay::client::ClientError>,
+) -> botd_relay::proto::ErrorCode {
+    match result {
+        Err(err) => err
+            .code()
+            .unwrap_or_else(|| panic!("expected an answer from the relay, got {err}")),
+        Ok(answer) => panic!("expected an error, got {answer:?}"),
+    }
+}
+
+/// A session of the application without sockets (time can be paused).
+pub struct DirectPeer {
+    pub key: Arc<KeyPair>,
+    session: Option<botd_relay::relay::RelaySession>,
+    pub pushes: botd_relay::app::PushReceiver,
+    next_id: u64,
+}
+
+impl DirectPeer {
+    /// A session of a fresh identity.
+    pub fn connect(app: &Arc<App>) -> Self {
+        Self::connect_as(app, Arc::new(KeyPair::generate()))
+    }
+
+    /// A session of `key`'s identity.
+    pub fn connect_as(app: &Arc<App>, key: Arc<KeyPair>) -> Self {
+        let (push, pushes) = botd_relay::app::push_channel(1 << 20);
+        let session = app.connect(*key.public(), "127.0.0.1:1".parse().unwrap(), push);
+        Self {
+            key,
+            session: Some(session),
+            pushes,
+            next_id: 0,
+        }
+    }
+
+    pub fn identity(&self) -> PublicKeyBytes {
+        *self.key.public()
+    }
+
+    /// The session itself, for what the helpers do not cover.
+    pub fn session(&mut self) -> &mut botd_relay::relay::RelaySession {
+        self.session.as_mut().expect("connected")
+    }
+
+    /// One request, one answer with the same frame id.
+    pub async fn call(
+        &mut self,
+        app: &Arc<App>,
+        body: botd_relay::proto::Body,
+    ) -> botd_relay::proto::Body {
+        use botd_relay::app::Answer;
+        self.next_id += 1;
+        let request = botd_relay::proto::Frame::new(self.next_id, body);
+        let answer = match app.request(self.session(), request) {
+            Answer::None => panic!("no answer"),
+            Answer::Ready(out) => out.into_frame(),
+            Answer::Pending(pending) => pending.await.into_frame(),
+        };
+        assert_eq!(answer.id, self.next_id);
+        answer.body.expect("answers have a body")
+    }
+
+    /// Registers device 1 with 3 one-time prekeys.
+    pub async fn register(&mut self, app: &Arc<App>) {
+        let answer = self
+            .call(app, botd_relay::proto::Body::Register(registration(1, 3)))
+            .await;
+        assert!(
+            matches!(answer, botd_relay::proto::Body::Registered(_)),
+            "{answer:?}"
+        );
+    }
+
+    /// Signs `message` as this peer and sends it.
+    pub async fn send(
+        &mut self,
+        app: &Arc<App>,
+        message: &botd_relay::client::OutgoingMessage,
+    ) -> botd_relay::proto::Body {
+        let request = message.sign(&self.key);
+        self.call(app, botd_relay::proto::Body::Send(request)).await
+    }
+
+    /// Ends the session as a closed connection would.
+    pub fn disconnect(&mut self, app: &Arc<App>) {
+        app.disconnect(self.session.take().expect("connected"));
+    }
+
+    /// A pushed frame that is already queued.
+    pub fn try_push(&mut self) -> Option<botd_relay::proto::Frame> {
+        use botd_relay::app::Push;
+        match self.pushes.try_recv() {
+            Some(Push::Out(out)) => Some(out.into_frame()),
+            Some(Push::SlowConsumer) => panic!("unexpected SlowConsumer"),
+            None => None,
+        }
+    }
+}

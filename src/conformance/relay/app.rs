@@ -34,6 +34,20 @@ async fn register_fails(cx: Ctx, f: fn(&mut proto::Register)) -> Step<Outcome> {
     bare_fails(cx, Body::Register(r), ErrorCode::BadRequest).await
 }
 
+/// Sends three messages to the node's own device 1, unregisters and registers it again, and
+/// sends one more: the last id before, and the id after.
+async fn id_after_reregistering_device_1(a: &mut Probe) -> Step<(u64, u64)> {
+    let me = a.key();
+    let mut last = 0;
+    for _ in 0..3 {
+        last = a.send_msg(&me, 1, Bytes::new()).await?.message_id;
+    }
+    a.unregister(1).await?;
+    a.register(1, 1).await?;
+    let next = a.send_msg(&me, 1, Bytes::new()).await?.message_id;
+    Ok((last, next))
+}
+
 fn upload(device: u32, keys: Vec<proto::PreKey>) -> Body {
     Body::UploadPreKeys(proto::UploadPreKeys {
         device_id: device,
@@ -729,24 +743,14 @@ pub(super) fn cases() -> Vec<CaseDef> {
         case!("8.5/ids-survive-reregistration", Must, "ids continue after the device is unregistered and registered again (the account stays)", |cx| {
             let mut a = cx.node("A").await?;
             a.register(2, 0).await?;
-            let me = a.key();
-            let mut last = 0;
-            for _ in 0..3 { last = a.send_msg(&me, 1, Bytes::new()).await?.message_id; }
-            a.unregister(1).await?;
-            a.register(1, 1).await?;
-            let s = a.send_msg(&me, 1, Bytes::new()).await?;
-            if s.message_id > last { Ok(Outcome::pass()) } else { Err(Outcome::fail(format!("id {} reused after re-registration (had reached {last})", s.message_id))) }
+            let (last, next) = id_after_reregistering_device_1(&mut a).await?;
+            if next > last { Ok(Outcome::pass()) } else { Err(Outcome::fail(format!("id {next} reused after re-registration (had reached {last})"))) }
         }),
         case!("8.5/ids-survive-account-removal", Must, "ids are not reused after the account went with its last device and the identity registered again", |cx| {
             let mut a = cx.node("A").await?;
-            let me = a.key();
-            let mut last = 0;
-            for _ in 0..3 { last = a.send_msg(&me, 1, Bytes::new()).await?.message_id; }
-            a.unregister(1).await?;
-            a.register(1, 1).await?;
-            let s = a.send_msg(&me, 1, Bytes::new()).await?;
-            if s.message_id > last { Ok(Outcome::pass_with(format!("{} after {last}", s.message_id))) } else {
-                Err(Outcome::fail(format!("id {} reused after the account was removed (had reached {last})", s.message_id)))
+            let (last, next) = id_after_reregistering_device_1(&mut a).await?;
+            if next > last { Ok(Outcome::pass_with(format!("{next} after {last}"))) } else {
+                Err(Outcome::fail(format!("id {next} reused after the account was removed (had reached {last})")))
             }
         }),
         case!("8.5/ids-per-mailbox", Open, "whether sends to another mailbox take ids of this one (a relay may leave gaps); ids still increase", |cx| {

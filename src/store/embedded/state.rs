@@ -30,8 +30,8 @@ use crate::core::keys::{sha256, PUBLIC_KEY_LEN, SIGNATURE_LEN};
 use crate::proto::store::{self as ev, event::Kind, Event, Removal};
 use crate::proto::{Accept, PreKey, PreKeyBundle, SignedPreKey};
 use crate::store::{
-    Appended, Expiry, Fetched, Identity, Listener, MailboxId, Message, NewMessage, Registration,
-    StoreError, StoreStats, StoreTotals, NONCE_LEN, TICKET_LEN,
+    AccountLimits, Appended, Expiry, Fetched, Identity, Listener, MailboxId, Message, NewMessage,
+    QuotaKind, Registration, StoreError, StoreStats, StoreTotals, NONCE_LEN, TICKET_LEN,
 };
 
 /// The `Message` of a stored record (the payload hash is recomputed: 32 bytes per stored
@@ -503,42 +503,6 @@ fn apply(shard: &mut ShardData, event: &Event, counters: &Counters) -> Result<()
     Ok(())
 }
 
-/// Every limit the state enforces, read once from `Config`.
-#[derive(Debug, Clone)]
-struct Limits {
-    max_devices_per_identity: usize,
-    max_prekeys_per_device: usize,
-    prekey_low_threshold: u32,
-    max_contacts: usize,
-    max_tickets_per_identity: usize,
-    mailbox_max_messages: usize,
-    mailbox_max_bytes: usize,
-    max_identities: usize,
-    max_stored_bytes: u64,
-    max_identity_stored_bytes: usize,
-    /// An account's use is journaled at most this often.
-    touch_interval_ms: u64,
-}
-
-impl Limits {
-    fn from_config(config: &Config) -> Self {
-        let ttl_ms = config.account_ttl.as_millis() as u64;
-        Self {
-            max_devices_per_identity: config.max_devices_per_identity,
-            max_prekeys_per_device: config.max_prekeys_per_device,
-            prekey_low_threshold: config.prekey_low_threshold,
-            max_contacts: config.max_contacts,
-            max_tickets_per_identity: config.max_tickets_per_identity,
-            mailbox_max_messages: config.mailbox_max_messages,
-            mailbox_max_bytes: config.mailbox_max_bytes,
-            max_identities: config.max_identities,
-            max_stored_bytes: config.max_stored_bytes,
-            max_identity_stored_bytes: config.max_identity_stored_bytes,
-            touch_interval_ms: (ttl_ms / 16).clamp(1, 24 * 3600 * 1000),
-        }
-    }
-}
-
 /// What a change produced: its value, and the lsn an answer must wait for.
 pub struct Change<T> {
     pub value: T,
@@ -561,7 +525,7 @@ pub struct FetchChange {
 
 pub struct State {
     shards: Box<[Shard]>,
-    limits: Limits,
+    limits: AccountLimits,
     journal: Option<Arc<Journal>>,
     progress: Arc<Progress>,
     counters: Counters,
@@ -577,7 +541,7 @@ impl State {
             shards: (0..config.store_shards.max(1))
                 .map(|_| Shard::default())
                 .collect(),
-            limits: Limits::from_config(config),
+            limits: AccountLimits::from_config(config),
             journal,
             progress,
             counters: Counters::default(),
@@ -771,7 +735,7 @@ impl State {
                 let new_device = account.registered(reg.device).is_none();
                 if new_device && account.active_devices() >= self.limits.max_devices_per_identity {
                     return Err(StoreError::Limit {
-                        kind: "devices",
+                        kind: QuotaKind::Devices,
                         message: format!(
                             "at most {} devices per identity",
                             self.limits.max_devices_per_identity
@@ -784,7 +748,7 @@ impl State {
                     && account.devices.len() >= 4 * self.limits.max_devices_per_identity
                 {
                     return Err(StoreError::Limit {
-                        kind: "device_ids",
+                        kind: QuotaKind::DeviceIds,
                         message: "too many device ids used by this identity".into(),
                     });
                 }
@@ -792,7 +756,7 @@ impl State {
             None => {
                 if self.counters.identities.load(Ordering::Relaxed) >= self.limits.max_identities {
                     return Err(StoreError::QuotaExceeded {
-                        kind: "identities",
+                        kind: QuotaKind::Identities,
                         message: "the relay holds as many identities as it may",
                     });
                 }
@@ -863,25 +827,9 @@ impl State {
             .and_then(|a| a.registered(device))
             .and_then(Device::keys)
             .ok_or(StoreError::NotRegistered(device))?;
+        self.limits
+            .check_prekey_upload(&keys.one_time_prekeys, &one_time_prekeys)?;
         let stored = keys.one_time_prekeys.len();
-        if stored + one_time_prekeys.len() > self.limits.max_prekeys_per_device {
-            return Err(StoreError::Limit {
-                kind: "prekeys",
-                message: format!(
-                    "a device stores at most {} one-time prekeys ({stored} stored)",
-                    self.limits.max_prekeys_per_device
-                ),
-            });
-        }
-        if let Some(dup) = one_time_prekeys
-            .iter()
-            .find(|new| keys.one_time_prekeys.iter().any(|old| old.id == new.id))
-        {
-            return Err(StoreError::Limit {
-                kind: "prekey_ids",
-                message: format!("one-time prekey id {} is already stored", dup.id),
-            });
-        }
         let count = (stored + one_time_prekeys.len()) as u32;
         let lsn = self.commit(
             &mut shard,
@@ -1063,14 +1011,14 @@ impl State {
         }
         if account.stored_bytes() + msg.payload.len() > self.limits.max_identity_stored_bytes {
             return Err(StoreError::QuotaExceeded {
-                kind: "identity_bytes",
+                kind: QuotaKind::IdentityBytes,
                 message: "the recipient's identity stores as much as it may",
             });
         }
         let stored = self.counters.stored_bytes.load(Ordering::Relaxed);
         if stored + msg.payload.len() as u64 > self.limits.max_stored_bytes {
             return Err(StoreError::QuotaExceeded {
-                kind: "stored_bytes",
+                kind: QuotaKind::StoredBytes,
                 message: "the relay's storage is full",
             });
         }
@@ -1260,7 +1208,7 @@ impl State {
         }
         if account.contacts.len() >= self.limits.max_contacts {
             return Err(StoreError::Limit {
-                kind: "contacts",
+                kind: QuotaKind::Contacts,
                 message: format!("at most {} contacts", self.limits.max_contacts),
             });
         }
@@ -1321,7 +1269,7 @@ impl State {
             .count();
         if live >= self.limits.max_tickets_per_identity {
             return Err(StoreError::Limit {
-                kind: "tickets",
+                kind: QuotaKind::Tickets,
                 message: format!(
                     "at most {} unexpired tickets per identity",
                     self.limits.max_tickets_per_identity

@@ -56,8 +56,8 @@ use self::records::{
     TicketRecord, IDENTITIES_KEY,
 };
 use super::{
-    Appended, Expiry, Fetched, Identity, Listener, MailboxId, Message, NewMessage, Registration,
-    Store, StoreError, StoreResult, StoreStats, TICKET_LEN,
+    AccountLimits, Appended, Expiry, Fetched, Identity, Listener, MailboxId, Message, NewMessage,
+    QuotaKind, Registration, Store, StoreError, StoreResult, StoreStats, TICKET_LEN,
 };
 use crate::config::{Config, StoreBackend};
 use crate::proto::{Accept, PreKey, PreKeyBundle, SignedPreKey};
@@ -73,41 +73,8 @@ const ACCOUNT_SWEEP_EVERY_MS: u64 = 600_000;
 /// Identities whose last `touch` this relay remembers.
 const MAX_TOUCHED: usize = 100_000;
 
-/// Every limit the backend enforces, read once from `Config`.
-#[derive(Debug, Clone)]
-struct Limits {
-    max_devices_per_identity: usize,
-    max_prekeys_per_device: usize,
-    prekey_low_threshold: u32,
-    max_contacts: usize,
-    max_tickets_per_identity: usize,
-    mailbox_max_messages: u64,
-    mailbox_max_bytes: u64,
-    max_identities: u64,
-    max_identity_stored_bytes: u64,
-    touch_interval_ms: u64,
-}
-
-impl Limits {
-    fn from_config(config: &Config) -> Self {
-        let ttl_ms = config.account_ttl.as_millis() as u64;
-        Self {
-            max_devices_per_identity: config.max_devices_per_identity,
-            max_prekeys_per_device: config.max_prekeys_per_device,
-            prekey_low_threshold: config.prekey_low_threshold,
-            max_contacts: config.max_contacts,
-            max_tickets_per_identity: config.max_tickets_per_identity,
-            mailbox_max_messages: config.mailbox_max_messages as u64,
-            mailbox_max_bytes: config.mailbox_max_bytes as u64,
-            max_identities: config.max_identities as u64,
-            max_identity_stored_bytes: config.max_identity_stored_bytes as u64,
-            touch_interval_ms: (ttl_ms / 16).clamp(1, 24 * 3600 * 1000),
-        }
-    }
-}
-
 struct Inner {
-    limits: Limits,
+    limits: AccountLimits,
     shared: Arc<Shared>,
     cluster: Cluster,
     stats: Mutex<StoreStats>,
@@ -180,7 +147,7 @@ impl NatsStore {
         )?;
         let store = Self {
             inner: Arc::new(Inner {
-                limits: Limits::from_config(config),
+                limits: AccountLimits::from_config(config),
                 shared,
                 cluster,
                 stats: Mutex::new(StoreStats::default()),
@@ -313,9 +280,9 @@ impl Inner {
                 .and_then(|v| std::str::from_utf8(v).ok())
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0);
-            if delta > 0 && count >= self.limits.max_identities {
+            if delta > 0 && count >= self.limits.max_identities as u64 {
                 return Err(StoreError::QuotaExceeded {
-                    kind: "identities",
+                    kind: QuotaKind::Identities,
                     message: "the relay holds as many identities as it may",
                 });
             }
@@ -558,7 +525,7 @@ impl Inner {
                     if was.is_none() {
                         if account.active_devices() >= limits.max_devices_per_identity {
                             return Err(StoreError::Limit {
-                                kind: "devices",
+                                kind: QuotaKind::Devices,
                                 message: format!(
                                     "at most {} devices per identity",
                                     limits.max_devices_per_identity
@@ -569,7 +536,7 @@ impl Inner {
                             && account.devices.len() >= 4 * limits.max_devices_per_identity
                         {
                             return Err(StoreError::Limit {
-                                kind: "device_ids",
+                                kind: QuotaKind::DeviceIds,
                                 message: "too many device ids used by this identity".into(),
                             });
                         }
@@ -682,25 +649,7 @@ impl Inner {
         let limits = self.limits.clone();
         self.update_keys(&key, |keys| {
             let mut keys = keys.ok_or(StoreError::NotRegistered(device))?;
-            let stored = keys.one_time_prekeys.len();
-            if stored + one_time_prekeys.len() > limits.max_prekeys_per_device {
-                return Err(StoreError::Limit {
-                    kind: "prekeys",
-                    message: format!(
-                        "a device stores at most {} one-time prekeys ({stored} stored)",
-                        limits.max_prekeys_per_device
-                    ),
-                });
-            }
-            if let Some(dup) = one_time_prekeys
-                .iter()
-                .find(|new| keys.one_time_prekeys.iter().any(|old| old.id == new.id))
-            {
-                return Err(StoreError::Limit {
-                    kind: "prekey_ids",
-                    message: format!("one-time prekey id {} is already stored", dup.id),
-                });
-            }
+            limits.check_prekey_upload(&keys.one_time_prekeys, &one_time_prekeys)?;
             if let Some(signed) = &signed_prekey {
                 keys.signed_prekey = Some(signed.clone());
             }
@@ -834,9 +783,9 @@ impl Inner {
             let needs_ticket = Accept::try_from(account.accept) == Ok(Accept::ContactsOnly)
                 && msg.sender != msg.to.identity
                 && !account.has_contact(&msg.sender);
-            let over_quota = slot.messages >= limits.mailbox_max_messages
-                || slot.bytes + len > limits.mailbox_max_bytes
-                || account.stored_bytes() + len > limits.max_identity_stored_bytes;
+            let over_quota = slot.messages >= limits.mailbox_max_messages as u64
+                || slot.bytes + len > limits.mailbox_max_bytes as u64
+                || account.stored_bytes() + len > limits.max_identity_stored_bytes as u64;
             if needs_ticket || over_quota {
                 if earlier.is_none() {
                     earlier = Some(self.find_nonce(&subject).await?);
@@ -865,15 +814,15 @@ impl Inner {
                 account.add_contact(&msg.sender);
             }
             let slot = account.registered(msg.to.device).expect("checked above");
-            if slot.messages >= limits.mailbox_max_messages {
+            if slot.messages >= limits.mailbox_max_messages as u64 {
                 return Err(StoreError::MailboxFull("message count"));
             }
-            if slot.bytes + len > limits.mailbox_max_bytes {
+            if slot.bytes + len > limits.mailbox_max_bytes as u64 {
                 return Err(StoreError::MailboxFull("bytes"));
             }
-            if account.stored_bytes() + len > limits.max_identity_stored_bytes {
+            if account.stored_bytes() + len > limits.max_identity_stored_bytes as u64 {
                 return Err(StoreError::QuotaExceeded {
-                    kind: "identity_bytes",
+                    kind: QuotaKind::IdentityBytes,
                     message: "the recipient's identity stores as much as it may",
                 });
             }
@@ -932,7 +881,7 @@ impl Inner {
                 }
                 if text.contains("maximum bytes") || text.contains("maximum messages") {
                     return Err(StoreError::QuotaExceeded {
-                        kind: "stored_bytes",
+                        kind: QuotaKind::StoredBytes,
                         message: "the relay's storage is full",
                     });
                 }
@@ -1047,7 +996,7 @@ impl Inner {
             if add {
                 if account.contacts.len() >= max_contacts {
                     return Err(StoreError::Limit {
-                        kind: "contacts",
+                        kind: QuotaKind::Contacts,
                         message: format!("at most {max_contacts} contacts"),
                     });
                 }
@@ -1076,7 +1025,7 @@ impl Inner {
             account.tickets.retain(|t| t.expires_at_ms > now_ms);
             if account.tickets.len() >= max {
                 return Err(StoreError::Limit {
-                    kind: "tickets",
+                    kind: QuotaKind::Tickets,
                     message: format!("at most {max} unexpired tickets per identity"),
                 });
             }
