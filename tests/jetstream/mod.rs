@@ -237,6 +237,10 @@ impl Nats {
     }
 }
 
+/// `max_stored_bytes` of the test relays: the messages stream reserves this much of the
+/// server's storage, so the tests do not need gigabytes of free disk.
+const TEST_STREAM_BYTES: u64 = 64 << 20;
+
 /// A test config for a relay on `store`, with a prefix of its own so tests never share state.
 pub fn relay_config(store: String, prefix: &str, replicas: usize) -> Config {
     Config {
@@ -244,6 +248,7 @@ pub fn relay_config(store: String, prefix: &str, replicas: usize) -> Config {
         nats_prefix: prefix.into(),
         nats_replicas: replicas,
         nats_request_timeout: Duration::from_secs(3),
+        max_stored_bytes: TEST_STREAM_BYTES,
         ..super::common::test_config()
     }
 }
@@ -274,6 +279,7 @@ impl RelayProcess {
             .env("BOTD_NATS_PREFIX", prefix)
             .env("BOTD_NATS_REPLICAS", replicas.to_string())
             .env("BOTD_NATS_REQUEST_TIMEOUT", "3s")
+            .env("BOTD_MAX_STORED_BYTES", TEST_STREAM_BYTES.to_string())
             .env("BOTD_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
