@@ -34,12 +34,12 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use criterion::{criterion_group, Criterion, Throughput};
 use prost::Message;
 
+use botd_protocol::cipher::TAG_LEN;
+use botd_protocol::keys::{sha256, KeyPair, SIGNATURE_LEN};
+use botd_protocol::proto::{self, Body, Frame, Send};
 use botd_relay::config::{Config, FsyncPolicy};
-use botd_relay::core::cipher::TAG_LEN;
-use botd_relay::core::keys::{sha256, KeyPair, SIGNATURE_LEN};
-use botd_relay::proto::store::{event::Kind, Event, MessageStored};
-use botd_relay::proto::{self, Body, Frame, Send};
 use botd_relay::store::embedded::{EmbeddedStore, Journal, JournalOptions, RecoveryReport, State};
+use botd_relay::store::proto::{event::Kind, Event, MessageStored};
 use botd_relay::store::{Appended, Identity, MailboxId, NewMessage, Registration};
 
 const PAYLOAD_LEN: usize = 100;

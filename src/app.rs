@@ -14,16 +14,13 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use bytes::BufMut;
+use botd_protocol::keys::PublicKeyBytes;
+use botd_protocol::message::DeliverFrame;
+use botd_protocol::proto::{unsupported_unless_ignorable, Frame};
+use botd_protocol::session::{Session, SessionError};
 use futures_util::task::AtomicWaker;
 use parking_lot::Mutex;
-use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType};
 use prost::Message as _;
-
-use crate::core::keys::PublicKeyBytes;
-use crate::core::session::{Session, SessionError};
-use crate::proto::{Body, ErrorCode, Frame};
-use crate::store::Message;
 
 /// A future answer, boxed so that a connection can keep a queue of them.
 pub type PendingAnswer = Pin<Box<dyn Future<Output = Outgoing> + Send>>;
@@ -107,105 +104,13 @@ impl Handler for TransportOnly {
     fn disconnect(&self, _session: ()) {}
 }
 
-/// The answer of a relay to a frame it does not serve: `Error{UNSUPPORTED}`, except for frames
-/// that must never be answered (errors and pongs from the peer, to avoid reply loops).
-pub fn unsupported_unless_ignorable(frame: &Frame) -> Option<Frame> {
-    match &frame.body {
-        Some(Body::Error(_)) | Some(Body::Pong(_)) => None,
-        Some(body) => Some(Frame::error(
-            frame.id,
-            ErrorCode::Unsupported,
-            format!("{} is not a request this relay serves", body.kind()),
-        )),
-        None => Some(Frame::error(
-            frame.id,
-            ErrorCode::Unsupported,
-            "missing frame body",
-        )),
-    }
-}
-
 /// A frame for the connection to seal.
 #[derive(Debug, Clone)]
 pub enum Outgoing {
     Frame(Frame),
-    /// `Frame { id: frame_id, deliver }` of a stored message, encoded straight from the store's
-    /// type: no copy of the payload and no allocation per delivery.
-    Deliver {
-        frame_id: u64,
-        device: u32,
-        message: Arc<Message>,
-    },
-}
-
-const FRAME_ID_TAG: u32 = 1;
-const FRAME_DELIVER_TAG: u32 = 36;
-
-fn varint_field_len(tag: u32, value: u64) -> usize {
-    if value == 0 {
-        0
-    } else {
-        key_len(tag) + encoded_len_varint(value)
-    }
-}
-
-fn varint_field(tag: u32, value: u64, buf: &mut impl BufMut) {
-    if value != 0 {
-        encode_key(tag, WireType::Varint, buf);
-        encode_varint(value, buf);
-    }
-}
-
-fn bytes_field_len(tag: u32, len: usize) -> usize {
-    if len == 0 {
-        0
-    } else {
-        key_len(tag) + encoded_len_varint(len as u64) + len
-    }
-}
-
-fn bytes_field(tag: u32, value: &[u8], buf: &mut impl BufMut) {
-    if !value.is_empty() {
-        encode_key(tag, WireType::LengthDelimited, buf);
-        encode_varint(value.len() as u64, buf);
-        buf.put_slice(value);
-    }
-}
-
-/// Encoded length of the `Deliver` message (without the `Frame` around it).
-fn deliver_len(device: u32, m: &Message) -> usize {
-    varint_field_len(1, m.id)
-        + bytes_field_len(2, m.sender.len())
-        + varint_field_len(3, u64::from(m.sender_device))
-        + varint_field_len(4, u64::from(device))
-        + bytes_field_len(5, m.nonce.len())
-        + bytes_field_len(6, m.payload_hash.len())
-        + bytes_field_len(7, m.signature.len())
-        + bytes_field_len(8, m.payload.len())
-        + varint_field_len(9, m.received_at_ms)
-}
-
-/// Bytes of a `Deliver` frame before its payload, at most: frame id, the body's key and length,
-/// fields 1 to 7 and field 8's key and length.
-const DELIVER_HEAD_MAX: usize = 11 + 6 + 11 + 35 + 6 + 6 + 10 + 34 + 66 + 6;
-
-/// `Frame { id: frame_id, deliver: <m for device> }` in protobuf's canonical encoding, up to
-/// and including the payload's length (the payload and field 9 follow).
-fn encode_deliver_head(frame_id: u64, device: u32, m: &Message, buf: &mut impl BufMut) {
-    varint_field(FRAME_ID_TAG, frame_id, buf);
-    encode_key(FRAME_DELIVER_TAG, WireType::LengthDelimited, buf);
-    encode_varint(deliver_len(device, m) as u64, buf);
-    varint_field(1, m.id, buf);
-    bytes_field(2, &m.sender, buf);
-    varint_field(3, u64::from(m.sender_device), buf);
-    varint_field(4, u64::from(device), buf);
-    bytes_field(5, &m.nonce, buf);
-    bytes_field(6, &m.payload_hash, buf);
-    bytes_field(7, &m.signature, buf);
-    if !m.payload.is_empty() {
-        encode_key(8, WireType::LengthDelimited, buf);
-        encode_varint(m.payload.len() as u64, buf);
-    }
+    /// A stored message, encoded straight from the store's type when it is sealed: no copy of
+    /// the payload and no allocation per delivery.
+    Deliver(DeliverFrame),
 }
 
 impl Outgoing {
@@ -213,17 +118,7 @@ impl Outgoing {
     pub fn encoded_len(&self) -> usize {
         match self {
             Outgoing::Frame(frame) => frame.encoded_len(),
-            Outgoing::Deliver {
-                frame_id,
-                device,
-                message,
-            } => {
-                let inner = deliver_len(*device, message);
-                varint_field_len(FRAME_ID_TAG, *frame_id)
-                    + key_len(FRAME_DELIVER_TAG)
-                    + encoded_len_varint(inner as u64)
-                    + inner
-            }
+            Outgoing::Deliver(deliver) => deliver.encoded_len(),
         }
     }
 
@@ -231,23 +126,7 @@ impl Outgoing {
     pub fn seal(&self, session: &mut Session) -> Result<(), SessionError> {
         match self {
             Outgoing::Frame(frame) => session.send(frame),
-            Outgoing::Deliver {
-                frame_id,
-                device,
-                message,
-            } => {
-                // Everything but the payload (and the time after it) is encoded here; the
-                // payload is encrypted from where the store keeps it.
-                let mut head = [0u8; DELIVER_HEAD_MAX];
-                let mut tail = [0u8; 16];
-                let (head_len, tail_len) = {
-                    let (mut h, mut t) = (&mut head[..], &mut tail[..]);
-                    encode_deliver_head(*frame_id, *device, message, &mut h);
-                    varint_field(9, message.received_at_ms, &mut t);
-                    (DELIVER_HEAD_MAX - h.len(), 16 - t.len())
-                };
-                session.send_parts(&[&head[..head_len], &message.payload, &tail[..tail_len]])
-            }
+            Outgoing::Deliver(deliver) => deliver.seal(session),
         }
     }
 
@@ -255,7 +134,7 @@ impl Outgoing {
     pub fn frame_id(&self) -> u64 {
         match self {
             Outgoing::Frame(frame) => frame.id,
-            Outgoing::Deliver { frame_id, .. } => *frame_id,
+            Outgoing::Deliver(deliver) => deliver.frame_id,
         }
     }
 
@@ -263,28 +142,8 @@ impl Outgoing {
     pub fn into_frame(self) -> Frame {
         match self {
             Outgoing::Frame(frame) => frame,
-            Outgoing::Deliver {
-                frame_id,
-                device,
-                message,
-            } => Frame::new(frame_id, Body::Deliver(deliver_body(device, &message))),
+            Outgoing::Deliver(deliver) => deliver.to_frame(),
         }
-    }
-}
-
-/// The protobuf `Deliver` of a stored message.
-pub fn deliver_body(device: u32, m: &Message) -> crate::proto::Deliver {
-    use bytes::Bytes;
-    crate::proto::Deliver {
-        message_id: m.id,
-        sender: Bytes::copy_from_slice(&m.sender),
-        sender_device: m.sender_device,
-        recipient_device: device,
-        sender_nonce: Bytes::copy_from_slice(&m.nonce),
-        payload_hash: Bytes::copy_from_slice(&m.payload_hash),
-        sender_signature: Bytes::copy_from_slice(&m.signature),
-        payload: m.payload.clone(),
-        received_at_ms: m.received_at_ms,
     }
 }
 
@@ -507,7 +366,7 @@ impl Drop for PushReceiver {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
+    use botd_protocol::proto::ErrorCode;
 
     #[tokio::test]
     async fn overflow_turns_into_one_slow_consumer_notice() {
@@ -530,57 +389,5 @@ mod tests {
         assert_eq!(rx.queued_bytes(), 0);
         drop(rx);
         assert!(handle.is_closed());
-    }
-
-    #[test]
-    fn a_deliver_sealed_from_parts_is_the_protobuf_encoding() {
-        for (id, payload, time) in [
-            (1u64, &b"hello"[..], 1_767_225_600_000u64),
-            (0, &b""[..], 0),
-            (u64::MAX >> 2, &[7u8; 300][..], 5),
-        ] {
-            let message = Arc::new(Message {
-                id,
-                sender: [2; 33],
-                sender_device: 3,
-                nonce: [4; 8],
-                payload_hash: [5; 32],
-                signature: [6; 64],
-                payload: Bytes::copy_from_slice(payload),
-                received_at_ms: time,
-            });
-            let out = Outgoing::Deliver {
-                frame_id: id ^ 9,
-                device: 7,
-                message,
-            };
-            let expected = out.clone().into_frame().encode_to_vec();
-            assert_eq!(out.encoded_len(), expected.len());
-            // Sealed as a connection seals it, then opened: the plaintext is the encoding.
-            let keys = |b: u8| crate::core::cipher::DirectionKeys {
-                enc: [b; 32],
-                mac: [b + 1; 32],
-            };
-            let mut session = Session::responder(
-                crate::core::handshake::SessionKeys {
-                    send: keys(1),
-                    recv: keys(3),
-                },
-                crate::core::session::Timers {
-                    ping_min_interval: std::time::Duration::from_secs(30),
-                    probe_after: None,
-                    keepalive_after: None,
-                    pong_timeout: std::time::Duration::from_secs(20),
-                    idle_timeout: None,
-                },
-                1 << 20,
-                tokio::time::Instant::now(),
-            );
-            out.seal(&mut session).unwrap();
-            let wire = session.poll_transmit().unwrap();
-            let mut opener = crate::core::cipher::Opener::new(keys(1));
-            let buf = opener.open(bytes::BytesMut::from(&wire[4..])).unwrap();
-            assert_eq!(&buf[..], &expected[..]);
-        }
     }
 }

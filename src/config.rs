@@ -468,7 +468,7 @@ impl Config {
             );
         }
         let largest = self.largest_answer_len();
-        if largest + crate::core::cipher::TAG_LEN > self.max_frame_len as usize {
+        if largest + botd_protocol::cipher::TAG_LEN > self.max_frame_len as usize {
             return Err(ConfigError::Invalid(format!(
                 "max_frame_len ({}) is too small for the largest answer these limits allow \
                  ({largest} bytes plus the 16-byte tag: a PreKeyBundles of \

@@ -23,9 +23,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use botd_relay::client::{verify_delivery, Client, ClientError, ClientOptions, OutgoingMessage};
-use botd_relay::core::keys::{KeyPair, PublicKeyBytes};
-use botd_relay::proto::{Body, Deliver};
+use botd_client::{verify_delivery, Client, ClientError, ClientOptions, OutgoingMessage};
+use botd_protocol::keys::{KeyPair, PublicKeyBytes};
+use botd_protocol::proto::{Body, Deliver};
 use parking_lot::Mutex;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

@@ -8,9 +8,9 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use botd_protocol::keys::{sha256, KeyPair};
+use botd_protocol::proto::{self, Accept, PreKey};
 use botd_relay::config::{Config, FsyncPolicy};
-use botd_relay::core::keys::{sha256, KeyPair};
-use botd_relay::proto::{self, Accept, PreKey};
 use botd_relay::store::embedded::journal::{JOURNAL_MAGIC, READABLE_VERSIONS};
 use botd_relay::store::embedded::record::{Next, RecordReader};
 use botd_relay::store::embedded::recovery;
@@ -198,7 +198,7 @@ fn state_after(config: &Config, segment: &Path, events: usize) -> Vec<Vec<u8>> {
             continue;
         }
         state
-            .replay(&proto::store::Event::decode(&body[8..]).unwrap())
+            .replay(&botd_relay::store::proto::Event::decode(&body[8..]).unwrap())
             .unwrap();
         replayed += 1;
     }
@@ -516,7 +516,7 @@ fn a_flipped_byte_in_a_snapshot_stops_the_start() {
 }
 
 /// A journal segment holding the given (lsn, event) records, as the journal writes them.
-fn crafted_segment(dir: &Path, records: &[(u64, proto::store::Event)]) -> PathBuf {
+fn crafted_segment(dir: &Path, records: &[(u64, botd_relay::store::proto::Event)]) -> PathBuf {
     use botd_relay::store::embedded::journal::{segment_name, JOURNAL_VERSION};
     use botd_relay::store::embedded::record::{append_record, file_header};
     use prost::Message;
@@ -533,7 +533,7 @@ fn crafted_segment(dir: &Path, records: &[(u64, proto::store::Event)]) -> PathBu
 
 #[test]
 fn crafted_values_that_would_overflow_are_refused_with_file_and_offset() {
-    use proto::store::{event::Kind, Event, MessageStored};
+    use botd_relay::store::proto::{event::Kind, Event, MessageStored};
     let identity = Bytes::from(identities(1)[0].to_vec());
     let stored = |message_id| Event {
         kind: Some(Kind::MessageStored(MessageStored {

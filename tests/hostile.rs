@@ -23,11 +23,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use botd_protocol::handshake::AwaitingAck;
+use botd_protocol::keys::KeyPair;
+use botd_protocol::proto::{Body, Done, ErrorCode, Frame, GetMessage, Init};
 use botd_relay::config::Config;
-use botd_relay::core::handshake::AwaitingAck;
-use botd_relay::core::keys::KeyPair;
 use botd_relay::net::{Admission, CryptoSlots, Refusal};
-use botd_relay::proto::{Body, Done, ErrorCode, Frame, GetMessage, Init};
 use common::*;
 use prost::Message;
 use tokio::io::AsyncWriteExt;
@@ -221,11 +221,11 @@ fn sockets_over_the_per_address_cap_are_closed_at_accept() {
         }
         wait_until("16 admitted", HANG, || relay.stats().unauthenticated == 16).await;
         // A good peer from the flooded address is refused too (the cap is per address)...
-        let options = botd_relay::client::ClientOptions {
+        let options = botd_client::ClientOptions {
             local_ip: Some(flooder),
             ..Default::default()
         };
-        let refused = botd_relay::client::Client::connect(
+        let refused = botd_client::Client::connect(
             relay.addr,
             Arc::new(KeyPair::generate()),
             relay.key,
@@ -619,7 +619,7 @@ async fn stalled_reader(relay: &Relay, ip: IpAddr) -> RawPeer {
         Some(Body::Registered(_))
     ));
     let me = *peer.identity.public();
-    let message = botd_relay::client::OutgoingMessage::new(me, 1, 1, vec![7u8; 64 << 10]);
+    let message = botd_client::OutgoingMessage::new(me, 1, 1, vec![7u8; 64 << 10]);
     let request = message.sign(&peer.identity);
     peer.send(&Frame::new(2, Body::Send(request))).await;
     assert!(matches!(

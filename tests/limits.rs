@@ -13,14 +13,14 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use botd_relay::app::Push;
-use botd_relay::client::{Client, ClientError, OutgoingMessage};
-use botd_relay::config::Config;
-use botd_relay::core::keys::{KeyPair, PublicKeyBytes};
-use botd_relay::proto::{
+use botd_client::{Client, ClientError, OutgoingMessage};
+use botd_protocol::keys::{KeyPair, PublicKeyBytes};
+use botd_protocol::proto::{
     Accept, AddContact, Body, CreateTicket, ErrorCode, Frame, PreKey, RemoveContact, SetPolicy,
     Subscribe, Unregister, UploadPreKeys,
 };
+use botd_relay::app::Push;
+use botd_relay::config::Config;
 use botd_relay::ratelimit::Rate;
 use bytes::Bytes;
 use common::*;

@@ -19,13 +19,13 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use botd_relay::client::{verify_delivery, Client, ClientOptions, OutgoingMessage};
+use botd_client::{verify_delivery, Client, ClientOptions, OutgoingMessage};
+use botd_protocol::keys::KeyPair;
+use botd_protocol::proto::{Accept, Body, Deliver, ErrorCode, Frame, PreKey, UploadPreKeys};
 use botd_relay::config::Config;
-use botd_relay::core::keys::KeyPair;
-use botd_relay::proto::{Accept, Body, Deliver, ErrorCode, Frame, PreKey, UploadPreKeys};
 use botd_relay::store::nats::NatsStore;
 use bytes::Bytes;
-use common::{code, registration, start_relay_on, Relay};
+use common::{code, registration, start_relay_on, Clients, Relay};
 use jetstream::{binary, relay_config, Nats, RelayProcess};
 use tokio::time::timeout;
 

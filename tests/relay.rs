@@ -9,13 +9,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use botd_relay::client::{verify_delivery, Client, ClientError, OutgoingMessage};
-use botd_relay::config::Config;
-use botd_relay::core::keys::{KeyPair, PublicKeyBytes};
-use botd_relay::proto::{
+use botd_client::{verify_delivery, Client, ClientError, OutgoingMessage};
+use botd_protocol::keys::{KeyPair, PublicKeyBytes};
+use botd_protocol::proto::{
     Accept, Body, CreateTicket, Deliver, ErrorCode, FetchPreKeys, Frame, GetMessage,
     GetPreKeyCount, PreKey, Registered, Sent, SetPolicy, Subscribe, UploadPreKeys,
 };
+use botd_relay::config::Config;
 use botd_relay::ratelimit::Rate;
 use bytes::Bytes;
 use common::*;
@@ -147,7 +147,7 @@ async fn offline_backlog_then_live_delivery_then_ack() {
     assert_eq!(bob.ack(1, vec![1, 2, 3, 99]).await.unwrap().deleted, 3);
     assert_eq!(
         bob.get_message(1, 2).await.unwrap_err().code(),
-        Some(botd_relay::proto::ErrorCode::NotFound)
+        Some(botd_protocol::proto::ErrorCode::NotFound)
     );
     relay.stop().await;
 }
@@ -354,7 +354,7 @@ async fn malformed_requests_are_bad_request() {
         device_ids: vec![],
     });
     assert_eq!(code(alice.request(request).await), ErrorCode::BadRequest);
-    let request = Body::AddContact(botd_relay::proto::AddContact {
+    let request = Body::AddContact(botd_protocol::proto::AddContact {
         identity: Bytes::from_static(b"short"),
     });
     assert_eq!(code(alice.request(request).await), ErrorCode::BadRequest);
@@ -384,7 +384,7 @@ async fn frame_id_zero_and_non_request_bodies_over_a_raw_session() {
             one_time_prekeys: 0,
         }),
         Body::Deliver(Deliver::default()),
-        Body::Done(botd_relay::proto::Done {}),
+        Body::Done(botd_protocol::proto::Done {}),
     ];
     for (n, body) in responses.into_iter().enumerate() {
         let id = 10 + n as u64;
@@ -536,7 +536,7 @@ async fn prekeys_are_popped_once_and_bundles_lose_the_one_time_key_when_exhauste
     let count = bob
         .upload_prekeys(UploadPreKeys {
             device_id: 1,
-            signed_prekey: Some(botd_relay::proto::SignedPreKey {
+            signed_prekey: Some(botd_protocol::proto::SignedPreKey {
                 id: 2,
                 public_key: Bytes::from(vec![0x31; 33]),
                 signature: Bytes::from(vec![0x32; 64]),

@@ -6,11 +6,11 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use botd_relay::client::{Client, ClientError, ClientOptions};
+use botd_client::{Client, ClientError, ClientOptions};
+use botd_protocol::handshake::AwaitingAck;
+use botd_protocol::keys::{negate_s, KeyPair};
+use botd_protocol::proto::{Body, Done, ErrorCode, Frame, Init, Ping};
 use botd_relay::config::Config;
-use botd_relay::core::handshake::AwaitingAck;
-use botd_relay::core::keys::{negate_s, KeyPair};
-use botd_relay::proto::{Body, Done, ErrorCode, Frame, Init, Ping};
 use bytes::Bytes;
 use common::*;
 use prost::Message;

@@ -19,14 +19,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use botd_relay::client::{Client, OutgoingMessage};
+use botd_client::{Client, OutgoingMessage};
+use botd_protocol::keys::KeyPair;
+use botd_protocol::proto::{self, Body, ErrorCode, Frame};
 use botd_relay::config::{Config, FsyncPolicy};
-use botd_relay::core::keys::KeyPair;
-use botd_relay::proto::store::event::Kind;
-use botd_relay::proto::{self, Body, ErrorCode, Frame};
 use botd_relay::store::embedded::journal::{Journal, JOURNAL_MAGIC, READABLE_VERSIONS};
 use botd_relay::store::embedded::record::{Next, RecordReader};
 use botd_relay::store::embedded::{EmbeddedStore, State};
+use botd_relay::store::proto::event::Kind;
 use botd_relay::store::{Identity, Registration};
 use bytes::Bytes;
 use common::*;
@@ -71,7 +71,7 @@ fn journaled_messages(dir: &Path, recipient: &Identity) -> Vec<u64> {
             if body[..8] == [0; 8] {
                 continue; // a batch marker
             }
-            let event = proto::store::Event::decode(&body[8..]).unwrap();
+            let event = botd_relay::store::proto::Event::decode(&body[8..]).unwrap();
             if let Some(Kind::MessageStored(stored)) = event.kind {
                 if stored.recipient[..] == recipient[..] {
                     ids.push(stored.message_id);

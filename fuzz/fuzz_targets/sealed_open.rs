@@ -1,6 +1,6 @@
 #![no_main]
 
-// The harness lives in the library, where `cargo test` replays fuzz/seeds/sealed_open/ through it.
+// The harness lives in this package's library, where `cargo test` replays fuzz/seeds/sealed_open/ through it.
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    let _outcome = botd_relay::fuzzing::sealed_open(data);
+    let _outcome = botd_fuzz::sealed_open(data);
 });

@@ -1,6 +1,6 @@
 #![no_main]
 
-// The harness lives in the library, where `cargo test` replays fuzz/seeds/snapshot_file/ through it.
+// The harness lives in this package's library, where `cargo test` replays fuzz/seeds/snapshot_file/ through it.
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    let _outcome = botd_relay::fuzzing::snapshot_file(data);
+    let _outcome = botd_fuzz::snapshot_file(data);
 });

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use botd_relay::config::{Config, MetricsListen};
-use botd_relay::keyfile;
+use botd_relay::protocol::keyfile;
 use std::sync::Arc;
 
 use botd_relay::config::StoreBackend;
@@ -160,7 +160,7 @@ fn raise_open_files(max_connections: usize) {
     }
 }
 
-async fn run(config: Config, identity: botd_relay::core::keys::KeyPair) -> Result<(), String> {
+async fn run(config: Config, identity: botd_relay::protocol::keys::KeyPair) -> Result<(), String> {
     if let MetricsListen::At(addr) = config.metrics_listen {
         botd_relay::metrics::install_prometheus(addr)
             .map_err(|err| format!("cannot serve metrics on {addr}: {err}"))?;
@@ -224,7 +224,7 @@ async fn run(config: Config, identity: botd_relay::core::keys::KeyPair) -> Resul
 /// Serves the relay application until SIGINT or SIGTERM.
 async fn serve<S: Store>(
     config: Arc<Config>,
-    identity: botd_relay::core::keys::KeyPair,
+    identity: botd_relay::protocol::keys::KeyPair,
     relay: Arc<Relay<S>>,
 ) -> Result<(), String> {
     let listen = config.listen;

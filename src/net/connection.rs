@@ -22,7 +22,6 @@ use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::{sleep_until, timeout_at, Instant, Sleep};
-use tokio_util::codec::Decoder;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 use tracing::info;
 
@@ -30,10 +29,10 @@ use super::admission::{InboundBudget, Ticket};
 use super::server::Shared;
 use super::NetError;
 use crate::app::{Answer, Handler, Outgoing, PendingAnswer, Push, PushReceiver};
-use crate::core::codec::{encode_frame, frame_len_at_front, FrameCodec};
-use crate::core::handshake::{respond, Established};
-use crate::core::session::{Received, Session, Timers};
-use crate::proto::{ErrorCode, Frame, Welcome, PROTOCOL_NAME};
+use botd_protocol::codec::{encode_frame, frame_len_at_front, FrameCodec};
+use botd_protocol::handshake::{respond, Established};
+use botd_protocol::proto::{ErrorCode, Frame, Welcome, PROTOCOL_NAME};
+use botd_protocol::session::{Received, Session, Timers};
 
 /// Largest frame accepted before the handshake completes. An `Init` with every field at its
 /// maximum is under 300 bytes; a small bound keeps unauthenticated peers from making the relay
@@ -296,7 +295,7 @@ async fn read_frame(stream: &TcpStream, inbound: &mut Inbound) -> Result<BytesMu
             Fill::Read(_) => {}
             Fill::Eof if inbound.buf.is_empty() => return Err(NetError::PeerClosed),
             Fill::Eof => {
-                return Err(crate::core::codec::CodecError::Truncated {
+                return Err(botd_protocol::codec::CodecError::Truncated {
                     buffered: inbound.buf.len(),
                 }
                 .into())
@@ -392,7 +391,7 @@ impl<'a, H: Handler> Live<'a, H> {
             established.keys,
             timers,
             config.max_frame_len,
-            Instant::now(),
+            Instant::now().into_std(),
         );
         session.send_welcome(Welcome {
             protocol: PROTOCOL_NAME.to_owned(),
@@ -558,7 +557,7 @@ impl<'a, H: Handler> Live<'a, H> {
             }
             if let Some(body) = self.inbound.next_frame(self.now)? {
                 self.count_in();
-                match self.session.on_frame(body, self.now)? {
+                match self.session.on_frame(body, self.now.into_std())? {
                     Received::Frame(frame) => {
                         if self.shared.handler.is_barrier(&frame) && !self.pipeline.is_empty() {
                             self.held = Some(frame);
@@ -585,7 +584,7 @@ impl<'a, H: Handler> Live<'a, H> {
                 }
                 Poll::Ready(Ok(Fill::Eof)) => {
                     if !self.inbound.buf.is_empty() {
-                        return Poll::Ready(Err(crate::core::codec::CodecError::Truncated {
+                        return Poll::Ready(Err(botd_protocol::codec::CodecError::Truncated {
                             buffered: self.inbound.buf.len(),
                         }
                         .into()));
@@ -653,7 +652,7 @@ impl<'a, H: Handler> Live<'a, H> {
             Ok(()) => {}
             // Limits checked at start make this impossible; if it happens anyway the request
             // fails, the session does not.
-            Err(crate::core::session::SessionError::FrameTooLarge { len, max }) => {
+            Err(botd_protocol::session::SessionError::FrameTooLarge { len, max }) => {
                 tracing::error!(len, max, "an answer exceeds the peer's frame limit");
                 self.session.send(&Frame::error(
                     out.frame_id(),
@@ -691,7 +690,7 @@ impl<'a, H: Handler> Live<'a, H> {
             }
         }
         if progress {
-            self.session.mark_sent(self.now);
+            self.session.mark_sent(self.now.into_std());
         }
         Ok(progress)
     }
@@ -731,7 +730,7 @@ impl<'a, H: Handler> Live<'a, H> {
             .map(|since| since + config.write_timeout);
         let frame_deadline = self.frame_deadline();
         let deadline = [
-            Some(self.session.next_deadline()),
+            Some(Instant::from_std(self.session.next_deadline())),
             write_deadline,
             frame_deadline,
             self.budget_retry_at,
@@ -758,7 +757,7 @@ impl<'a, H: Handler> Live<'a, H> {
         if self.budget_retry_at.is_some_and(|at| now >= at) {
             self.budget_retry_at = None;
         }
-        self.session.on_timeout(now)?;
+        self.session.on_timeout(now.into_std())?;
         Ok(true)
     }
 

@@ -10,9 +10,9 @@ mod server;
 pub use admission::{Admission, CryptoSlots, InboundBudget, Refusal};
 pub use server::{Server, ServerHandle, ServerStats};
 
-use crate::core::codec::CodecError;
-use crate::core::handshake::HandshakeError;
-use crate::core::session::SessionError;
+use botd_protocol::codec::CodecError;
+use botd_protocol::handshake::HandshakeError;
+use botd_protocol::session::SessionError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {

@@ -19,10 +19,10 @@ use super::admission::{Admission, CryptoSlots, InboundBudget, Refusal};
 use super::connection;
 use crate::app::Handler;
 use crate::config::Config;
-use crate::core::keys::KeyPair;
-use crate::core::replay::ReplayCache;
 use crate::metrics as m;
 use crate::ratelimit::{address_group, KeyedLimiter};
+use botd_protocol::keys::KeyPair;
+use botd_protocol::replay::ReplayCache;
 
 /// Closed connections after which free memory is handed back to the system.
 const TRIM_AFTER_CLOSED: usize = 256;

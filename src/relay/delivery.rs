@@ -21,6 +21,7 @@ use parking_lot::Mutex;
 
 use crate::app::{Outgoing, PushHandle};
 use crate::store::{MailboxId, Message, Store, StoreResult};
+use botd_protocol::message::DeliverFrame;
 
 /// Shards of the subscription map.
 const SHARDS: usize = 64;
@@ -158,11 +159,11 @@ impl<S: Store> Delivery<S> {
                 sub.again = true;
                 Next::Nothing
             } else if prev == Some(sub.cursor) && sub.has_room(self.max_unacked) {
-                let out = Outgoing::Deliver {
+                let out = Outgoing::Deliver(DeliverFrame {
                     frame_id: 0,
                     device: mailbox.device,
                     message: message.clone(),
-                };
+                });
                 // Live messages are paced like a backlog: past half of the push queue they
                 // wait in the store, and the pump sends them once the session has drained its
                 // queue. Only a peer that stops reading altogether fills the queue.
@@ -274,11 +275,11 @@ impl<S: Store> Delivery<S> {
                 if message.id <= sub.cursor {
                     continue;
                 }
-                let out = Outgoing::Deliver {
+                let out = Outgoing::Deliver(DeliverFrame {
                     frame_id: 0,
                     device: mailbox.device,
                     message,
-                };
+                });
                 // The subscriber's connection may be busy answering the very request that
                 // started this pump, so its queue cannot drain meanwhile: stop at half of it
                 // and continue when it has drained. Only a peer that stops reading while
@@ -325,7 +326,7 @@ fn paced_out(sub: &Subscription, out: &Outgoing) -> bool {
 
 fn message_id(out: &Outgoing) -> u64 {
     match out {
-        Outgoing::Deliver { message, .. } => message.id,
+        Outgoing::Deliver(deliver) => deliver.message.id,
         Outgoing::Frame(_) => 0,
     }
 }

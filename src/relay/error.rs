@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
-use crate::proto::{self, ErrorCode, Frame};
 use crate::store::{QuotaKind, StoreError};
+use botd_protocol::proto::{self, ErrorCode, Frame};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RelayError {

@@ -26,42 +26,25 @@ use parking_lot::Mutex;
 
 pub use error::RelayError;
 
-use crate::app::{unsupported_unless_ignorable, Answer, Handler, Outgoing, PushHandle};
+use crate::app::{Answer, Handler, Outgoing, PushHandle};
 use crate::config::Config;
-use crate::core::keys::{sha256, PublicKeyBytes};
 use crate::memory::RELEASE_AFTER_FREED_BYTES;
 use crate::metrics as m;
-use crate::proto::{
-    Accept, Acked, Body, Done, ErrorCode, Frame, PreKeyBundles, PreKeyCount, PreKeysLow,
-    Registered, Sent, Subscribed, Ticket, Unregistered,
-};
 use crate::ratelimit::address_group;
 use crate::store::{
     Appended, Identity, Listener, MailboxId, Message, NewMessage, QuotaKind, Store, StoreError,
+};
+use botd_protocol::keys::PublicKeyBytes;
+use botd_protocol::message::{message_digest, DeliverFrame};
+use botd_protocol::proto::unsupported_unless_ignorable;
+use botd_protocol::proto::{
+    Accept, Acked, Body, Done, ErrorCode, Frame, PreKeyBundles, PreKeyCount, PreKeysLow,
+    Registered, Sent, Subscribed, Ticket, Unregistered,
 };
 use delivery::Delivery;
 use limits::{Limit, Limits};
 
 pub use crate::clock::Clock;
-
-/// The digest a sender signs for `Send.sender_signature`:
-/// SHA-256("botd/1 message" || sender || recipient || recipient_device u32 BE || nonce || payload_hash).
-pub fn message_digest(
-    sender: &[u8],
-    recipient: &[u8],
-    recipient_device: u32,
-    nonce: &[u8],
-    payload_hash: &[u8],
-) -> [u8; 32] {
-    sha256(&[
-        b"botd/1 message",
-        sender,
-        recipient,
-        &recipient_device.to_be_bytes(),
-        nonce,
-        payload_hash,
-    ])
-}
 
 /// Open sessions per identity, for notices such as `PreKeysLow`. Bounded by the connection
 /// cap.
@@ -553,11 +536,11 @@ impl<S: Store> Relay<S> {
                     req.message_id,
                 );
                 self.reply(kind, id, async move {
-                    Ok(Outgoing::Deliver {
+                    Ok(Outgoing::Deliver(DeliverFrame {
                         frame_id: id,
                         device,
                         message: done.await?,
-                    })
+                    }))
                 })
             }
             Body::AckMessages(req) => {
@@ -646,7 +629,7 @@ impl<S: Store> Relay<S> {
         session: &RelaySession,
         kind: RequestKind,
         id: u64,
-        req: crate::proto::Send,
+        req: botd_protocol::proto::Send,
     ) -> Reply {
         let fields = validate::send(&req, self.config.max_payload_len as usize)?;
         self.limits.send(
@@ -823,31 +806,12 @@ mod tests {
     use super::*;
     use crate::store::embedded::EmbeddedStore;
 
-    #[test]
-    fn message_digest_matches_the_protocol_example() {
-        // docs/PROTOCOL.md §8.3: sender secret 11 × 32, recipient secret 22 × 32.
-        let sender = crate::core::keys::KeyPair::from_secret_bytes(&[0x11; 32]).unwrap();
-        let recipient = crate::core::keys::KeyPair::from_secret_bytes(&[0x22; 32]).unwrap();
-        let hash = sha256(&[b"hello"]);
-        let digest = message_digest(
-            sender.public().as_bytes(),
-            recipient.public().as_bytes(),
-            1,
-            &[0, 1, 2, 3, 4, 5, 6, 7],
-            &hash,
-        );
-        assert_eq!(
-            hex::encode(digest),
-            "4a58bca16d5bcd84b6a88da0609d2f7d7931389917b585854c99e1e04f809ec9"
-        );
-    }
-
     /// The store holds the relay's listener, which reaches the delivery, which holds the store:
     /// none of it may keep the others alive once the relay is gone.
     #[test]
     fn a_dropped_relay_frees_its_store() {
         let config = Arc::new(Config::default());
-        let key = *crate::core::keys::KeyPair::generate().public();
+        let key = *botd_protocol::keys::KeyPair::generate().public();
         let relay = Relay::new(config.clone(), key, EmbeddedStore::in_memory(&config));
         let (delivery, sessions) = (
             Arc::downgrade(&relay.delivery),

@@ -6,9 +6,9 @@ use std::collections::HashSet;
 
 use super::error::RelayError;
 use crate::config::Config;
-use crate::core::keys::{sha256, SIGNATURE_LEN};
-use crate::proto::{PreKey, Register, Send, SignedPreKey};
 use crate::store::{Identity, Registration, HASH_LEN, NONCE_LEN, TICKET_LEN};
+use botd_protocol::keys::{sha256, SIGNATURE_LEN};
+use botd_protocol::proto::{PreKey, Register, Send, SignedPreKey};
 
 /// Message ids one `AckMessages` may name.
 pub const MAX_ACK_IDS: usize = 4096;

@@ -18,24 +18,21 @@
 //! seen is never given to another message after a crash.
 
 pub mod embedded;
+#[cfg(feature = "jetstream")]
 pub mod nats;
+pub mod proto;
 
 use std::future::Future;
 use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::core::keys::{PUBLIC_KEY_LEN, SIGNATURE_LEN};
-use crate::proto::{Accept, PreKey, PreKeyBundle, SignedPreKey};
+use botd_protocol::keys::{PUBLIC_KEY_LEN, SIGNATURE_LEN};
+use botd_protocol::proto::{Accept, PreKey, PreKeyBundle, SignedPreKey};
 
 /// An identity: the 33-byte compressed public key a session authenticated with.
 pub type Identity = [u8; PUBLIC_KEY_LEN];
-/// Length of `Send.sender_nonce`.
-pub const NONCE_LEN: usize = 8;
-/// Length of a ticket token.
-pub const TICKET_LEN: usize = 16;
-/// Length of a payload hash (SHA-256).
-pub const HASH_LEN: usize = 32;
+pub use botd_protocol::message::{Message, HASH_LEN, NONCE_LEN, TICKET_LEN};
 
 /// Which limit refused a change: the `kind` label of `quota_hits_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,19 +154,6 @@ impl AccountLimits {
 pub struct MailboxId {
     pub identity: Identity,
     pub device: u32,
-}
-
-/// A stored message, as it is delivered.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Message {
-    pub id: u64,
-    pub sender: Identity,
-    pub sender_device: u32,
-    pub nonce: [u8; NONCE_LEN],
-    pub payload_hash: [u8; HASH_LEN],
-    pub signature: [u8; SIGNATURE_LEN],
-    pub payload: Bytes,
-    pub received_at_ms: u64,
 }
 
 /// A message to store (already validated: lengths and `payload_hash`).

@@ -1,54 +1,26 @@
 //! Shared loopback harness: a relay on 127.0.0.1:0 and raw-socket helpers for hostile peers.
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use botd_client::{Client, ClientOptions};
+use botd_protocol::keys::{KeyPair, PublicKeyBytes};
 use botd_relay::app::{Handler, TransportOnly};
-use botd_relay::client::{Client, ClientOptions};
-use botd_relay::config::{Config, MetricsListen};
-use botd_relay::core::keys::{KeyPair, PublicKeyBytes};
-use botd_relay::net::{Server, ServerHandle};
+use botd_relay::config::Config;
 use botd_relay::store::embedded::EmbeddedStore;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::task::JoinHandle;
 
-pub struct Relay {
-    pub addr: SocketAddr,
-    pub key: PublicKeyBytes,
-    pub handle: ServerHandle,
-    pub task: JoinHandle<()>,
-}
-
-pub fn test_config() -> Config {
-    Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        metrics_listen: MetricsListen::Off,
-        data_dir: std::env::temp_dir(),
-        ..Config::default()
-    }
-}
+pub use botd_relay::testing::{
+    in_memory_app as app, loopback_config as test_config, start_as, start_relay, start_relay_on,
+    LoopbackRelay as Relay,
+};
 
 pub async fn start_with<H: Handler>(config: Config, handler: H) -> Relay {
     start_as(config, KeyPair::generate(), handler).await
-}
-
-/// A relay with the given identity serving `handler`.
-pub async fn start_as<H: Handler>(config: Config, identity: KeyPair, handler: H) -> Relay {
-    let key = *identity.public();
-    let server = Server::bind(config, identity, handler).await.unwrap();
-    let addr = server.local_addr().unwrap();
-    let handle = server.handle();
-    let task = tokio::spawn(server.run());
-    Relay {
-        addr,
-        key,
-        handle,
-        task,
-    }
 }
 
 pub async fn start(config: Config) -> Relay {
@@ -58,26 +30,9 @@ pub async fn start(config: Config) -> Relay {
 /// The relay application over the in-memory embedded store.
 pub type App = botd_relay::relay::Relay<EmbeddedStore>;
 
-/// The application over a store that lives in memory only.
-pub fn app(config: &Config, key: PublicKeyBytes) -> Arc<App> {
-    botd_relay::relay::Relay::new(
-        Arc::new(config.clone()),
-        key,
-        EmbeddedStore::in_memory(config),
-    )
-}
-
-/// A relay serving the application (in memory, no journal).
-pub async fn start_relay(config: Config) -> (Relay, Arc<App>) {
-    let identity = KeyPair::generate();
-    let app = app(&config, *identity.public());
-    let relay = start_as(config, identity, app.clone()).await;
-    (relay, app)
-}
-
 /// A `Register` with a signed prekey and `one_time` one-time prekeys numbered from 1.
-pub fn registration(device_id: u32, one_time: u32) -> botd_relay::proto::Register {
-    use botd_relay::proto::{PreKey, Register, SignedPreKey};
+pub fn registration(device_id: u32, one_time: u32) -> botd_protocol::proto::Register {
+    use botd_protocol::proto::{PreKey, Register, SignedPreKey};
     Register {
         device_id,
         registration_id: 1000 + device_id,
@@ -96,32 +51,50 @@ pub fn registration(device_id: u32, one_time: u32) -> botd_relay::proto::Registe
     }
 }
 
-impl Relay {
-    pub async fn client(&self) -> Client {
+/// What the tests do with a relay through clients.
+#[allow(async_fn_in_trait)]
+pub trait Clients {
+    fn relay(&self) -> &Relay;
+
+    async fn client(&self) -> Client {
         self.client_as(Arc::new(KeyPair::generate())).await
     }
 
-    pub async fn client_as(&self, identity: Arc<KeyPair>) -> Client {
-        Client::connect(self.addr, identity, self.key, ClientOptions::default())
+    async fn client_as(&self, identity: Arc<KeyPair>) -> Client {
+        let relay = self.relay();
+        Client::connect(relay.addr, identity, relay.key, ClientOptions::default())
             .await
             .expect("client connects")
     }
 
     /// A good peer still gets served: handshake, Welcome and a ping round trip.
-    pub async fn assert_serving(&self) {
+    async fn assert_serving(&self) {
         let client = self.client().await;
         client.ping().await.expect("ping answered");
     }
 
-    pub async fn stop(self) {
-        self.handle.shutdown();
-        tokio::time::timeout(Duration::from_secs(10), self.task)
+    /// A client connecting from `ip`, with a fresh identity.
+    async fn client_from(&self, ip: std::net::IpAddr) -> Client {
+        self.client_from_as(ip, Arc::new(KeyPair::generate())).await
+    }
+
+    async fn client_from_as(&self, ip: std::net::IpAddr, identity: Arc<KeyPair>) -> Client {
+        let relay = self.relay();
+        let options = ClientOptions {
+            local_ip: Some(ip),
+            ..ClientOptions::default()
+        };
+        Client::connect(relay.addr, identity, relay.key, options)
             .await
-            .expect("server stops in time")
-            .unwrap();
+            .expect("client connects")
     }
 }
 
+impl Clients for Relay {
+    fn relay(&self) -> &Relay {
+        self
+    }
+}
 /// Reads until the peer closes; returns what arrived. Fails if the peer keeps it open.
 pub async fn read_until_closed(stream: &mut TcpStream, within: Duration) -> Vec<u8> {
     let mut received = Vec::new();
@@ -141,7 +114,7 @@ pub async fn read_until_closed(stream: &mut TcpStream, within: Duration) -> Vec<
 
 pub async fn write_frame(stream: &mut TcpStream, body: &[u8]) {
     stream
-        .write_all(&botd_relay::core::codec::encode_frame(body))
+        .write_all(&botd_protocol::codec::encode_frame(body))
         .await
         .unwrap();
 }
@@ -149,10 +122,10 @@ pub async fn write_frame(stream: &mut TcpStream, body: &[u8]) {
 /// A peer that does the handshake by hand over a socket, so tests can then misbehave.
 pub struct RawPeer {
     pub stream: TcpStream,
-    pub session: botd_relay::core::session::Session,
+    pub session: botd_protocol::session::Session,
     pub identity: KeyPair,
     buffer: bytes::BytesMut,
-    codec: botd_relay::core::codec::FrameCodec,
+    codec: botd_protocol::codec::FrameCodec,
 }
 
 impl RawPeer {
@@ -162,15 +135,15 @@ impl RawPeer {
 
     /// The handshake over a connected `stream`.
     pub async fn connect_stream(relay: &Relay, mut stream: TcpStream) -> RawPeer {
-        use botd_relay::core::handshake::AwaitingAck;
-        use botd_relay::core::session::{Session, Timers};
+        use botd_protocol::handshake::AwaitingAck;
+        use botd_protocol::session::{Session, Timers};
         let identity = KeyPair::generate();
         let (waiting, init) = AwaitingAck::start(&identity, relay.key);
         write_frame(&mut stream, &init).await;
         let mut peer = RawPeer {
             stream,
             session: Session::initiator(
-                botd_relay::core::handshake::SessionKeys {
+                botd_protocol::handshake::SessionKeys {
                     send: zero_keys(),
                     recv: zero_keys(),
                 },
@@ -182,11 +155,11 @@ impl RawPeer {
                     idle_timeout: None,
                 },
                 1 << 20,
-                tokio::time::Instant::now(),
+                tokio::time::Instant::now().into_std(),
             ),
             identity,
             buffer: bytes::BytesMut::new(),
-            codec: botd_relay::core::codec::FrameCodec::new(1 << 20),
+            codec: botd_protocol::codec::FrameCodec::new(1 << 20),
         };
         let ack = peer.read_body().await.expect("ack");
         let established = waiting.on_ack(&peer.identity, &ack).expect("valid ack");
@@ -195,19 +168,18 @@ impl RawPeer {
             established.keys,
             timers,
             1 << 20,
-            tokio::time::Instant::now(),
+            tokio::time::Instant::now().into_std(),
         );
         let welcome = peer.recv().await.expect("welcome");
         assert!(matches!(
             welcome.body,
-            Some(botd_relay::proto::Body::Welcome(_))
+            Some(botd_protocol::proto::Body::Welcome(_))
         ));
         peer
     }
 
     /// Reads one raw frame body, or `None` when the relay closed.
     pub async fn read_body(&mut self) -> Option<bytes::BytesMut> {
-        use tokio_util::codec::Decoder;
         tokio::time::timeout(Duration::from_secs(10), async {
             loop {
                 if let Some(body) = self
@@ -227,44 +199,44 @@ impl RawPeer {
     }
 
     /// Reads and opens the next frame the session passes up.
-    pub async fn recv(&mut self) -> Option<botd_relay::proto::Frame> {
+    pub async fn recv(&mut self) -> Option<botd_protocol::proto::Frame> {
         loop {
             let body = self.read_body().await?;
             let received = self
                 .session
-                .on_frame(body, tokio::time::Instant::now())
+                .on_frame(body, tokio::time::Instant::now().into_std())
                 .expect("relay frames open");
             match received {
-                botd_relay::core::session::Received::Frame(frame) => return Some(frame),
-                botd_relay::core::session::Received::Reply(reply) => self.send(&reply).await,
-                botd_relay::core::session::Received::Nothing => {}
+                botd_protocol::session::Received::Frame(frame) => return Some(frame),
+                botd_protocol::session::Received::Reply(reply) => self.send(&reply).await,
+                botd_protocol::session::Received::Nothing => {}
             }
         }
     }
 
     /// Seals a frame and returns its wire bytes without sending them.
-    pub fn seal(&mut self, frame: &botd_relay::proto::Frame) -> bytes::Bytes {
+    pub fn seal(&mut self, frame: &botd_protocol::proto::Frame) -> bytes::Bytes {
         self.session.send(frame).unwrap();
         self.session.poll_transmit().unwrap()
     }
 
-    pub async fn send(&mut self, frame: &botd_relay::proto::Frame) {
+    pub async fn send(&mut self, frame: &botd_protocol::proto::Frame) {
         let wire = self.seal(frame);
         self.stream.write_all(&wire).await.unwrap();
     }
 }
 
-fn zero_keys() -> botd_relay::core::cipher::DirectionKeys {
-    botd_relay::core::cipher::DirectionKeys {
+fn zero_keys() -> botd_protocol::cipher::DirectionKeys {
+    botd_protocol::cipher::DirectionKeys {
         enc: [0; 32],
         mac: [0; 32],
     }
 }
 
 /// The code of an `Error` frame.
-pub fn error_code(frame: &botd_relay::proto::Frame) -> botd_relay::proto::ErrorCode {
+pub fn error_code(frame: &botd_protocol::proto::Frame) -> botd_protocol::proto::ErrorCode {
     match &frame.body {
-        Some(botd_relay::proto::Body::Error(error)) => error.code(),
+        Some(botd_protocol::proto::Body::Error(error)) => error.code(),
         other => panic!("expected an Error frame, got {other:?}"),
     }
 }
@@ -293,10 +265,10 @@ pub async fn connect_from(relay: &Relay, ip: std::net::IpAddr) -> TcpStream {
 /// Polls `condition` every few milliseconds until it holds; panics (naming `what`) if it does
 /// not within `within`. A hang guard, not a measurement.
 pub async fn wait_until(what: &str, within: Duration, mut condition: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + within;
+    let deadline = tokio::time::Instant::now().into_std() + within;
     while !condition() {
         assert!(
-            tokio::time::Instant::now() < deadline,
+            tokio::time::Instant::now().into_std() < deadline,
             "gave up waiting until {what}"
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -314,27 +286,6 @@ pub fn is_closed(stream: &TcpStream) -> bool {
             Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => return false,
             Err(_) => return true,
         }
-    }
-}
-
-impl Relay {
-    /// A client connecting from `ip`, with a fresh identity.
-    pub async fn client_from(&self, ip: std::net::IpAddr) -> Client {
-        self.client_from_as(ip, Arc::new(KeyPair::generate())).await
-    }
-
-    pub async fn client_from_as(&self, ip: std::net::IpAddr, identity: Arc<KeyPair>) -> Client {
-        let options = ClientOptions {
-            local_ip: Some(ip),
-            ..ClientOptions::default()
-        };
-        Client::connect(self.addr, identity, self.key, options)
-            .await
-            .expect("client connects")
-    }
-
-    pub fn stats(&self) -> botd_relay::net::ServerStats {
-        self.handle.stats()
     }
 }
 
@@ -442,21 +393,10 @@ pub async fn start_durable_relay(
     (relay, app, store)
 }
 
-/// A relay serving the application over `store` (any backend).
-pub async fn start_relay_on<S: botd_relay::store::Store>(
-    config: Config,
-    store: S,
-) -> (Relay, Arc<botd_relay::relay::Relay<S>>) {
-    let identity = KeyPair::generate();
-    let app = botd_relay::relay::Relay::new(Arc::new(config.clone()), *identity.public(), store);
-    let relay = start_as(config, identity, app.clone()).await;
-    (relay, app)
-}
-
 /// The relay's error code of a failed request (panics on success or on a local error).
 pub fn code<T: std::fmt::Debug>(
-    result: Result<T, botd_relay::client::ClientError>,
-) -> botd_relay::proto::ErrorCode {
+    result: Result<T, botd_client::ClientError>,
+) -> botd_protocol::proto::ErrorCode {
     match result {
         Err(err) => err
             .code()
@@ -504,11 +444,11 @@ impl DirectPeer {
     pub async fn call(
         &mut self,
         app: &Arc<App>,
-        body: botd_relay::proto::Body,
-    ) -> botd_relay::proto::Body {
+        body: botd_protocol::proto::Body,
+    ) -> botd_protocol::proto::Body {
         use botd_relay::app::Answer;
         self.next_id += 1;
-        let request = botd_relay::proto::Frame::new(self.next_id, body);
+        let request = botd_protocol::proto::Frame::new(self.next_id, body);
         let answer = match app.request(self.session(), request) {
             Answer::None => panic!("no answer"),
             Answer::Ready(out) => out.into_frame(),
@@ -521,10 +461,13 @@ impl DirectPeer {
     /// Registers device 1 with 3 one-time prekeys.
     pub async fn register(&mut self, app: &Arc<App>) {
         let answer = self
-            .call(app, botd_relay::proto::Body::Register(registration(1, 3)))
+            .call(
+                app,
+                botd_protocol::proto::Body::Register(registration(1, 3)),
+            )
             .await;
         assert!(
-            matches!(answer, botd_relay::proto::Body::Registered(_)),
+            matches!(answer, botd_protocol::proto::Body::Registered(_)),
             "{answer:?}"
         );
     }
@@ -533,10 +476,11 @@ impl DirectPeer {
     pub async fn send(
         &mut self,
         app: &Arc<App>,
-        message: &botd_relay::client::OutgoingMessage,
-    ) -> botd_relay::proto::Body {
+        message: &botd_client::OutgoingMessage,
+    ) -> botd_protocol::proto::Body {
         let request = message.sign(&self.key);
-        self.call(app, botd_relay::proto::Body::Send(request)).await
+        self.call(app, botd_protocol::proto::Body::Send(request))
+            .await
     }
 
     /// Ends the session as a closed connection would.
@@ -545,7 +489,7 @@ impl DirectPeer {
     }
 
     /// A pushed frame that is already queued.
-    pub fn try_push(&mut self) -> Option<botd_relay::proto::Frame> {
+    pub fn try_push(&mut self) -> Option<botd_protocol::proto::Frame> {
         use botd_relay::app::Push;
         match self.pushes.try_recv() {
             Some(Push::Out(out)) => Some(out.into_frame()),

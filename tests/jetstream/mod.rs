@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use botd_protocol::keys::PublicKeyBytes;
 use botd_relay::config::Config;
-use botd_relay::core::keys::PublicKeyBytes;
 
 /// The longest a server or cluster may take to be ready.
 const READY_WITHIN: Duration = Duration::from_secs(30);

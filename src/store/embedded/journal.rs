@@ -33,7 +33,7 @@ use tokio::sync::Notify;
 
 use super::record::{file_header, record_header, StorageError, FILE_HEADER_LEN};
 use crate::config::FsyncPolicy;
-use crate::proto::store::Event;
+use crate::store::proto::Event;
 
 pub const JOURNAL_MAGIC: &[u8; 8] = b"BOTDJRNL";
 /// Version 2: every write begins with a batch marker. Version 1 files (no markers) still read.

@@ -20,8 +20,8 @@ use ahash::AHashMap;
 
 use prost::encoding::{decode_varint, encode_varint};
 
-use crate::core::keys::SIGNATURE_LEN;
 use crate::store::{Identity, NONCE_LEN};
+use botd_protocol::keys::SIGNATURE_LEN;
 
 /// Ids one chunk spans: its presence map is one `u64`.
 const CHUNK_IDS: u64 = 64;

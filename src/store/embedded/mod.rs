@@ -43,7 +43,7 @@ use super::{
     Store, StoreError, StoreResult, StoreStats, StoreTotals, TICKET_LEN,
 };
 use crate::config::Config;
-use crate::proto::{Accept, PreKey, SignedPreKey};
+use botd_protocol::proto::{Accept, PreKey, SignedPreKey};
 
 const LOCK_FILE: &str = "LOCK";
 pub(crate) const JOURNAL_DIR: &str = "journal";

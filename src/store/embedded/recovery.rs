@@ -17,7 +17,7 @@ use super::journal::{self, BatchMarker, MARKER_LSN, MAX_SEQUENCE, READABLE_VERSI
 use super::record::{self, Damage, Next, RecordReader, StorageError, FILE_HEADER_LEN};
 use super::snapshot::{self, SNAPSHOT_MAGIC, SNAPSHOT_VERSION};
 use super::state::{event_identity, shard_index, State};
-use crate::proto::store::{snapshot_record, Event, SnapshotRecord};
+use crate::store::proto::{snapshot_record, Event, SnapshotRecord};
 use crate::store::StoreStats;
 
 /// What recovery found and did.

@@ -13,7 +13,7 @@ use prost::Message;
 use super::journal::sync_dir;
 use super::record::{append_record, file_header, StorageError};
 use super::state::State;
-use crate::proto::store::{snapshot_record, SnapshotHeader, SnapshotRecord, SnapshotTrailer};
+use crate::store::proto::{snapshot_record, SnapshotHeader, SnapshotRecord, SnapshotTrailer};
 
 pub const SNAPSHOT_MAGIC: &[u8; 8] = b"BOTDSNAP";
 pub const SNAPSHOT_VERSION: u32 = 1;

@@ -26,13 +26,13 @@ use parking_lot::Mutex;
 use super::journal::{Journal, Progress, MAX_SEQUENCE};
 use super::mailbox::{MessageLog, NewRecord, SenderTable, StoredMessage};
 use crate::config::Config;
-use crate::core::keys::{sha256, PUBLIC_KEY_LEN, SIGNATURE_LEN};
-use crate::proto::store::{self as ev, event::Kind, Event, Removal};
-use crate::proto::{Accept, PreKey, PreKeyBundle, SignedPreKey};
+use crate::store::proto::{self as ev, event::Kind, Event, Removal};
 use crate::store::{
     AccountLimits, Appended, Expiry, Fetched, Identity, Listener, MailboxId, Message, NewMessage,
     QuotaKind, Registration, StoreError, StoreStats, StoreTotals, NONCE_LEN, TICKET_LEN,
 };
+use botd_protocol::keys::{sha256, PUBLIC_KEY_LEN, SIGNATURE_LEN};
+use botd_protocol::proto::{Accept, PreKey, PreKeyBundle, SignedPreKey};
 
 /// The `Message` of a stored record (the payload hash is recomputed: 32 bytes per stored
 /// message against one hash per delivery from the store).
@@ -1505,8 +1505,8 @@ const _: () = assert!(NONCE_LEN == 8 && SIGNATURE_LEN == 64);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::keys::KeyPair;
-    use crate::proto::SignedPreKey;
+    use botd_protocol::keys::KeyPair;
+    use botd_protocol::proto::SignedPreKey;
 
     fn state(config: &Config) -> State {
         let config = Config {

@@ -12,8 +12,8 @@ use bytes::Bytes;
 use super::error::NatsError;
 use super::records::Names;
 use crate::config::Config;
-use crate::core::keys::{sha256, SIGNATURE_LEN};
 use crate::store::{MailboxId, Message};
+use botd_protocol::keys::{sha256, SIGNATURE_LEN};
 
 /// Headers of a stored message (sender and nonce are in its subject).
 pub const H_SENDER_DEVICE: &str = "Botd-Sender-Device";

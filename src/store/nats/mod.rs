@@ -60,7 +60,7 @@ use super::{
     QuotaKind, Registration, Store, StoreError, StoreResult, StoreStats, TICKET_LEN,
 };
 use crate::config::{Config, StoreBackend};
-use crate::proto::{Accept, PreKey, PreKeyBundle, SignedPreKey};
+use botd_protocol::proto::{Accept, PreKey, PreKeyBundle, SignedPreKey};
 
 /// Compare-and-set attempts before an operation gives up (`Unavailable`).
 const MAX_ATTEMPTS: u32 = 200;
@@ -1123,7 +1123,7 @@ impl Inner {
             let Some(hex_id) = key.strip_prefix("a.") else {
                 continue;
             };
-            let mut identity = [0u8; crate::core::keys::PUBLIC_KEY_LEN];
+            let mut identity = [0u8; botd_protocol::keys::PUBLIC_KEY_LEN];
             if hex::decode_to_slice(hex_id, &mut identity).is_ok() {
                 idle.push(identity);
             }

@@ -13,8 +13,8 @@
 
 use bytes::Bytes;
 
-use crate::proto::{PreKey, SignedPreKey};
 use crate::store::{Identity, MailboxId};
+use botd_protocol::proto::{PreKey, SignedPreKey};
 
 /// A device id slot of an account: registered now, or retired (kept so the device id budget
 /// holds).
@@ -293,14 +293,14 @@ impl Names {
         if parts.next().is_some() {
             return None;
         }
-        let mut id = [0u8; crate::core::keys::PUBLIC_KEY_LEN];
+        let mut id = [0u8; botd_protocol::keys::PUBLIC_KEY_LEN];
         hex::decode_to_slice(identity, &mut id).ok()?;
         let device: u32 = device.parse().ok()?;
-        if tail.len() != 2 * (crate::core::keys::PUBLIC_KEY_LEN + crate::store::NONCE_LEN) {
+        if tail.len() != 2 * (botd_protocol::keys::PUBLIC_KEY_LEN + crate::store::NONCE_LEN) {
             return None;
         }
-        let (sender_hex, nonce_hex) = tail.split_at(2 * crate::core::keys::PUBLIC_KEY_LEN);
-        let mut sender = [0u8; crate::core::keys::PUBLIC_KEY_LEN];
+        let (sender_hex, nonce_hex) = tail.split_at(2 * botd_protocol::keys::PUBLIC_KEY_LEN);
+        let mut sender = [0u8; botd_protocol::keys::PUBLIC_KEY_LEN];
         hex::decode_to_slice(sender_hex, &mut sender).ok()?;
         let mut nonce = [0u8; crate::store::NONCE_LEN];
         hex::decode_to_slice(nonce_hex, &mut nonce).ok()?;

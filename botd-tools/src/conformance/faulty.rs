@@ -1,0 +1,722 @@
+//! A small relay built from `core::*` and [`super::wire`] that misbehaves on purpose, as a
+//! [`Script`] says: the client role runs one script per connection of the node under test, and
+//! the suite's own tests serve whole scripts as broken relays. It implements just enough of the
+//! relay application for the node scenario (register, subscribe, send to oneself, ack).
+
+use std::collections::{HashSet, VecDeque};
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use parking_lot::Mutex;
+use prost::Message;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::wire::{derive, describe, digest3, field_bytes, field_varint, FlexCipher};
+use super::{Dir, Log};
+use botd_protocol::codec::{encode_frame, FrameCodec};
+use botd_protocol::keys::{negate_s, KeyPair, PublicKeyBytes};
+use botd_protocol::proto::{
+    self, random_id, valid_id, Ack, Body, ErrorCode, Frame, Init, Pong, Welcome,
+};
+
+/// How the `Ack` is spoiled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AckFault {
+    #[default]
+    None,
+    WrongInitId,
+    BadSignature,
+    HighS,
+    OtherKey,
+    EmptyId,
+    /// The responder's ephemeral key is not a point: no session can follow.
+    BadEphemeral,
+}
+
+/// What the relay sends as its first encrypted frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum First {
+    #[default]
+    Welcome,
+    /// An `Error` push instead of `Welcome`.
+    ErrorFrame,
+    /// A `Welcome` whose tag is wrong.
+    BadTagWelcome,
+}
+
+/// What happens to the deliveries of the scenario.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeliverFault {
+    #[default]
+    None,
+    /// An extra `Deliver` of the second payload, signed wrongly, before the real one.
+    BadSignature,
+    /// An extra `Deliver` of the second payload with the first message's signature and hash.
+    BadHash,
+    /// The first message delivered again under a new id but for another device.
+    WrongDevice,
+    /// The second message first arrives under the first message's id.
+    DuplicateId,
+}
+
+/// The knobs of a misbehaving relay (all off: a correct one).
+#[derive(Debug, Clone, Default)]
+pub struct Script {
+    // Responder side of the handshake.
+    pub accept_high_s: bool,
+    pub skip_recipient_check: bool,
+    pub no_replay_cache: bool,
+    pub ack: AckFault,
+    // Session.
+    pub first: First,
+    pub welcome_other_key: bool,
+    pub welcome_max_frame_len: Option<u32>,
+    pub welcome_ping_min_interval_ms: Option<u64>,
+    pub skip_tag_check: bool,
+    /// Shift of the relay's own rotation point (Some(1): rotates after 1024).
+    pub rotate_shift: Option<u64>,
+    pub answer_ping_flood: bool,
+    /// Frames before answering `Register`: this many unsolicited `Pong`s (to cross a rotation).
+    pub pushes_before_registered: usize,
+    /// Pushes a `Frame` with an unknown body and an `Error` with an unknown code first.
+    pub unknown_pushes: bool,
+    /// Answers `Register` with a frame longer than the announced limit.
+    pub oversize_registered: bool,
+    /// Two Pings right after `Welcome`.
+    pub ping_twice: bool,
+    /// One Ping right after `Welcome`.
+    pub ping_once: bool,
+    /// Pushes this error with frame id 0 after `Subscribed`, then closes.
+    pub push_error_after_subscribed: Option<ErrorCode>,
+    /// Pushes `REPLACED` after `Subscribed`.
+    pub replaced_after_subscribed: bool,
+    /// Pushes `SLOW_CONSUMER` after the first `Deliver` and closes.
+    pub slow_consumer_after_first: bool,
+    /// Answers the first `Send` with `RATE_LIMITED` and this `retry_after_ms`.
+    pub rate_limit_first_send: Option<u64>,
+    pub deliver: DeliverFault,
+}
+
+/// What the node did, for the client role's judges.
+#[derive(Debug, Clone)]
+pub enum Seen {
+    /// Bytes before the handshake completed (a non-frame or an extra frame).
+    HandshakeBytes(usize),
+    /// A frame from the node, decoded.
+    Frame(Frame),
+    /// A frame that did not open or decode.
+    Garbage(String),
+    /// The relay sent something the case marks (e.g. "deliver 3").
+    Mark(String),
+    Closed,
+}
+
+#[derive(Debug, Clone)]
+pub struct Trace {
+    pub events: Vec<(Instant, Seen)>,
+    pub identity: Option<PublicKeyBytes>,
+}
+
+impl Trace {
+    pub fn frames(&self) -> impl Iterator<Item = (&Instant, &Frame)> {
+        self.events.iter().filter_map(|(t, e)| match e {
+            Seen::Frame(f) => Some((t, f)),
+            _ => None,
+        })
+    }
+
+    pub fn closed(&self) -> bool {
+        self.events.iter().any(|(_, e)| matches!(e, Seen::Closed))
+    }
+
+    pub fn mark_at(&self, mark: &str) -> Option<Instant> {
+        self.events.iter().find_map(|(t, e)| match e {
+            Seen::Mark(m) if m == mark => Some(*t),
+            _ => None,
+        })
+    }
+
+    /// Anything the node sent after the handshake.
+    pub fn sent_anything(&self) -> bool {
+        self.events.iter().any(|(_, e)| {
+            matches!(
+                e,
+                Seen::Frame(_) | Seen::Garbage(_) | Seen::HandshakeBytes(_)
+            )
+        })
+    }
+}
+
+/// Shared between the connections of one relay: the replay cache.
+#[derive(Default)]
+pub struct Shared {
+    seen_ephemeral: Mutex<HashSet<Vec<u8>>>,
+}
+
+const MAX_EVENTS: usize = 20_000;
+
+struct Conn<'a> {
+    stream: TcpStream,
+    buf: BytesMut,
+    codec: FrameCodec,
+    seal: FlexCipher,
+    open: FlexCipher,
+    log: &'a Log,
+    trace: Trace,
+    script: &'a Script,
+}
+
+impl Conn<'_> {
+    fn mark(&mut self, m: &str) {
+        self.trace
+            .events
+            .push((Instant::now(), Seen::Mark(m.to_owned())));
+    }
+
+    async fn send(&mut self, frame: &Frame) -> bool {
+        self.log.add("relay", Dir::Out, describe(frame));
+        let wire = self.seal.seal(&frame.encode_to_vec());
+        self.write(&wire).await
+    }
+
+    /// Writes; a failed write means the node closed.
+    async fn write(&mut self, wire: &[u8]) -> bool {
+        let ok = self.stream.write_all(wire).await.is_ok();
+        if !ok {
+            self.trace.events.push((Instant::now(), Seen::Closed));
+        }
+        ok
+    }
+
+    async fn send_raw_plain(&mut self, plaintext: &[u8], what: &str) -> bool {
+        self.log.add("relay", Dir::Out, what);
+        let wire = self.seal.seal(plaintext);
+        self.write(&wire).await
+    }
+
+    /// The next frame from the node, until `deadline`.
+    async fn next(&mut self, deadline: Instant) -> Option<Frame> {
+        loop {
+            match self.codec.decode(&mut self.buf) {
+                Ok(Some(body)) => {
+                    let Ok(pt) = self.open.open(&body) else {
+                        self.log.add("node", Dir::In, "a frame that fails its tag");
+                        self.trace
+                            .events
+                            .push((Instant::now(), Seen::Garbage("bad tag".into())));
+                        return None;
+                    };
+                    return match Frame::decode(&pt[..]) {
+                        Ok(f) => {
+                            self.log.add("node", Dir::In, describe(&f));
+                            if self.trace.events.len() < MAX_EVENTS {
+                                self.trace
+                                    .events
+                                    .push((Instant::now(), Seen::Frame(f.clone())));
+                            }
+                            Some(f)
+                        }
+                        Err(e) => {
+                            self.log.add(
+                                "node",
+                                Dir::In,
+                                format!("a plaintext that is not a Frame: {e}"),
+                            );
+                            self.trace
+                                .events
+                                .push((Instant::now(), Seen::Garbage(e.to_string())));
+                            None
+                        }
+                    };
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    self.log.add("node", Dir::In, format!("framing: {e}"));
+                    self.trace
+                        .events
+                        .push((Instant::now(), Seen::Garbage(e.to_string())));
+                    return None;
+                }
+            }
+            match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => {
+                    self.log.add("node", Dir::In, "connection closed");
+                    self.trace.events.push((Instant::now(), Seen::Closed));
+                    return None;
+                }
+                Ok(Ok(_)) => {}
+                Err(_) => return None,
+            }
+        }
+    }
+}
+
+/// Serves one connection by `script` until the node closes or `limit` passes.
+pub async fn serve(
+    mut stream: TcpStream,
+    identity: &KeyPair,
+    shared: &Shared,
+    script: &Script,
+    log: &Log,
+    limit: Duration,
+) -> Trace {
+    let deadline = Instant::now() + limit;
+    let mut trace = Trace {
+        events: Vec::new(),
+        identity: None,
+    };
+    let _ = stream.set_nodelay(true);
+    // --- handshake ---
+    let mut buf = BytesMut::new();
+    let mut codec = FrameCodec::new(1024);
+    let init_body = loop {
+        match codec.decode(&mut buf) {
+            Ok(Some(b)) => break b,
+            Ok(None) => {}
+            Err(e) => {
+                log.add("node", Dir::In, format!("handshake framing: {e}"));
+                return trace;
+            }
+        }
+        match tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => {
+                trace.events.push((Instant::now(), Seen::Closed));
+                return trace;
+            }
+        }
+    };
+    log.add("node", Dir::In, super::wire::describe_init(&init_body));
+    let Ok(init) = Init::decode(&init_body[..]) else {
+        return trace;
+    };
+    let me = identity.public().as_bytes();
+    let checks = (|| {
+        if !script.skip_recipient_check && init.recipient_pubkey[..] != me[..] {
+            return None;
+        }
+        if !valid_id(&init.id) {
+            return None;
+        }
+        let sender = PublicKeyBytes::parse(&init.sender_pubkey).ok()?;
+        let eph = PublicKeyBytes::parse(&init.ephemeral_pubkey).ok()?;
+        let digest = digest3(
+            &init.sender_pubkey,
+            &init.recipient_pubkey,
+            &init.ephemeral_pubkey,
+        );
+        let sig: [u8; 64] = init.signature[..].try_into().ok()?;
+        if sender.verify(&digest, &sig).is_err() {
+            // A broken relay may accept the high-S twin.
+            if !(script.accept_high_s && sender.verify(&digest, &negate_s(&sig)).is_ok()) {
+                return None;
+            }
+        }
+        if !script.no_replay_cache
+            && !shared
+                .seen_ephemeral
+                .lock()
+                .insert(init.ephemeral_pubkey.to_vec())
+        {
+            return None;
+        }
+        Some((sender, eph))
+    })();
+    let Some((sender, remote_eph)) = checks else {
+        log.note("Init refused: closing silently");
+        return trace;
+    };
+    trace.identity = Some(sender);
+    let eph = KeyPair::generate();
+    let mut ack = Ack {
+        id: random_id(),
+        init_id: init.id.clone(),
+        ephemeral_pubkey: Bytes::copy_from_slice(eph.public().as_bytes()),
+        signature: Bytes::new(),
+    };
+    let digest = digest3(me, sender.as_bytes(), eph.public().as_bytes());
+    let mut sig = identity.sign(&digest);
+    match script.ack {
+        AckFault::None => {}
+        AckFault::WrongInitId => ack.init_id = random_id(),
+        AckFault::BadSignature => sig[40] ^= 1,
+        AckFault::HighS => sig = negate_s(&sig),
+        AckFault::OtherKey => sig = KeyPair::generate().sign(&digest),
+        AckFault::EmptyId => ack.id.clear(),
+        AckFault::BadEphemeral => {
+            let mut k = ack.ephemeral_pubkey.to_vec();
+            k[0] = 0x05;
+            ack.ephemeral_pubkey = k.into();
+        }
+    }
+    ack.signature = Bytes::copy_from_slice(&sig);
+    let ack_body = ack.encode_to_vec();
+    log.add("relay", Dir::Out, super::wire::describe_ack(&ack_body));
+    if stream.write_all(&encode_frame(&ack_body)).await.is_err() {
+        return trace;
+    }
+    let ee = eph.ecdh(&remote_eph);
+    let es = identity.ecdh(&remote_eph);
+    let se = eph.ecdh(&sender);
+    let (i2r, r2i) = derive(&init_body, &ack_body, &ee, &es, &se);
+    let mut seal = FlexCipher::new(r2i);
+    seal.rotate_shift = script.rotate_shift.or(Some(0));
+    let mut open = FlexCipher::new(i2r);
+    open.check_tag = !script.skip_tag_check;
+    let max_frame = script.welcome_max_frame_len.unwrap_or(1 << 20);
+    let mut c = Conn {
+        stream,
+        buf,
+        codec: FrameCodec::new(max_frame.max(1024)),
+        seal,
+        open,
+        log,
+        trace,
+        script,
+    };
+    if script.ack == AckFault::BadEphemeral {
+        // No keys: only watch whether the node sends anything.
+        let _ = c.next(deadline).await;
+        return c.trace;
+    }
+    let welcome = Welcome {
+        protocol: proto::PROTOCOL_NAME.into(),
+        server_version: "conformance".into(),
+        max_frame_len: max_frame,
+        max_payload_len: max_frame.saturating_sub(4096).max(1),
+        ping_interval_ms: 60_000,
+        server_time_ms: super::unix_ms(),
+        idle_timeout_ms: 600_000,
+        relay_pubkey: if script.welcome_other_key {
+            Bytes::copy_from_slice(KeyPair::generate().public().as_bytes())
+        } else {
+            Bytes::copy_from_slice(me)
+        },
+        ping_min_interval_ms: script.welcome_ping_min_interval_ms.unwrap_or(30_000),
+    };
+    let welcome_frame = Frame::new(0, Body::Welcome(welcome));
+    let ok = match script.first {
+        First::Welcome => c.send(&welcome_frame).await,
+        First::ErrorFrame => {
+            c.send(&Frame::error(0, ErrorCode::Internal, "not a Welcome"))
+                .await
+        }
+        First::BadTagWelcome => {
+            c.log.add(
+                "relay",
+                Dir::Out,
+                format!("{} with a bad tag", describe(&welcome_frame)),
+            );
+            let wire = c.seal.seal_bad_tag(&welcome_frame.encode_to_vec());
+            c.stream.write_all(&wire).await.is_ok()
+        }
+    };
+    c.mark("welcome");
+    if !ok {
+        return c.trace;
+    }
+    if script.ping_once || script.ping_twice {
+        c.send(&Frame::new(
+            0,
+            Body::Ping(proto::Ping {
+                id: "relay-ping-1".into(),
+            }),
+        ))
+        .await;
+        c.mark("ping 1");
+        if script.ping_twice {
+            c.send(&Frame::new(
+                0,
+                Body::Ping(proto::Ping {
+                    id: "relay-ping-2".into(),
+                }),
+            ))
+            .await;
+            c.mark("ping 2");
+        }
+    }
+    app_loop(&mut c, identity, deadline).await;
+    c.trace
+}
+
+/// The scenario relay: in-memory mailbox of device 1 of the node's own identity.
+async fn app_loop(c: &mut Conn<'_>, identity: &KeyPair, deadline: Instant) {
+    let _ = identity;
+    let script = c.script;
+    let mut last_ping: Option<Instant> = None;
+    let mut next_id = 1u64;
+    let mut subscribed = false;
+    let mut stored: Vec<proto::Deliver> = Vec::new();
+    // Every real message, acknowledged or not, for forgeries built from them.
+    let mut history: Vec<proto::Deliver> = Vec::new();
+    let mut pending: VecDeque<(Option<Instant>, proto::Deliver, String)> = VecDeque::new();
+    let mut sends = 0u32;
+    let mut delivered = 0u32;
+    for _ in 0..100_000 {
+        // Deliveries whose time has come.
+        while subscribed
+            && pending
+                .front()
+                .is_some_and(|(at, _, _)| at.is_none_or(|t| t <= Instant::now()))
+        {
+            let Some((_, d, mark)) = pending.pop_front() else {
+                break;
+            };
+            c.send(&Frame::new(0, Body::Deliver(d))).await;
+            c.mark(&mark);
+            delivered += 1;
+            if script.slow_consumer_after_first && delivered == 1 {
+                c.send(&Frame::error(0, ErrorCode::SlowConsumer, "conformance"))
+                    .await;
+                c.mark("slow consumer");
+                return;
+            }
+        }
+        let wake = pending
+            .front()
+            .and_then(|(at, _, _)| *at)
+            .filter(|_| subscribed)
+            .unwrap_or(deadline)
+            .min(deadline);
+        let Some(frame) = c.next(wake).await else {
+            if c.trace.closed()
+                || Instant::now() >= deadline
+                || matches!(c.trace.events.last(), Some((_, Seen::Garbage(_))))
+            {
+                return;
+            }
+            continue;
+        };
+        let id = frame.id;
+        let answer = match frame.body {
+            Some(Body::Ping(p)) => {
+                let now = Instant::now();
+                if !script.answer_ping_flood
+                    && last_ping.is_some_and(|t| now - t < Duration::from_secs(30))
+                {
+                    c.send(&Frame::error(
+                        id,
+                        ErrorCode::PingFlood,
+                        "more than one ping within 30s",
+                    ))
+                    .await;
+                    return;
+                }
+                if valid_id(&p.id) {
+                    last_ping = Some(now);
+                    Some(Frame::new(
+                        id,
+                        Body::Pong(Pong {
+                            id: random_id(),
+                            ping_id: p.id,
+                        }),
+                    ))
+                } else {
+                    Some(Frame::error(id, ErrorCode::BadRequest, "ping id"))
+                }
+            }
+            Some(Body::Pong(_)) | Some(Body::Error(_)) => None,
+            Some(Body::Register(r)) => {
+                if script.unknown_pushes {
+                    let unknown = [field_varint(1, 0), field_bytes(201, b"future push")].concat();
+                    c.send_raw_plain(&unknown, "Frame { id: 0, <unknown body 201> }")
+                        .await;
+                    let mut e = Frame::error(0, ErrorCode::Internal, "unknown code");
+                    if let Some(Body::Error(err)) = e.body.as_mut() {
+                        err.code = 99;
+                    }
+                    c.send(&e).await;
+                    c.mark("unknown pushes");
+                }
+                for i in 0..script.pushes_before_registered {
+                    // Unsolicited Pongs: never answered, and a node passes none to its application.
+                    let f = Frame::new(
+                        0,
+                        Body::Pong(Pong {
+                            id: format!("r{i}"),
+                            ping_id: "none".into(),
+                        }),
+                    );
+                    let wire = c.seal.seal(&f.encode_to_vec());
+                    if !c.write(&wire).await {
+                        return;
+                    }
+                }
+                if script.pushes_before_registered > 0 {
+                    c.log.add(
+                        "relay",
+                        Dir::Out,
+                        format!("{} unsolicited Pongs", script.pushes_before_registered),
+                    );
+                    c.mark("pushes sent");
+                }
+                let reg = Frame::new(
+                    id,
+                    Body::Registered(proto::Registered {
+                        device_id: r.device_id,
+                        one_time_prekeys: r.one_time_prekeys.len() as u32,
+                    }),
+                );
+                if script.oversize_registered {
+                    let max = script.welcome_max_frame_len.unwrap_or(1 << 20) as usize;
+                    let mut pt = reg.encode_to_vec();
+                    pt.extend(super::wire::padding_field(15, max + 100 - pt.len()));
+                    c.send_raw_plain(
+                        &pt,
+                        &format!(
+                            "{} padded to {} bytes, above the announced limit",
+                            describe(&reg),
+                            pt.len() + 16
+                        ),
+                    )
+                    .await;
+                    c.mark("oversize");
+                    None
+                } else {
+                    Some(reg)
+                }
+            }
+            Some(Body::Subscribe(s)) => {
+                subscribed = true;
+                c.send(&Frame::new(
+                    id,
+                    Body::Subscribed(proto::Subscribed {
+                        device_id: s.device_id,
+                        last_id: next_id - 1,
+                    }),
+                ))
+                .await;
+                if let Some(code) = script.push_error_after_subscribed {
+                    c.send(&Frame::error(0, code, "conformance")).await;
+                    c.mark("error pushed");
+                    return;
+                }
+                if script.replaced_after_subscribed {
+                    c.send(&Frame::error(0, ErrorCode::Replaced, "conformance"))
+                        .await;
+                    c.mark("replaced");
+                }
+                for d in stored.iter().filter(|d| d.message_id > s.after_id) {
+                    pending.push_back((None, d.clone(), format!("deliver {}", d.message_id)));
+                }
+                None
+            }
+            Some(Body::Send(s)) => {
+                sends += 1;
+                if sends == 1 && script.rate_limit_first_send.is_some() {
+                    let mut e = Frame::error(id, ErrorCode::RateLimited, "conformance");
+                    if let Some(Body::Error(err)) = e.body.as_mut() {
+                        err.retry_after_ms = script.rate_limit_first_send.unwrap_or(1);
+                    }
+                    c.send(&e).await;
+                    c.mark("rate limited");
+                    continue;
+                }
+                let real = |message_id: u64| proto::Deliver {
+                    message_id,
+                    sender: Bytes::copy_from_slice(
+                        c.trace
+                            .identity
+                            .map(|k| *k.as_bytes())
+                            .unwrap_or([0; 33])
+                            .as_slice(),
+                    ),
+                    sender_device: s.sender_device,
+                    recipient_device: s.recipient_device,
+                    sender_nonce: s.sender_nonce.clone(),
+                    payload_hash: s.payload_hash.clone(),
+                    sender_signature: s.sender_signature.clone(),
+                    payload: s.payload.clone(),
+                    received_at_ms: super::unix_ms(),
+                };
+                let second = sends >= 2 + u32::from(script.rate_limit_first_send.is_some());
+                let forged = match (script.deliver, second) {
+                    (DeliverFault::None, _) | (_, false) => None,
+                    (DeliverFault::BadSignature, true) => {
+                        let mut f = real(0);
+                        f.sender_signature = Bytes::from(vec![0x5a; 64]);
+                        Some(f)
+                    }
+                    (DeliverFault::BadHash, true) => history.first().cloned().map(|mut f| {
+                        f.message_id = 0;
+                        f.payload = s.payload.clone();
+                        f
+                    }),
+                    (DeliverFault::WrongDevice, true) => {
+                        let mut f = real(0);
+                        f.recipient_device = 2;
+                        Some(f)
+                    }
+                    (DeliverFault::DuplicateId, true) => {
+                        history.first().map(|first| real(first.message_id))
+                    }
+                };
+                let delay = forged
+                    .as_ref()
+                    .map(|_| Instant::now() + Duration::from_millis(1000));
+                if let Some(mut f) = forged {
+                    if f.message_id == 0 {
+                        f.message_id = next_id;
+                        next_id += 1;
+                    }
+                    pending.push_back((None, f, "forged".into()));
+                }
+                let d = real(next_id);
+                pending.push_back((
+                    delay,
+                    d.clone(),
+                    if delay.is_some() {
+                        "real second".into()
+                    } else {
+                        format!("deliver {next_id}")
+                    },
+                ));
+                stored.push(d.clone());
+                history.push(d);
+                next_id += 1;
+                Some(Frame::new(
+                    id,
+                    Body::Sent(proto::Sent {
+                        message_id: next_id - 1,
+                        duplicate: false,
+                    }),
+                ))
+            }
+            Some(Body::AckMessages(a)) => {
+                let before = stored.len();
+                stored.retain(|d| !a.message_ids.contains(&d.message_id));
+                Some(Frame::new(
+                    id,
+                    Body::Acked(proto::Acked {
+                        deleted: (before - stored.len()) as u32,
+                    }),
+                ))
+            }
+            Some(Body::Unregister(u)) => {
+                c.mark("unregister");
+                Some(Frame::new(
+                    id,
+                    Body::Unregistered(proto::Unregistered {
+                        device_id: u.device_id,
+                    }),
+                ))
+            }
+            Some(Body::GetPreKeyCount(g)) => Some(Frame::new(
+                id,
+                Body::PreKeyCount(proto::PreKeyCount {
+                    device_id: g.device_id,
+                    count: 0,
+                }),
+            )),
+            other => botd_protocol::proto::unsupported_unless_ignorable(&Frame { id, body: other }),
+        };
+        if let Some(a) = answer {
+            if !c.send(&a).await {
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,213 @@
+//! `botd --json`: one JSON object per message for `listen`, one object for the other commands,
+//! times as RFC 3339 and Unix milliseconds, keys as hex. Runs the built `botd` against a relay
+//! on loopback.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+use serde_json::Value;
+
+/// Bound of one `botd` run.
+const RUN_LIMIT: Duration = Duration::from_secs(30);
+
+struct Botd {
+    relay: String,
+    server_key: String,
+}
+
+impl Botd {
+    fn command(&self, key: &Path, args: &[&str]) -> Command {
+        let mut c = self.text_command(key, args);
+        c.arg("--json");
+        c
+    }
+
+    /// The command without `--json`: the terminal's output.
+    fn text_command(&self, key: &Path, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_botd"));
+        c.arg("--key")
+            .arg(key)
+            .arg("--relay")
+            .arg(&self.relay)
+            .arg("--server-key")
+            .arg(&self.server_key)
+            .args(args)
+            .env_remove("BOTD_KEY")
+            .env_remove("BOTD_RELAY")
+            .env_remove("BOTD_SERVER_KEY")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        c
+    }
+
+    /// Runs a command to its end (bounded) and returns its one JSON object.
+    fn run(&self, key: &Path, args: &[&str]) -> Value {
+        let child = self.command(key, args).spawn().expect("botd starts");
+        let out = finish(child);
+        assert!(
+            out.status.success(),
+            "botd {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        one_object(&out.stdout)
+    }
+}
+
+/// Kills the child if the test ends early.
+struct Running(Option<Child>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(child) = self.0.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Waits for the child to exit, at most [`RUN_LIMIT`].
+fn finish(child: Child) -> Output {
+    let mut running = Running(Some(child));
+    let started = Instant::now();
+    loop {
+        let child = running.0.as_mut().expect("present");
+        if child.try_wait().expect("wait").is_some() {
+            break;
+        }
+        assert!(started.elapsed() < RUN_LIMIT, "botd did not finish");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    running
+        .0
+        .take()
+        .expect("present")
+        .wait_with_output()
+        .expect("output")
+}
+
+fn one_object(stdout: &[u8]) -> Value {
+    let text = String::from_utf8(stdout.to_vec()).expect("UTF-8 output");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 1, "one JSON object: {text:?}");
+    serde_json::from_str(lines[0]).expect("a JSON object")
+}
+
+/// Checks that `value[name]` is an RFC 3339 time equal to `value[name_ms]`.
+fn assert_time(value: &Value, name: &str) {
+    let text = value[name]
+        .as_str()
+        .unwrap_or_else(|| panic!("{name} in {value}"));
+    let ms = value[&format!("{name}_ms")]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{name}_ms in {value}"));
+    let parsed = humantime::parse_rfc3339(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+    assert_eq!(
+        parsed.duration_since(UNIX_EPOCH).unwrap().as_millis() as u64,
+        ms,
+        "{name}"
+    );
+}
+
+fn temp_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "botd-cli-json-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_and_send_print_json() {
+    let (relay, _app) =
+        botd_relay::testing::start_relay(botd_relay::testing::loopback_config()).await;
+    let botd = Botd {
+        relay: relay.addr.to_string(),
+        server_key: relay.key.to_hex(),
+    };
+    let dir = temp_dir();
+    let (alice, bob) = (dir.join("alice.key"), dir.join("bob.key"));
+    let checks = tokio::task::spawn_blocking(move || {
+        let a = botd.run(&alice, &["keygen"])["identity"]
+            .as_str()
+            .expect("identity")
+            .to_owned();
+        let b = botd.run(&bob, &["keygen"])["identity"]
+            .as_str()
+            .expect("identity")
+            .to_owned();
+        let registered = botd.run(&bob, &["register", "--prekeys", "2"]);
+        assert_eq!(registered["identity"], b.as_str());
+        assert_eq!(registered["device_id"], 1);
+        assert_eq!(registered["one_time_prekeys"], 2);
+        botd.run(&alice, &["register", "--prekeys", "2"]);
+
+        let listen = botd
+            .command(&bob, &["listen", "--count", "2"])
+            .spawn()
+            .expect("listen starts");
+        let to = format!("{b}:1");
+        let mut sent = Vec::new();
+        for text in ["hello json", "second"] {
+            let s = botd.run(&alice, &["send", "--to", &to, "--text", text]);
+            assert_eq!(s["duplicate"], false, "{s}");
+            assert_eq!(s["recipient"], b.as_str());
+            assert_eq!(s["recipient_device"], 1);
+            assert_eq!(s["sender_nonce"].as_str().map(str::len), Some(16));
+            sent.push(s["message_id"].as_u64().expect("message_id"));
+        }
+
+        let out = finish(listen);
+        assert!(
+            out.status.success(),
+            "listen: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8(out.stdout).unwrap();
+        let messages: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+            .collect();
+        assert_eq!(messages.len(), 2, "one object per message: {text:?}");
+        for (m, (id, payload)) in messages
+            .iter()
+            .zip(sent.iter().zip(["hello json", "second"]))
+        {
+            assert_eq!(m["message_id"].as_u64(), Some(*id), "{m}");
+            assert_eq!(m["sender"], a.as_str());
+            assert_eq!(m["sender_device"], 1);
+            assert_eq!(m["recipient_device"], 1);
+            assert_eq!(m["signature_ok"], true);
+            assert_eq!(m["text"], payload);
+            assert_eq!(m["payload"], hex::encode(payload));
+            assert_time(m, "received_at");
+        }
+
+        // The terminal shows times as RFC 3339 too.
+        let s = botd.run(&alice, &["send", "--to", &to, "--text", "kept"]);
+        let id = s["message_id"].as_u64().expect("message_id").to_string();
+        let get = botd.run(&bob, &["get", "--id", &id]);
+        assert_time(&get, "received_at");
+        let out = finish(
+            botd.text_command(&bob, &["get", "--id", &id])
+                .spawn()
+                .expect("get starts"),
+        );
+        let line = String::from_utf8(out.stdout).unwrap();
+        let time = get["received_at"].as_str().unwrap();
+        assert!(line.contains(&format!("at {time} ")), "{line}");
+        assert!(!line.contains(" ms "), "{line}");
+
+        let ticket = botd.run(&bob, &["ticket", "create", "--ttl", "1h"]);
+        assert_eq!(ticket["token"].as_str().map(str::len), Some(32));
+        assert_eq!(ticket["identity"], b.as_str());
+        assert_time(&ticket, "expires_at");
+    });
+    let result = checks.await;
+    relay.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    result.expect("the checks pass");
+}
