@@ -63,7 +63,7 @@ if ! command -v nats-server >/dev/null 2>&1; then
 fi
 # The relay build measured: the commit, and whether the sources differed from it when built.
 rev=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-if ! git diff --quiet HEAD -- src Cargo.toml Cargo.lock proto build.rs 2>/dev/null; then
+if ! git diff --quiet HEAD -- src Cargo.toml Cargo.lock proto build.rs botd-protocol botd-client botd-tools 2>/dev/null; then
     rev="$rev (with uncommitted changes)"
 fi
 if [ "$build" = 1 ]; then

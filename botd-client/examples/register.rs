@@ -1,5 +1,5 @@
 //! Registers device 1 of the identity in KEY_FILE (created if missing) with a signed prekey
-//! and ten one-time prekeys, so that others can fetch a bundle and write to it.
+//! and twenty one-time prekeys, so that others can fetch a bundle and write to it.
 //!
 //! `cargo run -p botd-client --example register -- 127.0.0.1:9945 <relay key> bob.key`
 //!
@@ -14,7 +14,7 @@ use botd_client::protocol::proto::{PreKey, Register, SignedPreKey};
 use bytes::Bytes;
 
 const DEVICE: u32 = 1;
-const ONE_TIME_PREKEYS: u32 = 10;
+const ONE_TIME_PREKEYS: u32 = 20;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {

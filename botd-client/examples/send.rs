@@ -1,5 +1,7 @@
-//! Sends TEXT from the identity in KEY_FILE to device 1 of RECIPIENT: fetches the recipient's
-//! prekey bundle first (which is what a node encrypts the first message with), then sends.
+//! Sends TEXT from device 1 of the identity in KEY_FILE (registered with the `register`
+//! example first: a relay takes messages from registered devices only) to device 1 of
+//! RECIPIENT. It fetches the recipient's prekey bundle first (what a node encrypts its first
+//! message with), then sends.
 //!
 //! `cargo run -p botd-client --example send -- 127.0.0.1:9945 <relay key> alice.key <bob's key> hello`
 //!
@@ -37,7 +39,6 @@ async fn main() {
             .map_or("none left".to_string(), |k| k.id.to_string())
     );
 
-    // The sender's device: device 1, which need not be registered to send.
     let message = OutgoingMessage::new(recipient, DEVICE, DEVICE, text.into_bytes());
     match client.send_message(message).await {
         Ok(sent) => println!(

@@ -9,12 +9,12 @@ Requires Python >= 3.8 and two pip packages:
   - cryptography: the AES-256 block function (ECB on one block at a time; CTR is built here),
                   a second HKDF and a second ECDH to cross-check ours
 
-Run from the crate root:
+Run from the repository root:
 
-    python3 tests/vectors/reference.py
+    python3 botd-protocol/tests/vectors/reference.py
 
-It writes tests/vectors/handshake.json and tests/vectors/failures.json next to this file.
-`tests/vectors.rs` checks the Rust implementation against those files.
+It writes handshake.json and failures.json next to this file.
+`botd-protocol/tests/vectors.rs` checks the Rust implementation against those files.
 
 This file is written from the wire brief (botd-wire-v1.md), not from the Rust code:
   1. encodings: 33-byte compressed keys; ECDSA secp256k1, RFC 6979 nonces (SHA-256), low-S,
