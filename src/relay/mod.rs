@@ -3,10 +3,11 @@
 //! request is the identity the session authenticated, never a field of the request, so a
 //! session can only read, ack or configure its own mailboxes.
 //!
-//! Each request is checked here in the spec's order (field checks in [`validate`], rate limits
+//! Each request kind is a module of `cmd/`, checked there in the spec's order (field checks in [`validate`], rate limits
 //! in [`limits`]) and then handed to the store; live delivery is [`delivery`]'s. Requests are
 //! answered in arrival order; while one waits for the disk, later ones are already applied.
 
+mod cmd;
 pub mod delivery;
 pub mod error;
 pub mod limits;
@@ -19,30 +20,22 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 
-use tokio::time::Instant;
-
-use bytes::Bytes;
+use botd_protocol::keys::PublicKeyBytes;
+use botd_protocol::proto::{unsupported_unless_ignorable, Body, ErrorCode, Frame, PreKeysLow};
 use parking_lot::Mutex;
+use tokio::time::Instant;
 
 pub use error::RelayError;
 
-use crate::app::{Answer, Handler, Outgoing, PushHandle};
+use crate::app::{Answer, Handler, PushHandle};
 use crate::config::Config;
 use crate::memory::RELEASE_AFTER_FREED_BYTES;
 use crate::metrics as m;
 use crate::ratelimit::address_group;
-use crate::store::{
-    Appended, Identity, Listener, MailboxId, Message, NewMessage, QuotaKind, Store, StoreError,
-};
-use botd_protocol::keys::PublicKeyBytes;
-use botd_protocol::message::{message_digest, DeliverFrame};
-use botd_protocol::proto::unsupported_unless_ignorable;
-use botd_protocol::proto::{
-    Accept, Acked, Body, Done, ErrorCode, Frame, PreKeyBundles, PreKeyCount, PreKeysLow,
-    Registered, Sent, Subscribed, Ticket, Unregistered,
-};
+use crate::store::{Identity, Listener, MailboxId, Message, QuotaKind, Store, StoreError};
+use cmd::RequestKind;
 use delivery::Delivery;
-use limits::{Limit, Limits};
+use limits::Limits;
 
 pub use crate::clock::Clock;
 
@@ -123,8 +116,6 @@ impl<S: Store> Listener for Events<S> {
 /// How often the maintenance task refreshes the store gauges.
 pub const GAUGE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// The thirteen requests, for per-kind metrics.
-const REQUEST_KINDS: usize = 13;
 /// "ok" and every error code.
 const OUTCOMES: usize = 1 + 18;
 
@@ -144,7 +135,7 @@ struct RelayMetrics {
 impl RelayMetrics {
     fn new() -> Self {
         Self {
-            requests: (0..REQUEST_KINDS * OUTCOMES)
+            requests: (0..RequestKind::COUNT * OUTCOMES)
                 .map(|_| OnceLock::new())
                 .collect(),
             messages_sent: metrics::counter!(m::MESSAGES_SENT),
@@ -179,63 +170,6 @@ impl RelayMetrics {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum RequestKind {
-    Register,
-    Unregister,
-    UploadPreKeys,
-    GetPreKeyCount,
-    FetchPreKeys,
-    Send,
-    Subscribe,
-    GetMessage,
-    AckMessages,
-    SetPolicy,
-    AddContact,
-    RemoveContact,
-    CreateTicket,
-}
-
-impl RequestKind {
-    /// The kind of a body the relay serves as a request.
-    fn of(body: &Body) -> Option<Self> {
-        Some(match body {
-            Body::Register(_) => Self::Register,
-            Body::Unregister(_) => Self::Unregister,
-            Body::UploadPreKeys(_) => Self::UploadPreKeys,
-            Body::GetPreKeyCount(_) => Self::GetPreKeyCount,
-            Body::FetchPreKeys(_) => Self::FetchPreKeys,
-            Body::Send(_) => Self::Send,
-            Body::Subscribe(_) => Self::Subscribe,
-            Body::GetMessage(_) => Self::GetMessage,
-            Body::AckMessages(_) => Self::AckMessages,
-            Body::SetPolicy(_) => Self::SetPolicy,
-            Body::AddContact(_) => Self::AddContact,
-            Body::RemoveContact(_) => Self::RemoveContact,
-            Body::CreateTicket(_) => Self::CreateTicket,
-            _ => return None,
-        })
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            Self::Register => "register",
-            Self::Unregister => "unregister",
-            Self::UploadPreKeys => "upload_pre_keys",
-            Self::GetPreKeyCount => "get_pre_key_count",
-            Self::FetchPreKeys => "fetch_pre_keys",
-            Self::Send => "send",
-            Self::Subscribe => "subscribe",
-            Self::GetMessage => "get_message",
-            Self::AckMessages => "ack_messages",
-            Self::SetPolicy => "set_policy",
-            Self::AddContact => "add_contact",
-            Self::RemoveContact => "remove_contact",
-            Self::CreateTicket => "create_ticket",
-        }
-    }
-}
-
 /// The relay application over the store `S`.
 pub struct Relay<S: Store> {
     store: Arc<S>,
@@ -260,14 +194,6 @@ pub struct RelaySession {
     touched_ms: u64,
     /// The clock, read once for the request being handled.
     now: Instant,
-}
-
-/// What a request's handling returns: an answer (possibly pending), or an error found before
-/// the store was asked.
-type Reply = Result<Answer, RelayError>;
-
-fn body(id: u64, body: Body) -> Outgoing {
-    Outgoing::Frame(Frame::new(id, body))
 }
 
 impl<S: Store> Relay<S> {
@@ -369,330 +295,6 @@ impl<S: Store> Relay<S> {
             }
         }
     }
-
-    /// Takes a token for the request kind's limits (per identity, per address).
-    fn limit(&self, limit: Limit, session: &RelaySession) -> Result<(), RelayError> {
-        self.limits
-            .take(limit, &session.identity, &session.address, session.now)
-    }
-
-    /// The answer to request `id`, once `future` resolves; counted by kind and outcome. One
-    /// allocation per request.
-    fn reply(
-        &self,
-        kind: RequestKind,
-        id: u64,
-        future: impl Future<Output = Result<Outgoing, RelayError>> + Send + 'static,
-    ) -> Reply {
-        let metrics = self.metrics.clone();
-        Ok(Answer::pending(async move {
-            match future.await {
-                Ok(answer) => {
-                    metrics.request(kind, None);
-                    answer
-                }
-                Err(err) => {
-                    metrics.refused(kind, &err);
-                    Outgoing::Frame(err.to_frame(id))
-                }
-            }
-        }))
-    }
-
-    fn dispatch(
-        &self,
-        session: &mut RelaySession,
-        kind: RequestKind,
-        id: u64,
-        request: Body,
-    ) -> Reply {
-        let me = session.identity;
-        let store = &self.store;
-        match request {
-            Body::Register(req) => {
-                self.limit(Limit::Change, session)?;
-                let registration = validate::registration(&self.config, req)?;
-                let device_id = registration.device;
-                let done = store.register(&me, registration, self.clock.now_ms());
-                self.reply(kind, id, async move {
-                    let count = done.await?;
-                    Ok(body(
-                        id,
-                        Body::Registered(Registered {
-                            device_id,
-                            one_time_prekeys: count,
-                        }),
-                    ))
-                })
-            }
-            Body::Unregister(req) => {
-                self.limit(Limit::Change, session)?;
-                let device_id = req.device_id;
-                let done = store.unregister(&me, device_id);
-                session.subscriptions.retain(|d| *d != device_id);
-                self.reply(kind, id, async move {
-                    done.await?;
-                    Ok(body(id, Body::Unregistered(Unregistered { device_id })))
-                })
-            }
-            Body::UploadPreKeys(req) => {
-                self.limit(Limit::Change, session)?;
-                validate::prekeys(
-                    &self.config,
-                    req.signed_prekey.as_ref(),
-                    &req.one_time_prekeys,
-                )?;
-                let device_id = req.device_id;
-                let done =
-                    store.upload_prekeys(&me, device_id, req.signed_prekey, req.one_time_prekeys);
-                self.reply(kind, id, async move {
-                    let count = done.await?;
-                    Ok(body(
-                        id,
-                        Body::PreKeyCount(PreKeyCount { device_id, count }),
-                    ))
-                })
-            }
-            Body::GetPreKeyCount(req) => {
-                let device_id = req.device_id;
-                let done = store.prekey_count(&me, device_id);
-                self.reply(kind, id, async move {
-                    let count = done.await?;
-                    Ok(body(
-                        id,
-                        Body::PreKeyCount(PreKeyCount { device_id, count }),
-                    ))
-                })
-            }
-            Body::FetchPreKeys(req) => {
-                self.limit(Limit::PrekeyFetch, session)?;
-                let target = validate::identity_field(&req.identity, "identity")?;
-                if req.device_ids.len() > self.config.max_devices_per_identity {
-                    return Err(RelayError::bad_request(format!(
-                        "at most {} device ids in one fetch",
-                        self.config.max_devices_per_identity
-                    )));
-                }
-                let mut devices = req.device_ids;
-                devices.sort_unstable();
-                devices.dedup();
-                let grants = self.limits.one_time_prekeys(target);
-                let done = store.fetch_prekeys(&target, devices, grants);
-                let metrics = self.metrics.clone();
-                self.reply(kind, id, async move {
-                    let fetched = done.await?;
-                    metrics
-                        .prekeys_handed_out
-                        .increment(fetched.handed_out as u64);
-                    metrics
-                        .prekeys_exhausted
-                        .increment(fetched.exhausted as u64);
-                    metrics.prekeys_withheld.increment(fetched.withheld as u64);
-                    Ok(body(
-                        id,
-                        Body::PreKeyBundles(PreKeyBundles {
-                            bundles: fetched.bundles,
-                        }),
-                    ))
-                })
-            }
-            Body::Send(req) => self.send(session, kind, id, req),
-            Body::Subscribe(req) => {
-                let mailbox = MailboxId {
-                    identity: me,
-                    device: req.device_id,
-                };
-                let done = self
-                    .delivery
-                    .subscribe(mailbox, req.after_id, session.push.clone());
-                if !session.subscriptions.contains(&req.device_id) {
-                    session.subscriptions.push(req.device_id);
-                }
-                self.reply(kind, id, async move {
-                    let (last_id, replaced) = done.await?;
-                    if let Some(old) = replaced {
-                        let _ = old.push_frame(Frame::error(
-                            0,
-                            ErrorCode::Replaced,
-                            format!("another session subscribed to device {}", mailbox.device),
-                        ));
-                    }
-                    Ok(body(
-                        id,
-                        Body::Subscribed(Subscribed {
-                            device_id: mailbox.device,
-                            last_id,
-                        }),
-                    ))
-                })
-            }
-            Body::GetMessage(req) => {
-                let device = req.device_id;
-                let done = store.get(
-                    MailboxId {
-                        identity: me,
-                        device,
-                    },
-                    req.message_id,
-                );
-                self.reply(kind, id, async move {
-                    Ok(Outgoing::Deliver(DeliverFrame {
-                        frame_id: id,
-                        device,
-                        message: done.await?,
-                    }))
-                })
-            }
-            Body::AckMessages(req) => {
-                self.limit(Limit::Ack, session)?;
-                if req.message_ids.len() > validate::MAX_ACK_IDS {
-                    return Err(RelayError::bad_request(format!(
-                        "at most {} ids per ack",
-                        validate::MAX_ACK_IDS
-                    )));
-                }
-                let done = store.ack(
-                    MailboxId {
-                        identity: me,
-                        device: req.device_id,
-                    },
-                    req.message_ids,
-                );
-                let metrics = self.metrics.clone();
-                self.reply(kind, id, async move {
-                    let deleted = done.await?;
-                    metrics.messages_acked.increment(u64::from(deleted));
-                    Ok(body(id, Body::Acked(Acked { deleted })))
-                })
-            }
-            Body::SetPolicy(req) => {
-                self.limit(Limit::Change, session)?;
-                let accept = Accept::try_from(req.accept).map_err(|_| {
-                    RelayError::bad_request(format!("unknown accept value {}", req.accept))
-                })?;
-                let done = store.set_policy(&me, accept);
-                self.reply(kind, id, async move {
-                    done.await?;
-                    Ok(body(id, Body::Done(Done {})))
-                })
-            }
-            Body::AddContact(req) => {
-                self.limit(Limit::Change, session)?;
-                let contact = validate::identity_field(&req.identity, "identity")?;
-                let done = store.add_contact(&me, contact);
-                self.reply(kind, id, async move {
-                    done.await?;
-                    Ok(body(id, Body::Done(Done {})))
-                })
-            }
-            Body::RemoveContact(req) => {
-                self.limit(Limit::Change, session)?;
-                let contact = validate::identity_field(&req.identity, "identity")?;
-                let done = store.remove_contact(&me, contact);
-                self.reply(kind, id, async move {
-                    done.await?;
-                    Ok(body(id, Body::Done(Done {})))
-                })
-            }
-            Body::CreateTicket(req) => {
-                self.limit(Limit::Change, session)?;
-                let (ttl_ms, uses) = validate::ticket(&self.config, req.ttl_s, req.uses)?;
-                let token: [u8; crate::store::TICKET_LEN] = rand::random();
-                let now = self.clock.now_ms();
-                let expires_at_ms = now + ttl_ms;
-                let done = store.create_ticket(&me, token, expires_at_ms, uses, now);
-                let relay_pubkey = Bytes::copy_from_slice(self.relay_key.as_bytes());
-                self.reply(kind, id, async move {
-                    done.await?;
-                    Ok(body(
-                        id,
-                        Body::Ticket(Ticket {
-                            token: Bytes::copy_from_slice(&token),
-                            expires_at_ms,
-                            relay_pubkey,
-                            identity: Bytes::copy_from_slice(&me),
-                            uses,
-                        }),
-                    ))
-                })
-            }
-            other => Err(RelayError::bad_request(format!(
-                "{} is not a request",
-                other.kind()
-            ))),
-        }
-    }
-
-    /// `Send`, with its checks in the order of the spec (§8.3).
-    fn send(
-        &self,
-        session: &RelaySession,
-        kind: RequestKind,
-        id: u64,
-        req: botd_protocol::proto::Send,
-    ) -> Reply {
-        let fields = validate::send(&req, self.config.max_payload_len as usize)?;
-        self.limits.send(
-            &session.identity,
-            &fields.recipient,
-            &session.address,
-            session.now,
-        )?;
-        let sender = session.identity;
-        let registered = self.store.is_registered(&sender, req.sender_device);
-        let store = self.store.clone();
-        let verify = self.config.verify_message_signatures;
-        let message = NewMessage {
-            to: MailboxId {
-                identity: fields.recipient,
-                device: req.recipient_device,
-            },
-            sender,
-            sender_device: req.sender_device,
-            nonce: fields.nonce,
-            payload_hash: fields.payload_hash,
-            signature: fields.signature,
-            payload: req.payload,
-            ticket: fields.ticket,
-            received_at_ms: self.clock.at(session.now),
-        };
-        let metrics = self.metrics.clone();
-        self.reply(kind, id, async move {
-            if !registered.await? {
-                return Err(RelayError::NotRegistered(message.sender_device));
-            }
-            if verify {
-                let digest = message_digest(
-                    &sender,
-                    &message.to.identity,
-                    message.to.device,
-                    &message.nonce,
-                    &message.payload_hash,
-                );
-                PublicKeyBytes::parse(&sender)
-                    .expect("session identities are valid keys")
-                    .verify(&digest, &message.signature)
-                    .map_err(|err| RelayError::bad_request(format!("sender_signature: {err}")))?;
-            }
-            let (message_id, is_duplicate) = match store.append(message).await? {
-                Appended::Stored(id) => {
-                    metrics.messages_sent.increment(1);
-                    (id, false)
-                }
-                Appended::Duplicate(id) => {
-                    metrics.messages_duplicate.increment(1);
-                    (id, true)
-                }
-            };
-            Ok(body(
-                id,
-                Body::Sent(Sent {
-                    message_id,
-                    duplicate: is_duplicate,
-                }),
-            ))
-        })
-    }
 }
 
 /// After a sweep: once the store has shrunk by [`RELEASE_AFTER_FREED_BYTES`] since the last
@@ -747,7 +349,7 @@ impl<S: Store> Handler for Arc<Relay<S>> {
             session.touched_ms = now;
             self.store.touch(&session.identity, now);
         }
-        match self.dispatch(session, kind, id, request) {
+        match cmd::execute(self, session, kind, id, request) {
             Ok(answer) => answer,
             Err(err) => {
                 self.metrics.refused(kind, &err);
@@ -757,7 +359,11 @@ impl<S: Store> Handler for Arc<Relay<S>> {
     }
 
     fn is_barrier(&self, frame: &Frame) -> bool {
-        matches!(frame.body, Some(Body::Subscribe(_)))
+        frame
+            .body
+            .as_ref()
+            .and_then(RequestKind::of)
+            .is_some_and(RequestKind::is_barrier)
     }
 
     fn max_pipelined(&self) -> usize {
