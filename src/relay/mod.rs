@@ -3,9 +3,10 @@
 //! request is the identity the session authenticated, never a field of the request, so a
 //! session can only read, ack or configure its own mailboxes.
 //!
-//! Each request kind is a module of `cmd/`, checked there in the spec's order (field checks in [`validate`], rate limits
-//! in [`limits`]) and then handed to the store; live delivery is [`delivery`]'s. Requests are
-//! answered in arrival order; while one waits for the disk, later ones are already applied.
+//! Each request kind is a module of `cmd/`, checked there in the spec's order (field checks in
+//! [`validate`], rate limits in [`limits`]) and then handed to the store; live delivery is
+//! [`delivery`]'s. Requests are answered in arrival order; while one waits for the disk, later
+//! ones are already applied.
 
 mod cmd;
 pub mod delivery;
