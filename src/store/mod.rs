@@ -21,6 +21,9 @@ pub mod embedded;
 #[cfg(feature = "jetstream")]
 pub mod nats;
 pub mod proto;
+pub mod rules;
+
+pub use rules::{AccountLimits, Admission, RecipientView, TicketOffer};
 
 use std::future::Future;
 use std::sync::Arc;
@@ -78,73 +81,6 @@ impl QuotaKind {
             QuotaKind::Tickets => "tickets",
             QuotaKind::MailboxFull => "mailbox_full",
             QuotaKind::PayloadTooLarge => "payload_too_large",
-        }
-    }
-}
-
-/// The account limits every backend enforces, read once from `Config`.
-#[derive(Debug, Clone)]
-pub struct AccountLimits {
-    pub max_devices_per_identity: usize,
-    pub max_prekeys_per_device: usize,
-    pub prekey_low_threshold: u32,
-    pub max_contacts: usize,
-    pub max_tickets_per_identity: usize,
-    pub mailbox_max_messages: usize,
-    pub mailbox_max_bytes: usize,
-    pub max_identities: usize,
-    pub max_stored_bytes: u64,
-    pub max_identity_stored_bytes: usize,
-    /// An account's use is recorded at most this often (a sixteenth of `account_ttl`, at most
-    /// a day), so a busy account costs no write per request.
-    pub touch_interval_ms: u64,
-}
-
-impl AccountLimits {
-    /// Refuses an upload that would take a device past `max_prekeys_per_device`, or that
-    /// repeats the id of a one-time prekey the device already stores.
-    pub fn check_prekey_upload<'a, S>(&self, stored: S, new: &[PreKey]) -> StoreResult<()>
-    where
-        S: IntoIterator<Item = &'a PreKey>,
-        S::IntoIter: ExactSizeIterator + Clone,
-    {
-        let stored = stored.into_iter();
-        if stored.len() + new.len() > self.max_prekeys_per_device {
-            return Err(StoreError::Limit {
-                kind: QuotaKind::Prekeys,
-                message: format!(
-                    "a device stores at most {} one-time prekeys ({} stored)",
-                    self.max_prekeys_per_device,
-                    stored.len()
-                ),
-            });
-        }
-        if let Some(dup) = new
-            .iter()
-            .find(|new| stored.clone().any(|old| old.id == new.id))
-        {
-            return Err(StoreError::Limit {
-                kind: QuotaKind::PrekeyIds,
-                message: format!("one-time prekey id {} is already stored", dup.id),
-            });
-        }
-        Ok(())
-    }
-
-    pub fn from_config(config: &crate::config::Config) -> Self {
-        let ttl_ms = config.account_ttl.as_millis() as u64;
-        Self {
-            max_devices_per_identity: config.max_devices_per_identity,
-            max_prekeys_per_device: config.max_prekeys_per_device,
-            prekey_low_threshold: config.prekey_low_threshold,
-            max_contacts: config.max_contacts,
-            max_tickets_per_identity: config.max_tickets_per_identity,
-            mailbox_max_messages: config.mailbox_max_messages,
-            mailbox_max_bytes: config.mailbox_max_bytes,
-            max_identities: config.max_identities,
-            max_stored_bytes: config.max_stored_bytes,
-            max_identity_stored_bytes: config.max_identity_stored_bytes,
-            touch_interval_ms: (ttl_ms / 16).clamp(1, 24 * 3600 * 1000),
         }
     }
 }

@@ -649,7 +649,9 @@ impl Inner {
         let limits = self.limits.clone();
         self.update_keys(&key, |keys| {
             let mut keys = keys.ok_or(StoreError::NotRegistered(device))?;
-            limits.check_prekey_upload(&keys.one_time_prekeys, &one_time_prekeys)?;
+            limits.check_prekey_upload(keys.one_time_prekeys.len(), &one_time_prekeys, |id| {
+                keys.one_time_prekeys.iter().any(|k| k.id == id)
+            })?;
             if let Some(signed) = &signed_prekey {
                 keys.signed_prekey = Some(signed.clone());
             }
