@@ -5,8 +5,8 @@
 //! - [`conformance`]: `botd conformance`, the botd/1 conformance suite for relays and for node
 //!   software (docs/CONFORMANCE.md).
 //!
-//! The client commands (`botd register`, `send`, `listen`, …) are in the binary; they use
-//! [`botd_client`].
+//! The command line itself (`botd register`, `send`, `listen`, …, its errors and exit codes) is
+//! in the binary (`src/cli/`); the client commands use [`botd_client`].
 
 pub mod bench;
 pub mod conformance;

@@ -2,97 +2,13 @@
 //! times as RFC 3339 and Unix milliseconds, keys as hex. Runs the built `botd` against a relay
 //! on loopback.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant, UNIX_EPOCH};
+mod common;
+
+use std::time::UNIX_EPOCH;
 
 use serde_json::Value;
 
-/// Bound of one `botd` run.
-const RUN_LIMIT: Duration = Duration::from_secs(30);
-
-struct Botd {
-    relay: String,
-    server_key: String,
-}
-
-impl Botd {
-    fn command(&self, key: &Path, args: &[&str]) -> Command {
-        let mut c = self.text_command(key, args);
-        c.arg("--json");
-        c
-    }
-
-    /// The command without `--json`: the terminal's output.
-    fn text_command(&self, key: &Path, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_botd"));
-        c.arg("--key")
-            .arg(key)
-            .arg("--relay")
-            .arg(&self.relay)
-            .arg("--server-key")
-            .arg(&self.server_key)
-            .args(args)
-            .env_remove("BOTD_KEY")
-            .env_remove("BOTD_RELAY")
-            .env_remove("BOTD_SERVER_KEY")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        c
-    }
-
-    /// Runs a command to its end (bounded) and returns its one JSON object.
-    fn run(&self, key: &Path, args: &[&str]) -> Value {
-        let child = self.command(key, args).spawn().expect("botd starts");
-        let out = finish(child);
-        assert!(
-            out.status.success(),
-            "botd {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        one_object(&out.stdout)
-    }
-}
-
-/// Kills the child if the test ends early.
-struct Running(Option<Child>);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Some(child) = self.0.as_mut() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// Waits for the child to exit, at most [`RUN_LIMIT`].
-fn finish(child: Child) -> Output {
-    let mut running = Running(Some(child));
-    let started = Instant::now();
-    loop {
-        let child = running.0.as_mut().expect("present");
-        if child.try_wait().expect("wait").is_some() {
-            break;
-        }
-        assert!(started.elapsed() < RUN_LIMIT, "botd did not finish");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    running
-        .0
-        .take()
-        .expect("present")
-        .wait_with_output()
-        .expect("output")
-}
-
-fn one_object(stdout: &[u8]) -> Value {
-    let text = String::from_utf8(stdout.to_vec()).expect("UTF-8 output");
-    let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines.len(), 1, "one JSON object: {text:?}");
-    serde_json::from_str(lines[0]).expect("a JSON object")
-}
+use common::{finish, Botd};
 
 /// Checks that `value[name]` is an RFC 3339 time equal to `value[name_ms]`.
 fn assert_time(value: &Value, name: &str) {
@@ -110,25 +26,12 @@ fn assert_time(value: &Value, name: &str) {
     );
 }
 
-fn temp_dir() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "botd-cli-json-{}-{}",
-        std::process::id(),
-        rand::random::<u32>()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listen_and_send_print_json() {
     let (relay, _app) =
         botd_relay::testing::start_relay(botd_relay::testing::loopback_config()).await;
-    let botd = Botd {
-        relay: relay.addr.to_string(),
-        server_key: relay.key.to_hex(),
-    };
-    let dir = temp_dir();
+    let botd = Botd::new(&relay);
+    let dir = common::temp_dir("cli-json");
     let (alice, bob) = (dir.join("alice.key"), dir.join("bob.key"));
     let checks = tokio::task::spawn_blocking(move || {
         let a = botd.run(&alice, &["keygen"])["identity"]

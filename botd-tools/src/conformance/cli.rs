@@ -22,13 +22,23 @@ pub fn progress_line(c: &CaseReport) -> String {
     format!("{:10} {}", c.outcome.verdict.as_str(), c.id)
 }
 
+/// A report file that could not be written.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot write {}: {source}", path.display())]
+pub struct WriteError {
+    pub path: PathBuf,
+    pub source: std::io::Error,
+}
+
 /// Writes the report files and prints the table and closing line; returns whether the run
 /// passed (no FAIL).
-pub fn finish(report: &Report, outputs: &Outputs) -> Result<bool, String> {
-    let write = |path: &Option<PathBuf>, text: String| -> Result<(), String> {
+pub fn finish(report: &Report, outputs: &Outputs) -> Result<bool, WriteError> {
+    let write = |path: &Option<PathBuf>, text: String| -> Result<(), WriteError> {
         if let Some(path) = path {
-            std::fs::write(path, text)
-                .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            std::fs::write(path, text).map_err(|source| WriteError {
+                path: path.clone(),
+                source,
+            })?;
         }
         Ok(())
     };

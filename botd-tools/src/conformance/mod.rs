@@ -371,29 +371,46 @@ pub const ASSUME_KEYS: &[(&str, &str)] = &[
     ("pong_timeout_ms", "wait for a Pong (default 20000)"),
 ];
 
+/// An `--assume` item that is not a known `KEY=VALUE`.
+#[derive(Debug, thiserror::Error)]
+pub enum AssumeError {
+    #[error("--assume {0:?}: expected KEY=VALUE")]
+    NotKeyValue(String),
+    #[error("--assume: unknown key {0:?} (known: {known})", known = assume_keys())]
+    UnknownKey(String),
+    #[error("--assume {key}: {value:?} is not an integer")]
+    NotInteger { key: String, value: String },
+}
+
+/// The keys `--assume` knows, for its error message.
+fn assume_keys() -> String {
+    ASSUME_KEYS
+        .iter()
+        .map(|(k, _)| *k)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 impl Assumptions {
     /// Parses `KEY=VALUE` items (values are integers; `_` separators allowed).
-    pub fn parse<'a>(items: impl IntoIterator<Item = &'a str>) -> Result<Self, String> {
+    pub fn parse<'a>(items: impl IntoIterator<Item = &'a str>) -> Result<Self, AssumeError> {
         let mut values = BTreeMap::new();
         for item in items {
             for part in item.split([',', ' ']).filter(|p| !p.is_empty()) {
                 let (key, value) = part
                     .split_once('=')
-                    .ok_or_else(|| format!("--assume {part:?}: expected KEY=VALUE"))?;
+                    .ok_or_else(|| AssumeError::NotKeyValue(part.to_owned()))?;
                 if !ASSUME_KEYS.iter().any(|(k, _)| *k == key) {
-                    return Err(format!(
-                        "--assume: unknown key {key:?} (known: {})",
-                        ASSUME_KEYS
-                            .iter()
-                            .map(|(k, _)| *k)
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ));
+                    return Err(AssumeError::UnknownKey(key.to_owned()));
                 }
-                let value: u64 = value
-                    .replace('_', "")
-                    .parse()
-                    .map_err(|_| format!("--assume {key}: {value:?} is not an integer"))?;
+                let value: u64 =
+                    value
+                        .replace('_', "")
+                        .parse()
+                        .map_err(|_| AssumeError::NotInteger {
+                            key: key.to_owned(),
+                            value: value.to_owned(),
+                        })?;
                 values.insert(key.to_owned(), value);
             }
         }
