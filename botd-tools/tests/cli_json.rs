@@ -2,7 +2,7 @@
 //! times as RFC 3339 and Unix milliseconds, keys as hex. Runs the built `botd` against a relay
 //! on loopback.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
@@ -110,16 +110,6 @@ fn assert_time(value: &Value, name: &str) {
     );
 }
 
-fn temp_dir() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "botd-cli-json-{}-{}",
-        std::process::id(),
-        rand::random::<u32>()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listen_and_send_print_json() {
     let (relay, _app) =
@@ -128,8 +118,8 @@ async fn listen_and_send_print_json() {
         relay: relay.addr.to_string(),
         server_key: relay.key.to_hex(),
     };
-    let dir = temp_dir();
-    let (alice, bob) = (dir.join("alice.key"), dir.join("bob.key"));
+    let dir = botd_relay::testing::TempDir::new("cli-json");
+    let (alice, bob) = (dir.path().join("alice.key"), dir.path().join("bob.key"));
     let checks = tokio::task::spawn_blocking(move || {
         let a = botd.run(&alice, &["keygen"])["identity"]
             .as_str()
@@ -208,6 +198,5 @@ async fn listen_and_send_print_json() {
     });
     let result = checks.await;
     relay.stop().await;
-    let _ = std::fs::remove_dir_all(&dir);
     result.expect("the checks pass");
 }
