@@ -12,6 +12,7 @@
 //! ```
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -104,4 +105,52 @@ pub async fn start_relay_on<S: Store>(config: Config, store: S) -> (LoopbackRela
     let app = Relay::new(Arc::new(config.clone()), *identity.public(), store);
     let relay = start_as(config, identity, app.clone()).await;
     (relay, app)
+}
+
+/// A fresh directory `botd-<name>-<pid>-<random>` under the system's temporary directory (the
+/// caller removes it; [`TempDir`] does so on drop).
+pub fn temp_dir(name: &str) -> PathBuf {
+    let path = std::env::temp_dir().join(format!(
+        "botd-{name}-{}-{:016x}",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
+    std::fs::create_dir_all(&path).expect("a temporary directory is created");
+    path
+}
+
+/// A [`temp_dir`] removed when dropped, unless [`kept`](TempDir::keep).
+#[derive(Debug)]
+pub struct TempDir {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl TempDir {
+    pub fn new(name: &str) -> Self {
+        Self {
+            path: temp_dir(name),
+            keep: false,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Leaves the directory in place when dropped (and names it on stderr), e.g. for the files
+    /// of a failed run.
+    pub fn keep(&mut self) {
+        self.keep = true;
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if self.keep {
+            eprintln!("kept {}", self.path.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
 }

@@ -26,6 +26,7 @@ use std::time::Duration;
 use botd_client::{verify_delivery, Client, ClientError, ClientOptions, OutgoingMessage};
 use botd_protocol::keys::{KeyPair, PublicKeyBytes};
 use botd_protocol::proto::{Body, Deliver};
+use common::TempDir;
 use parking_lot::Mutex;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -519,37 +520,6 @@ async fn ack_batches(
 // The test
 // ---------------------------------------------------------------------------------------------
 
-/// A fresh directory under the system temp dir, removed when dropped (unless kept).
-struct TempDir {
-    path: PathBuf,
-    keep: bool,
-}
-
-impl TempDir {
-    fn new() -> Self {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        let path = std::env::temp_dir().join(format!(
-            "botd-crash-{}-{nanos}-{}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir_all(&path).expect("temp dir");
-        Self { path, keep: false }
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if self.keep {
-            eprintln!("kept {}", self.path.display());
-        } else {
-            let _ = std::fs::remove_dir_all(&self.path);
-        }
-    }
-}
-
 fn log_path(dir: &Path, start: usize) -> PathBuf {
     dir.join(format!("relay-{start}.log"))
 }
@@ -596,16 +566,18 @@ async fn survives_sigkill(fsync: &str) {
             .map_or(0, |d| d.as_nanos() as u64),
     };
     println!("crash test (fsync {fsync}) seed {seed} (repeat with BOTD_CRASH_SEED={seed})");
-    let mut dir = TempDir::new();
+    let mut dir = TempDir::new("crash");
     let started = Instant::now();
-    let outcome = match timeout(TEST_TIMEOUT, run(&dir.path, seed, fsync)).await {
+    let outcome = match timeout(TEST_TIMEOUT, run(dir.path(), seed, fsync)).await {
         Ok(outcome) => outcome,
         Err(_) => Err(format!("the test took longer than {TEST_TIMEOUT:?}")),
     };
     println!("total {:?}", started.elapsed());
     if let Err(failure) = outcome {
-        eprintln!("{}", log_tails(&dir.path, 30));
-        dir.keep = std::env::var_os("BOTD_CRASH_KEEP").is_some();
+        eprintln!("{}", log_tails(dir.path(), 30));
+        if std::env::var_os("BOTD_CRASH_KEEP").is_some() {
+            dir.keep();
+        }
         panic!("fsync {fsync}, seed {seed}: {failure}");
     }
 }
@@ -690,7 +662,8 @@ async fn run(dir: &Path, seed: u64, fsync: &str) -> Result<(), String> {
             })
             .collect();
         // Even rounds: killed after a random delay. Odd rounds: after a random delay, at the
-        // next push of a message that is not yet answered (at most TARGET_WAIT later).
+        // next push of a message that is not yet answered (at most TARGET_WAIT later). The
+        // delay is real time: the relay is another process.
         let load_started = Instant::now();
         let kill_after = Duration::from_millis(rng.gen_range(KILL_AFTER_MS.0..=KILL_AFTER_MS.1));
         sleep(kill_after).await;

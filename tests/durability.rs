@@ -17,7 +17,7 @@ use botd_relay::store::embedded::recovery;
 use botd_relay::store::embedded::{EmbeddedStore, State, StorageError};
 use botd_relay::store::{Identity, MailboxId, NewMessage, Registration};
 use bytes::Bytes;
-use common::TempDir;
+use common::{wait_durable, TempDir};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -205,18 +205,6 @@ fn state_after(config: &Config, segment: &Path, events: usize) -> Vec<Vec<u8>> {
     state.canonical_state()
 }
 
-/// Waits (bounded) until the journal has written everything recorded so far.
-fn wait_written(store: &EmbeddedStore) {
-    let journal = store.journal().unwrap();
-    for _ in 0..5_000 {
-        if journal.progress().durable() >= journal.last_lsn() {
-            return;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
-    panic!("the journal did not catch up within 5 s");
-}
-
 /// Runs `steps` random operations on a fresh durable store, in two writes of the journal at
 /// least, and shuts its journal down.
 fn populate(config: &Config, seed: u64, ids: &[Identity], steps: u64) -> Vec<Vec<u8>> {
@@ -225,7 +213,8 @@ fn populate(config: &Config, seed: u64, ids: &[Identity], steps: u64) -> Vec<Vec
     for step in 0..steps {
         random_op(store.state(), &mut rng, ids, 1_000 + step);
         if step == steps / 2 {
-            wait_written(&store);
+            let journal = store.journal().unwrap();
+            wait_durable(journal, journal.last_lsn());
         }
     }
     shutdown(&store);
@@ -236,10 +225,10 @@ fn populate(config: &Config, seed: u64, ids: &[Identity], steps: u64) -> Vec<Vec
 fn a_journal_cut_at_any_byte_of_its_last_records_recovers_the_last_complete_record() {
     for seed in [1u64, 2, 3] {
         let dir = TempDir::new("cut");
-        let config = config(&dir.0);
+        let config = config(dir.path());
         let ids = identities(4);
         populate(&config, seed, &ids, 150);
-        let segment = only_segment(&dir.0);
+        let segment = only_segment(dir.path());
         let spans = record_spans(&segment);
         let events: Vec<&Span> = spans.iter().filter(|s| s.event).collect();
         assert!(
@@ -257,7 +246,7 @@ fn a_journal_cut_at_any_byte_of_its_last_records_recovers_the_last_complete_reco
         for cut in first_cut..=full.len() {
             std::fs::write(&segment, &full[..cut]).unwrap();
             let state = empty_state(&config);
-            let report = recovery::recover(&dir.0, &state, true).unwrap();
+            let report = recovery::recover(dir.path(), &state, true).unwrap();
             let complete = events.iter().filter(|s| s.end <= cut).count();
             let boundary = spans.iter().any(|s| s.end == cut) || cut == first_cut;
             assert_eq!(
@@ -291,7 +280,7 @@ fn a_journal_cut_at_any_byte_of_its_last_records_recovers_the_last_complete_reco
 #[test]
 fn a_power_cut_inside_the_last_group_commit_write_is_a_torn_tail_of_several_records() {
     let dir = TempDir::new("power-cut");
-    let mut config = config(&dir.0);
+    let mut config = config(dir.path());
     config.fsync = FsyncPolicy::Always;
     let ids = identities(4);
     // One write of many records: the writer is busy with the first fsync while these pile up.
@@ -303,7 +292,7 @@ fn a_power_cut_inside_the_last_group_commit_write_is_a_torn_tail_of_several_reco
         }
         shutdown(&store);
     }
-    let segment = only_segment(&dir.0);
+    let segment = only_segment(dir.path());
     let spans = record_spans(&segment);
     let markers: Vec<usize> = spans
         .iter()
@@ -326,7 +315,7 @@ fn a_power_cut_inside_the_last_group_commit_write_is_a_torn_tail_of_several_reco
     std::fs::write(&segment, &damaged).unwrap();
     let kept_events = spans[..last_marker + 2].iter().filter(|s| s.event).count();
     let state = empty_state(&config);
-    let report = recovery::recover(&dir.0, &state, true).unwrap();
+    let report = recovery::recover(dir.path(), &state, true).unwrap();
     let (_, offset, cut_bytes) = report.torn_tail.clone().expect("a torn tail");
     assert_eq!(offset as usize, hole.start);
     assert_eq!(cut_bytes as usize, full.len() - hole.start);
@@ -352,10 +341,10 @@ fn a_power_cut_inside_the_last_group_commit_write_is_a_torn_tail_of_several_reco
 #[test]
 fn recovery_after_a_torn_write_continues_the_journal() {
     let dir = TempDir::new("continue");
-    let config = config(&dir.0);
+    let config = config(dir.path());
     let ids = identities(3);
     populate(&config, 9, &ids, 40);
-    let segment = only_segment(&dir.0);
+    let segment = only_segment(dir.path());
     let len = std::fs::metadata(&segment).unwrap().len();
     std::fs::OpenOptions::new()
         .write(true)
@@ -382,7 +371,7 @@ fn recovery_after_a_torn_write_continues_the_journal() {
 #[test]
 fn snapshots_taken_while_the_store_changes_recover_exactly() {
     let dir = TempDir::new("concurrent");
-    let mut config = config(&dir.0);
+    let mut config = config(dir.path());
     config.fsync = FsyncPolicy::Always;
     let ids = Arc::new(identities(6));
     let expected = {
@@ -420,7 +409,7 @@ fn snapshots_taken_while_the_store_changes_recover_exactly() {
 #[test]
 fn a_different_shard_count_recovers_the_same_state() {
     let dir = TempDir::new("reshard");
-    let config = config(&dir.0);
+    let config = config(dir.path());
     let ids = identities(5);
     let mut rng = StdRng::seed_from_u64(5);
     let expected = {
@@ -456,10 +445,10 @@ fn expect_corrupt(result: Result<(), StorageError>, file: &Path, offset: u64) {
 #[test]
 fn a_flipped_byte_in_a_middle_journal_record_stops_the_start() {
     let dir = TempDir::new("corrupt-journal");
-    let config = config(&dir.0);
+    let config = config(dir.path());
     let ids = identities(3);
     populate(&config, 11, &ids, 60);
-    let segment = only_segment(&dir.0);
+    let segment = only_segment(dir.path());
     let spans = record_spans(&segment);
     // An event of a write that is not the last one: no crash can have damaged it.
     let last_marker = spans.iter().rposition(|s| !s.event).unwrap();
@@ -470,7 +459,7 @@ fn a_flipped_byte_in_a_middle_journal_record_stops_the_start() {
     std::fs::write(&segment, &data).unwrap();
     expect_corrupt(open(&config).map(drop), &segment, target.start as u64);
     // check reports the same without changing anything.
-    let err = EmbeddedStore::check(&dir.0).unwrap_err();
+    let err = EmbeddedStore::check(dir.path()).unwrap_err();
     assert!(
         err.to_string()
             .contains(&format!("offset {}", target.start)),
@@ -482,7 +471,7 @@ fn a_flipped_byte_in_a_middle_journal_record_stops_the_start() {
 #[test]
 fn a_flipped_byte_in_a_snapshot_stops_the_start() {
     let dir = TempDir::new("corrupt-snapshot");
-    let config = config(&dir.0);
+    let config = config(dir.path());
     let ids = identities(3);
     let mut rng = StdRng::seed_from_u64(12);
     let snapshot = {
@@ -553,8 +542,8 @@ fn crafted_values_that_would_overflow_are_refused_with_file_and_offset() {
         (vec![(u64::MAX - 1, stored(3))], 0),
     ] {
         let dir = TempDir::new("overflow");
-        let config = config(&dir.0);
-        let segment = crafted_segment(&dir.0, &records);
+        let config = config(dir.path());
+        let segment = crafted_segment(dir.path(), &records);
         let spans = record_spans(&segment);
         expect_corrupt(
             open(&config).map(drop),
@@ -567,7 +556,7 @@ fn crafted_values_that_would_overflow_are_refused_with_file_and_offset() {
 #[test]
 fn two_relays_cannot_share_a_data_dir() {
     let dir = TempDir::new("lock");
-    let config = config(&dir.0);
+    let config = config(dir.path());
     let (first, _) = open(&config).unwrap();
     assert!(matches!(open(&config), Err(StorageError::Locked { .. })));
     shutdown(&first);
@@ -579,7 +568,7 @@ fn two_relays_cannot_share_a_data_dir() {
 #[tokio::test]
 async fn under_fsync_always_answers_wait_for_their_record() {
     let dir = TempDir::new("wait");
-    let mut config = config(&dir.0);
+    let mut config = config(dir.path());
     config.fsync = FsyncPolicy::Always;
     let (store, _) = open(&config).unwrap();
     let journal = store.journal().unwrap().clone();
@@ -600,19 +589,19 @@ async fn under_fsync_always_answers_wait_for_their_record() {
     journal.shutdown();
     drop(store);
     // Everything acknowledged as durable is in the file.
-    let report = EmbeddedStore::check(&dir.0).unwrap();
+    let report = EmbeddedStore::check(dir.path()).unwrap();
     assert_eq!(report.next_lsn, lsn + 1);
 }
 
 #[test]
 fn a_segment_cut_inside_its_header_is_removed_not_fatal() {
     let dir = TempDir::new("header");
-    let config = config(&dir.0);
+    let config = config(dir.path());
     let ids = identities(2);
     let expected = populate(&config, 21, &ids, 20);
     // The process died right after creating the next segment, mid-header.
     let next = dir
-        .0
+        .path()
         .join("journal")
         .join("journal-00000000000099999999.log");
     std::fs::write(&next, b"BOTDJ").unwrap();
@@ -623,7 +612,7 @@ fn a_segment_cut_inside_its_header_is_removed_not_fatal() {
     drop(reopened);
     // A damaged header elsewhere is still an error.
     let first = dir
-        .0
+        .path()
         .join("journal")
         .join("journal-00000000000000000001.log");
     let mut data = std::fs::read(&first).unwrap();

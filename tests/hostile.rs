@@ -34,8 +34,6 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
 
-/// Hang guard for anything that must happen.
-const HANG: Duration = Duration::from_secs(10);
 /// An `init_timeout` no test waits for: closes seen before it are the relay's refusals.
 const LONG: Duration = Duration::from_secs(60);
 
@@ -555,6 +553,9 @@ fn trickled_frames_are_bounded_by_the_inbound_budget_and_closed_at_frame_timeout
                     if write.write_all(&[0]).await.is_err() {
                         return;
                     }
+                    // The trickler's pace is the behaviour under test, in real time: the
+                    // relay's timers and sockets are real here, and a paused clock would jump
+                    // ahead of socket I/O in flight.
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             });
@@ -670,7 +671,7 @@ fn a_peer_that_stops_reading_is_closed_at_write_timeout() {
 /// flushing its last frames) plus the linger, even though the relay's grace period is over.
 #[test]
 fn at_shutdown_a_peer_that_stops_reading_is_gone_within_write_timeout_and_linger() {
-    with_metrics(false, |_metrics| async move {
+    with_metrics(false, |metrics| async move {
         let (relay, _app) = start_relay(Config {
             write_timeout: Duration::from_millis(400),
             shutdown_grace: Duration::from_millis(100),
@@ -678,9 +679,19 @@ fn at_shutdown_a_peer_that_stops_reading_is_gone_within_write_timeout_and_linger
         })
         .await;
         let _stalled = stalled_reader(&relay, loopback(41)).await;
-        // Let the relay fill the socket buffers (not needed for the assertion: the close is
-        // bounded either way).
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Shut down while the relay's writes to the stalled reader are blocked: it has written
+        // more than one answer, then nothing for 10 polls (no event says the socket buffers
+        // are full).
+        let bytes_out = || metrics.get("botd_bytes_out_total", &[]);
+        let at_least = bytes_out() + f64::from(64u32 << 10);
+        let (mut last, mut still) = (0.0, 0);
+        wait_until("the relay's writes are blocked", HANG, || {
+            let now = bytes_out();
+            still = if now == last { still + 1 } else { 0 };
+            last = now;
+            now > at_least && still >= 10
+        })
+        .await;
         assert_eq!(relay.stats().connections_open, 1);
         let handle = relay.handle.clone();
         relay.stop().await;

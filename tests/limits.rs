@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use botd_client::{Client, ClientError, OutgoingMessage};
+use botd_client::{Client, OutgoingMessage};
 use botd_protocol::keys::{KeyPair, PublicKeyBytes};
 use botd_protocol::proto::{
     Accept, AddContact, Body, CreateTicket, ErrorCode, Frame, PreKey, RemoveContact, SetPolicy,
@@ -28,29 +28,6 @@ use common::*;
 /// A limit so slow that a test never sees a token come back.
 fn scarce(burst: u32) -> Rate {
     Rate::new(0.01, burst)
-}
-
-/// A client with device 1 registered with `one_time` one-time prekeys.
-async fn registered(relay: &Relay, one_time: u32) -> Client {
-    let client = relay.client().await;
-    client.register(registration(1, one_time)).await.unwrap();
-    client
-}
-
-fn to(recipient: &Client, device: u32, payload: impl Into<Bytes>) -> OutgoingMessage {
-    OutgoingMessage::new(*recipient.identity(), device, 1, payload)
-}
-
-/// `retry_after_ms` of a `RATE_LIMITED` answer (panics on anything else).
-fn retry_after(result: Result<impl std::fmt::Debug, ClientError>) -> u64 {
-    match result {
-        Err(ClientError::Remote {
-            code: ErrorCode::RateLimited,
-            retry_after_ms,
-            ..
-        }) => retry_after_ms,
-        other => panic!("expected RATE_LIMITED, got {other:?}"),
-    }
 }
 
 /// A push already received by `client`, without waiting.
@@ -120,32 +97,26 @@ fn stored_bytes_per_identity_and_relay_wide_get_quota_exceeded() {
         let carol = registered(&relay, 0).await;
         let dave = registered(&relay, 0).await;
 
-        let first = alice
-            .send_message(to(&bob, 1, vec![1; 6_000]))
-            .await
-            .unwrap();
+        let first = alice.send_message(to(&bob, vec![1; 6_000])).await.unwrap();
         alice
-            .send_message(to(&bob, 2, vec![2; 4_000]))
+            .send_message(to_device(&bob, 2, vec![2; 4_000]))
             .await
             .unwrap();
         // Bob's two mailboxes hold his 10 000 bytes: one more byte to either is refused.
-        let refused = to(&bob, 2, vec![3; 1]);
+        let refused = to_device(&bob, 2, vec![3; 1]);
         assert_eq!(
             code(alice.send_message(refused.clone()).await),
             ErrorCode::QuotaExceeded
         );
-        alice.send_message(to(&bob, 1, Vec::new())).await.unwrap();
+        alice.send_message(to(&bob, Vec::new())).await.unwrap();
         alice
-            .send_message(to(&carol, 1, vec![4; 10_000]))
+            .send_message(to(&carol, vec![4; 10_000]))
             .await
             .unwrap();
-        alice
-            .send_message(to(&dave, 1, vec![5; 5_000]))
-            .await
-            .unwrap();
+        alice.send_message(to(&dave, vec![5; 5_000])).await.unwrap();
         // 25 000 bytes stored relay-wide; dave has room of his own, the relay has none.
         assert_eq!(
-            code(alice.send_message(to(&dave, 1, vec![6; 1])).await),
+            code(alice.send_message(to(&dave, vec![6; 1])).await),
             ErrorCode::QuotaExceeded
         );
         alice.ping().await.unwrap();
@@ -153,7 +124,7 @@ fn stored_bytes_per_identity_and_relay_wide_get_quota_exceeded() {
         bob.ack(1, vec![first.message_id]).await.unwrap();
         let retried = alice.send_message(refused).await.unwrap();
         assert!(!retried.duplicate);
-        alice.send_message(to(&dave, 1, vec![6; 1])).await.unwrap();
+        alice.send_message(to(&dave, vec![6; 1])).await.unwrap();
         assert_eq!(
             metrics.get("botd_quota_hits_total", &[("kind", "identity_bytes")]),
             1.0
@@ -212,15 +183,15 @@ fn account_and_mailbox_limits_are_counted_by_kind() {
             ErrorCode::BadRequest
         );
         for n in 0..2u8 {
-            alice.send_message(to(&bob, 1, vec![n])).await.unwrap();
+            alice.send_message(to(&bob, vec![n])).await.unwrap();
         }
         assert_eq!(
-            code(alice.send_message(to(&bob, 1, vec![9])).await),
+            code(alice.send_message(to(&bob, vec![9])).await),
             ErrorCode::MailboxFull
         );
         let too_large = vec![0; relay_max_payload() + 1];
         assert_eq!(
-            code(alice.send_message(to(&bob, 2, too_large)).await),
+            code(alice.send_message(to_device(&bob, 2, too_large)).await),
             ErrorCode::PayloadTooLarge
         );
         for kind in [
@@ -260,32 +231,38 @@ async fn the_account_goes_with_its_last_device_and_its_ids_are_never_reused() {
     bob.add_contact(alice.identity()).await.unwrap();
     let ticket = bob.create_ticket(0, 5).await.unwrap().token;
     for n in 0..3u8 {
-        alice.send_message(to(&bob, 2, vec![n])).await.unwrap();
+        alice
+            .send_message(to_device(&bob, 2, vec![n]))
+            .await
+            .unwrap();
     }
     assert_eq!(
-        code(dave.send_message(to(&bob, 2, &b"hi"[..])).await),
+        code(dave.send_message(to_device(&bob, 2, &b"hi"[..])).await),
         ErrorCode::Forbidden
     );
     // One device goes: the account and its settings stay.
     bob.unregister(1).await.unwrap();
     assert_eq!(
-        code(dave.send_message(to(&bob, 2, &b"hi"[..])).await),
+        code(dave.send_message(to_device(&bob, 2, &b"hi"[..])).await),
         ErrorCode::Forbidden
     );
     let last = alice
-        .send_message(to(&bob, 2, &b"still a contact"[..]))
+        .send_message(to_device(&bob, 2, &b"still a contact"[..]))
         .await
         .unwrap()
         .message_id;
     // The last device goes: so does everything else.
     bob.unregister(2).await.unwrap();
     assert_eq!(
-        code(alice.send_message(to(&bob, 2, &b"x"[..])).await),
+        code(alice.send_message(to_device(&bob, 2, &b"x"[..])).await),
         ErrorCode::UnknownRecipient
     );
     bob.register(registration(2, 0)).await.unwrap();
     // Policy back to open: dave needs no ticket.
-    let first_again = dave.send_message(to(&bob, 2, &b"open"[..])).await.unwrap();
+    let first_again = dave
+        .send_message(to_device(&bob, 2, &b"open"[..]))
+        .await
+        .unwrap();
     assert!(
         first_again.message_id > last,
         "id {} reused (last was {last})",
@@ -294,10 +271,10 @@ async fn the_account_goes_with_its_last_device_and_its_ids_are_never_reused() {
     // Contacts and tickets are gone.
     bob.set_policy(Accept::ContactsOnly).await.unwrap();
     assert_eq!(
-        code(alice.send_message(to(&bob, 2, &b"x"[..])).await),
+        code(alice.send_message(to_device(&bob, 2, &b"x"[..])).await),
         ErrorCode::Forbidden
     );
-    let mut with_ticket = to(&bob, 2, &b"x"[..]);
+    let mut with_ticket = to_device(&bob, 2, &b"x"[..]);
     with_ticket.ticket = ticket;
     assert_eq!(
         code(alice.send_message(with_ticket).await),
@@ -306,7 +283,10 @@ async fn the_account_goes_with_its_last_device_and_its_ids_are_never_reused() {
     // A device id new to the account starts above every id the relay gave out too.
     bob.register(registration(7, 0)).await.unwrap();
     bob.set_policy(Accept::Open).await.unwrap();
-    let other = alice.send_message(to(&bob, 7, &b"x"[..])).await.unwrap();
+    let other = alice
+        .send_message(to_device(&bob, 7, &b"x"[..]))
+        .await
+        .unwrap();
     assert!(other.message_id > last);
     relay.stop().await;
 }
@@ -455,8 +435,7 @@ fn every_state_change_is_rate_limited_per_identity() {
         .await;
         let target = registered(&relay, 0).await;
         for kind in CHANGES {
-            let client = relay.client().await;
-            client.register(registration(1, 0)).await.unwrap();
+            let client = registered(&relay, 0).await;
             // Two more tokens, whatever the outcome (unregister names an unknown device).
             for _ in 0..2 {
                 let _ = client.request(change(kind, target.identity())).await;
@@ -492,15 +471,9 @@ fn every_state_change_is_rate_limited_per_identity() {
         fetcher.ack(1, vec![]).await.unwrap();
         assert!(retry_after(fetcher.ack(1, vec![2]).await) >= 1);
         // Send: the sender's bucket.
-        fetcher
-            .send_message(to(&target, 1, &b"1"[..]))
-            .await
-            .unwrap();
-        fetcher
-            .send_message(to(&target, 1, &b"2"[..]))
-            .await
-            .unwrap();
-        assert!(retry_after(fetcher.send_message(to(&target, 1, &b"3"[..])).await) >= 1);
+        fetcher.send_message(to(&target, &b"1"[..])).await.unwrap();
+        fetcher.send_message(to(&target, &b"2"[..])).await.unwrap();
+        assert!(retry_after(fetcher.send_message(to(&target, &b"3"[..])).await) >= 1);
         // The session goes on.
         fetcher.prekey_count(1).await.unwrap();
 
@@ -552,10 +525,10 @@ fn identities_from_one_address_share_its_buckets() {
         assert!(retry_after(a.fetch_prekeys(c.identity(), vec![]).await) >= 1);
         c.fetch_prekeys(a.identity(), vec![]).await.unwrap();
         // Sends.
-        a.send_message(to(&c, 1, &b"a"[..])).await.unwrap();
-        b.send_message(to(&c, 1, &b"b"[..])).await.unwrap();
-        assert!(retry_after(b.send_message(to(&c, 1, &b"b2"[..])).await) >= 1);
-        c.send_message(to(&a, 1, &b"c"[..])).await.unwrap();
+        a.send_message(to(&c, &b"a"[..])).await.unwrap();
+        b.send_message(to(&c, &b"b"[..])).await.unwrap();
+        assert!(retry_after(b.send_message(to(&c, &b"b2"[..])).await) >= 1);
+        c.send_message(to(&a, &b"c"[..])).await.unwrap();
         for limit in [
             "changes_per_address",
             "prekey_fetches_per_address",
@@ -698,7 +671,7 @@ async fn values_at_the_ends_of_their_types_get_defined_answers() {
         code(bob.get_message(1, u64::MAX).await),
         ErrorCode::NotFound
     );
-    let sent = alice.send_message(to(&bob, 1, &b"m"[..])).await.unwrap();
+    let sent = alice.send_message(to(&bob, &b"m"[..])).await.unwrap();
     assert_eq!(sent.message_id, 1);
     assert_eq!(
         bob.ack(1, vec![u64::MAX, u64::MAX - 1])
@@ -730,7 +703,7 @@ async fn values_at_the_ends_of_their_types_get_defined_answers() {
         Some(u32::MAX)
     );
     let sent = alice
-        .send_message(to(&bob, u32::MAX, &b"n"[..]))
+        .send_message(to_device(&bob, u32::MAX, &b"n"[..]))
         .await
         .unwrap();
     assert_eq!(

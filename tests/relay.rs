@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use botd_client::{verify_delivery, Client, ClientError, OutgoingMessage};
+use botd_client::{verify_delivery, Client, OutgoingMessage};
 use botd_protocol::keys::{KeyPair, PublicKeyBytes};
 use botd_protocol::proto::{
     Accept, Body, CreateTicket, Deliver, ErrorCode, FetchPreKeys, Frame, GetMessage,
@@ -21,53 +21,9 @@ use bytes::Bytes;
 use common::*;
 use tokio::time::{sleep, timeout};
 
-/// Longest wait for something that must arrive; a bug fails the test instead of hanging it.
-const ARRIVES_WITHIN: Duration = Duration::from_secs(10);
-/// How long to watch for something that must not arrive.
-const QUIET: Duration = Duration::from_millis(300);
-
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
-
-/// A client with device 1 registered with `one_time` one-time prekeys.
-async fn registered(relay: &Relay, one_time: u32) -> Client {
-    let client = relay.client().await;
-    client.register(registration(1, one_time)).await.unwrap();
-    client
-}
-
-/// A message from device 1 to device 1 of `to`.
-fn to(recipient: &Client, payload: impl Into<Bytes>) -> OutgoingMessage {
-    OutgoingMessage::new(*recipient.identity(), 1, 1, payload)
-}
-
-/// The next push, within [`ARRIVES_WITHIN`].
-async fn next_push(client: &mut Client) -> Frame {
-    timeout(ARRIVES_WITHIN, client.next_push())
-        .await
-        .expect("a push arrives in time")
-        .expect("the connection is still open")
-}
-
-/// The next push, which must be a `Deliver`.
-async fn next_deliver(client: &mut Client) -> Deliver {
-    let frame = next_push(client).await;
-    assert_eq!(frame.id, 0, "pushes carry frame id 0");
-    match frame.body {
-        Some(Body::Deliver(deliver)) => deliver,
-        other => panic!("expected a Deliver push, got {other:?}"),
-    }
-}
-
-/// Nothing is pushed to `client` for [`QUIET`] (and its connection stays open).
-async fn assert_no_push(client: &mut Client, what: &str) {
-    match timeout(QUIET, client.next_push()).await {
-        Err(_) => {}
-        Ok(Some(frame)) => panic!("{what}: unexpected push {frame:?}"),
-        Ok(None) => panic!("{what}: connection closed"),
-    }
-}
 
 fn same_key(a: &KeyPair) -> Arc<KeyPair> {
     Arc::new(KeyPair::from_secret_bytes(&a.secret_bytes()).unwrap())
@@ -605,7 +561,7 @@ async fn one_time_prekeys_go_out_exactly_once_to_50_concurrent_fetchers() {
     }
     let mut handed_out = Vec::new();
     let mut without = 0;
-    while let Some(bundles) = timeout(ARRIVES_WITHIN, tasks.join_next()).await.unwrap() {
+    while let Some(bundles) = timeout(HANG, tasks.join_next()).await.unwrap() {
         let bundles = bundles.unwrap();
         assert_eq!(bundles.len(), 1);
         match &bundles[0].one_time_prekey {
@@ -764,7 +720,7 @@ async fn concurrent_senders_get_gapless_increasing_ids_in_their_own_order() {
     }
     let mut all_sent = Vec::new();
     let mut senders_of = HashMap::new();
-    while let Some(joined) = timeout(ARRIVES_WITHIN, tasks.join_next()).await.unwrap() {
+    while let Some(joined) = timeout(HANG, tasks.join_next()).await.unwrap() {
         let (identity, ids) = joined.unwrap();
         assert!(
             ids.windows(2).all(|w| w[0] < w[1]),
@@ -1015,17 +971,6 @@ async fn messages_expire_after_the_ttl_with_paused_time() {
 // Rate limits
 // ---------------------------------------------------------------------------------------------
 
-fn retry_after(result: Result<impl std::fmt::Debug, ClientError>) -> u64 {
-    match result {
-        Err(ClientError::Remote {
-            code: ErrorCode::RateLimited,
-            retry_after_ms,
-            ..
-        }) => retry_after_ms,
-        other => panic!("expected RATE_LIMITED, got {other:?}"),
-    }
-}
-
 #[tokio::test]
 async fn sends_are_rate_limited_per_sender_identity() {
     let (relay, _app) = start_relay(Config {
@@ -1170,6 +1115,8 @@ async fn slow_consumer_scene() -> SlowConsumerScene {
 
     let mut last = u32::MAX;
     let mut unchanged = 0;
+    // Nothing signals that the kernel's buffers are full: the count standing still over three
+    // samples 100 ms apart is the sign (at most 100 samples).
     for _ in 0..100 {
         sleep(Duration::from_millis(100)).await;
         let processed = observer.prekey_count(2).await.unwrap().count;
@@ -1689,7 +1636,7 @@ async fn random_input_gets_defined_answers_and_the_relay_keeps_serving() {
         let noise: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
         let _ = stream.write_all(&noise).await;
         let _ = stream.shutdown().await;
-        read_until_closed(&mut stream, ARRIVES_WITHIN).await;
+        read_until_closed(&mut stream, HANG).await;
     }
     relay.assert_serving().await;
     relay.stop().await;

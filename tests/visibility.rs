@@ -19,9 +19,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use botd_client::{Client, OutgoingMessage};
+use botd_client::Client;
 use botd_protocol::keys::KeyPair;
-use botd_protocol::proto::{self, Body, ErrorCode, Frame};
+use botd_protocol::proto::{self, ErrorCode, Frame};
 use botd_relay::config::{Config, FsyncPolicy};
 use botd_relay::store::embedded::journal::{Journal, JOURNAL_MAGIC, READABLE_VERSIONS};
 use botd_relay::store::embedded::record::{Next, RecordReader};
@@ -32,8 +32,6 @@ use bytes::Bytes;
 use common::*;
 use prost::Message;
 use tokio::time::timeout;
-
-const HANG: Duration = Duration::from_secs(10);
 
 fn durable_config(fsync: FsyncPolicy) -> Config {
     Config {
@@ -82,10 +80,6 @@ fn journaled_messages(dir: &Path, recipient: &Identity) -> Vec<u64> {
     ids
 }
 
-fn message(to: &Client, device: u32, payload: impl Into<Bytes>) -> OutgoingMessage {
-    OutgoingMessage::new(*to.identity(), device, 1, payload)
-}
-
 /// A push `client` has already received, after a round trip of its own (pushes sent before the
 /// answer have arrived by then).
 async fn pushes_so_far(client: &mut Client) -> Vec<Frame> {
@@ -97,22 +91,10 @@ async fn pushes_so_far(client: &mut Client) -> Vec<Frame> {
     frames
 }
 
-async fn next_deliver(client: &mut Client) -> proto::Deliver {
-    let frame = timeout(HANG, client.next_push())
-        .await
-        .expect("a push arrives")
-        .expect("still connected");
-    match frame.body {
-        Some(Body::Deliver(deliver)) => deliver,
-        other => panic!("expected a Deliver, got {other:?}"),
-    }
-}
-
 async fn visibility_under(fsync: FsyncPolicy) {
     let dir = TempDir::new("visibility");
     let (relay, _app, store) = start_durable_relay(durable_config(fsync), &dir).await;
-    let alice = relay.client().await;
-    alice.register(registration(1, 0)).await.unwrap();
+    let alice = registered(&relay, 0).await;
     let bob_key = Arc::new(KeyPair::generate());
     let mut bob = relay.client_as(bob_key.clone()).await;
     bob.register(registration(1, 0)).await.unwrap();
@@ -129,7 +111,7 @@ async fn visibility_under(fsync: FsyncPolicy) {
     let sends: Vec<_> = [1u32, 2]
         .into_iter()
         .map(|device| {
-            let (alice, outgoing) = (alice.clone(), message(&bob, device, &b"not yet"[..]));
+            let (alice, outgoing) = (alice.clone(), to_device(&bob, device, &b"not yet"[..]));
             tokio::spawn(async move { alice.send_message(outgoing).await })
         })
         .collect();
@@ -152,7 +134,7 @@ async fn visibility_under(fsync: FsyncPolicy) {
     // not delete what nobody could have received.
     // A send of bob's own follows the ack in the same session: once its record is in the
     // journal's buffer, the ack has been applied.
-    let marker = message(&alice, 1, &b"after the ack"[..]);
+    let marker = to(&alice, &b"after the ack"[..]);
     let ack = tokio::spawn(async move {
         let (acked, sent) =
             tokio::join!(bob_acking.ack(2, vec![1]), bob_acking.send_message(marker));
@@ -167,7 +149,7 @@ async fn visibility_under(fsync: FsyncPolicy) {
         sends.iter().all(|send| !send.is_finished()),
         "answered too early"
     );
-    assert!(journaled_messages(&dir.0, &bob_id).is_empty());
+    assert!(journaled_messages(dir.path(), &bob_id).is_empty());
 
     drop(held);
     let acked = timeout(HANG, ack).await.unwrap().unwrap().unwrap();
@@ -180,7 +162,7 @@ async fn visibility_under(fsync: FsyncPolicy) {
         assert_eq!(sent.message_id, 1);
     }
     // By the time the answers left, the records were in the file.
-    assert_eq!(journaled_messages(&dir.0, &bob_id), [1, 1]);
+    assert_eq!(journaled_messages(dir.path(), &bob_id), [1, 1]);
     assert_eq!(next_deliver(&mut bob).await.message_id, 1);
     let deliver = next_deliver(&mut bob_elsewhere).await;
     assert_eq!((deliver.recipient_device, deliver.message_id), (2, 1));
@@ -224,15 +206,13 @@ fn journal_congestion_makes_sessions_wait_without_blocking_the_relay() {
         .await;
         let background = tokio_util::sync::CancellationToken::new();
         tokio::spawn(app.clone().run_maintenance(background.clone()));
-        let alice = Arc::new(relay.client().await);
-        alice.register(registration(1, 0)).await.unwrap();
-        let bob = relay.client().await;
-        bob.register(registration(1, 0)).await.unwrap();
+        let alice = Arc::new(registered(&relay, 0).await);
+        let bob = registered(&relay, 0).await;
 
         let journal = journal(&store);
         let held = journal.hold_writes();
         let send = |n: u8| {
-            let (alice, outgoing) = (alice.clone(), message(&bob, 1, vec![n; 16 << 10]));
+            let (alice, outgoing) = (alice.clone(), to(&bob, vec![n; 16 << 10]));
             tokio::spawn(async move { alice.send_message(outgoing).await })
         };
         let mut first_wave: Vec<_> = (0..8).map(send).collect();
@@ -241,13 +221,19 @@ fn journal_congestion_makes_sessions_wait_without_blocking_the_relay() {
             metrics.get("botd_journal_pending_bytes", &[]) >= f64::from(64u32 << 10)
         })
         .await;
-        // Let the first wave settle, then send more: none of it is taken while congested.
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // The session counts the congestion once it has dispatched all it read and stops
+        // taking requests: from then on the first wave is settled.
+        wait_until("the session waits for the journal", HANG, || {
+            metrics.get("botd_journal_backpressure_total", &[]) >= 1.0
+        })
+        .await;
         let pending = journal.pending_bytes();
         let second_wave: Vec<_> = (8..16).map(send).collect();
         // The relay is not blocked: a new peer completes its handshake meanwhile.
         let newcomer = relay.client().await;
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // What must not happen (the session taking the second wave) has no event to wait for:
+        // watch for it for QUIET.
+        tokio::time::sleep(QUIET).await;
         assert_eq!(
             journal.pending_bytes(),
             pending,
@@ -297,7 +283,7 @@ fn journal_congestion_makes_sessions_wait_without_blocking_the_relay() {
 fn a_torn_tail_of_several_records_is_cut_off_and_logged_at_start() {
     let dir = TempDir::new("torn");
     let config = Config {
-        data_dir: dir.0.clone(),
+        data_dir: dir.path().to_owned(),
         ..durable_config(FsyncPolicy::Always)
     };
     let register = |store: &EmbeddedStore, who: &Identity| {
@@ -316,15 +302,15 @@ fn a_torn_tail_of_several_records_is_cut_off_and_logged_at_start() {
         for who in kept {
             register(&store, who);
         }
-        block_on_progress(&journal, journal.last_lsn());
-        let segment = segments(&dir.0).pop().unwrap();
+        wait_durable(&journal, journal.last_lsn());
+        let segment = segments(dir.path()).pop().unwrap();
         let tail_start = std::fs::metadata(&segment).unwrap().len();
         let held = journal.hold_writes();
         for who in lost {
             register(&store, who);
         }
         drop(held);
-        block_on_progress(&journal, journal.last_lsn());
+        wait_durable(&journal, journal.last_lsn());
         journal.shutdown();
         (segment, tail_start)
     };
@@ -391,17 +377,6 @@ fn registration_of(_who: &Identity) -> Registration {
     }
 }
 
-/// Waits (bounded, off any runtime) until `lsn` is durable.
-fn block_on_progress(journal: &Journal, lsn: u64) {
-    for _ in 0..5_000 {
-        if journal.progress().durable() >= lsn {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    panic!("the journal did not reach lsn {lsn} within 5 s");
-}
-
 struct Capture(Arc<std::sync::Mutex<Vec<u8>>>);
 
 impl std::io::Write for Capture {
@@ -427,15 +402,13 @@ fn store_gauges_are_current_between_sweeps() {
         .await;
         let background = tokio_util::sync::CancellationToken::new();
         tokio::spawn(app.clone().run_maintenance(background.clone()));
-        let alice = relay.client().await;
-        alice.register(registration(1, 0)).await.unwrap();
-        let bob = relay.client().await;
-        bob.register(registration(1, 0)).await.unwrap();
+        let alice = registered(&relay, 0).await;
+        let bob = registered(&relay, 0).await;
         let mut ids = Vec::new();
         for n in 0..3u8 {
             ids.push(
                 alice
-                    .send_message(message(&bob, 1, vec![n; 100]))
+                    .send_message(to(&bob, vec![n; 100]))
                     .await
                     .unwrap()
                     .message_id,
@@ -481,17 +454,15 @@ async fn a_pipelined_flood_starts_at_most_max_pipelined_requests() {
         &dir,
     )
     .await;
-    let alice = Arc::new(relay.client().await);
-    alice.register(registration(1, 0)).await.unwrap();
-    let bob = relay.client().await;
-    bob.register(registration(1, 0)).await.unwrap();
+    let alice = Arc::new(registered(&relay, 0).await);
+    let bob = registered(&relay, 0).await;
 
     let journal = journal(&store);
     let held = journal.hold_writes();
     let before = journal.last_lsn();
     let sends: Vec<_> = (0..40u8)
         .map(|n| {
-            let (alice, outgoing) = (alice.clone(), message(&bob, 1, vec![n; 10]));
+            let (alice, outgoing) = (alice.clone(), to(&bob, vec![n; 10]));
             tokio::spawn(async move { alice.send_message(outgoing).await })
         })
         .collect();
@@ -499,7 +470,11 @@ async fn a_pipelined_flood_starts_at_most_max_pipelined_requests() {
         journal.last_lsn() >= before + 8
     })
     .await;
-    // Longer than frame_timeout: the rest stay unread, and the session stays open.
+    // Time is the subject: with tokio's clock paused, it jumps from timer to timer whenever
+    // the relay is idle, past frame_timeout; the rest stay unread, and the session stays open.
+    // The clock runs again before the disk is released (paused, it would run ahead of the
+    // journal's thread).
+    tokio::time::pause();
     tokio::time::sleep(2 * frame_timeout).await;
     assert_eq!(
         journal.last_lsn(),
@@ -507,6 +482,7 @@ async fn a_pipelined_flood_starts_at_most_max_pipelined_requests() {
         "more than 8 requests started"
     );
     assert!(sends.iter().all(|send| !send.is_finished()));
+    tokio::time::resume();
 
     drop(held);
     let mut ids = Vec::new();

@@ -31,8 +31,8 @@ async fn listen_and_send_print_json() {
     let (relay, _app) =
         botd_relay::testing::start_relay(botd_relay::testing::loopback_config()).await;
     let botd = Botd::new(&relay);
-    let dir = common::temp_dir("cli-json");
-    let (alice, bob) = (dir.join("alice.key"), dir.join("bob.key"));
+    let dir = botd_relay::testing::TempDir::new("cli-json");
+    let (alice, bob) = (dir.path().join("alice.key"), dir.path().join("bob.key"));
     let checks = tokio::task::spawn_blocking(move || {
         let a = botd.run(&alice, &["keygen"])["identity"]
             .as_str()
@@ -111,6 +111,5 @@ async fn listen_and_send_print_json() {
     });
     let result = checks.await;
     relay.stop().await;
-    let _ = std::fs::remove_dir_all(&dir);
     result.expect("the checks pass");
 }

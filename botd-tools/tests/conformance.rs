@@ -522,9 +522,16 @@ async fn credulous_node(addr: std::net::SocketAddr, relay: PublicKeyBytes) {
                 return;
             }
         }
-        // Sends a "request" without checking anything: 40 bytes of noise as a frame.
+        // Sends a "request" without checking anything: 40 bytes of noise as a frame, and
+        // stays until the listener has judged it and closes (closing first could turn the
+        // close into a reset that loses the noise).
         let _ = stream.write_all(&encode_frame(&[0x42; 40])).await;
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        for _ in 0..1_000 {
+            if stream.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+                return;
+            }
+            buf.clear();
+        }
     })
     .await;
 }

@@ -47,7 +47,7 @@ fn offline(name: &str) -> (Botd, PathBuf, PathBuf) {
         relay: closed_port(),
         server_key: KeyPair::generate().public().to_hex(),
     };
-    let dir = common::temp_dir(name);
+    let dir = botd_relay::testing::temp_dir(name);
     let key = dir.join("node.key");
     keygen(&botd, &key);
     (botd, dir, key)
@@ -103,7 +103,7 @@ async fn refused_handshake_and_requests() {
     let (relay, _app) =
         botd_relay::testing::start_relay(botd_relay::testing::loopback_config()).await;
     let botd = Botd::new(&relay);
-    let dir = common::temp_dir("exit-relay");
+    let dir = botd_relay::testing::temp_dir("exit-relay");
     let key = dir.join("node.key");
     let checks = tokio::task::spawn_blocking(move || {
         keygen(&botd, &key);

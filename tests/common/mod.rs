@@ -6,18 +6,29 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use botd_client::{Client, ClientOptions};
+use botd_client::{Client, ClientError, ClientOptions, OutgoingMessage};
 use botd_protocol::keys::{KeyPair, PublicKeyBytes};
+use botd_protocol::proto::{Body, Deliver, ErrorCode, Frame};
 use botd_relay::app::{Handler, TransportOnly};
 use botd_relay::config::Config;
+use botd_relay::store::embedded::journal::Journal;
 use botd_relay::store::embedded::EmbeddedStore;
+use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::time::timeout;
 
 pub use botd_relay::testing::{
     in_memory_app as app, loopback_config as test_config, start_as, start_relay, start_relay_on,
-    LoopbackRelay as Relay,
+    temp_dir, LoopbackRelay as Relay, TempDir,
 };
+
+/// The longest wait for something that must happen: a bug fails the test instead of hanging it.
+pub const HANG: Duration = Duration::from_secs(10);
+/// How long to watch for something that must not happen.
+pub const QUIET: Duration = Duration::from_millis(400);
+/// The most `PreKeysLow` notices [`next_deliver_past_prekeys_low`] passes over.
+const MAX_PREKEYS_LOW: usize = 64;
 
 pub async fn start_with<H: Handler>(config: Config, handler: H) -> Relay {
     start_as(config, KeyPair::generate(), handler).await
@@ -48,6 +59,77 @@ pub fn registration(device_id: u32, one_time: u32) -> botd_protocol::proto::Regi
                 public_key: bytes::Bytes::from(vec![id as u8; 33]),
             })
             .collect(),
+    }
+}
+
+/// A client of `relay` with device 1 registered with `one_time` one-time prekeys.
+pub async fn registered(relay: &Relay, one_time: u32) -> Client {
+    let client = relay.client().await;
+    client.register(registration(1, one_time)).await.unwrap();
+    client
+}
+
+/// A message from device 1 to device 1 of `recipient`.
+pub fn to(recipient: &Client, payload: impl Into<Bytes>) -> OutgoingMessage {
+    to_device(recipient, 1, payload)
+}
+
+/// A message from device 1 to device `device` of `recipient`.
+pub fn to_device(recipient: &Client, device: u32, payload: impl Into<Bytes>) -> OutgoingMessage {
+    OutgoingMessage::new(*recipient.identity(), device, 1, payload)
+}
+
+/// The next push to `client`, within [`HANG`]; panics if none comes or the connection closes.
+pub async fn next_push(client: &mut Client) -> Frame {
+    timeout(HANG, client.next_push())
+        .await
+        .expect("a push arrives in time")
+        .expect("the connection is still open")
+}
+
+/// The next push, which must be a `Deliver` with frame id 0.
+pub async fn next_deliver(client: &mut Client) -> Deliver {
+    deliver_of(next_push(client).await)
+}
+
+/// The next push that is not a `PreKeysLow` notice (at most 64 of those), which must be a
+/// `Deliver` with frame id 0.
+pub async fn next_deliver_past_prekeys_low(client: &mut Client) -> Deliver {
+    for _ in 0..=MAX_PREKEYS_LOW {
+        let frame = next_push(client).await;
+        if !matches!(frame.body, Some(Body::PreKeysLow(_))) {
+            return deliver_of(frame);
+        }
+    }
+    panic!("more than {MAX_PREKEYS_LOW} PreKeysLow pushes and no Deliver");
+}
+
+fn deliver_of(frame: Frame) -> Deliver {
+    assert_eq!(frame.id, 0, "pushes carry frame id 0");
+    match frame.body {
+        Some(Body::Deliver(deliver)) => deliver,
+        other => panic!("expected a Deliver push, got {other:?}"),
+    }
+}
+
+/// Nothing is pushed to `client` for [`QUIET`], and its connection stays open.
+pub async fn assert_no_push(client: &mut Client, what: &str) {
+    match timeout(QUIET, client.next_push()).await {
+        Err(_) => {}
+        Ok(Some(frame)) => panic!("{what}: unexpected push {frame:?}"),
+        Ok(None) => panic!("{what}: connection closed"),
+    }
+}
+
+/// `retry_after_ms` of a `RATE_LIMITED` answer (panics on anything else).
+pub fn retry_after(result: Result<impl std::fmt::Debug, ClientError>) -> u64 {
+    match result {
+        Err(ClientError::Remote {
+            code: ErrorCode::RateLimited,
+            retry_after_ms,
+            ..
+        }) => retry_after_ms,
+        other => panic!("expected RATE_LIMITED, got {other:?}"),
     }
 }
 
@@ -275,6 +357,21 @@ pub async fn wait_until(what: &str, within: Duration, mut condition: impl FnMut(
     }
 }
 
+/// Blocks (off any runtime) until record `lsn` of `journal` is durable, woken by the journal
+/// itself; panics if the journal failed or after [`HANG`].
+pub fn wait_durable(journal: &Journal, lsn: u64) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        timeout(HANG, journal.progress().wait(lsn))
+            .await
+            .unwrap_or_else(|_| panic!("the journal did not reach lsn {lsn} in time"))
+            .expect("the journal is written");
+    });
+}
+
 /// True when the relay has closed `stream` (end of stream or reset), false while it is open.
 /// Does not wait; discards anything readable.
 pub fn is_closed(stream: &TcpStream) -> bool {
@@ -357,34 +454,13 @@ where
     })
 }
 
-/// A directory removed when dropped.
-pub struct TempDir(pub std::path::PathBuf);
-
-impl TempDir {
-    pub fn new(name: &str) -> Self {
-        let path = std::env::temp_dir().join(format!(
-            "botd-{name}-{}-{}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir_all(&path).unwrap();
-        Self(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// A relay serving the application over a durable store in `dir` (journal and snapshots on
 /// disk, with `config`'s fsync policy).
 pub async fn start_durable_relay(
     mut config: Config,
     dir: &TempDir,
 ) -> (Relay, Arc<App>, EmbeddedStore) {
-    config.data_dir = dir.0.clone();
+    config.data_dir = dir.path().to_owned();
     let (store, _) = EmbeddedStore::open(&config, 1).expect("store opens");
     let identity = KeyPair::generate();
     let app =

@@ -110,13 +110,3 @@ pub fn one_object(stdout: &[u8]) -> Value {
     serde_json::from_str(lines[0]).expect("a JSON object")
 }
 
-/// A fresh directory under the system's temporary directory.
-pub fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "botd-{name}-{}-{}",
-        std::process::id(),
-        rand::random::<u32>()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
