@@ -266,6 +266,15 @@ pub struct Config {
     /// Prefix of every stream, bucket and subject name on the cluster (letters, digits, `_`,
     /// `-`): relays with the same prefix share one state, other prefixes are independent.
     pub nats_prefix: String,
+    /// How many JetStream streams hold the mailboxes (each mailbox is in one, chosen by its
+    /// id): each stream has one leader, so several spread the writes over the cluster's nodes.
+    /// Changing it moves no message: set it before the first start.
+    pub nats_streams: usize,
+    /// How long JetStream recognises a retried `Send` (same sender and nonce) as the message it
+    /// stored, and answers `duplicate: true`. Each message sent in this window costs the
+    /// stream leader about 100 bytes of memory.
+    #[serde(with = "humantime_serde")]
+    pub nats_duplicate_window: Duration,
 }
 
 /// The `store` setting, parsed.
@@ -343,6 +352,8 @@ impl Default for Config {
             nats_replicas: 1,
             nats_request_timeout: Duration::from_secs(5),
             nats_prefix: "botd".into(),
+            nats_streams: 3,
+            nats_duplicate_window: Duration::from_secs(120),
         }
     }
 }
@@ -421,6 +432,14 @@ impl Config {
         self.store_backend()?;
         if self.nats_replicas != 1 && self.nats_replicas != 3 {
             return fail("nats_replicas must be 1 or 3");
+        }
+        if !(1..=64).contains(&self.nats_streams) {
+            return fail("nats_streams must be between 1 and 64");
+        }
+        if self.nats_duplicate_window < Duration::from_secs(1)
+            || self.nats_duplicate_window > Duration::from_secs(24 * 3600)
+        {
+            return fail("nats_duplicate_window must be between 1s and 24h");
         }
         if self.nats_request_timeout < Duration::from_millis(100)
             || self.nats_request_timeout > Duration::from_secs(600)

@@ -92,10 +92,19 @@ impl<S: Store> Delivery<S> {
         after: u64,
         push: PushHandle,
     ) -> impl Future<Output = StoreResult<(u64, Option<PushHandle>)>> + Send + 'static {
-        let last = self.store.last_id(mailbox);
+        // The store hears of the mailbox from here on before its backlog is read, so nothing
+        // stored in between is missed.
+        let watched = self.store.watch(mailbox);
         let this = self.clone();
         async move {
-            let last_id = last.await?;
+            watched.await?;
+            let last_id = match this.store.last_id(mailbox).await {
+                Ok(last_id) => last_id,
+                Err(err) => {
+                    this.store.unwatch(&mailbox);
+                    return Err(err);
+                }
+            };
             let generation = this.generations.fetch_add(1, Ordering::Relaxed);
             let previous = this.shard(&mailbox).lock().insert(
                 mailbox,
@@ -109,6 +118,10 @@ impl<S: Store> Delivery<S> {
                     again: false,
                 },
             );
+            if previous.is_some() {
+                // One watch per subscription of the map: the replaced one's goes.
+                this.store.unwatch(&mailbox);
+            }
             this.clone().pump(mailbox, generation).await;
             let replaced = previous
                 .map(|s| s.push)
@@ -124,8 +137,30 @@ impl<S: Store> Delivery<S> {
             .get(mailbox)
             .is_some_and(|s| s.push.same_session(push))
         {
-            shard.remove(mailbox);
+            self.end(&mut shard, mailbox);
         }
+    }
+
+    /// Ends a subscription: the store no longer needs to tell this relay of the mailbox.
+    fn end(&self, shard: &mut AHashMap<MailboxId, Subscription>, mailbox: &MailboxId) {
+        if shard.remove(mailbox).is_some() {
+            self.store.unwatch(mailbox);
+        }
+    }
+
+    /// Events of the mailbox may have been missed: reads what is stored after the cursor.
+    pub fn resync(self: &Arc<Self>, mailbox: &MailboxId) {
+        let next = {
+            let mut shard = self.shard(mailbox).lock();
+            match shard.get_mut(mailbox) {
+                Some(sub) => {
+                    sub.known = sub.known.max(sub.cursor + 1);
+                    self.pump_if_behind(sub)
+                }
+                None => Next::Nothing,
+            }
+        };
+        self.run(mailbox, next);
     }
 
     /// `push`'s queue drained: continues a paused backlog.
@@ -175,7 +210,7 @@ impl<S: Store> Delivery<S> {
                     self.delivered.increment(1);
                 } else {
                     // The session is gone or too slow: it ends; the message stays stored.
-                    shard.remove(mailbox);
+                    self.end(&mut shard, mailbox);
                 }
                 Next::Nothing
             } else {
@@ -204,7 +239,7 @@ impl<S: Store> Delivery<S> {
 
     /// The mailbox is gone (device unregistered): its subscription ends without notice.
     pub fn closed(&self, mailbox: &MailboxId) {
-        self.shard(mailbox).lock().remove(mailbox);
+        self.end(&mut self.shard(mailbox).lock(), mailbox);
     }
 
     /// Starts a pump when the subscription is behind what is stored and may take more.
@@ -267,6 +302,8 @@ impl<S: Store> Delivery<S> {
                 }
             };
             if messages.is_empty() && !sub.again {
+                // Nothing after the cursor is stored now.
+                sub.known = sub.cursor;
                 sub.pumping = false;
                 return;
             }
@@ -291,7 +328,7 @@ impl<S: Store> Delivery<S> {
                 }
                 let id = message_id(&out);
                 if sub.push.push(out).is_err() {
-                    shard.remove(&mailbox);
+                    self.end(&mut shard, &mailbox);
                     self.delivered.increment(pushed);
                     return;
                 }
@@ -301,6 +338,7 @@ impl<S: Store> Delivery<S> {
             self.delivered.increment(pushed);
             if pushed == 0 && !sub.again {
                 // Nothing newer than the cursor: caught up.
+                sub.known = sub.cursor;
                 sub.pumping = false;
                 return;
             }

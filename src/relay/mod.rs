@@ -102,6 +102,12 @@ impl<S: Store> Listener for Events<S> {
         }
     }
 
+    fn resync(&self, mailbox: &MailboxId) {
+        if let Some(delivery) = self.delivery.upgrade() {
+            delivery.resync(mailbox);
+        }
+    }
+
     fn prekeys_low(&self, identity: &Identity, device: u32, count: u32) {
         let frame = Frame::new(
             0,

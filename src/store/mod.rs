@@ -217,6 +217,9 @@ pub trait Listener: Send + Sync + 'static {
     /// A fetch left the device with fewer one-time prekeys than the threshold (once per
     /// crossing: the next call for the device comes after an upload lifted it again).
     fn prekeys_low(&self, identity: &Identity, device: u32, count: u32);
+    /// Events of the mailbox may have been missed (a store that hears them over the network
+    /// reconnected): what the listener keeps of it should be read again from the store.
+    fn resync(&self, _mailbox: &MailboxId) {}
 }
 
 /// The outcome of a store operation, once final (and durable, for a change).
@@ -240,6 +243,19 @@ pub trait Store: Send + Sync + 'static {
     /// The caller has started all the operations it has for now and will wait for them: a
     /// store that batches its writes (group commit) should write now.
     fn flush(&self) {}
+
+    /// The listener wants the events of `mailbox` (it delivers from it), from the moment the
+    /// future resolves on. A store that announces everything anyway has nothing to do; one
+    /// that hears events over the network subscribes to what is asked for only.
+    fn watch(
+        &self,
+        _mailbox: MailboxId,
+    ) -> impl Future<Output = StoreResult<()>> + Send + use<Self> {
+        std::future::ready(Ok(()))
+    }
+
+    /// The listener no longer wants the events of `mailbox` (once per `watch`).
+    fn unwatch(&self, _mailbox: &MailboxId) {}
 
     /// Marks `identity` as in use at `now_ms` (idle accounts expire after `account_ttl`).
     fn touch(&self, identity: &Identity, now_ms: u64);

@@ -1,7 +1,7 @@
 //! NATS servers for tests: one JetStream server, or a 3-node JetStream cluster, on loopback in
 //! temporary directories, each killed (SIGKILL) and cleaned up on drop; relay processes of
-//! this crate's binary on such a cluster. When `nats-server` cannot be found, [`binary`] says
-//! so and the tests using it pass as skipped.
+//! this crate's binary on such a cluster. When no recent enough `nats-server` can be found,
+//! [`binary`] says so and the tests using it pass as skipped (fail, under `CI=true`).
 
 #![allow(dead_code)]
 
@@ -17,27 +17,51 @@ use botd_relay::config::Config;
 /// The longest a server or cluster may take to be ready.
 const READY_WITHIN: Duration = Duration::from_secs(30);
 
-/// `nats-server` on PATH (or in /usr/sbin, where Debian puts it); `None` prints the skip.
+/// A `nats-server` of at least the version the JetStream store needs: `$BOTD_NATS_SERVER`, or
+/// the first on PATH (or in /usr/sbin, where Debian puts it) that is recent enough. `None`
+/// prints the skip; under `CI=true` a test that needs one and finds none fails instead.
 pub fn binary(test: &str) -> Option<PathBuf> {
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    if let Some(path) = std::env::var_os("BOTD_NATS_SERVER") {
+        candidates.push(path.into());
+    }
     let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).collect())
         .unwrap_or_default();
     dirs.push("/usr/sbin".into());
     dirs.push("/usr/local/sbin".into());
-    let found = dirs
+    candidates.extend(dirs.into_iter().map(|d| d.join("nats-server")));
+    let (a, b, c) = botd_relay::store::nats::MIN_SERVER_VERSION;
+    let found = candidates
         .into_iter()
-        .map(|d| d.join("nats-server"))
-        .find(|p| p.is_file());
+        .filter(|p| p.is_file())
+        .find(|p| version_of(p).is_some_and(|v| v >= (a, b, c)));
     if found.is_none() {
+        let why = format!(
+            "no nats-server {a}.{b}.{c} or later (set BOTD_NATS_SERVER, or see docs/SCALING.md)"
+        );
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("{test}: {why}; under CI=true a test that needs it fails instead of passing");
+        }
         // Straight to the process's stderr: the test harness captures `eprintln!` of passing
         // tests, and a skip must be seen.
         use std::io::Write;
-        let _ = writeln!(
-            std::io::stderr(),
-            "{test}: SKIPPED, nats-server is not installed (apt-get install nats-server)"
-        );
+        let _ = writeln!(std::io::stderr(), "{test}: SKIPPED, {why}");
     }
     found
+}
+
+/// `nats-server --version` as (major, minor, patch).
+fn version_of(binary: &Path) -> Option<(u64, u64, u64)> {
+    let output = Command::new(binary).arg("--version").output().ok()?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let version = text.split_whitespace().last()?.trim_start_matches('v');
+    let mut parts = version.split(['.', '-']).map(|p| p.parse::<u64>().ok());
+    Some((
+        parts.next()??,
+        parts.next()??,
+        parts.next().flatten().unwrap_or(0),
+    ))
 }
 
 pub fn free_port() -> u16 {

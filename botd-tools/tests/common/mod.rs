@@ -3,7 +3,7 @@
 
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -109,4 +109,3 @@ pub fn one_object(stdout: &[u8]) -> Value {
     assert_eq!(lines.len(), 1, "one JSON object: {text:?}");
     serde_json::from_str(lines[0]).expect("a JSON object")
 }
-

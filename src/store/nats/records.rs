@@ -1,71 +1,48 @@
-//! What the JetStream backend writes into its buckets and its events stream: protobuf records
-//! (prost derives, no `.proto` file: they never leave the cluster) and their names.
-//!
-//! * Account record (bucket `<prefix>_accounts`, key `a.<identity hex>`): device slots with
-//!   their mailbox usage, policy, contacts, tickets, last use. Every change to an account is one
-//!   compare-and-set of this record, so limits that span devices hold across relays.
-//! * Device keys record (bucket `<prefix>_keys`, key `k.<identity hex>.<device>.<generation>`):
-//!   registration id, identity key, signed prekey and the one-time prekeys, oldest first. A
-//!   fetch pops a key by compare-and-set of this record, so a key goes out once.
-//! * Identity counter (bucket `<prefix>_accounts`, key `n.identities`).
-//! * Events (stream `<PREFIX>_EVENTS`): removals, closed mailboxes and `PreKeysLow` notices
-//!   for the other relays' sessions.
+//! What the JetStream backend writes on the cluster: protobuf records (prost derives, no
+//! `.proto` file: they never leave the cluster) and the envelope of a stored message. Every
+//! record is small and of fixed shape: nothing grows with contacts, tickets or messages.
 
 use bytes::Bytes;
+use prost::Message as _;
 
-use crate::store::{Identity, MailboxId};
-use botd_protocol::proto::{PreKey, SignedPreKey};
+use crate::store::{Message, NONCE_LEN};
+use botd_protocol::keys::{sha256, PUBLIC_KEY_LEN, SIGNATURE_LEN};
+use botd_protocol::proto::SignedPreKey;
 
-/// A device id slot of an account: registered now, or retired (kept so the device id budget
-/// holds).
+/// A device id an account has used: registered now, or retired (kept so that the device id
+/// budget holds and a mailbox token is never reused).
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct DeviceSlot {
     #[prost(uint32, tag = "1")]
     pub device_id: u32,
     #[prost(bool, tag = "2")]
     pub registered: bool,
-    /// Names the device keys record of the current registration.
+    /// Names the keys record and the one-time prekeys of the current registration.
     #[prost(uint64, tag = "3")]
     pub keys_generation: u64,
-    /// Tells this registration's mailbox from an earlier one of the same device id: messages
-    /// carry it, and those of another generation are not part of the mailbox.
+    /// Names the mailbox of the current registration (its token, `names::MailboxKey`).
     #[prost(uint64, tag = "4")]
     pub mailbox_generation: u64,
-    /// Messages and payload bytes stored in the mailbox.
+    /// The highest id of the device's earlier registrations' mailboxes: `last_id` of a
+    /// mailbox counts the ids its device ever had.
     #[prost(uint64, tag = "5")]
-    pub messages: u64,
-    #[prost(uint64, tag = "6")]
-    pub bytes: u64,
-    /// The highest id of a message that left the mailbox (acked, expired, or dropped with an
-    /// earlier registration), so `last_id` still counts it once the message is gone.
-    #[prost(uint64, tag = "7")]
-    pub last_removed_id: u64,
+    pub id_floor: u64,
 }
 
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct TicketRecord {
-    #[prost(bytes = "vec", tag = "1")]
-    pub token: Vec<u8>,
-    #[prost(uint64, tag = "2")]
-    pub expires_at_ms: u64,
-    #[prost(uint32, tag = "3")]
-    pub uses_left: u32,
-}
-
+/// One account (`<p>.a.i.<identity>`): changed by compare-and-set, by registrations, policy,
+/// contacts and the use a session records, never by a message.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct AccountRecord {
     /// `Accept` as its wire value.
     #[prost(int32, tag = "1")]
     pub accept: i32,
-    /// Sorted by device id.
+    /// Sorted by device id; at most 4 × `max_devices_per_identity`.
     #[prost(message, repeated, tag = "2")]
     pub devices: Vec<DeviceSlot>,
-    /// 33 bytes each, sorted.
-    #[prost(bytes = "vec", repeated, tag = "3")]
-    pub contacts: Vec<Vec<u8>>,
-    #[prost(message, repeated, tag = "4")]
-    pub tickets: Vec<TicketRecord>,
-    #[prost(uint64, tag = "5")]
+    /// How many contact records the account has.
+    #[prost(uint32, tag = "3")]
+    pub contacts: u32,
+    #[prost(uint64, tag = "4")]
     pub last_seen_ms: u64,
 }
 
@@ -77,14 +54,7 @@ impl AccountRecord {
             .map(|i| &self.devices[i])
     }
 
-    pub fn slot_mut(&mut self, device: u32) -> Option<&mut DeviceSlot> {
-        self.devices
-            .binary_search_by_key(&device, |s| s.device_id)
-            .ok()
-            .map(|i| &mut self.devices[i])
-    }
-
-    /// The slot of `device`, created (retired, empty) if absent.
+    /// The slot of `device`, created (retired) if absent.
     pub fn slot_entry(&mut self, device: u32) -> &mut DeviceSlot {
         let at = match self.devices.binary_search_by_key(&device, |s| s.device_id) {
             Ok(at) => at,
@@ -113,102 +83,113 @@ impl AccountRecord {
     pub fn is_registered(&self) -> bool {
         self.devices.iter().any(|s| s.registered)
     }
-
-    pub fn stored_bytes(&self) -> u64 {
-        self.devices.iter().map(|s| s.bytes).sum()
-    }
-
-    pub fn has_contact(&self, contact: &Identity) -> bool {
-        self.contacts
-            .binary_search_by(|c| c.as_slice().cmp(contact.as_slice()))
-            .is_ok()
-    }
-
-    /// Adds a contact; false if it was there.
-    pub fn add_contact(&mut self, contact: &Identity) -> bool {
-        match self
-            .contacts
-            .binary_search_by(|c| c.as_slice().cmp(contact.as_slice()))
-        {
-            Ok(_) => false,
-            Err(at) => {
-                self.contacts.insert(at, contact.to_vec());
-                true
-            }
-        }
-    }
-
-    /// Removes a contact; false if it was absent.
-    pub fn remove_contact(&mut self, contact: &Identity) -> bool {
-        match self
-            .contacts
-            .binary_search_by(|c| c.as_slice().cmp(contact.as_slice()))
-        {
-            Ok(at) => {
-                self.contacts.remove(at);
-                true
-            }
-            Err(_) => false,
-        }
-    }
 }
 
+/// The bundle part of a registration (`<p>.a.k.<identity>.<device>.<generation>`).
 #[derive(Clone, PartialEq, prost::Message)]
-pub struct DeviceKeys {
+pub struct KeysRecord {
     #[prost(uint32, tag = "1")]
     pub registration_id: u32,
     #[prost(bytes = "bytes", tag = "2")]
     pub identity_key: Bytes,
     #[prost(message, optional, tag = "3")]
     pub signed_prekey: Option<SignedPreKey>,
-    /// Oldest first.
-    #[prost(message, repeated, tag = "4")]
-    pub one_time_prekeys: Vec<PreKey>,
-    /// `PreKeysLow` was announced since the count last rose to the threshold.
-    #[prost(bool, tag = "5")]
+    /// `PreKeysLow` was announced since the count last rose to the threshold: set by the one
+    /// fetch that wins the compare-and-set, so it is announced once per crossing.
+    #[prost(bool, tag = "4")]
     pub low_announced: bool,
 }
 
-/// What an event tells the other relays.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, prost::Enumeration)]
-#[repr(i32)]
-pub enum EventKind {
-    Unknown = 0,
-    Removed = 1,
-    Closed = 2,
-    PreKeysLow = 3,
-}
-
+/// A ticket (`<p>.a.t.<identity>.<token>`), removed by the server once expired.
 #[derive(Clone, PartialEq, prost::Message)]
-pub struct EventRecord {
-    /// The relay instance that published it (it handled the event itself).
+pub struct TicketRecord {
     #[prost(uint64, tag = "1")]
-    pub origin: u64,
-    #[prost(enumeration = "EventKind", tag = "2")]
-    pub kind: i32,
-    #[prost(bytes = "vec", tag = "3")]
-    pub identity: Vec<u8>,
-    #[prost(uint32, tag = "4")]
-    pub device: u32,
-    /// `Removed`: the message ids.
-    #[prost(uint64, repeated, tag = "5")]
-    pub ids: Vec<u64>,
-    /// `PreKeysLow`: keys left.
-    #[prost(uint32, tag = "6")]
-    pub count: u32,
+    pub expires_at_ms: u64,
+    #[prost(uint32, tag = "2")]
+    pub uses_left: u32,
 }
 
-impl EventRecord {
-    pub fn mailbox(&self) -> Option<MailboxId> {
-        Some(MailboxId {
-            identity: self.identity.as_slice().try_into().ok()?,
-            device: self.device,
+/// The highest id that left a mailbox (`<p>.a.l.<mailbox>`), so that `last_id` still counts
+/// it once the mailbox is empty.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LastRemoved {
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+}
+
+/// What relays tell each other on `<p>.acct`: an account changed (drop what is cached of
+/// it), or a device ran low on one-time prekeys.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct AccountNotice {
+    #[prost(bytes = "vec", tag = "1")]
+    pub identity: Vec<u8>,
+    /// `PreKeysLow`: the device and the keys it has left.
+    #[prost(uint32, optional, tag = "2")]
+    pub low_device: Option<u32>,
+    #[prost(uint32, tag = "3")]
+    pub low_count: u32,
+}
+
+/// Removals from one mailbox, on `<p>.gone.<mailbox>`; no ids: the mailbox is closed.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct GoneNotice {
+    #[prost(uint64, repeated, tag = "1")]
+    pub ids: Vec<u64>,
+    #[prost(bool, tag = "2")]
+    pub closed: bool,
+}
+
+/// A stored message, as the body of its stream message (the id is the stream sequence and
+/// the payload hash is computed again when it is read).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StoredMessage {
+    #[prost(bytes = "vec", tag = "1")]
+    pub sender: Vec<u8>,
+    #[prost(uint32, tag = "2")]
+    pub sender_device: u32,
+    #[prost(fixed64, tag = "3")]
+    pub nonce: u64,
+    #[prost(bytes = "vec", tag = "4")]
+    pub signature: Vec<u8>,
+    #[prost(uint64, tag = "5")]
+    pub received_at_ms: u64,
+    #[prost(bytes = "bytes", tag = "6")]
+    pub payload: Bytes,
+}
+
+impl StoredMessage {
+    pub fn of(message: &crate::store::NewMessage) -> Self {
+        Self {
+            sender: message.sender.to_vec(),
+            sender_device: message.sender_device,
+            nonce: u64::from_be_bytes(message.nonce),
+            signature: message.signature.to_vec(),
+            received_at_ms: message.received_at_ms,
+            payload: message.payload.clone(),
+        }
+    }
+
+    /// The message stored under `id`; `None` for bytes that are not one (the cluster may be
+    /// shared with other software: nothing read from it is trusted blindly).
+    pub fn decode_message(body: Bytes, id: u64) -> Option<Message> {
+        let stored = StoredMessage::decode(body).ok()?;
+        let sender: [u8; PUBLIC_KEY_LEN] = stored.sender.as_slice().try_into().ok()?;
+        let signature: [u8; SIGNATURE_LEN] = stored.signature.as_slice().try_into().ok()?;
+        let nonce: [u8; NONCE_LEN] = stored.nonce.to_be_bytes();
+        Some(Message {
+            id,
+            sender,
+            sender_device: stored.sender_device,
+            nonce,
+            payload_hash: sha256(&[&stored.payload]),
+            signature,
+            payload: stored.payload,
+            received_at_ms: stored.received_at_ms,
         })
     }
 }
 
-/// Decodes a record; `None` for bytes that are not one (never trusted blindly: the cluster
-/// may be shared with other software).
+/// Decodes a record; `None` for bytes that are not one.
 pub fn decode<T: prost::Message + Default>(bytes: &[u8]) -> Option<T> {
     T::decode(bytes).ok()
 }
@@ -217,149 +198,49 @@ pub fn encode<T: prost::Message>(record: &T) -> Bytes {
     Bytes::from(record.encode_to_vec())
 }
 
-/// Names of everything the backend keeps on the cluster, from `nats_prefix`.
-#[derive(Debug, Clone)]
-pub struct Names {
-    /// The stream holding every mailbox.
-    pub messages_stream: String,
-    pub events_stream: String,
-    pub accounts_bucket: String,
-    pub keys_bucket: String,
-    /// `<prefix>.m`: message subjects are `<prefix>.m.<identity hex>.<device>.<sender hex><nonce hex>`.
-    message_root: String,
-    /// `<prefix>.e`: event subjects are `<prefix>.e.<kind>`.
-    pub event_root: String,
-}
-
-impl Names {
-    pub fn new(prefix: &str) -> Self {
-        let upper = prefix.to_ascii_uppercase().replace('-', "_");
-        let lower = prefix.to_ascii_lowercase();
-        Self {
-            messages_stream: format!("{upper}_MESSAGES"),
-            events_stream: format!("{upper}_EVENTS"),
-            accounts_bucket: format!("{lower}_accounts"),
-            keys_bucket: format!("{lower}_keys"),
-            message_root: format!("{lower}.m"),
-            event_root: format!("{lower}.e"),
-        }
-    }
-
-    /// Every message subject.
-    pub fn all_messages(&self) -> String {
-        format!("{}.>", self.message_root)
-    }
-
-    /// The subjects of one mailbox.
-    pub fn mailbox_filter(&self, mailbox: &MailboxId) -> String {
-        format!(
-            "{}.{}.{}.*",
-            self.message_root,
-            hex::encode(mailbox.identity),
-            mailbox.device
-        )
-    }
-
-    /// The subject of the message `sender` sent with `nonce` into `mailbox`: one message at
-    /// most per subject, which makes the idempotency check part of the append.
-    pub fn message_subject(
-        &self,
-        mailbox: &MailboxId,
-        sender: &Identity,
-        nonce: &[u8; crate::store::NONCE_LEN],
-    ) -> String {
-        format!(
-            "{}.{}.{}.{}{}",
-            self.message_root,
-            hex::encode(mailbox.identity),
-            mailbox.device,
-            hex::encode(sender),
-            hex::encode(nonce)
-        )
-    }
-
-    /// Mailbox, sender and nonce of a message subject.
-    pub fn parse_message_subject(
-        &self,
-        subject: &str,
-    ) -> Option<(MailboxId, Identity, [u8; crate::store::NONCE_LEN])> {
-        let rest = subject
-            .strip_prefix(&self.message_root)?
-            .strip_prefix('.')?;
-        let mut parts = rest.split('.');
-        let identity = parts.next()?;
-        let device = parts.next()?;
-        let tail = parts.next()?;
-        if parts.next().is_some() {
-            return None;
-        }
-        let mut id = [0u8; botd_protocol::keys::PUBLIC_KEY_LEN];
-        hex::decode_to_slice(identity, &mut id).ok()?;
-        let device: u32 = device.parse().ok()?;
-        if tail.len() != 2 * (botd_protocol::keys::PUBLIC_KEY_LEN + crate::store::NONCE_LEN) {
-            return None;
-        }
-        let (sender_hex, nonce_hex) = tail.split_at(2 * botd_protocol::keys::PUBLIC_KEY_LEN);
-        let mut sender = [0u8; botd_protocol::keys::PUBLIC_KEY_LEN];
-        hex::decode_to_slice(sender_hex, &mut sender).ok()?;
-        let mut nonce = [0u8; crate::store::NONCE_LEN];
-        hex::decode_to_slice(nonce_hex, &mut nonce).ok()?;
-        Some((
-            MailboxId {
-                identity: id,
-                device,
-            },
-            sender,
-            nonce,
-        ))
-    }
-
-    pub fn event_subject(&self, kind: EventKind) -> String {
-        format!("{}.{}", self.event_root, kind as i32)
-    }
-}
-
-pub fn account_key(identity: &Identity) -> String {
-    format!("a.{}", hex::encode(identity))
-}
-
-pub fn keys_key(identity: &Identity, device: u32, generation: u64) -> String {
-    format!("k.{}.{device}.{generation:016x}", hex::encode(identity))
-}
-
-pub const IDENTITIES_KEY: &str = "n.identities";
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::{MailboxId, NewMessage};
 
     #[test]
-    fn message_subjects_round_trip() {
-        let names = Names::new("Botd-x");
-        let mailbox = MailboxId {
-            identity: [2; 33],
-            device: 7,
+    fn a_stored_message_round_trips_with_its_hash() {
+        let new = NewMessage {
+            to: MailboxId {
+                identity: [3; 33],
+                device: 1,
+            },
+            sender: [2; 33],
+            sender_device: 9,
+            nonce: [1, 2, 3, 4, 5, 6, 7, 8],
+            payload_hash: sha256(&[b"hello"]),
+            signature: [7; 64],
+            payload: Bytes::from_static(b"hello"),
+            ticket: None,
+            received_at_ms: 1_700_000_000_123,
         };
-        let subject = names.message_subject(&mailbox, &[3; 33], &[9; 8]);
-        assert!(subject.starts_with("botd-x.m."));
-        let (parsed, sender, nonce) = names.parse_message_subject(&subject).unwrap();
-        assert_eq!((parsed, sender, nonce), (mailbox, [3; 33], [9; 8]));
-        assert!(names.parse_message_subject("botd-x.m.zz.1.00").is_none());
-        assert_eq!(names.messages_stream, "BOTD_X_MESSAGES");
-        let filter = names.mailbox_filter(&mailbox);
-        assert_eq!(&subject[..filter.len() - 1], &filter[..filter.len() - 1]);
+        let body = encode(&StoredMessage::of(&new));
+        let message = StoredMessage::decode_message(body, 42).expect("decodes");
+        assert_eq!(message.id, 42);
+        assert_eq!(message.sender, new.sender);
+        assert_eq!(message.sender_device, 9);
+        assert_eq!(message.nonce, new.nonce);
+        assert_eq!(message.payload_hash, new.payload_hash);
+        assert_eq!(message.signature, new.signature);
+        assert_eq!(message.received_at_ms, new.received_at_ms);
+        assert!(StoredMessage::decode_message(Bytes::from_static(b"\x0a\x01x"), 1).is_none());
     }
 
     #[test]
-    fn contacts_stay_sorted_and_unique() {
+    fn slots_stay_sorted() {
         let mut account = AccountRecord::default();
-        assert!(account.add_contact(&[5; 33]));
-        assert!(account.add_contact(&[1; 33]));
-        assert!(!account.add_contact(&[5; 33]));
-        assert!(account.has_contact(&[1; 33]));
-        assert!(account.remove_contact(&[1; 33]));
-        assert!(!account.has_contact(&[1; 33]));
-        let decoded: AccountRecord = decode(&encode(&account)).unwrap();
-        assert_eq!(decoded, account);
+        account.slot_entry(5).registered = true;
+        account.slot_entry(2);
+        account.slot_entry(9).registered = true;
+        let ids: Vec<u32> = account.devices.iter().map(|s| s.device_id).collect();
+        assert_eq!(ids, [2, 5, 9]);
+        assert_eq!(account.active_devices(), 2);
+        assert!(account.registered(2).is_none());
+        assert!(account.registered(5).is_some());
     }
 }

@@ -1,4 +1,3 @@
-
 use super::*;
 use botd_protocol::keys::KeyPair;
 use botd_protocol::proto::SignedPreKey;

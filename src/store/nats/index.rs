@@ -1,0 +1,237 @@
+//! What a relay knows of the mailboxes it delivers from: the stored messages it has seen, in
+//! id order, and whether it has seen every one from the mailbox's first on. With that, an ack
+//! of the oldest messages (what a subscriber that keeps up sends) is one purge of the mailbox's
+//! subject below an id, instead of a delete per message, and an ack never needs to read a
+//! message to learn whose it is.
+
+use std::collections::BTreeMap;
+
+use ahash::AHashMap;
+use parking_lot::Mutex;
+
+use crate::store::MailboxId;
+
+/// Messages one mailbox's index holds at most; past this it starts over, unknown (acks then
+/// delete one message at a time until a read from the first message rebuilds it).
+const MAX_INDEXED: usize = 4096;
+
+#[derive(Debug, Default)]
+struct MailboxIndex {
+    /// Stored messages seen, with their payload bytes.
+    stored: BTreeMap<u64, u32>,
+    /// Every stored message with an id up to this is in `stored`, when known: the index has
+    /// seen the mailbox from its first message on, without a gap.
+    complete_through: Option<u64>,
+}
+
+/// What an ack of a set of ids may do.
+#[derive(Debug, PartialEq, Eq)]
+pub enum AckPlan {
+    /// The acked ids are the mailbox's oldest: purge below `below`; the stored messages
+    /// `gone` (of `bytes` payload bytes) go.
+    Purge {
+        below: u64,
+        gone: Vec<u64>,
+        bytes: u64,
+    },
+    /// Delete these ids one by one (`known`: their bytes, as the index has them; `unknown`:
+    /// read first, to check they are the mailbox's).
+    Each {
+        known: Vec<(u64, u32)>,
+        unknown: Vec<u64>,
+    },
+}
+
+#[derive(Default)]
+pub struct Indexes {
+    mailboxes: Mutex<AHashMap<MailboxId, MailboxIndex>>,
+}
+
+impl Indexes {
+    /// Starts indexing a mailbox (idempotent).
+    pub fn watch(&self, mailbox: MailboxId) {
+        self.mailboxes.lock().entry(mailbox).or_default();
+    }
+
+    pub fn unwatch(&self, mailbox: &MailboxId) {
+        self.mailboxes.lock().remove(mailbox);
+    }
+
+    /// Messages read from the store: `from_first` when the read started at the mailbox's
+    /// beginning (so the first of them is its first stored message), `reached_end` when it
+    /// returned everything stored after them.
+    pub fn read(&self, mailbox: &MailboxId, messages: &[(u64, u32)], from_first: bool) {
+        let mut all = self.mailboxes.lock();
+        let Some(index) = all.get_mut(mailbox) else {
+            return;
+        };
+        for &(id, bytes) in messages {
+            index.stored.insert(id, bytes);
+        }
+        if from_first {
+            let through = messages.last().map_or(0, |(id, _)| *id);
+            index.complete_through = Some(index.complete_through.unwrap_or(0).max(through));
+        }
+        trim(index);
+    }
+
+    /// A message stored live, with the id stored just before it in the mailbox (`prev`, 0 for
+    /// none).
+    pub fn stored(&self, mailbox: &MailboxId, id: u64, bytes: u32, prev: Option<u64>) {
+        let mut all = self.mailboxes.lock();
+        let Some(index) = all.get_mut(mailbox) else {
+            return;
+        };
+        index.stored.insert(id, bytes);
+        index.complete_through = match (index.complete_through, prev) {
+            // The mailbox held nothing before it.
+            (_, Some(0)) => Some(id),
+            (Some(through), Some(prev)) if prev <= through => Some(through.max(id)),
+            // A predecessor the index has not seen: it no longer knows everything.
+            (Some(_), _) => None,
+            (None, _) => None,
+        };
+        trim(index);
+    }
+
+    /// Messages that left the mailbox.
+    pub fn removed(&self, mailbox: &MailboxId, ids: &[u64]) {
+        if let Some(index) = self.mailboxes.lock().get_mut(mailbox) {
+            for id in ids {
+                index.stored.remove(id);
+            }
+        }
+    }
+
+    /// What an ack of `ids` (sorted, distinct) may do.
+    pub fn plan(&self, mailbox: &MailboxId, ids: &[u64]) -> AckPlan {
+        let all = self.mailboxes.lock();
+        let index = all.get(mailbox);
+        if let (Some(index), Some(&max)) = (index, ids.last()) {
+            if index.complete_through.is_some_and(|through| max <= through) {
+                // Every stored message up to `max` is known: a purge is right when each of
+                // them is acked.
+                let older: Vec<(u64, u32)> = index
+                    .stored
+                    .range(..=max)
+                    .map(|(id, bytes)| (*id, *bytes))
+                    .collect();
+                if older.iter().all(|(id, _)| ids.binary_search(id).is_ok()) {
+                    return AckPlan::Purge {
+                        below: max + 1,
+                        bytes: older.iter().map(|(_, b)| u64::from(*b)).sum(),
+                        gone: older.into_iter().map(|(id, _)| id).collect(),
+                    };
+                }
+            }
+        }
+        let mut known = Vec::new();
+        let mut unknown = Vec::new();
+        for &id in ids {
+            match index.and_then(|i| i.stored.get(&id)) {
+                Some(bytes) => known.push((id, *bytes)),
+                None => unknown.push(id),
+            }
+        }
+        AckPlan::Each { known, unknown }
+    }
+
+    /// A purge below `below` succeeded: nothing older is stored.
+    pub fn purged(&self, mailbox: &MailboxId, below: u64) {
+        if let Some(index) = self.mailboxes.lock().get_mut(mailbox) {
+            index.stored = index.stored.split_off(&below);
+        }
+    }
+
+    /// Whether the index knows the mailbox holds nothing (after an ack emptied it).
+    pub fn known_empty(&self, mailbox: &MailboxId) -> bool {
+        self.mailboxes
+            .lock()
+            .get(mailbox)
+            .is_some_and(|i| i.stored.is_empty() && i.complete_through.is_some())
+    }
+}
+
+fn trim(index: &mut MailboxIndex) {
+    if index.stored.len() > MAX_INDEXED {
+        *index = MailboxIndex::default();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAILBOX: MailboxId = MailboxId {
+        identity: [4; 33],
+        device: 1,
+    };
+
+    #[test]
+    fn acks_of_the_oldest_messages_are_one_purge() {
+        let indexes = Indexes::default();
+        indexes.watch(MAILBOX);
+        indexes.read(&MAILBOX, &[(3, 10), (7, 20)], true);
+        indexes.stored(&MAILBOX, 9, 5, Some(7));
+        assert_eq!(
+            indexes.plan(&MAILBOX, &[3, 7]),
+            AckPlan::Purge {
+                below: 8,
+                gone: vec![3, 7],
+                bytes: 30
+            }
+        );
+        // Skipping the oldest one: the purge would take it too.
+        assert_eq!(
+            indexes.plan(&MAILBOX, &[7, 9]),
+            AckPlan::Each {
+                known: vec![(7, 20), (9, 5)],
+                unknown: vec![]
+            }
+        );
+        indexes.purged(&MAILBOX, 8);
+        assert_eq!(
+            indexes.plan(&MAILBOX, &[9]),
+            AckPlan::Purge {
+                below: 10,
+                gone: vec![9],
+                bytes: 5
+            }
+        );
+        indexes.purged(&MAILBOX, 10);
+        assert!(indexes.known_empty(&MAILBOX));
+    }
+
+    #[test]
+    fn a_gap_or_a_read_from_the_middle_means_one_delete_each() {
+        let indexes = Indexes::default();
+        indexes.watch(MAILBOX);
+        // Not from the first message: older ones may exist.
+        indexes.read(&MAILBOX, &[(5, 1)], false);
+        assert_eq!(
+            indexes.plan(&MAILBOX, &[5, 6]),
+            AckPlan::Each {
+                known: vec![(5, 1)],
+                unknown: vec![6]
+            }
+        );
+        indexes.read(&MAILBOX, &[(5, 1)], true);
+        indexes.stored(&MAILBOX, 12, 1, Some(11));
+        assert!(matches!(
+            indexes.plan(&MAILBOX, &[5, 12]),
+            AckPlan::Each { .. }
+        ));
+        // Not watched: nothing known.
+        let other = MailboxId {
+            identity: [5; 33],
+            device: 1,
+        };
+        assert_eq!(
+            indexes.plan(&other, &[1]),
+            AckPlan::Each {
+                known: vec![],
+                unknown: vec![1]
+            }
+        );
+    }
+}

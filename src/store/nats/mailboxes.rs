@@ -1,0 +1,608 @@
+//! Mailboxes on the cluster: one subject per mailbox in one of the message streams. A `Send` is
+//! one publish, whose rules are the stream's own:
+//!
+//! * **ids** are stream sequences: increasing, never reused, with gaps (other mailboxes);
+//! * **once per (sender, nonce)**: the publish carries a message id derived from the mailbox,
+//!   the sender and the nonce, and the stream answers a second one as a duplicate of the first
+//!   (within `nats_duplicate_window`; the answer is checked against what is still stored, so a
+//!   nonce whose message was acknowledged stores a new one);
+//! * **mailbox_max_messages** is the stream's limit per subject, refusing new messages;
+//! * **max_stored_bytes** is the streams' byte limit (split evenly between them).
+//!
+//! The recipient's registration and policy come from the cached account, the byte quotas from
+//! [`super::usage`]. An ack of the oldest messages is one purge of the subject below an id
+//! ([`super::index`]); other acks delete message by message, each checked to be the mailbox's.
+
+use std::sync::Arc;
+
+use async_nats::HeaderMap;
+use botd_protocol::keys::sha256;
+
+use super::error::{code, NatsError};
+use super::names::MailboxKey;
+use super::records::{decode, encode, GoneNotice, LastRemoved, StoredMessage};
+use super::sequence::Ticket;
+use super::Inner;
+use crate::store::{
+    Admission, Appended, MailboxId, Message, NewMessage, RecipientView, StoreError, StoreResult,
+    TicketOffer,
+};
+use botd_protocol::proto::Accept;
+
+/// Publishes of one send before it gives up (duplicates of acknowledged messages, a first
+/// copy still being applied).
+const MAX_PUBLISH_ATTEMPTS: u32 = 16;
+
+/// The message id of a send: the mailbox, the sender and the nonce (and, for a nonce whose
+/// earlier message was acknowledged, that message's id), hashed to 22 characters.
+fn message_id(token: &str, message: &NewMessage, after: u64) -> String {
+    let digest = sha256(&[
+        token.as_bytes(),
+        &message.sender,
+        &message.nonce,
+        &after.to_be_bytes(),
+    ]);
+    hex::encode(&digest[..11])
+}
+
+/// How a publish of a new message ended.
+enum Published {
+    Stored(u64),
+    /// The stream has a message with this message id, under this sequence.
+    Duplicate(u64),
+}
+
+impl Inner {
+    /// The mailbox of a registered device (the device's current registration).
+    pub async fn mailbox_key(&self, mailbox: &MailboxId) -> StoreResult<MailboxKey> {
+        let account = self
+            .registration(&mailbox.identity, mailbox.device)
+            .await?
+            .ok_or(StoreError::NotRegistered(mailbox.device))?;
+        let slot = account.registered(mailbox.device).expect("checked");
+        Ok(MailboxKey {
+            id: *mailbox,
+            generation: slot.mailbox_generation,
+        })
+    }
+
+    fn stream_of(&self, token: &str) -> String {
+        let names = &self.cluster.names;
+        names.message_stream(names.stream_of(token))
+    }
+
+    pub async fn append(&self, message: NewMessage, mut ticket: Ticket) -> StoreResult<Appended> {
+        ticket.turn().await;
+        let recipient = self
+            .registration(&message.to.identity, message.to.device)
+            .await?
+            .ok_or(StoreError::UnknownRecipient)?;
+        let slot = recipient.registered(message.to.device).expect("checked");
+        let key = MailboxKey {
+            id: message.to,
+            generation: slot.mailbox_generation,
+        };
+        let token = key.token();
+        // The rules of §8.3 in their order; a refusal is not final before the nonce is known
+        // to be new (a retry of a stored message is answered as a duplicate whatever changed).
+        let admission = match self.admission(&recipient, &message).await {
+            Ok(admission) => admission,
+            Err(err) => {
+                ticket.pass();
+                return self.unless_duplicate(&token, &message, err).await;
+            }
+        };
+        if let Err(err) = self.check_bytes(&key, &token, message.payload.len()).await {
+            ticket.pass();
+            return self.unless_duplicate(&token, &message, err).await;
+        }
+        if let Admission::ByTicket = admission {
+            // The ticket's use, before the message: a retry after a failure below finds the
+            // sender a contact and does not use the ticket again.
+            ticket.pass();
+            self.use_ticket(&message).await?;
+            return match self.publish_new(&token, &message).await? {
+                Published::Stored(id) => {
+                    self.stored(&key, &message);
+                    Ok(Appended::Stored(id))
+                }
+                Published::Duplicate(id) => Ok(Appended::Duplicate(id)),
+            };
+        }
+        let sent = self.send_new(&token, &message, 0).await;
+        // On the connection: the next call of the sender may go.
+        ticket.pass();
+        let published = match sent?.await {
+            Ok(ack) if ack.duplicate => Published::Duplicate(ack.sequence),
+            Ok(ack) => Published::Stored(ack.sequence),
+            Err(err) => self.publish_failed(&token, &message, err.into()).await?,
+        };
+        match published {
+            Published::Stored(id) => {
+                self.stored(&key, &message);
+                Ok(Appended::Stored(id))
+            }
+            Published::Duplicate(id) => self.duplicate_of(&token, &message, id).await,
+        }
+    }
+
+    /// Counts a newly stored message.
+    fn stored(&self, key: &MailboxKey, message: &NewMessage) {
+        self.usage.add(&key.id, message.payload.len() as i64);
+    }
+
+    /// Whether the sender may write to the recipient (§8.3, §8.6).
+    async fn admission(
+        &self,
+        recipient: &super::records::AccountRecord,
+        message: &NewMessage,
+    ) -> StoreResult<Admission> {
+        let accept = Accept::try_from(recipient.accept).unwrap_or(Accept::Open);
+        let is_sender = message.sender == message.to.identity;
+        let needs_contact = accept == Accept::ContactsOnly && !is_sender;
+        let sender_is_contact = needs_contact
+            && self
+                .is_contact(&message.to.identity, &message.sender)
+                .await?;
+        let offer = if needs_contact && !sender_is_contact {
+            self.ticket(&message.to.identity, message.ticket.as_ref())
+                .await?
+                .0
+        } else {
+            TicketOffer::None
+        };
+        self.limits.admit(
+            RecipientView {
+                accept,
+                is_sender,
+                sender_is_contact,
+                contacts: recipient.contacts as usize,
+            },
+            offer,
+            message.received_at_ms,
+        )
+    }
+
+    async fn use_ticket(&self, message: &NewMessage) -> StoreResult<()> {
+        let token = message.ticket.as_ref().expect("admitted by its ticket");
+        for _ in 0..16 {
+            let (offer, seq) = self.ticket(&message.to.identity, Some(token)).await?;
+            let recipient = self
+                .account_fresh(&message.to.identity)
+                .await?
+                .registered()
+                .cloned()
+                .ok_or(StoreError::UnknownRecipient)?;
+            // Decided again on what the leader has: the ticket may have been used up.
+            let view = RecipientView {
+                accept: Accept::try_from(recipient.accept).unwrap_or(Accept::Open),
+                is_sender: false,
+                sender_is_contact: self
+                    .is_contact(&message.to.identity, &message.sender)
+                    .await?,
+                contacts: recipient.contacts as usize,
+            };
+            match self.limits.admit(view, offer, message.received_at_ms)? {
+                Admission::Admitted => return Ok(()),
+                Admission::ByTicket => {}
+            }
+            if self
+                .admit_by_ticket(
+                    &message.to.identity,
+                    &message.sender,
+                    token,
+                    seq,
+                    message.received_at_ms,
+                )
+                .await?
+            {
+                return Ok(());
+            }
+        }
+        Err(NatsError::Contended("a ticket").into())
+    }
+
+    /// The byte quotas, on the counted bytes; a refusal is checked against the mailbox's
+    /// stored messages themselves first.
+    async fn check_bytes(&self, key: &MailboxKey, token: &str, payload: usize) -> StoreResult<()> {
+        let check = |usage: &ahash::AHashMap<u32, i64>| {
+            let mailbox = usage.get(&key.id.device).copied().unwrap_or(0).max(0) as usize;
+            let identity = usage.values().map(|b| (*b).max(0) as usize).sum::<usize>();
+            self.limits.check_mailbox_room(0, mailbox, payload)?;
+            self.limits.check_storage(identity, 0, payload)
+        };
+        let usage = self.usage.of(&self.cluster, &key.id.identity).await?;
+        if check(&usage).is_ok() {
+            return Ok(());
+        }
+        let actual = self.count_bytes(token).await?;
+        self.usage
+            .correct(&self.cluster, &key.id, actual as i64)
+            .await?;
+        let usage = self.usage.of(&self.cluster, &key.id.identity).await?;
+        check(&usage)
+    }
+
+    /// Payload bytes of the messages stored in a mailbox, counted from the messages.
+    async fn count_bytes(&self, token: &str) -> StoreResult<u64> {
+        let stream = self.stream_of(token);
+        let subject = self.cluster.names.mailbox_subject(token);
+        let mut from = 1;
+        let mut bytes = 0u64;
+        // Bounded by the mailbox's message limit.
+        for _ in 0..=(self.limits.mailbox_max_messages / super::client::MAX_GET_BATCH + 1) {
+            let batch = self
+                .cluster
+                .batch(&stream, &subject, from, super::client::MAX_GET_BATCH)
+                .await?;
+            let Some(last) = batch.last() else { break };
+            from = last.sequence + 1;
+            for stored in batch {
+                if let Some(message) = StoredMessage::decode_message(stored.payload, 0) {
+                    bytes += message.payload.len() as u64;
+                }
+            }
+        }
+        Ok(bytes)
+    }
+
+    /// Hands the publish of a new message to the connection.
+    async fn send_new(
+        &self,
+        token: &str,
+        message: &NewMessage,
+        after: u64,
+    ) -> StoreResult<async_nats::jetstream::context::PublishAckFuture> {
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Msg-Id", message_id(token, message, after).as_str());
+        Ok(self
+            .cluster
+            .send(
+                self.cluster.names.mailbox_subject(token),
+                headers,
+                encode(&StoredMessage::of(message)),
+            )
+            .await?)
+    }
+
+    /// Publishes a new message and waits for the answer.
+    async fn publish_new(&self, token: &str, message: &NewMessage) -> StoreResult<Published> {
+        match self.send_new(token, message, 0).await?.await {
+            Ok(ack) if ack.duplicate => Ok(Published::Duplicate(ack.sequence)),
+            Ok(ack) => Ok(Published::Stored(ack.sequence)),
+            Err(err) => self.publish_failed(token, message, err.into()).await,
+        }
+    }
+
+    /// A publish the stream refused: a limit, or a first copy still being applied (retried
+    /// with the same message id, which then comes back as the duplicate it is).
+    async fn publish_failed(
+        &self,
+        token: &str,
+        message: &NewMessage,
+        mut err: NatsError,
+    ) -> StoreResult<Published> {
+        for attempt in 0..MAX_PUBLISH_ATTEMPTS {
+            match err.code() {
+                Some(code::MAX_MESSAGES_PER_SUBJECT) => {
+                    return Err(StoreError::MailboxFull("message count"))
+                }
+                Some(code::STREAM_STORE_FULL) => return Err(self.limits.storage_full()),
+                _ if err.is_transient() => {}
+                _ => return Err(err.into()),
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5 * u64::from(attempt + 1))).await;
+            match self.send_new(token, message, 0).await?.await {
+                Ok(ack) if ack.duplicate => return Ok(Published::Duplicate(ack.sequence)),
+                Ok(ack) => return Ok(Published::Stored(ack.sequence)),
+                Err(next) => err = next.into(),
+            }
+        }
+        Err(err.into())
+    }
+
+    /// The stream has a message with this send's message id, stored as `id`: the answer is
+    /// `Duplicate` while that message is still stored; otherwise the nonce stores a new one
+    /// (under a message id of its own).
+    async fn duplicate_of(
+        &self,
+        token: &str,
+        message: &NewMessage,
+        mut id: u64,
+    ) -> StoreResult<Appended> {
+        let stream = self.stream_of(token);
+        let subject = self.cluster.names.mailbox_subject(token);
+        for _ in 0..MAX_PUBLISH_ATTEMPTS {
+            let still = self
+                .cluster
+                .get(&stream, id)
+                .await?
+                .is_some_and(|m| m.subject == subject);
+            if still {
+                return Ok(Appended::Duplicate(id));
+            }
+            let ack = self.send_new(token, message, id).await?.await;
+            match ack {
+                Ok(ack) if ack.duplicate => id = ack.sequence,
+                Ok(ack) => {
+                    self.usage.add(&message.to, message.payload.len() as i64);
+                    return Ok(Appended::Stored(ack.sequence));
+                }
+                Err(err) => match self.publish_failed(token, message, err.into()).await? {
+                    Published::Stored(stored) => return Ok(Appended::Stored(stored)),
+                    Published::Duplicate(dup) => id = dup,
+                },
+            }
+        }
+        Err(NatsError::Contended("a message id").into())
+    }
+
+    /// A send refused by a rule: answered as a duplicate when its message is stored.
+    async fn unless_duplicate(
+        &self,
+        token: &str,
+        message: &NewMessage,
+        refusal: StoreError,
+    ) -> StoreResult<Appended> {
+        // A publish that only asks: its condition can never hold, so nothing is stored, and
+        // the stream checks the message id first.
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Msg-Id", message_id(token, message, 0).as_str());
+        headers.insert(
+            "Nats-Expected-Last-Subject-Sequence",
+            u64::MAX.to_string().as_str(),
+        );
+        let probe = self
+            .cluster
+            .publish(
+                self.cluster.names.probe_subject(token),
+                headers,
+                bytes::Bytes::new(),
+            )
+            .await;
+        match probe {
+            Ok(ack) if ack.duplicate => {
+                match self.duplicate_chain(token, message, ack.sequence).await? {
+                    Some(id) => Ok(Appended::Duplicate(id)),
+                    None => Err(refusal),
+                }
+            }
+            _ => Err(refusal),
+        }
+    }
+
+    /// The stored message of a chain of message ids that starts at `id`, if any.
+    async fn duplicate_chain(
+        &self,
+        token: &str,
+        message: &NewMessage,
+        mut id: u64,
+    ) -> StoreResult<Option<u64>> {
+        let stream = self.stream_of(token);
+        let subject = self.cluster.names.mailbox_subject(token);
+        for _ in 0..MAX_PUBLISH_ATTEMPTS {
+            if self
+                .cluster
+                .get(&stream, id)
+                .await?
+                .is_some_and(|m| m.subject == subject)
+            {
+                return Ok(Some(id));
+            }
+            let mut headers = HeaderMap::new();
+            headers.insert("Nats-Msg-Id", message_id(token, message, id).as_str());
+            headers.insert(
+                "Nats-Expected-Last-Subject-Sequence",
+                u64::MAX.to_string().as_str(),
+            );
+            match self
+                .cluster
+                .publish(
+                    self.cluster.names.probe_subject(token),
+                    headers,
+                    bytes::Bytes::new(),
+                )
+                .await
+            {
+                Ok(ack) if ack.duplicate => id = ack.sequence,
+                _ => return Ok(None),
+            }
+        }
+        Ok(None)
+    }
+
+    pub async fn read(
+        &self,
+        mailbox: MailboxId,
+        after: u64,
+        max_count: usize,
+        max_bytes: usize,
+    ) -> StoreResult<Vec<Arc<Message>>> {
+        let key = self.mailbox_key(&mailbox).await?;
+        let token = key.token();
+        let stored = self
+            .cluster
+            .batch(
+                &self.stream_of(&token),
+                &self.cluster.names.mailbox_subject(&token),
+                after + 1,
+                max_count.min(super::client::MAX_GET_BATCH),
+            )
+            .await?;
+        let mut out = Vec::with_capacity(stored.len());
+        let mut seen = Vec::with_capacity(stored.len());
+        let mut bytes = 0;
+        for stored in stored {
+            let Some(message) = StoredMessage::decode_message(stored.payload, stored.sequence)
+            else {
+                continue;
+            };
+            seen.push((message.id, message.payload.len() as u32));
+            bytes += message.payload.len();
+            if bytes > max_bytes && !out.is_empty() {
+                break;
+            }
+            out.push(Arc::new(message));
+        }
+        self.live.indexes.read(&mailbox, &seen, after == 0);
+        Ok(out)
+    }
+
+    pub async fn get(&self, mailbox: MailboxId, id: u64) -> StoreResult<Arc<Message>> {
+        let key = self.mailbox_key(&mailbox).await?;
+        let token = key.token();
+        let stored = self
+            .cluster
+            .get(&self.stream_of(&token), id)
+            .await?
+            .filter(|m| m.subject == self.cluster.names.mailbox_subject(&token))
+            .ok_or(StoreError::NotFound)?;
+        StoredMessage::decode_message(stored.payload, id)
+            .map(Arc::new)
+            .ok_or(StoreError::NotFound)
+    }
+
+    pub async fn last_id(&self, mailbox: MailboxId) -> StoreResult<u64> {
+        let account = self
+            .registration(&mailbox.identity, mailbox.device)
+            .await?
+            .ok_or(StoreError::NotRegistered(mailbox.device))?;
+        let slot = account.registered(mailbox.device).expect("checked");
+        let key = MailboxKey {
+            id: mailbox,
+            generation: slot.mailbox_generation,
+        };
+        let token = key.token();
+        let names = &self.cluster.names;
+        let stored = self
+            .cluster
+            .last(&self.stream_of(&token), &names.mailbox_subject(&token))
+            .await?
+            .map_or(0, |m| m.sequence);
+        let removed = self
+            .cluster
+            .last(&names.accounts_stream(), &names.last_removed(&token))
+            .await?
+            .and_then(|m| decode::<LastRemoved>(&m.payload))
+            .map_or(0, |r| r.id);
+        Ok(stored.max(removed).max(slot.id_floor))
+    }
+
+    pub async fn ack(
+        &self,
+        mailbox: MailboxId,
+        mut ids: Vec<u64>,
+        ticket: Ticket,
+    ) -> StoreResult<u32> {
+        let mut ticket = ticket;
+        ticket.turn().await;
+        ids.sort_unstable();
+        ids.dedup();
+        let key = self.mailbox_key(&mailbox).await?;
+        let token = key.token();
+        let stream = self.stream_of(&token);
+        let subject = self.cluster.names.mailbox_subject(&token);
+        let plan = self.live.indexes.plan(&mailbox, &ids);
+        ticket.pass();
+        let (deleted, bytes): (Vec<u64>, u64) = match plan {
+            super::index::AckPlan::Purge { below, gone, bytes } => {
+                self.cluster.purge(&stream, &subject, Some(below)).await?;
+                self.live.indexes.purged(&mailbox, below);
+                (gone, bytes)
+            }
+            super::index::AckPlan::Each { known, unknown } => {
+                let mut deleted = Vec::new();
+                let mut bytes = 0u64;
+                for (id, len) in known {
+                    if self.cluster.delete(&stream, id).await? {
+                        deleted.push(id);
+                        bytes += u64::from(len);
+                    }
+                }
+                for id in unknown {
+                    // Read first: an ack never deletes another mailbox's message.
+                    let Some(stored) = self.cluster.get(&stream, id).await? else {
+                        continue;
+                    };
+                    if stored.subject != subject {
+                        continue;
+                    }
+                    let len = StoredMessage::decode_message(stored.payload, id)
+                        .map_or(0, |m| m.payload.len() as u64);
+                    if self.cluster.delete(&stream, id).await? {
+                        deleted.push(id);
+                        bytes += len;
+                    }
+                }
+                self.live.indexes.removed(&mailbox, &deleted);
+                (deleted, bytes)
+            }
+        };
+        if deleted.is_empty() {
+            return Ok(0);
+        }
+        self.usage.add(&mailbox, -(bytes as i64));
+        self.removed(&key, &token, &deleted).await;
+        Ok(deleted.len() as u32)
+    }
+
+    /// Messages left a mailbox: remembered for `last_id` when they may have been its newest,
+    /// announced here and to the other relays.
+    async fn removed(&self, key: &MailboxKey, token: &str, ids: &[u64]) {
+        let names = &self.cluster.names;
+        let highest = *ids.last().expect("not empty");
+        let newest_known = self.live.indexes.known_empty(&key.id)
+            || self
+                .cluster
+                .last(&self.stream_of(token), &names.mailbox_subject(token))
+                .await
+                .ok()
+                .flatten()
+                .is_none_or(|m| m.sequence < highest);
+        if newest_known {
+            self.remember_removed(token, highest).await;
+        }
+        if let Some(listener) = self.live.listener.get() {
+            listener.removed(&key.id, ids);
+        }
+        let notice = GoneNotice {
+            ids: ids.to_vec(),
+            closed: false,
+        };
+        let _ = self
+            .cluster
+            .client
+            .publish(names.gone_subject(token), encode(&notice))
+            .await;
+    }
+
+    /// Raises the mailbox's highest removed id to `id` (compare-and-set: it never goes back).
+    async fn remember_removed(&self, token: &str, id: u64) {
+        let names = &self.cluster.names;
+        let subject = names.last_removed(token);
+        for _ in 0..16 {
+            let current = self
+                .cluster
+                .last_from_leader(&names.accounts_stream(), &subject)
+                .await;
+            let Ok(current) = current else { return };
+            let (seq, known) = current.map_or((0, 0), |m| {
+                (
+                    m.sequence,
+                    decode::<LastRemoved>(&m.payload).map_or(0, |r| r.id),
+                )
+            });
+            if known >= id {
+                return;
+            }
+            match self
+                .cluster
+                .compare_and_set(subject.clone(), seq, encode(&LastRemoved { id }), |_| {})
+                .await
+            {
+                Ok(Some(_)) | Err(_) => return,
+                Ok(None) => continue,
+            }
+        }
+    }
+}

@@ -1,0 +1,245 @@
+//! Payload bytes per mailbox, for the byte quotas (`mailbox_max_bytes`,
+//! `max_identity_stored_bytes`). The message count per mailbox needs no bookkeeping: the stream
+//! enforces it per subject. Bytes are message counters on the cluster (`Nats-Incr`, one per
+//! mailbox), which commute, so relays never contend on them:
+//!
+//! * a relay adds what it stores and subtracts what it deletes locally first, and writes the
+//!   sums every [`FLUSH_INTERVAL`] (one increment per mailbox with changes, not one per
+//!   message);
+//! * it reads an identity's counters (one batched read of all its devices) at most every
+//!   [`READ_INTERVAL`] while it sends to it;
+//! * a quota is judged on what the relay read plus its own unwritten changes. Before it
+//!   refuses, it counts the mailbox's stored messages themselves and corrects the counter, so
+//!   a counter that drifted (a relay killed between a write and its increment, messages that
+//!   expired) never refuses a send by itself.
+//!
+//! The slack, documented in docs/SCALING.md: another relay's sends of the last
+//! `FLUSH_INTERVAL + READ_INTERVAL` may be unseen, so a quota can be passed by what the other
+//! relays store in that time.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ahash::AHashMap;
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::time::Instant;
+
+use super::client::Cluster;
+use super::error::NatsError;
+use crate::store::{Identity, MailboxId};
+
+/// How often a relay writes its counted changes.
+pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
+/// How long a relay trusts the counters it read.
+pub const READ_INTERVAL: Duration = Duration::from_secs(1);
+/// Identities whose counters a relay keeps; past this it forgets them all.
+const MAX_CACHED: usize = 65_536;
+
+/// Bytes per device of one identity.
+type Counters = Arc<AHashMap<u32, i64>>;
+
+#[derive(Default)]
+pub struct Usage {
+    /// Changes counted here and not yet written, per identity and device.
+    pending: Mutex<AHashMap<Identity, AHashMap<u32, i64>>>,
+    /// Counters read, per identity: when, and the bytes per device.
+    read: Mutex<AHashMap<Identity, (Instant, Counters)>>,
+}
+
+impl Usage {
+    pub fn add(&self, mailbox: &MailboxId, delta: i64) {
+        if delta != 0 {
+            *self
+                .pending
+                .lock()
+                .entry(mailbox.identity)
+                .or_default()
+                .entry(mailbox.device)
+                .or_default() += delta;
+        }
+    }
+
+    fn pending_of(&self, identity: &Identity) -> AHashMap<u32, i64> {
+        self.pending
+            .lock()
+            .get(identity)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Bytes stored per device of `identity`, as far as this relay knows.
+    pub async fn of(
+        &self,
+        cluster: &Cluster,
+        identity: &Identity,
+    ) -> Result<AHashMap<u32, i64>, NatsError> {
+        let cached = self
+            .read
+            .lock()
+            .get(identity)
+            .filter(|(at, _)| at.elapsed() < READ_INTERVAL)
+            .map(|(_, counters)| counters.clone());
+        let counters = match cached {
+            Some(counters) => counters,
+            None => {
+                let counters = Arc::new(read_counters(cluster, identity).await?);
+                let mut read = self.read.lock();
+                if read.len() >= MAX_CACHED {
+                    read.clear();
+                }
+                read.insert(*identity, (Instant::now(), counters.clone()));
+                counters
+            }
+        };
+        let mut bytes = (*counters).clone();
+        for (device, delta) in self.pending_of(identity) {
+            *bytes.entry(device).or_default() += delta;
+        }
+        Ok(bytes)
+    }
+
+    /// Sets what the cluster counts for `mailbox` to `actual` (after counting its messages).
+    pub async fn correct(
+        &self,
+        cluster: &Cluster,
+        mailbox: &MailboxId,
+        actual: i64,
+    ) -> Result<(), NatsError> {
+        self.flush(cluster).await;
+        let current = read_counters(cluster, &mailbox.identity)
+            .await?
+            .get(&mailbox.device)
+            .copied()
+            .unwrap_or(0);
+        if current != actual {
+            tracing::info!(
+                counted = current,
+                stored = actual,
+                "mailbox byte counter corrected from its stored messages"
+            );
+            increment(cluster, mailbox, actual - current).await?;
+        }
+        self.read.lock().remove(&mailbox.identity);
+        Ok(())
+    }
+
+    /// Forgets a mailbox that closed: its counter goes with it.
+    pub fn forget(&self, mailbox: &MailboxId) {
+        if let Some(devices) = self.pending.lock().get_mut(&mailbox.identity) {
+            devices.remove(&mailbox.device);
+        }
+        self.read.lock().remove(&mailbox.identity);
+    }
+
+    /// Writes the changes counted so far (one increment per mailbox).
+    pub async fn flush(&self, cluster: &Cluster) {
+        let changes: Vec<(MailboxId, i64)> = self
+            .pending
+            .lock()
+            .drain()
+            .flat_map(|(identity, devices)| {
+                devices
+                    .into_iter()
+                    .map(move |(device, delta)| (MailboxId { identity, device }, delta))
+            })
+            .collect();
+        let mut acks = Vec::with_capacity(changes.len());
+        for (mailbox, delta) in changes {
+            if delta == 0 {
+                continue;
+            }
+            match send_increment(cluster, &mailbox, delta).await {
+                Ok(ack) => acks.push((mailbox, delta, ack)),
+                Err(err) => {
+                    tracing::warn!(error = %err, "a mailbox byte count was not written; counted again");
+                    self.add(&mailbox, delta);
+                }
+            }
+        }
+        for (mailbox, delta, ack) in acks {
+            if let Err(err) = ack.await {
+                tracing::warn!(error = %err, "a mailbox byte count was not written; counted again");
+                self.add(&mailbox, delta);
+            }
+        }
+    }
+}
+
+async fn send_increment(
+    cluster: &Cluster,
+    mailbox: &MailboxId,
+    delta: i64,
+) -> Result<async_nats::jetstream::context::PublishAckFuture, NatsError> {
+    let mut headers = HeaderMap::new();
+    headers.insert("Nats-Incr", format!("{delta:+}").as_str());
+    cluster
+        .send(cluster.names.usage(mailbox), headers, Bytes::new())
+        .await
+}
+
+async fn increment(cluster: &Cluster, mailbox: &MailboxId, delta: i64) -> Result<(), NatsError> {
+    send_increment(cluster, mailbox, delta).await?.await?;
+    Ok(())
+}
+
+/// The counters of every device of `identity` (one batched read).
+async fn read_counters(
+    cluster: &Cluster,
+    identity: &Identity,
+) -> Result<AHashMap<u32, i64>, NatsError> {
+    let names = &cluster.names;
+    let stored = cluster
+        .last_of_each(&names.usage_stream(), &names.usage_of(identity))
+        .await?;
+    let mut counters = AHashMap::new();
+    for message in stored {
+        let Some(device) = names.usage_device(&message.subject) else {
+            continue;
+        };
+        counters.insert(device, counter_value(&message.payload).unwrap_or(0));
+    }
+    Ok(counters)
+}
+
+/// The value of a stored counter (`{"val":"123"}`).
+fn counter_value(payload: &[u8]) -> Option<i64> {
+    let value: serde_json::Value = serde_json::from_slice(payload).ok()?;
+    value["val"].as_str()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counter_values_parse() {
+        assert_eq!(counter_value(br#"{"val":"123"}"#), Some(123));
+        assert_eq!(counter_value(br#"{"val":"-5"}"#), Some(-5));
+        assert_eq!(counter_value(b"garbage"), None);
+    }
+
+    #[test]
+    fn pending_changes_add_up_per_mailbox() {
+        let usage = Usage::default();
+        let mailbox = |device| MailboxId {
+            identity: [1; 33],
+            device,
+        };
+        usage.add(&mailbox(1), 100);
+        usage.add(&mailbox(1), -30);
+        usage.add(&mailbox(2), 5);
+        usage.add(
+            &MailboxId {
+                identity: [2; 33],
+                device: 1,
+            },
+            9,
+        );
+        let pending = usage.pending_of(&[1; 33]);
+        assert_eq!(pending.get(&1), Some(&70));
+        assert_eq!(pending.get(&2), Some(&5));
+        assert_eq!(pending.len(), 2);
+    }
+}
