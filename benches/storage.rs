@@ -284,6 +284,7 @@ fn new_message(sender: &Identity, req: &Send, now_ms: u64) -> NewMessage {
         payload: req.payload.clone(),
         ticket: None,
         received_at_ms: now_ms,
+        bad_signature: None,
     }
 }
 

@@ -36,6 +36,8 @@ pub const STORE_DISK_BYTES: &str = "botd_store_disk_bytes";
 pub const STORE_DISK_AVAILABLE_BYTES: &str = "botd_store_disk_available_bytes";
 pub const RATE_LIMITED: &str = "botd_rate_limited_total";
 pub const QUOTA_HITS: &str = "botd_quota_hits_total";
+/// Requests of the JetStream store to the cluster, by kind.
+pub const JETSTREAM_REQUESTS: &str = "botd_jetstream_requests_total";
 
 /// Installs the global recorder and serves `/metrics` on `addr`.
 pub fn install_prometheus(addr: SocketAddr) -> Result<(), BuildError> {

@@ -109,6 +109,7 @@ fn random_op(state: &State, rng: &mut StdRng, ids: &[Identity], now_ms: u64) {
                     payload,
                     ticket: None,
                     received_at_ms: now_ms,
+                    bad_signature: None,
                 })
                 .map(drop)
         }

@@ -985,6 +985,7 @@ fn relay_data_dir() -> RawFiles {
         payload: Bytes::from(vec![n]),
         ticket: None,
         received_at_ms: 1_700_000_000_000,
+        bad_signature: None,
     };
     // One account in the snapshot: a snapshot lists accounts in map order, which differs
     // from run to run, and seeds are the same bytes on every run.

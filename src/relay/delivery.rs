@@ -4,8 +4,9 @@
 //! backlog is read from the store.
 //!
 //! A subscription's `cursor` is the highest id it has pushed (or started after). A stored
-//! message whose predecessor in the mailbox is the cursor is pushed at once, from the event,
-//! without reading the store: the common case of a subscriber that keeps up. Anything else
+//! message with nothing stored between the cursor and it (its `prev_id` is at most the cursor)
+//! is pushed at once, from the event, without reading the store: the common case of a
+//! subscriber that keeps up. Anything else
 //! (the backlog at subscription, a full window, a paused queue, a gap) is read from the store by
 //! a *pump*, one per subscription at a time, which runs synchronously when the store answers at
 //! once and finishes in a task otherwise.
@@ -193,7 +194,8 @@ impl<S: Store> Delivery<S> {
             } else if sub.pumping {
                 sub.again = true;
                 Next::Nothing
-            } else if prev == Some(sub.cursor) && sub.has_room(self.max_unacked) {
+            } else if prev.is_some_and(|prev| prev <= sub.cursor) && sub.has_room(self.max_unacked)
+            {
                 let out = Outgoing::Deliver(DeliverFrame {
                     frame_id: 0,
                     device: mailbox.device,

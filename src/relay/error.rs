@@ -56,6 +56,9 @@ impl From<StoreError> for RelayError {
                 RelayError::Forbidden("recipient accepts contacts only; a ticket is required")
             }
             StoreError::TicketInvalid => RelayError::TicketInvalid,
+            StoreError::BadSignature(why) => {
+                RelayError::BadRequest(format!("sender_signature: {why}"))
+            }
             StoreError::Limit { kind, message } => RelayError::Limit { kind, message },
             StoreError::QuotaExceeded { kind, message } => {
                 RelayError::QuotaExceeded { kind, message }

@@ -105,6 +105,10 @@ pub struct NewMessage {
     /// A ticket of the recipient, for first contact under `ACCEPT_CONTACTS_ONLY`.
     pub ticket: Option<[u8; TICKET_LEN]>,
     pub received_at_ms: u64,
+    /// Why the sender's signature does not verify, when the relay checks signatures
+    /// (`verify_message_signatures`) and it does not: refused after the sender's device is
+    /// checked and before anything of the recipient's.
+    pub bad_signature: Option<String>,
 }
 
 /// What `append` did.
@@ -187,6 +191,8 @@ pub enum StoreError {
     Forbidden,
     #[error("ticket is unknown, used up or expired")]
     TicketInvalid,
+    #[error("sender_signature: {0}")]
+    BadSignature(String),
     /// A limit of the request or of the account (devices, prekeys, contacts, tickets);
     /// `kind` names it in metrics.
     #[error("{message}")]
@@ -206,9 +212,11 @@ pub enum StoreError {
 /// Receives what happens to mailboxes, for live delivery. Called after the fact and never
 /// with a store lock held, so a listener may call back into the store.
 pub trait Listener: Send + Sync + 'static {
-    /// `message` is stored and durable. Per mailbox, calls come in id order; `prev_id` is the
-    /// id assigned just before it in the mailbox when the store knows it (ids assigned one
-    /// after the other), so a listener that has seen `prev_id` knows nothing lies between.
+    /// `message` is stored and durable. Per mailbox, calls come in id order. `prev_id`, when
+    /// the store knows one, is an id below the message's such that no message with an id in
+    /// between is stored (the id assigned just before it, or the previous message still
+    /// stored; 0 when there is none): a listener whose cursor is at least `prev_id` has missed
+    /// nothing.
     fn stored(&self, mailbox: &MailboxId, message: &Arc<Message>, prev_id: Option<u64>);
     /// Messages left the mailbox (acknowledged from any session, or expired).
     fn removed(&self, mailbox: &MailboxId, ids: &[u64]);
@@ -304,16 +312,11 @@ pub trait Store: Send + Sync + 'static {
         take_one_time: F,
     ) -> impl Future<Output = StoreResult<Fetched>> + Send + use<Self, F>;
 
-    /// True when `identity` has `device` registered.
-    fn is_registered(
-        &self,
-        identity: &Identity,
-        device: u32,
-    ) -> impl Future<Output = StoreResult<bool>> + Send + use<Self>;
-
-    /// Stores a message: checks the recipient device, idempotency by (sender, nonce) while the
-    /// first message is stored, the recipient's policy and tickets, and the quotas, in that
-    /// order, as one operation; assigns the next id of the mailbox.
+    /// Stores a message: checks the sender's device (`NotRegistered`), the signature verdict
+    /// (`BadSignature`), the recipient device, idempotency by (sender, nonce) while the first
+    /// message is stored, the recipient's policy and tickets, and the quotas, in that order,
+    /// as one operation; assigns the next id of the mailbox. Called when the request arrives,
+    /// so a session's sends take effect in their order.
     fn append(
         &self,
         message: NewMessage,

@@ -1,13 +1,13 @@
-//! `Send`: stores a message in a mailbox, with its checks in the spec's order (§8.3): fields,
-//! rate limits, the sender's device, the signature when the relay verifies it, then the
-//! store's own (recipient, duplicate, policy and ticket, quotas).
+//! `Send`: stores a message in a mailbox, with its checks in the spec's order (§8.3): fields
+//! and rate limits here, then the store's (the sender's device, the signature when the relay
+//! verifies it, recipient, duplicate, policy and ticket, quotas).
 
 use botd_protocol::keys::PublicKeyBytes;
 use botd_protocol::message::message_digest;
 use botd_protocol::proto::{Body, Send, Sent};
 
 use super::{Ctx, Reply, Request};
-use crate::relay::{validate, RelayError};
+use crate::relay::validate;
 use crate::store::{Appended, MailboxId, NewMessage, Store};
 
 impl Request for Send {
@@ -24,10 +24,27 @@ impl Request for Send {
             session.now,
         )?;
         let sender = session.identity;
-        let registered = relay.store.is_registered(&sender, self.sender_device);
-        let store = relay.store.clone();
-        let verify = relay.config.verify_message_signatures;
-        let message = NewMessage {
+        // Verified here, judged by the store in the spec's order (after the sender's device).
+        let bad_signature = relay
+            .config
+            .verify_message_signatures
+            .then(|| {
+                let digest = message_digest(
+                    &sender,
+                    &fields.recipient,
+                    self.recipient_device,
+                    &fields.nonce,
+                    &fields.payload_hash,
+                );
+                PublicKeyBytes::parse(&sender)
+                    .expect("session identities are valid keys")
+                    .verify(&digest, &fields.signature)
+                    .err()
+                    .map(|err| err.to_string())
+            })
+            .flatten();
+        // Started now, so the session's sends take effect in their order.
+        let appended = relay.store.append(NewMessage {
             to: MailboxId {
                 identity: fields.recipient,
                 device: self.recipient_device,
@@ -40,26 +57,11 @@ impl Request for Send {
             payload: self.payload,
             ticket: fields.ticket,
             received_at_ms: relay.clock.at(session.now),
-        };
+            bad_signature,
+        });
         let metrics = relay.metrics.clone();
         ctx.reply(async move {
-            if !registered.await? {
-                return Err(RelayError::NotRegistered(message.sender_device));
-            }
-            if verify {
-                let digest = message_digest(
-                    &sender,
-                    &message.to.identity,
-                    message.to.device,
-                    &message.nonce,
-                    &message.payload_hash,
-                );
-                PublicKeyBytes::parse(&sender)
-                    .expect("session identities are valid keys")
-                    .verify(&digest, &message.signature)
-                    .map_err(|err| RelayError::bad_request(format!("sender_signature: {err}")))?;
-            }
-            let (message_id, duplicate) = match store.append(message).await? {
+            let (message_id, duplicate) = match appended.await? {
                 Appended::Stored(id) => {
                     metrics.messages_sent.increment(1);
                     (id, false)

@@ -413,20 +413,23 @@ impl Store for EmbeddedStore {
         }
     }
 
-    fn is_registered(
-        &self,
-        identity: &Identity,
-        device: u32,
-    ) -> impl Future<Output = StoreResult<bool>> + Send + use<> {
-        ready(Ok(self.inner.state.is_registered(identity, device)))
-    }
-
     fn append(
         &self,
         message: NewMessage,
     ) -> impl Future<Output = StoreResult<Appended>> + Send + use<> {
         let inner = self.inner.clone();
-        let done = finish(&self.inner, self.inner.state.append(message));
+        let checked = if !self
+            .inner
+            .state
+            .is_registered(&message.sender, message.sender_device)
+        {
+            Err(StoreError::NotRegistered(message.sender_device))
+        } else if let Some(why) = &message.bad_signature {
+            Err(StoreError::BadSignature(why.clone()))
+        } else {
+            self.inner.state.append(message)
+        };
+        let done = finish(&self.inner, checked);
         async move {
             let (appended, release) = done.await?;
             if let Some(shard) = release {

@@ -54,29 +54,85 @@ impl Read {
     }
 }
 
+/// A cached account: what was read, or only the sequence of a change announced since.
+struct Entry {
+    at: Instant,
+    read: Option<Read>,
+    /// Reads of an older version than this are not cached.
+    seq: u64,
+}
+
 #[derive(Default)]
 pub struct Cache {
-    accounts: Mutex<AHashMap<Identity, (Instant, Read)>>,
+    accounts: Mutex<AHashMap<Identity, Entry>>,
     /// (recipient, sender) → whether the sender is a contact.
     contacts: Mutex<AHashMap<(Identity, Identity), (Instant, bool)>>,
 }
 
 impl Cache {
-    pub fn forget(&self, identity: &[u8]) {
-        if let Ok(identity) = <Identity>::try_from(identity) {
-            self.accounts.lock().remove(&identity);
-            self.contacts
-                .lock()
-                .retain(|(owner, _), _| *owner != identity);
+    /// Another relay (or this one) changed the account to version `seq`: what is cached of
+    /// an older version goes, and a read that started before the change cannot bring it back.
+    pub fn changed(&self, identity: &[u8], seq: u64) {
+        let Ok(identity) = <Identity>::try_from(identity) else {
+            return;
+        };
+        let mut accounts = self.accounts.lock();
+        match accounts.get_mut(&identity) {
+            Some(entry) if entry.seq >= seq && entry.read.is_some() => {}
+            _ => {
+                accounts.insert(
+                    identity,
+                    Entry {
+                        at: Instant::now(),
+                        read: None,
+                        seq,
+                    },
+                );
+            }
         }
+        drop(accounts);
+        self.contacts
+            .lock()
+            .retain(|(owner, _), _| *owner != identity);
     }
 
+    /// The account, if cached and fresh.
+    pub fn account(&self, identity: &Identity) -> Option<Read> {
+        self.accounts
+            .lock()
+            .get(identity)
+            .filter(|entry| entry.at.elapsed() < CACHE_TTL)
+            .and_then(|entry| entry.read.clone())
+    }
+
+    /// Whether `sender` is a contact of `recipient`, if known to be (a "no" is never cached
+    /// as final).
+    pub fn is_contact(&self, recipient: &Identity, sender: &Identity) -> bool {
+        self.contacts
+            .lock()
+            .get(&(*recipient, *sender))
+            .is_some_and(|(at, yes)| *yes && at.elapsed() < CACHE_TTL)
+    }
+
+    /// Caches what was read, unless a later version is known (a read that started before a
+    /// change may finish after it).
     fn put(&self, identity: Identity, read: Read) {
         let mut accounts = self.accounts.lock();
         if accounts.len() >= MAX_CACHED {
             accounts.clear();
         }
-        accounts.insert(identity, (Instant::now(), read));
+        let entry = accounts.entry(identity).or_insert(Entry {
+            at: Instant::now(),
+            read: None,
+            seq: 0,
+        });
+        if read.seq >= entry.seq {
+            *entry = Entry {
+                at: Instant::now(),
+                seq: read.seq,
+                read: Some(read),
+            };
+        }
     }
 }
 
@@ -95,14 +151,7 @@ fn unavailable(err: impl std::fmt::Display) -> StoreError {
 impl Inner {
     /// The account as cached (or read, when not cached or too old).
     pub async fn account(&self, identity: &Identity) -> StoreResult<Read> {
-        let cached = self
-            .cache
-            .accounts
-            .lock()
-            .get(identity)
-            .filter(|(at, _)| at.elapsed() < CACHE_TTL)
-            .map(|(_, read)| read.clone());
-        match cached {
+        match self.cache.account(identity) {
             Some(read) => Ok(read),
             None => self.account_fresh(identity).await,
         }
@@ -187,19 +236,21 @@ impl Inner {
                     self.purge_account_records(identity).await;
                 }
                 self.cache.put(*identity, Read { record, seq });
-                self.announce(identity, None).await;
+                self.announce(identity, seq, None).await;
                 return Ok(answer);
             }
         }
         Err(NatsError::Contended("an account record").into())
     }
 
-    /// Tells every relay that an account changed, or that a device runs low on prekeys.
-    pub async fn announce(&self, identity: &Identity, low: Option<(u32, u32)>) {
+    /// Tells every relay that an account changed to version `seq` (0: not the account
+    /// record), or that a device runs low on prekeys.
+    pub async fn announce(&self, identity: &Identity, seq: u64, low: Option<(u32, u32)>) {
         let notice = AccountNotice {
             identity: identity.to_vec(),
             low_device: low.map(|(device, _)| device),
             low_count: low.map_or(0, |(_, count)| count),
+            seq,
         };
         if let Err(err) = self
             .cluster
@@ -428,15 +479,8 @@ impl Inner {
     /// leader, since refusing is what it decides).
     pub async fn is_contact(&self, recipient: &Identity, sender: &Identity) -> StoreResult<bool> {
         let key = (*recipient, *sender);
-        let cached = self
-            .cache
-            .contacts
-            .lock()
-            .get(&key)
-            .filter(|(at, yes)| *yes && at.elapsed() < CACHE_TTL)
-            .map(|(_, yes)| *yes);
-        if let Some(yes) = cached {
-            return Ok(yes);
+        if self.cache.is_contact(recipient, sender) {
+            return Ok(true);
         }
         let names = &self.cluster.names;
         let yes = self
@@ -500,9 +544,10 @@ impl Inner {
                 ])
                 .await
             {
-                Ok(_) => {
-                    self.cache.forget(&me);
-                    self.announce(&me, None).await;
+                Ok(seq) => {
+                    // The account is the batch's last message.
+                    self.cache.changed(&me, seq);
+                    self.announce(&me, seq, None).await;
                     return Ok(());
                 }
                 Err(err) if err.is_lost_race() => continue,
@@ -647,9 +692,9 @@ impl Inner {
             ])
             .await
         {
-            Ok(_) => {
-                self.cache.forget(recipient);
-                self.announce(recipient, None).await;
+            Ok(seq) => {
+                self.cache.changed(recipient, seq);
+                self.announce(recipient, seq, None).await;
                 Ok(true)
             }
             Err(err) if err.is_lost_race() => Ok(false),

@@ -4,13 +4,17 @@
 //! conditions), direct gets (single and batched, raw bytes with no JSON or base64), deletes
 //! without erasure, purges of one subject, and atomic batches.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, context::PublishAckFuture, stream};
 use async_nats::{HeaderMap, HeaderValue, StatusCode};
 use bytes::Bytes;
 use futures_util::StreamExt;
+use parking_lot::Mutex;
 use serde_json::json;
+use tokio::sync::{oneshot, Notify};
+use tokio_util::sync::CancellationToken;
 
 use super::error::{code, NatsError};
 use super::names::Names;
@@ -42,7 +46,50 @@ pub struct Cluster {
     pub client: async_nats::Client,
     pub js: jetstream::Context,
     pub names: Names,
+    outbox: Outbox,
+    requests: Requests,
 }
+
+/// `botd_jetstream_requests_total{kind}`, resolved once.
+struct Requests {
+    publish: metrics::Counter,
+    get: metrics::Counter,
+    delete: metrics::Counter,
+    purge: metrics::Counter,
+    atomic_batch: metrics::Counter,
+}
+
+impl Requests {
+    fn new() -> Self {
+        let counter = |kind: &'static str| metrics::counter!(crate::metrics::JETSTREAM_REQUESTS, "kind" => kind);
+        Self {
+            publish: counter("publish"),
+            get: counter("get"),
+            delete: counter("delete"),
+            purge: counter("purge"),
+            atomic_batch: counter("atomic_batch"),
+        }
+    }
+}
+
+/// A publish waiting for the outbox's task.
+struct Queued {
+    subject: String,
+    headers: HeaderMap,
+    body: Bytes,
+    sent: oneshot::Sender<Result<PublishAckFuture, NatsError>>,
+}
+
+/// Publishes handed over in call order, sent by one task all at once: the connection then
+/// writes a wake-up's publishes in one go instead of one system call each.
+#[derive(Default)]
+struct Outbox {
+    queue: Mutex<Vec<Queued>>,
+    wake: Notify,
+}
+
+/// The acknowledgement of a queued publish, once the outbox has sent it.
+pub type Sent = oneshot::Receiver<Result<PublishAckFuture, NatsError>>;
 
 fn setup(what: &str, err: impl std::fmt::Display) -> NatsError {
     NatsError::Setup {
@@ -170,6 +217,8 @@ impl Cluster {
             client,
             js,
             names: Names::new(&config.nats_prefix, config.nats_streams),
+            outbox: Outbox::default(),
+            requests: Requests::new(),
         };
         for spec in cluster.specs(config) {
             cluster.ensure(&spec, config.nats_replicas).await?;
@@ -286,6 +335,44 @@ impl Cluster {
         }
     }
 
+    /// Queues a publish for the outbox (in call order, without waiting).
+    pub fn enqueue(&self, subject: String, headers: HeaderMap, body: Bytes) -> Sent {
+        let (sent, receiver) = oneshot::channel();
+        self.outbox.queue.lock().push(Queued {
+            subject,
+            headers,
+            body,
+            sent,
+        });
+        self.outbox.wake.notify_one();
+        receiver
+    }
+
+    /// Sends what is queued, until `stop`.
+    pub fn run_outbox(self: &Arc<Self>, stop: CancellationToken) {
+        let cluster = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = cluster.outbox.wake.notified() => {}
+                }
+                loop {
+                    let queued = std::mem::take(&mut *cluster.outbox.queue.lock());
+                    if queued.is_empty() {
+                        break;
+                    }
+                    for publish in queued {
+                        let sent = cluster
+                            .send(publish.subject, publish.headers, publish.body)
+                            .await;
+                        let _ = publish.sent.send(sent);
+                    }
+                }
+            }
+        });
+    }
+
     /// Publishes and waits for the acknowledgement.
     pub async fn publish(
         &self,
@@ -305,6 +392,7 @@ impl Cluster {
         headers: HeaderMap,
         body: Bytes,
     ) -> Result<PublishAckFuture, NatsError> {
+        self.requests.publish.increment(1);
         Ok(self.js.publish_with_headers(subject, headers, body).await?)
     }
 
@@ -330,15 +418,20 @@ impl Cluster {
         );
         headers.insert("Nats-Msg-Id", id.as_str());
         extra(&mut headers);
-        for attempt in 0..20u32 {
+        let deadline = tokio::time::Instant::now() + self.timeout();
+        for attempt in 0u64.. {
             match self
                 .publish(subject.clone(), headers.clone(), body.clone())
                 .await
             {
                 Ok(ack) => return Ok(Some(ack.sequence)),
                 Err(err) if err.is_lost_race() => return Ok(None),
-                Err(err) if err.is_transient() && attempt < 19 => {
-                    tokio::time::sleep(Duration::from_millis(5 * u64::from(attempt + 1))).await;
+                Err(err) if err.is_transient() => {
+                    let pause = Duration::from_millis((10 * (attempt + 1)).min(250));
+                    if tokio::time::Instant::now() + pause >= deadline {
+                        return Err(err);
+                    }
+                    tokio::time::sleep(pause).await;
                 }
                 Err(err) => return Err(err),
             }
@@ -374,6 +467,7 @@ impl Cluster {
         stream: &str,
         subject: &str,
     ) -> Result<Option<Stored>, NatsError> {
+        self.requests.get.increment(1);
         let handle = self
             .js
             .get_stream_no_info(stream)
@@ -401,6 +495,7 @@ impl Cluster {
         stream: &str,
         request: serde_json::Value,
     ) -> Result<Option<Stored>, NatsError> {
+        self.requests.get.increment(1);
         let body = Bytes::from(serde_json::to_vec(&request).map_err(NatsError::request)?);
         let reply = self
             .client
@@ -433,6 +528,7 @@ impl Cluster {
         stream: &str,
         request: serde_json::Value,
     ) -> Result<Vec<Stored>, NatsError> {
+        self.requests.get.increment(1);
         let inbox = self.client.new_inbox();
         let mut replies = self
             .client
@@ -482,6 +578,7 @@ impl Cluster {
     /// Deletes message `seq` without overwriting it on disk (an erase rewrites the whole
     /// block). `Ok(false)` when it was not there.
     pub async fn delete(&self, stream: &str, seq: u64) -> Result<bool, NatsError> {
+        self.requests.delete.increment(1);
         let response: serde_json::Value = self
             .js
             .request(
@@ -512,6 +609,7 @@ impl Cluster {
         subject: &str,
         below: Option<u64>,
     ) -> Result<u64, NatsError> {
+        self.requests.purge.increment(1);
         let request = match below {
             Some(seq) => json!({ "filter": subject, "seq": seq }),
             None => json!({ "filter": subject }),
@@ -537,6 +635,7 @@ impl Cluster {
         if count == 0 {
             return Ok(0);
         }
+        self.requests.atomic_batch.increment(1);
         let id = format!("{:032x}", rand::random::<u128>());
         let mut last = None;
         for (i, (subject, mut headers, body)) in messages.into_iter().enumerate() {

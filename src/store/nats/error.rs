@@ -46,6 +46,10 @@ pub enum NatsError {
     },
     #[error("JetStream request failed: {0}")]
     Request(String),
+    /// Nothing answered for the stream: it has no leader right now (an election after a
+    /// node was lost), or the cluster is out of reach.
+    #[error("no JetStream server answered for the stream")]
+    NoResponders,
     /// An API error of JetStream, with its code.
     #[error("JetStream refused: {description} (error code {code})")]
     Api { code: u64, description: String },
@@ -76,11 +80,12 @@ impl NatsError {
         )
     }
 
-    /// A state of the cluster that passes within moments: the same request may succeed
-    /// shortly. (A request that timed out is not retried: `nats_request_timeout` bounds what
-    /// a request waits for an unreachable cluster.)
+    /// A state of the cluster that passes within moments (a first copy still being applied,
+    /// a stream between two leaders): the same request may succeed shortly, within
+    /// `nats_request_timeout`. (A request that timed out is not retried: the timeout already
+    /// spent what a request may wait.)
     pub fn is_transient(&self) -> bool {
-        self.code() == Some(code::DUPLICATE_IN_PROCESS)
+        matches!(self, NatsError::NoResponders) || self.code() == Some(code::DUPLICATE_IN_PROCESS)
     }
 }
 
@@ -95,6 +100,11 @@ impl From<async_nats::jetstream::context::PublishError> for NatsError {
                 code: api.error_code().0,
                 description: api.to_string(),
             },
+            None if err.kind()
+                == async_nats::jetstream::context::PublishErrorKind::StreamNotFound =>
+            {
+                NatsError::NoResponders
+            }
             None => NatsError::request(err),
         }
     }
@@ -122,6 +132,7 @@ mod tests {
         assert!(api(code::DUPLICATE_IN_PROCESS).is_transient());
         assert!(!api(code::MAX_MESSAGES_PER_SUBJECT).is_transient());
         assert!(!NatsError::request("timed out").is_transient());
+        assert!(NatsError::NoResponders.is_transient());
         let message = NatsError::ReplicasMismatch {
             stream: "BOTD_M0".into(),
             found: 1,

@@ -57,10 +57,9 @@ impl Indexes {
         self.mailboxes.lock().remove(mailbox);
     }
 
-    /// Messages read from the store: `from_first` when the read started at the mailbox's
-    /// beginning (so the first of them is its first stored message), `reached_end` when it
-    /// returned everything stored after them.
-    pub fn read(&self, mailbox: &MailboxId, messages: &[(u64, u32)], from_first: bool) {
+    /// Messages read from the store: every stored message with an id above `after`, up to the
+    /// last of them (a read returns them in id order, without gaps).
+    pub fn read(&self, mailbox: &MailboxId, messages: &[(u64, u32)], after: u64) {
         let mut all = self.mailboxes.lock();
         let Some(index) = all.get_mut(mailbox) else {
             return;
@@ -68,8 +67,10 @@ impl Indexes {
         for &(id, bytes) in messages {
             index.stored.insert(id, bytes);
         }
-        if from_first {
-            let through = messages.last().map_or(0, |(id, _)| *id);
+        // A read from the beginning, or from within what is known, extends what is known.
+        let joins = after == 0 || index.complete_through.is_some_and(|t| after <= t);
+        if joins {
+            let through = messages.last().map_or(after, |(id, _)| *id);
             index.complete_through = Some(index.complete_through.unwrap_or(0).max(through));
         }
         trim(index);
@@ -103,10 +104,27 @@ impl Indexes {
         }
     }
 
-    /// What an ack of `ids` (sorted, distinct) may do.
+    /// What an ack of `ids` (sorted, distinct) may do. The messages it will delete leave the
+    /// index at once, so that the next ack (pipelined behind this one) plans on what stays;
+    /// if the deletion fails, [`Indexes::failed`] says the index no longer knows.
     pub fn plan(&self, mailbox: &MailboxId, ids: &[u64]) -> AckPlan {
-        let all = self.mailboxes.lock();
-        let index = all.get(mailbox);
+        let mut all = self.mailboxes.lock();
+        let index = all.get_mut(mailbox);
+        let plan = Self::plan_in(index.as_deref(), ids);
+        if let Some(index) = index {
+            match &plan {
+                AckPlan::Purge { below, .. } => index.stored = index.stored.split_off(below),
+                AckPlan::Each { known, .. } => {
+                    for (id, _) in known {
+                        index.stored.remove(id);
+                    }
+                }
+            }
+        }
+        plan
+    }
+
+    fn plan_in(index: Option<&MailboxIndex>, ids: &[u64]) -> AckPlan {
         if let (Some(index), Some(&max)) = (index, ids.last()) {
             if index.complete_through.is_some_and(|through| max <= through) {
                 // Every stored message up to `max` is known: a purge is right when each of
@@ -136,10 +154,10 @@ impl Indexes {
         AckPlan::Each { known, unknown }
     }
 
-    /// A purge below `below` succeeded: nothing older is stored.
-    pub fn purged(&self, mailbox: &MailboxId, below: u64) {
+    /// A planned deletion failed: what the index holds may be wrong.
+    pub fn failed(&self, mailbox: &MailboxId) {
         if let Some(index) = self.mailboxes.lock().get_mut(mailbox) {
-            index.stored = index.stored.split_off(&below);
+            *index = MailboxIndex::default();
         }
     }
 
@@ -171,7 +189,7 @@ mod tests {
     fn acks_of_the_oldest_messages_are_one_purge() {
         let indexes = Indexes::default();
         indexes.watch(MAILBOX);
-        indexes.read(&MAILBOX, &[(3, 10), (7, 20)], true);
+        indexes.read(&MAILBOX, &[(3, 10), (7, 20)], 0);
         indexes.stored(&MAILBOX, 9, 5, Some(7));
         assert_eq!(
             indexes.plan(&MAILBOX, &[3, 7]),
@@ -181,15 +199,7 @@ mod tests {
                 bytes: 30
             }
         );
-        // Skipping the oldest one: the purge would take it too.
-        assert_eq!(
-            indexes.plan(&MAILBOX, &[7, 9]),
-            AckPlan::Each {
-                known: vec![(7, 20), (9, 5)],
-                unknown: vec![]
-            }
-        );
-        indexes.purged(&MAILBOX, 8);
+        // Planned on what stays, even before the purge is done.
         assert_eq!(
             indexes.plan(&MAILBOX, &[9]),
             AckPlan::Purge {
@@ -198,8 +208,46 @@ mod tests {
                 bytes: 5
             }
         );
-        indexes.purged(&MAILBOX, 10);
         assert!(indexes.known_empty(&MAILBOX));
+    }
+
+    #[test]
+    fn skipping_the_oldest_message_means_one_delete_each() {
+        let indexes = Indexes::default();
+        indexes.watch(MAILBOX);
+        indexes.read(&MAILBOX, &[(3, 10), (7, 20)], 0);
+        indexes.stored(&MAILBOX, 9, 5, Some(7));
+        // A purge below 10 would take 3 too.
+        assert_eq!(
+            indexes.plan(&MAILBOX, &[7, 9]),
+            AckPlan::Each {
+                known: vec![(7, 20), (9, 5)],
+                unknown: vec![]
+            }
+        );
+        assert_eq!(
+            indexes.plan(&MAILBOX, &[3]),
+            AckPlan::Purge {
+                below: 4,
+                gone: vec![3],
+                bytes: 10
+            }
+        );
+        indexes.failed(&MAILBOX);
+        assert!(!indexes.known_empty(&MAILBOX), "a failure forgets");
+    }
+
+    #[test]
+    fn a_read_from_within_what_is_known_extends_it() {
+        let indexes = Indexes::default();
+        indexes.watch(MAILBOX);
+        indexes.read(&MAILBOX, &[(3, 1)], 0);
+        indexes.read(&MAILBOX, &[(8, 1), (9, 1)], 3);
+        indexes.stored(&MAILBOX, 11, 1, Some(9));
+        assert!(matches!(
+            indexes.plan(&MAILBOX, &[3, 8, 9, 11]),
+            AckPlan::Purge { below: 12, .. }
+        ));
     }
 
     #[test]
@@ -207,7 +255,7 @@ mod tests {
         let indexes = Indexes::default();
         indexes.watch(MAILBOX);
         // Not from the first message: older ones may exist.
-        indexes.read(&MAILBOX, &[(5, 1)], false);
+        indexes.read(&MAILBOX, &[(5, 1)], 4);
         assert_eq!(
             indexes.plan(&MAILBOX, &[5, 6]),
             AckPlan::Each {
@@ -215,7 +263,7 @@ mod tests {
                 unknown: vec![6]
             }
         );
-        indexes.read(&MAILBOX, &[(5, 1)], true);
+        indexes.read(&MAILBOX, &[(5, 1)], 0);
         indexes.stored(&MAILBOX, 12, 1, Some(11));
         assert!(matches!(
             indexes.plan(&MAILBOX, &[5, 12]),

@@ -37,8 +37,8 @@ struct Watch {
     stop: CancellationToken,
 }
 
-/// What to do when an account changed (its identity's bytes).
-pub type AccountChanged = Box<dyn Fn(&[u8]) + Send + Sync>;
+/// What to do when an account changed (its identity's bytes, the new version).
+pub type AccountChanged = Box<dyn Fn(&[u8], u64) + Send + Sync>;
 
 /// The relay's interest and what it hears.
 pub struct Live {
@@ -119,8 +119,8 @@ impl Live {
         let Some(notice) = decode::<AccountNotice>(payload) else {
             return;
         };
-        if let Some(forget) = self.on_account_change.get() {
-            forget(&notice.identity);
+        if let (Some(changed), true) = (self.on_account_change.get(), notice.seq > 0) {
+            changed(&notice.identity, notice.seq);
         }
         if let (Some(device), Ok(identity)) =
             (notice.low_device, notice.identity.as_slice().try_into())

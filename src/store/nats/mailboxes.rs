@@ -18,6 +18,7 @@ use std::sync::Arc;
 use async_nats::HeaderMap;
 use botd_protocol::keys::sha256;
 
+use super::client::Sent;
 use super::error::{code, NatsError};
 use super::names::MailboxKey;
 use super::records::{decode, encode, GoneNotice, LastRemoved, StoredMessage};
@@ -71,8 +72,62 @@ impl Inner {
         names.message_stream(names.stream_of(token))
     }
 
+    /// The common send, decided at once from what is cached (the recipient's registration
+    /// and policy, the byte counts): its publish is queued now, in call order. `None` when
+    /// something must be read first (the caller then takes [`Inner::append`]).
+    pub fn append_now(&self, message: &NewMessage) -> Option<(MailboxKey, Sent)> {
+        let sender = self.cache.account(&message.sender)?;
+        sender
+            .record
+            .as_deref()?
+            .registered(message.sender_device)?;
+        if message.bad_signature.is_some() {
+            return None;
+        }
+        let read = self.cache.account(&message.to.identity)?;
+        let recipient = read.record.as_deref()?;
+        let slot = recipient.registered(message.to.device)?;
+        let accept = Accept::try_from(recipient.accept).unwrap_or(Accept::Open);
+        let is_sender = message.sender == message.to.identity;
+        let sender_is_contact = accept == Accept::ContactsOnly
+            && !is_sender
+            && self.cache.is_contact(&message.to.identity, &message.sender);
+        let view = RecipientView {
+            accept,
+            is_sender,
+            sender_is_contact,
+            contacts: recipient.contacts as usize,
+        };
+        if self
+            .limits
+            .admit(view, TicketOffer::None, message.received_at_ms)
+            != Ok(Admission::Admitted)
+        {
+            return None;
+        }
+        let key = MailboxKey {
+            id: message.to,
+            generation: slot.mailbox_generation,
+        };
+        let usage = self.usage.cached(&key.id.identity)?;
+        self.bytes_allowed(&key, &usage, message.payload.len())
+            .ok()?;
+        let token = key.token();
+        Some((key, self.enqueue_new(&token, message, 0)))
+    }
+
     pub async fn append(&self, message: NewMessage, mut ticket: Ticket) -> StoreResult<Appended> {
         ticket.turn().await;
+        if self
+            .registration(&message.sender, message.sender_device)
+            .await?
+            .is_none()
+        {
+            return Err(StoreError::NotRegistered(message.sender_device));
+        }
+        if let Some(why) = &message.bad_signature {
+            return Err(StoreError::BadSignature(why.clone()));
+        }
         let recipient = self
             .registration(&message.to.identity, message.to.device)
             .await?
@@ -101,21 +156,32 @@ impl Inner {
             // sender a contact and does not use the ticket again.
             ticket.pass();
             self.use_ticket(&message).await?;
-            return match self.publish_new(&token, &message).await? {
-                Published::Stored(id) => {
-                    self.stored(&key, &message);
-                    Ok(Appended::Stored(id))
-                }
-                Published::Duplicate(id) => Ok(Appended::Duplicate(id)),
-            };
+            let sent = self.enqueue_new(&token, &message, 0);
+            return self.appended(key, message, sent).await;
         }
-        let sent = self.send_new(&token, &message, 0).await;
-        // On the connection: the next call of the sender may go.
+        let sent = self.enqueue_new(&token, &message, 0);
+        // Queued in call order: the next call of the sender may go.
         ticket.pass();
-        let published = match sent?.await {
+        self.appended(key, message, sent).await
+    }
+
+    /// The answer to a queued send.
+    pub async fn appended(
+        &self,
+        key: MailboxKey,
+        message: NewMessage,
+        sent: Sent,
+    ) -> StoreResult<Appended> {
+        let token = key.token();
+        let ack = match sent.await {
+            Ok(Ok(ack)) => ack.await.map_err(NatsError::from),
+            Ok(Err(err)) => Err(err),
+            Err(_) => Err(NatsError::request("the store stopped")),
+        };
+        let published = match ack {
             Ok(ack) if ack.duplicate => Published::Duplicate(ack.sequence),
             Ok(ack) => Published::Stored(ack.sequence),
-            Err(err) => self.publish_failed(&token, &message, err.into()).await?,
+            Err(err) => self.publish_failed(&token, &message, err).await?,
         };
         match published {
             Published::Stored(id) => {
@@ -202,15 +268,23 @@ impl Inner {
         Err(NatsError::Contended("a ticket").into())
     }
 
+    /// The byte quotas on counted bytes (the message count is the stream's).
+    fn bytes_allowed(
+        &self,
+        key: &MailboxKey,
+        usage: &ahash::AHashMap<u32, i64>,
+        payload: usize,
+    ) -> StoreResult<()> {
+        let mailbox = usage.get(&key.id.device).copied().unwrap_or(0).max(0) as usize;
+        let identity = usage.values().map(|b| (*b).max(0) as usize).sum::<usize>();
+        self.limits.check_mailbox_room(0, mailbox, payload)?;
+        self.limits.check_storage(identity, 0, payload)
+    }
+
     /// The byte quotas, on the counted bytes; a refusal is checked against the mailbox's
     /// stored messages themselves first.
     async fn check_bytes(&self, key: &MailboxKey, token: &str, payload: usize) -> StoreResult<()> {
-        let check = |usage: &ahash::AHashMap<u32, i64>| {
-            let mailbox = usage.get(&key.id.device).copied().unwrap_or(0).max(0) as usize;
-            let identity = usage.values().map(|b| (*b).max(0) as usize).sum::<usize>();
-            self.limits.check_mailbox_room(0, mailbox, payload)?;
-            self.limits.check_storage(identity, 0, payload)
-        };
+        let check = |usage: &ahash::AHashMap<u32, i64>| self.bytes_allowed(key, usage, payload);
         let usage = self.usage.of(&self.cluster, &key.id.identity).await?;
         if check(&usage).is_ok() {
             return Ok(());
@@ -246,6 +320,17 @@ impl Inner {
         Ok(bytes)
     }
 
+    /// Queues the publish of a new message for the outbox.
+    fn enqueue_new(&self, token: &str, message: &NewMessage, after: u64) -> Sent {
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Msg-Id", message_id(token, message, after).as_str());
+        self.cluster.enqueue(
+            self.cluster.names.mailbox_subject(token),
+            headers,
+            encode(&StoredMessage::of(message)),
+        )
+    }
+
     /// Hands the publish of a new message to the connection.
     async fn send_new(
         &self,
@@ -265,24 +350,17 @@ impl Inner {
             .await?)
     }
 
-    /// Publishes a new message and waits for the answer.
-    async fn publish_new(&self, token: &str, message: &NewMessage) -> StoreResult<Published> {
-        match self.send_new(token, message, 0).await?.await {
-            Ok(ack) if ack.duplicate => Ok(Published::Duplicate(ack.sequence)),
-            Ok(ack) => Ok(Published::Stored(ack.sequence)),
-            Err(err) => self.publish_failed(token, message, err.into()).await,
-        }
-    }
-
-    /// A publish the stream refused: a limit, or a first copy still being applied (retried
-    /// with the same message id, which then comes back as the duplicate it is).
+    /// A publish the stream refused: a limit, or a passing state (a first copy still being
+    /// applied, a stream between leaders) — retried with the same message id, which comes
+    /// back as the duplicate it is if the first try was stored, until `nats_request_timeout`.
     async fn publish_failed(
         &self,
         token: &str,
         message: &NewMessage,
         mut err: NatsError,
     ) -> StoreResult<Published> {
-        for attempt in 0..MAX_PUBLISH_ATTEMPTS {
+        let deadline = tokio::time::Instant::now() + self.request_timeout;
+        for attempt in 0u64.. {
             match err.code() {
                 Some(code::MAX_MESSAGES_PER_SUBJECT) => {
                     return Err(StoreError::MailboxFull("message count"))
@@ -291,11 +369,20 @@ impl Inner {
                 _ if err.is_transient() => {}
                 _ => return Err(err.into()),
             }
-            tokio::time::sleep(std::time::Duration::from_millis(5 * u64::from(attempt + 1))).await;
-            match self.send_new(token, message, 0).await?.await {
+            let pause = std::time::Duration::from_millis((10 * (attempt + 1)).min(250));
+            if tokio::time::Instant::now() + pause >= deadline {
+                break;
+            }
+            tokio::time::sleep(pause).await;
+            let ack = match self.send_new(token, message, 0).await {
+                Ok(ack) => ack.await.map_err(NatsError::from),
+                Err(StoreError::Unavailable(text)) => Err(NatsError::Request(text)),
+                Err(other) => return Err(other),
+            };
+            match ack {
                 Ok(ack) if ack.duplicate => return Ok(Published::Duplicate(ack.sequence)),
                 Ok(ack) => return Ok(Published::Stored(ack.sequence)),
-                Err(next) => err = next.into(),
+                Err(next) => err = next,
             }
         }
         Err(err.into())
@@ -444,7 +531,7 @@ impl Inner {
             }
             out.push(Arc::new(message));
         }
-        self.live.indexes.read(&mailbox, &seen, after == 0);
+        self.live.indexes.read(&mailbox, &seen, after);
         Ok(out)
     }
 
@@ -485,7 +572,8 @@ impl Inner {
             .await?
             .and_then(|m| decode::<LastRemoved>(&m.payload))
             .map_or(0, |r| r.id);
-        Ok(stored.max(removed).max(slot.id_floor))
+        let unwritten = self.removed.lock().get(&token).copied().unwrap_or(0);
+        Ok(stored.max(removed).max(unwritten).max(slot.id_floor))
     }
 
     pub async fn ack(
@@ -506,17 +594,26 @@ impl Inner {
         ticket.pass();
         let (deleted, bytes): (Vec<u64>, u64) = match plan {
             super::index::AckPlan::Purge { below, gone, bytes } => {
-                self.cluster.purge(&stream, &subject, Some(below)).await?;
-                self.live.indexes.purged(&mailbox, below);
+                if let Err(err) = self.cluster.purge(&stream, &subject, Some(below)).await {
+                    self.live.indexes.failed(&mailbox);
+                    return Err(err.into());
+                }
                 (gone, bytes)
             }
             super::index::AckPlan::Each { known, unknown } => {
                 let mut deleted = Vec::new();
                 let mut bytes = 0u64;
                 for (id, len) in known {
-                    if self.cluster.delete(&stream, id).await? {
-                        deleted.push(id);
-                        bytes += u64::from(len);
+                    match self.cluster.delete(&stream, id).await {
+                        Ok(true) => {
+                            deleted.push(id);
+                            bytes += u64::from(len);
+                        }
+                        Ok(false) => {}
+                        Err(err) => {
+                            self.live.indexes.failed(&mailbox);
+                            return Err(err.into());
+                        }
                     }
                 }
                 for id in unknown {
@@ -534,7 +631,6 @@ impl Inner {
                         bytes += len;
                     }
                 }
-                self.live.indexes.removed(&mailbox, &deleted);
                 (deleted, bytes)
             }
         };
@@ -560,7 +656,10 @@ impl Inner {
                 .flatten()
                 .is_none_or(|m| m.sequence < highest);
         if newest_known {
-            self.remember_removed(token, highest).await;
+            // Written with the next byte counts: a burst of acks is one write.
+            let mut removed = self.removed.lock();
+            let known = removed.entry(token.to_owned()).or_default();
+            *known = (*known).max(highest);
         }
         if let Some(listener) = self.live.listener.get() {
             listener.removed(&key.id, ids);
@@ -574,6 +673,14 @@ impl Inner {
             .client
             .publish(names.gone_subject(token), encode(&notice))
             .await;
+    }
+
+    /// Writes the highest ids that left mailboxes through this relay.
+    pub async fn flush_removed(&self) {
+        let removed: Vec<(String, u64)> = self.removed.lock().drain().collect();
+        for (token, id) in removed {
+            self.remember_removed(&token, id).await;
+        }
     }
 
     /// Raises the mailbox's highest removed id to `id` (compare-and-set: it never goes back).

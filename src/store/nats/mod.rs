@@ -39,6 +39,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ahash::AHashMap;
+use futures_util::future::Either;
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
@@ -65,6 +66,8 @@ const MAX_PIPELINED: usize = 256;
 pub(crate) struct Inner {
     cluster: Arc<Cluster>,
     limits: AccountLimits,
+    /// How long a request may wait for the cluster (`nats_request_timeout`).
+    request_timeout: Duration,
     live: Arc<Live>,
     usage: Usage,
     cache: accounts::Cache,
@@ -72,6 +75,9 @@ pub(crate) struct Inner {
     stats: Mutex<StoreStats>,
     /// When this relay last recorded each identity's use.
     touched: Mutex<AHashMap<Identity, u64>>,
+    /// The highest id that left each mailbox through this relay and is not yet written
+    /// (`<p>.a.l.<mailbox>`), by mailbox token: written with the byte counts.
+    removed: Mutex<AHashMap<String, u64>>,
     last_account_sweep_ms: AtomicU64,
     stop: CancellationToken,
 }
@@ -104,18 +110,21 @@ impl NatsStore {
         let cluster = Arc::new(Cluster::connect(&urls, config).await?);
         let live = Live::new();
         let stop = CancellationToken::new();
+        cluster.run_outbox(stop.clone());
         let (reconnected, on_reconnect) = tokio::sync::watch::channel(0u64);
         live.start(cluster.clone(), on_reconnect, stop.clone());
         watch_reconnections(&cluster, reconnected, stop.clone());
         let inner = Arc::new(Inner {
             cluster,
             limits: AccountLimits::from_config(config),
+            request_timeout: config.nats_request_timeout,
             live,
             usage: Usage::default(),
             cache: accounts::Cache::default(),
             sequencer: Arc::new(Sequencer::default()),
             stats: Mutex::new(StoreStats::default()),
             touched: Mutex::new(AHashMap::new()),
+            removed: Mutex::new(AHashMap::new()),
             last_account_sweep_ms: AtomicU64::new(0),
             stop,
         });
@@ -123,9 +132,9 @@ impl NatsStore {
         let _ = inner
             .live
             .on_account_change
-            .set(Box::new(move |identity: &[u8]| {
+            .set(Box::new(move |identity: &[u8], seq| {
                 if let Some(inner) = weak.upgrade() {
-                    inner.cache.forget(identity);
+                    inner.cache.changed(identity, seq);
                 }
             }));
         spawn_usage_flush(&inner);
@@ -235,6 +244,7 @@ fn spawn_usage_flush(inner: &Arc<Inner>) {
             }
             let Some(inner) = weak.upgrade() else { return };
             inner.usage.flush(&inner.cluster).await;
+            inner.flush_removed().await;
         }
     });
 }
@@ -407,25 +417,20 @@ impl Store for NatsStore {
         })
     }
 
-    fn is_registered(
-        &self,
-        identity: &Identity,
-        device: u32,
-    ) -> impl Future<Output = StoreResult<bool>> + Send + use<> {
-        let identity = *identity;
-        self.query(&identity, move |inner| async move {
-            Ok(inner.registration(&identity, device).await?.is_some())
-        })
-    }
-
     fn append(
         &self,
         message: NewMessage,
     ) -> impl Future<Output = StoreResult<Appended>> + Send + use<> {
         let sender = message.sender;
-        self.run(&sender, move |inner, ticket| async move {
+        if self.inner.sequencer.is_idle(&sender) {
+            if let Some((key, sent)) = self.inner.append_now(&message) {
+                let inner = self.inner.clone();
+                return Either::Left(async move { inner.appended(key, message, sent).await });
+            }
+        }
+        Either::Right(self.run(&sender, move |inner, ticket| async move {
             inner.append(message, ticket).await
-        })
+        }))
     }
 
     fn read(

@@ -130,7 +130,7 @@ impl Inner {
             )
             .await
         {
-            Ok(Some(_)) => self.announce(target, Some((device, left))).await,
+            Ok(Some(_)) => self.announce(target, 0, Some((device, left))).await,
             Ok(None) => {}
             Err(err) => tracing::warn!(error = %err, "PreKeysLow not announced"),
         }

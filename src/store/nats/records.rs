@@ -128,6 +128,9 @@ pub struct AccountNotice {
     pub low_device: Option<u32>,
     #[prost(uint32, tag = "3")]
     pub low_count: u32,
+    /// The sequence of the account record the change wrote (0: not an account change).
+    #[prost(uint64, tag = "4")]
+    pub seq: u64,
 }
 
 /// Removals from one mailbox, on `<p>.gone.<mailbox>`; no ids: the mailbox is closed.
@@ -218,6 +221,7 @@ mod tests {
             payload: Bytes::from_static(b"hello"),
             ticket: None,
             received_at_ms: 1_700_000_000_123,
+            bad_signature: None,
         };
         let body = encode(&StoredMessage::of(&new));
         let message = StoredMessage::decode_message(body, 42).expect("decodes");

@@ -55,6 +55,11 @@ impl Sequencer {
         }
     }
 
+    /// True when no call of `identity` is waiting or in progress: a call may act at once.
+    pub fn is_idle(&self, identity: &Identity) -> bool {
+        !self.lines.lock().contains_key(identity)
+    }
+
     /// Identities with calls in progress (bounded by the calls in flight).
     #[cfg(test)]
     pub fn lines(&self) -> usize {

@@ -69,6 +69,21 @@ impl Usage {
             .unwrap_or_default()
     }
 
+    /// As [`Usage::of`] when the counters read are still fresh, without waiting.
+    pub fn cached(&self, identity: &Identity) -> Option<AHashMap<u32, i64>> {
+        let counters = self
+            .read
+            .lock()
+            .get(identity)
+            .filter(|(at, _)| at.elapsed() < READ_INTERVAL)
+            .map(|(_, counters)| counters.clone())?;
+        let mut bytes = (*counters).clone();
+        for (device, delta) in self.pending_of(identity) {
+            *bytes.entry(device).or_default() += delta;
+        }
+        Some(bytes)
+    }
+
     /// Bytes stored per device of `identity`, as far as this relay knows.
     pub async fn of(
         &self,

@@ -44,6 +44,7 @@ fn message(from: &Identity, to: &Identity, nonce: u8, len: usize, at: u64) -> Ne
         payload,
         ticket: None,
         received_at_ms: at,
+        bad_signature: None,
     }
 }
 
