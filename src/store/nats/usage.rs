@@ -40,8 +40,18 @@ const MAX_CACHED: usize = 65_536;
 /// Bytes per device of one identity.
 type Counters = Arc<AHashMap<u32, i64>>;
 
+/// An increment of one mailbox's counter; retried under the same message id, so that one
+/// that was applied but not acknowledged is not counted twice.
+struct Increment {
+    mailbox: MailboxId,
+    delta: i64,
+    id: String,
+}
+
 #[derive(Default)]
 pub struct Usage {
+    /// Increments written and not acknowledged: sent again, as they were.
+    retry: Mutex<Vec<Increment>>,
     /// Changes counted here and not yet written, per identity and device.
     pending: Mutex<AHashMap<Identity, AHashMap<u32, i64>>>,
     /// Counters read, per identity: when, and the bytes per device.
@@ -134,7 +144,12 @@ impl Usage {
                 stored = actual,
                 "mailbox byte counter corrected from its stored messages"
             );
-            increment(cluster, mailbox, actual - current).await?;
+            let increment = Increment {
+                mailbox: *mailbox,
+                delta: actual - current,
+                id: format!("{:032x}", rand::random::<u128>()),
+            };
+            send_increment(cluster, &increment).await?.await?;
         }
         self.read.lock().remove(&mailbox.identity);
         Ok(())
@@ -145,11 +160,14 @@ impl Usage {
         if let Some(devices) = self.pending.lock().get_mut(&mailbox.identity) {
             devices.remove(&mailbox.device);
         }
+        self.retry.lock().retain(|i| i.mailbox != *mailbox);
         self.read.lock().remove(&mailbox.identity);
     }
 
-    /// Writes the changes counted so far (one increment per mailbox).
+    /// Writes the changes counted so far (one increment per mailbox), and again those not
+    /// acknowledged before.
     pub async fn flush(&self, cluster: &Cluster) {
+        let mut increments = std::mem::take(&mut *self.retry.lock());
         let changes: Vec<(MailboxId, i64)> = self
             .pending
             .lock()
@@ -160,43 +178,46 @@ impl Usage {
                     .map(move |(device, delta)| (MailboxId { identity, device }, delta))
             })
             .collect();
-        let mut acks = Vec::with_capacity(changes.len());
-        for (mailbox, delta) in changes {
-            if delta == 0 {
-                continue;
-            }
-            match send_increment(cluster, &mailbox, delta).await {
-                Ok(ack) => acks.push((mailbox, delta, ack)),
-                Err(err) => {
-                    tracing::warn!(error = %err, "a mailbox byte count was not written; counted again");
-                    self.add(&mailbox, delta);
-                }
+        increments.extend(
+            changes
+                .into_iter()
+                .filter(|(_, delta)| *delta != 0)
+                .map(|(mailbox, delta)| Increment {
+                    mailbox,
+                    delta,
+                    id: format!("{:032x}", rand::random::<u128>()),
+                }),
+        );
+        let mut acks = Vec::with_capacity(increments.len());
+        for increment in increments {
+            match send_increment(cluster, &increment).await {
+                Ok(ack) => acks.push((increment, ack)),
+                Err(err) => self.failed(increment, err),
             }
         }
-        for (mailbox, delta, ack) in acks {
+        for (increment, ack) in acks {
             if let Err(err) = ack.await {
-                tracing::warn!(error = %err, "a mailbox byte count was not written; counted again");
-                self.add(&mailbox, delta);
+                self.failed(increment, err.into());
             }
         }
+    }
+
+    fn failed(&self, increment: Increment, err: NatsError) {
+        tracing::warn!(error = %err, "a mailbox byte count was not written; it is written again");
+        self.retry.lock().push(increment);
     }
 }
 
 async fn send_increment(
     cluster: &Cluster,
-    mailbox: &MailboxId,
-    delta: i64,
+    increment: &Increment,
 ) -> Result<async_nats::jetstream::context::PublishAckFuture, NatsError> {
     let mut headers = HeaderMap::new();
-    headers.insert("Nats-Incr", format!("{delta:+}").as_str());
+    headers.insert("Nats-Incr", format!("{:+}", increment.delta).as_str());
+    headers.insert("Nats-Msg-Id", increment.id.as_str());
     cluster
-        .send(cluster.names.usage(mailbox), headers, Bytes::new())
+        .send(cluster.names.usage(&increment.mailbox), headers, Bytes::new())
         .await
-}
-
-async fn increment(cluster: &Cluster, mailbox: &MailboxId, delta: i64) -> Result<(), NatsError> {
-    send_increment(cluster, mailbox, delta).await?.await?;
-    Ok(())
 }
 
 /// The counters of every device of `identity` (one batched read).
