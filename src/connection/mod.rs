@@ -159,8 +159,7 @@ enum FrameClock {
 /// An established connection; see the module documentation for how to drive it.
 pub struct Connection<'a, H: Handler> {
     handler: &'a H,
-    write_timeout: Duration,
-    frame_timeout: Duration,
+    config: &'a Config,
     inbound: Inbound,
     session: Session,
     app: H::Session,
@@ -194,7 +193,7 @@ impl<'a, H: Handler> Connection<'a, H> {
     /// Seals `Welcome` and connects the application.
     pub fn new(
         handler: &'a H,
-        config: &Config,
+        config: &'a Config,
         start: Start,
         now: Instant,
     ) -> Result<Self, ConnectionError> {
@@ -230,8 +229,7 @@ impl<'a, H: Handler> Connection<'a, H> {
         let app = handler.connect(established.remote, addr, push);
         Ok(Self {
             handler,
-            write_timeout: config.write_timeout,
-            frame_timeout: config.frame_timeout,
+            config,
             inbound,
             session,
             app,
@@ -335,7 +333,7 @@ impl<'a, H: Handler> Connection<'a, H> {
     /// first such moment until a write makes progress.
     pub fn on_transmit_blocked(&mut self, now: Instant) {
         self.timers
-            .set_if_stopped(Timer::Write, now + self.write_timeout);
+            .set_if_stopped(Timer::Write, now + self.config.write_timeout);
     }
 
     /// The earliest deadline: call [`Connection::handle_timeout`] once it has passed.
@@ -350,10 +348,10 @@ impl<'a, H: Handler> Connection<'a, H> {
     /// `Error` it seals for that should still be written).
     pub fn handle_timeout(&mut self, now: Instant) -> Result<(), ConnectionError> {
         if self.timers.is_expired(Timer::Write, now) {
-            return Err(ConnectionError::WriteTimeout(self.write_timeout));
+            return Err(ConnectionError::WriteTimeout(self.config.write_timeout));
         }
         if self.timers.is_expired(Timer::Frame, now) {
-            return Err(ConnectionError::FrameTimeout(self.frame_timeout));
+            return Err(ConnectionError::FrameTimeout(self.config.frame_timeout));
         }
         self.timers.take_expired(Timer::BudgetRetry, now);
         self.session.on_timeout(now)?;
@@ -555,9 +553,9 @@ impl<'a, H: Handler> Connection<'a, H> {
                 self.frame_clock = FrameClock::Running;
                 self.inbound
                     .shift_frame_clock(now.saturating_duration_since(since));
-                self.inbound.frame_deadline(self.frame_timeout)
+                self.inbound.frame_deadline(self.config.frame_timeout)
             }
-            (false, FrameClock::Running) => self.inbound.frame_deadline(self.frame_timeout),
+            (false, FrameClock::Running) => self.inbound.frame_deadline(self.config.frame_timeout),
         };
         self.timers.set_or_stop(Timer::Frame, deadline);
     }

@@ -193,7 +193,7 @@ fn ids(frames: &[Frame]) -> Vec<u64> {
 /// A connection after its handshake with a node, `Welcome` already read by the node.
 fn connect<'a>(
     handler: &'a TestHandler,
-    config: &Config,
+    config: &'a Config,
     budget: Arc<InboundBudget>,
     now: Instant,
 ) -> (Connection<'a, TestHandler>, Peer) {

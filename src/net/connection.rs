@@ -177,18 +177,12 @@ async fn session<H: Handler>(
 ) -> Result<End, NetError> {
     let mut live = Live::start(shared, stream, inbound, established, peer)?;
     let result = std::future::poll_fn(|cx| live.poll_session(cx)).await;
-    let Live { stream, conn, .. } = *live;
-    *traffic = conn.traffic();
-    let mut closing = conn.disconnect();
-    for pending in closing.pending {
-        tokio::spawn(async move {
-            pending.await;
-        });
-    }
+    *traffic = live.conn.traffic();
+    let (stream, mut output) = (*live).close();
     // Whatever was sealed before the end (an Error frame, usually) still goes out, bounded by
     // the write timeout whatever the peer does.
     let flush_deadline = Instant::now() + shared.config.write_timeout;
-    let _ = timeout_at(flush_deadline, flush_all(stream, &mut closing.session)).await;
+    let _ = timeout_at(flush_deadline, flush_all(stream, &mut output)).await;
     result
 }
 
@@ -237,6 +231,22 @@ impl<'a, H: Handler> Live<'a, H> {
             timer_at: None,
             reported: Traffic::default(),
         }))
+    }
+
+    /// Ends the application's session and leaves the answers still pending to finish on
+    /// their own (they may do work, e.g. announce a stored message, though nobody will read
+    /// them); returns the socket and the session holding what is still to be written. A plain
+    /// function with the session boxed, so the task's state never holds it inline: that state
+    /// is allocated for the whole life of the connection.
+    fn close(self) -> (&'a mut TcpStream, Box<Session>) {
+        let Live { stream, conn, .. } = self;
+        let closing = conn.disconnect();
+        for pending in closing.pending {
+            tokio::spawn(async move {
+                pending.await;
+            });
+        }
+        (stream, Box::new(closing.session))
     }
 
     fn poll_session(&mut self, cx: &mut Context<'_>) -> Poll<Result<End, NetError>> {
