@@ -178,7 +178,7 @@ async fn session<H: Handler>(
     let mut live = Live::start(shared, stream, inbound, established, peer)?;
     let result = std::future::poll_fn(|cx| live.poll_session(cx)).await;
     *traffic = live.conn.traffic();
-    let (stream, mut output) = (*live).close();
+    let (stream, mut output) = live.close();
     // Whatever was sealed before the end (an Error frame, usually) still goes out, bounded by
     // the write timeout whatever the peer does.
     let flush_deadline = Instant::now() + shared.config.write_timeout;
@@ -238,8 +238,10 @@ impl<'a, H: Handler> Live<'a, H> {
     /// them); returns the socket and the session holding what is still to be written. A plain
     /// function with the session boxed, so the task's state never holds it inline: that state
     /// is allocated for the whole life of the connection.
-    fn close(self) -> (&'a mut TcpStream, Box<Session>) {
-        let Live { stream, conn, .. } = self;
+    // Taken boxed: unboxing it in the async caller instead makes that caller's state larger.
+    #[allow(clippy::boxed_local)]
+    fn close(self: Box<Self>) -> (&'a mut TcpStream, Box<Session>) {
+        let Live { stream, conn, .. } = *self;
         let closing = conn.disconnect();
         for pending in closing.pending {
             tokio::spawn(async move {
