@@ -7,13 +7,17 @@
 //!   snapshots) and, with the `jetstream` feature (on by default), NATS JetStream;
 //! - [`relay`]: the application (requests, rate limits, live delivery) on any store;
 //! - [`app`]: the contract between the application and the network glue;
-//! - [`net`]: the tokio server that drives the protocol and the application over TCP;
+//! - [`connection`]: one connection as a state machine without IO (pipeline, barriers,
+//!   congestion, pushes, flow control, deadlines), driving the session and the application;
+//! - [`net`]: the tokio server: admission, the handshake's IO, and the bytes between each
+//!   socket and its connection state machine;
 //! - [`config`], [`metrics`]: the one `Config` with every limit, and the metric names;
 //! - [`testing`]: a relay inside a test process, on loopback.
 
 pub mod app;
 pub mod clock;
 pub mod config;
+pub mod connection;
 pub mod fdlimit;
 pub mod memory;
 pub mod metrics;

@@ -3,12 +3,11 @@
 //! addresses round-robin, so one address that floods with bad signatures delays a good
 //! handshake by at most one verification per competing address. Unauthenticated connections
 //! are capped per address (IPv6 per /64) and relay-wide; when the relay-wide cap is reached the
-//! oldest unauthenticated connection makes room. Bytes of partly received frames count against
-//! one relay-wide budget.
+//! oldest unauthenticated connection makes room. (Bytes of partly received frames count against
+//! one relay-wide budget too: [`crate::connection::InboundBudget`].)
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -271,69 +270,6 @@ impl Drop for CryptoPermit {
     }
 }
 
-/// Bytes of partly received frames, relay-wide.
-pub struct InboundBudget {
-    limit: usize,
-    used: AtomicUsize,
-    /// The most `used` has ever been.
-    peak: AtomicUsize,
-    gauge: metrics::Gauge,
-}
-
-impl InboundBudget {
-    pub fn new(limit: usize) -> Arc<Self> {
-        Arc::new(Self {
-            limit,
-            used: AtomicUsize::new(0),
-            peak: AtomicUsize::new(0),
-            gauge: metrics::gauge!(m::INBOUND_BUFFER_BYTES),
-        })
-    }
-
-    /// Takes `bytes` from the budget, or nothing if that would pass the limit.
-    pub fn try_charge(&self, bytes: usize) -> bool {
-        let mut used = self.used.load(Ordering::Relaxed);
-        loop {
-            if used + bytes > self.limit {
-                return false;
-            }
-            match self.used.compare_exchange_weak(
-                used,
-                used + bytes,
-                Ordering::AcqRel,
-                Ordering::Relaxed,
-            ) {
-                Ok(_) => {
-                    self.peak.fetch_max(used + bytes, Ordering::Relaxed);
-                    self.gauge.increment(bytes as f64);
-                    return true;
-                }
-                Err(now) => used = now,
-            }
-        }
-    }
-
-    pub fn release(&self, bytes: usize) {
-        if bytes > 0 {
-            self.used.fetch_sub(bytes, Ordering::AcqRel);
-            self.gauge.decrement(bytes as f64);
-        }
-    }
-
-    pub fn used(&self) -> usize {
-        self.used.load(Ordering::Acquire)
-    }
-
-    /// The most the budget has held at once since start.
-    pub fn peak(&self) -> usize {
-        self.peak.load(Ordering::Relaxed)
-    }
-
-    pub fn limit(&self) -> usize {
-        self.limit
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -399,15 +335,5 @@ mod tests {
             ["flood0".to_owned(), "quiet".to_owned()],
             "{order:?}"
         );
-    }
-
-    #[test]
-    fn the_budget_never_passes_its_limit() {
-        let budget = InboundBudget::new(100);
-        assert!(budget.try_charge(60));
-        assert!(!budget.try_charge(41));
-        assert!(budget.try_charge(40));
-        budget.release(60);
-        assert_eq!(budget.used(), 40);
     }
 }

@@ -15,10 +15,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use super::admission::{Admission, CryptoSlots, InboundBudget, Refusal};
+use super::admission::{Admission, CryptoSlots, Refusal};
 use super::connection;
+use super::shared::{NetMetrics, Shared};
 use crate::app::Handler;
 use crate::config::Config;
+use crate::connection::InboundBudget;
 use crate::metrics as m;
 use crate::ratelimit::{address_group, KeyedLimiter};
 use botd_protocol::keys::KeyPair;
@@ -28,44 +30,6 @@ use botd_protocol::replay::ReplayCache;
 const TRIM_AFTER_CLOSED: usize = 256;
 /// How often the server checks whether to hand memory back.
 const TRIM_CHECK: Duration = Duration::from_secs(10);
-
-/// Metric handles every connection shares, resolved once.
-pub(super) struct NetMetrics {
-    pub handshakes_ok: metrics::Counter,
-    pub handshake_seconds: metrics::Histogram,
-    pub frames_in: metrics::Counter,
-    pub frames_out: metrics::Counter,
-    pub bytes_in: metrics::Counter,
-    pub bytes_out: metrics::Counter,
-    open: metrics::Gauge,
-}
-
-impl NetMetrics {
-    fn new() -> Self {
-        Self {
-            handshakes_ok: metrics::counter!(m::HANDSHAKES, "outcome" => "ok", "reason" => "ok"),
-            handshake_seconds: metrics::histogram!(m::HANDSHAKE_SECONDS),
-            frames_in: metrics::counter!(m::FRAMES_IN),
-            frames_out: metrics::counter!(m::FRAMES_OUT),
-            bytes_in: metrics::counter!(m::BYTES_IN),
-            bytes_out: metrics::counter!(m::BYTES_OUT),
-            open: metrics::gauge!(m::CONNECTIONS_OPEN),
-        }
-    }
-}
-
-/// State every connection task shares.
-pub(super) struct Shared<H> {
-    pub config: Config,
-    pub identity: KeyPair,
-    pub handler: H,
-    pub replay: Mutex<ReplayCache>,
-    pub crypto: Arc<CryptoSlots>,
-    pub budget: Arc<InboundBudget>,
-    pub shutdown: CancellationToken,
-    pub metrics: NetMetrics,
-    closed: AtomicUsize,
-}
 
 pub struct Server<H> {
     listener: TcpListener,
