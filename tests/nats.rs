@@ -12,6 +12,8 @@
 //!
 //! Every wait is bounded; assertions count, they do not time.
 
+#![cfg(feature = "jetstream")]
+
 mod common;
 mod jetstream;
 
@@ -21,69 +23,17 @@ use std::time::Duration;
 
 use botd_client::{verify_delivery, Client, ClientOptions, OutgoingMessage};
 use botd_protocol::keys::KeyPair;
-use botd_protocol::proto::{Accept, Body, Deliver, ErrorCode, Frame, PreKey, UploadPreKeys};
+use botd_protocol::proto::{Accept, Body, ErrorCode, PreKey, UploadPreKeys};
 use botd_relay::config::Config;
-use botd_relay::store::nats::NatsStore;
 use bytes::Bytes;
-use common::{code, registration, start_relay_on, Clients, Relay};
-use jetstream::{binary, relay_config, Nats, RelayProcess};
+use common::{
+    assert_no_push, code, next_deliver_past_prekeys_low as next_deliver, registration, to, Clients,
+    QUIET,
+};
+use jetstream::{binary, client_as, prefix, relay_config, relay_on, Nats, RelayProcess};
 use tokio::time::timeout;
 
-const ARRIVES_WITHIN: Duration = Duration::from_secs(20);
-const QUIET: Duration = Duration::from_millis(400);
-
-async fn next_push(client: &mut Client) -> Frame {
-    timeout(ARRIVES_WITHIN, client.next_push())
-        .await
-        .expect("a push arrives in time")
-        .expect("the connection is still open")
-}
-
-async fn next_deliver(client: &mut Client) -> Deliver {
-    loop {
-        let frame = next_push(client).await;
-        match frame.body {
-            Some(Body::Deliver(deliver)) => return deliver,
-            Some(Body::PreKeysLow(_)) => continue,
-            other => panic!("expected a Deliver push, got {other:?}"),
-        }
-    }
-}
-
-async fn assert_no_push(client: &mut Client, what: &str) {
-    match timeout(QUIET, client.next_push()).await {
-        Err(_) => {}
-        Ok(Some(frame)) => panic!("{what}: unexpected push {frame:?}"),
-        Ok(None) => panic!("{what}: connection closed"),
-    }
-}
-
-fn to(recipient: &Client, payload: impl Into<Bytes>) -> OutgoingMessage {
-    OutgoingMessage::new(*recipient.identity(), 1, 1, payload)
-}
-
-fn prefix(test: &str) -> String {
-    format!("t{}{:08x}", test.len(), rand::random::<u32>())
-}
-
-async fn relay_on(config: Config) -> (Relay, Arc<botd_relay::relay::Relay<NatsStore>>) {
-    let store = timeout(ARRIVES_WITHIN, NatsStore::connect(&config))
-        .await
-        .expect("connects in time")
-        .expect("the JetStream store connects");
-    start_relay_on(config, store).await
-}
-
-async fn client_as(relay: &Relay, identity: &Arc<KeyPair>) -> Client {
-    Client::connect(
-        relay.addr,
-        identity.clone(),
-        relay.key,
-        ClientOptions::default(),
-    )
-    .await
-    .expect("client connects")
-}
+const ARRIVES_WITHIN: Duration = common::HANG;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_request_and_store_error_on_jetstream() {

@@ -11,8 +11,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use botd_protocol::keys::PublicKeyBytes;
+use botd_client::{Client, ClientOptions};
+use botd_protocol::keys::{KeyPair, PublicKeyBytes};
 use botd_relay::config::Config;
+use botd_relay::store::nats::NatsStore;
 
 /// The longest a server or cluster may take to be ready.
 const READY_WITHIN: Duration = Duration::from_secs(30);
@@ -127,6 +129,11 @@ impl Node {
             .expect("nats-server starts");
         wait_for_port(self.port, &mut child);
         self.child = Some(child);
+    }
+
+    /// Started and not killed since.
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
     }
 
     pub fn url(&self) -> String {
@@ -264,6 +271,37 @@ impl Nats {
 /// `max_stored_bytes` of the test relays: the messages stream reserves this much of the
 /// server's storage, so the tests do not need gigabytes of free disk.
 const TEST_STREAM_BYTES: u64 = 64 << 20;
+
+/// A prefix of names on the cluster of its own, so tests never share state.
+pub fn prefix(test: &str) -> String {
+    format!("t{}{:08x}", test.len(), rand::random::<u32>())
+}
+
+/// A relay in this process on the JetStream store `config` names.
+pub async fn relay_on(
+    config: Config,
+) -> (
+    super::common::Relay,
+    std::sync::Arc<botd_relay::relay::Relay<NatsStore>>,
+) {
+    let store = tokio::time::timeout(READY_WITHIN, NatsStore::connect(&config))
+        .await
+        .expect("connects in time")
+        .expect("the JetStream store connects");
+    super::common::start_relay_on(config, store).await
+}
+
+/// A client of `relay` with the identity `identity`.
+pub async fn client_as(relay: &super::common::Relay, identity: &std::sync::Arc<KeyPair>) -> Client {
+    Client::connect(
+        relay.addr,
+        identity.clone(),
+        relay.key,
+        ClientOptions::default(),
+    )
+    .await
+    .expect("client connects")
+}
 
 /// A test config for a relay on `store`, with a prefix of its own so tests never share state.
 pub fn relay_config(store: String, prefix: &str, replicas: usize) -> Config {

@@ -147,30 +147,34 @@ impl Inner {
                 return self.unless_duplicate(&token, &message, err).await;
             }
         };
-        if let Err(err) = self.check_bytes(&key, &token, message.payload.len()).await {
-            ticket.pass();
-            return self.unless_duplicate(&token, &message, err).await;
-        }
+        let near = match self.check_bytes(&key, &token, message.payload.len()).await {
+            Ok(near) => near,
+            Err(err) => {
+                ticket.pass();
+                return self.unless_duplicate(&token, &message, err).await;
+            }
+        };
         if let Admission::ByTicket = admission {
             // The ticket's use, before the message: a retry after a failure below finds the
             // sender a contact and does not use the ticket again.
             ticket.pass();
             self.use_ticket(&message).await?;
             let sent = self.enqueue_new(&token, &message, 0);
-            return self.appended(key, message, sent).await;
+            return self.appended(key, message, sent, near).await;
         }
         let sent = self.enqueue_new(&token, &message, 0);
         // Queued in call order: the next call of the sender may go.
         ticket.pass();
-        self.appended(key, message, sent).await
+        self.appended(key, message, sent, near).await
     }
 
-    /// The answer to a queued send.
+    /// The answer to a queued send; `near_quota`: its bytes are written before it is answered.
     pub async fn appended(
         &self,
         key: MailboxKey,
         message: NewMessage,
         sent: Sent,
+        near_quota: bool,
     ) -> StoreResult<Appended> {
         let token = key.token();
         let ack = match sent.await {
@@ -181,20 +185,41 @@ impl Inner {
         let published = match ack {
             Ok(ack) if ack.duplicate => Published::Duplicate(ack.sequence),
             Ok(ack) => Published::Stored(ack.sequence),
-            Err(err) => self.publish_failed(&token, &message, err).await?,
+            Err(err) => self.publish_failed(&token, &message, 0, err).await?,
         };
         match published {
             Published::Stored(id) => {
-                self.stored(&key, &message);
+                self.stored(&key.id, &message, near_quota).await;
                 Ok(Appended::Stored(id))
             }
-            Published::Duplicate(id) => self.duplicate_of(&token, &message, id).await,
+            Published::Duplicate(id) => self.duplicate_of(&token, &message, id, near_quota).await,
         }
     }
 
-    /// Counts a newly stored message.
-    fn stored(&self, key: &MailboxKey, message: &NewMessage) {
-        self.usage.add(&key.id, message.payload.len() as i64);
+    /// Counts a newly stored message: with the next batch, or now when near a quota.
+    async fn stored(&self, mailbox: &MailboxId, message: &NewMessage, near_quota: bool) {
+        let bytes = message.payload.len() as i64;
+        if near_quota {
+            if let Err(err) = self.usage.write_now(&self.cluster, mailbox, bytes).await {
+                tracing::warn!(error = %err, "a mailbox byte count is written later");
+            }
+        } else {
+            self.usage.add(mailbox, bytes);
+        }
+    }
+
+    /// Whether a send of `payload` bytes takes the mailbox or the identity past half of its
+    /// quota: from there on, counts are read and written at once.
+    fn near_quota(
+        &self,
+        key: &MailboxKey,
+        usage: &ahash::AHashMap<u32, i64>,
+        payload: usize,
+    ) -> bool {
+        let mailbox = usage.get(&key.id.device).copied().unwrap_or(0).max(0) as usize;
+        let identity = usage.values().map(|b| (*b).max(0) as usize).sum::<usize>();
+        2 * (mailbox + payload) > self.limits.mailbox_max_bytes
+            || 2 * (identity + payload) > self.limits.max_identity_stored_bytes
     }
 
     /// Whether the sender may write to the recipient (§8.3, §8.6).
@@ -281,20 +306,30 @@ impl Inner {
         self.limits.check_storage(identity, 0, payload)
     }
 
-    /// The byte quotas, on the counted bytes; a refusal is checked against the mailbox's
-    /// stored messages themselves first.
-    async fn check_bytes(&self, key: &MailboxKey, token: &str, payload: usize) -> StoreResult<()> {
+    /// The byte quotas, on the counted bytes (read at once near a quota); a refusal is checked
+    /// against the mailbox's stored messages themselves first. Says whether the send is near
+    /// a quota.
+    async fn check_bytes(
+        &self,
+        key: &MailboxKey,
+        token: &str,
+        payload: usize,
+    ) -> StoreResult<bool> {
         let check = |usage: &ahash::AHashMap<u32, i64>| self.bytes_allowed(key, usage, payload);
-        let usage = self.usage.of(&self.cluster, &key.id.identity).await?;
+        let mut usage = self.usage.of(&self.cluster, &key.id.identity).await?;
+        let near = self.near_quota(key, &usage, payload);
+        if near {
+            usage = self.usage.of_now(&self.cluster, &key.id.identity).await?;
+        }
         if check(&usage).is_ok() {
-            return Ok(());
+            return Ok(near);
         }
         let actual = self.count_bytes(token).await?;
         self.usage
             .correct(&self.cluster, &key.id, actual as i64)
             .await?;
         let usage = self.usage.of(&self.cluster, &key.id.identity).await?;
-        check(&usage)
+        check(&usage).map(|()| near)
     }
 
     /// Payload bytes of the messages stored in a mailbox, counted from the messages.
@@ -357,6 +392,7 @@ impl Inner {
         &self,
         token: &str,
         message: &NewMessage,
+        after: u64,
         mut err: NatsError,
     ) -> StoreResult<Published> {
         let deadline = tokio::time::Instant::now() + self.request_timeout;
@@ -374,7 +410,7 @@ impl Inner {
                 break;
             }
             tokio::time::sleep(pause).await;
-            let ack = match self.send_new(token, message, 0).await {
+            let ack = match self.send_new(token, message, after).await {
                 Ok(ack) => ack.await.map_err(NatsError::from),
                 Err(StoreError::Unavailable(text)) => Err(NatsError::Request(text)),
                 Err(other) => return Err(other),
@@ -396,6 +432,7 @@ impl Inner {
         token: &str,
         message: &NewMessage,
         mut id: u64,
+        near_quota: bool,
     ) -> StoreResult<Appended> {
         let stream = self.stream_of(token);
         let subject = self.cluster.names.mailbox_subject(token);
@@ -409,16 +446,17 @@ impl Inner {
                 return Ok(Appended::Duplicate(id));
             }
             let ack = self.send_new(token, message, id).await?.await;
-            match ack {
-                Ok(ack) if ack.duplicate => id = ack.sequence,
-                Ok(ack) => {
-                    self.usage.add(&message.to, message.payload.len() as i64);
-                    return Ok(Appended::Stored(ack.sequence));
+            let published = match ack {
+                Ok(ack) if ack.duplicate => Published::Duplicate(ack.sequence),
+                Ok(ack) => Published::Stored(ack.sequence),
+                Err(err) => self.publish_failed(token, message, id, err.into()).await?,
+            };
+            match published {
+                Published::Stored(stored) => {
+                    self.stored(&message.to, message, near_quota).await;
+                    return Ok(Appended::Stored(stored));
                 }
-                Err(err) => match self.publish_failed(token, message, err.into()).await? {
-                    Published::Stored(stored) => return Ok(Appended::Stored(stored)),
-                    Published::Duplicate(dup) => id = dup,
-                },
+                Published::Duplicate(dup) => id = dup,
             }
         }
         Err(NatsError::Contended("a message id").into())

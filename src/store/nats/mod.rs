@@ -56,6 +56,14 @@ use super::{
 use crate::config::{Config, StoreBackend};
 use botd_protocol::proto::{Accept, PreKey, SignedPreKey};
 
+/// Below a quarter of a byte quota, what another relay stored this recently may be unseen
+/// when a send is judged (its counts are written every `usage::FLUSH_INTERVAL`, and read
+/// counts are trusted for `usage::READ_INTERVAL`); past a quarter, counts are read and written
+/// with every send. docs/SCALING.md states the slack this gives.
+pub const QUOTA_BLIND_WINDOW: Duration = Duration::from_millis(
+    usage::FLUSH_INTERVAL.as_millis() as u64 + usage::READ_INTERVAL.as_millis() as u64,
+);
+
 /// Idle accounts are looked for at most this often by one relay (it lists the accounts).
 pub const ACCOUNT_SWEEP_EVERY: Duration = Duration::from_secs(600);
 /// Identities whose last `touch` this relay remembers.
@@ -425,7 +433,9 @@ impl Store for NatsStore {
         if self.inner.sequencer.is_idle(&sender) {
             if let Some((key, sent)) = self.inner.append_now(&message) {
                 let inner = self.inner.clone();
-                return Either::Left(async move { inner.appended(key, message, sent).await });
+                return Either::Left(
+                    async move { inner.appended(key, message, sent, false).await },
+                );
             }
         }
         Either::Right(self.run(&sender, move |inner, ticket| async move {

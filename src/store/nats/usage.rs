@@ -13,11 +13,12 @@
 //!   a counter that drifted (a relay killed between a write and its increment, messages that
 //!   expired) never refuses a send by itself.
 //!
-//! The slack, documented in docs/SCALING.md: another relay's sends of the last
-//! `FLUSH_INTERVAL + READ_INTERVAL` may be unseen, so a quota can be passed by what the other
-//! relays store in that time.
+//! Near a quota (past a quarter of it) a send reads the counters at once and writes its own change
+//! before it is answered, so the other relays see it. The slack, documented in
+//! docs/SCALING.md: below a quarter of a quota, what the other relays stored in the last
+//! `FLUSH_INTERVAL + READ_INTERVAL` may be unseen; above it, a quota is passed by at most the
+//! sends under way at the same moment on all relays.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use ahash::AHashMap;
@@ -33,12 +34,12 @@ use crate::store::{Identity, MailboxId};
 /// How often a relay writes its counted changes.
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 /// How long a relay trusts the counters it read.
-pub const READ_INTERVAL: Duration = Duration::from_secs(1);
+pub const READ_INTERVAL: Duration = Duration::from_millis(250);
 /// Identities whose counters a relay keeps; past this it forgets them all.
 const MAX_CACHED: usize = 65_536;
 
 /// Bytes per device of one identity.
-type Counters = Arc<AHashMap<u32, i64>>;
+type Counters = AHashMap<u32, i64>;
 
 /// An increment of one mailbox's counter; retried under the same message id, so that one
 /// that was applied but not acknowledged is not counted twice.
@@ -79,6 +80,70 @@ impl Usage {
             .unwrap_or_default()
     }
 
+    /// Reads an identity's counters from the cluster (and keeps them).
+    async fn read_now(
+        &self,
+        cluster: &Cluster,
+        identity: &Identity,
+    ) -> Result<Counters, NatsError> {
+        let counters = read_counters(cluster, identity).await?;
+        let mut read = self.read.lock();
+        if read.len() >= MAX_CACHED {
+            read.clear();
+        }
+        read.insert(*identity, (Instant::now(), counters.clone()));
+        Ok(counters)
+    }
+
+    /// As [`Usage::of`], read from the cluster now (near a quota).
+    pub async fn of_now(
+        &self,
+        cluster: &Cluster,
+        identity: &Identity,
+    ) -> Result<AHashMap<u32, i64>, NatsError> {
+        let mut bytes = self.read_now(cluster, identity).await?;
+        for (device, delta) in self.pending_of(identity) {
+            *bytes.entry(device).or_default() += delta;
+        }
+        Ok(bytes)
+    }
+
+    /// Writes a change at once (near a quota, so that the other relays see it before the
+    /// send is answered).
+    pub async fn write_now(
+        &self,
+        cluster: &Cluster,
+        mailbox: &MailboxId,
+        delta: i64,
+    ) -> Result<(), NatsError> {
+        let increment = Increment {
+            mailbox: *mailbox,
+            delta,
+            id: format!("{:032x}", rand::random::<u128>()),
+        };
+        let written = match send_increment(cluster, &increment).await {
+            Ok(ack) => ack.await.map_err(NatsError::from),
+            Err(err) => Err(err),
+        };
+        match written {
+            Ok(_) => {
+                self.written(&increment);
+                Ok(())
+            }
+            Err(err) => {
+                self.failed(increment, NatsError::request(&err));
+                Err(err)
+            }
+        }
+    }
+
+    /// An increment is on the cluster: the counters this relay read include it from now on.
+    fn written(&self, increment: &Increment) {
+        if let Some((_, counters)) = self.read.lock().get_mut(&increment.mailbox.identity) {
+            *counters.entry(increment.mailbox.device).or_default() += increment.delta;
+        }
+    }
+
     /// As [`Usage::of`] when the counters read are still fresh, without waiting.
     pub fn cached(&self, identity: &Identity) -> Option<AHashMap<u32, i64>> {
         let counters = self
@@ -87,7 +152,7 @@ impl Usage {
             .get(identity)
             .filter(|(at, _)| at.elapsed() < READ_INTERVAL)
             .map(|(_, counters)| counters.clone())?;
-        let mut bytes = (*counters).clone();
+        let mut bytes = counters;
         for (device, delta) in self.pending_of(identity) {
             *bytes.entry(device).or_default() += delta;
         }
@@ -108,17 +173,9 @@ impl Usage {
             .map(|(_, counters)| counters.clone());
         let counters = match cached {
             Some(counters) => counters,
-            None => {
-                let counters = Arc::new(read_counters(cluster, identity).await?);
-                let mut read = self.read.lock();
-                if read.len() >= MAX_CACHED {
-                    read.clear();
-                }
-                read.insert(*identity, (Instant::now(), counters.clone()));
-                counters
-            }
+            None => self.read_now(cluster, identity).await?,
         };
-        let mut bytes = (*counters).clone();
+        let mut bytes = counters;
         for (device, delta) in self.pending_of(identity) {
             *bytes.entry(device).or_default() += delta;
         }
@@ -178,16 +235,13 @@ impl Usage {
                     .map(move |(device, delta)| (MailboxId { identity, device }, delta))
             })
             .collect();
-        increments.extend(
-            changes
-                .into_iter()
-                .filter(|(_, delta)| *delta != 0)
-                .map(|(mailbox, delta)| Increment {
-                    mailbox,
-                    delta,
-                    id: format!("{:032x}", rand::random::<u128>()),
-                }),
-        );
+        increments.extend(changes.into_iter().filter(|(_, delta)| *delta != 0).map(
+            |(mailbox, delta)| Increment {
+                mailbox,
+                delta,
+                id: format!("{:032x}", rand::random::<u128>()),
+            },
+        ));
         let mut acks = Vec::with_capacity(increments.len());
         for increment in increments {
             match send_increment(cluster, &increment).await {
@@ -196,8 +250,9 @@ impl Usage {
             }
         }
         for (increment, ack) in acks {
-            if let Err(err) = ack.await {
-                self.failed(increment, err.into());
+            match ack.await {
+                Ok(_) => self.written(&increment),
+                Err(err) => self.failed(increment, err.into()),
             }
         }
     }
@@ -216,7 +271,11 @@ async fn send_increment(
     headers.insert("Nats-Incr", format!("{:+}", increment.delta).as_str());
     headers.insert("Nats-Msg-Id", increment.id.as_str());
     cluster
-        .send(cluster.names.usage(&increment.mailbox), headers, Bytes::new())
+        .send(
+            cluster.names.usage(&increment.mailbox),
+            headers,
+            Bytes::new(),
+        )
         .await
 }
 
