@@ -56,10 +56,26 @@ pub enum DeliverFault {
     BadSignature,
     /// An extra `Deliver` of the second payload with the first message's signature and hash.
     BadHash,
-    /// The first message delivered again under a new id but for another device.
+    /// A message of the second payload for the node's device 2 (signed correctly for it by
+    /// another identity), pushed on device 1's subscription.
     WrongDevice,
+    /// A message of the second payload signed correctly by another identity for itself as
+    /// recipient (not the node).
+    OtherRecipient,
+    /// A message of the second payload from another identity, for the node's device 1, with
+    /// the high-S twin of a valid signature.
+    HighS,
     /// The second message first arrives under the first message's id.
     DuplicateId,
+}
+
+/// A frame header that breaks the node's framing, sent instead of the answer to `Register`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadFrame {
+    /// `len = 0`.
+    ZeroLength,
+    /// `len = 2^32 − 1`, above any client's limit (at most 1 GiB, §3); no body follows.
+    Huge,
 }
 
 /// The knobs of a misbehaving relay (all off: a correct one).
@@ -79,12 +95,35 @@ pub struct Script {
     /// Shift of the relay's own rotation point (Some(1): rotates after 1024).
     pub rotate_shift: Option<u64>,
     pub answer_ping_flood: bool,
+    /// The ping window enforced, when not the one announced.
+    pub enforced_ping_window: Option<Duration>,
+    /// Answers a `Ping` whose id is not 1 to 64 bytes.
+    pub accept_long_ping_ids: bool,
+    /// Answers a `Ping` with a `Pong` naming another ping id.
+    pub pong_wrong_ping_id: bool,
+    /// Answers unsolicited `Pong`s with a `Pong`.
+    pub answer_pongs: bool,
+    /// The frame limit during the handshake, when not 1024.
+    pub handshake_limit: Option<u32>,
+    /// Takes session frames up to twice the announced limit.
+    pub accept_oversize_frames: bool,
+    /// Answers frames it does not serve with `BAD_REQUEST` instead of `UNSUPPORTED`.
+    pub unsupported_as_bad_request: bool,
     /// Frames before answering `Register`: this many unsolicited `Pong`s (to cross a rotation).
     pub pushes_before_registered: usize,
     /// Pushes a `Frame` with an unknown body and an `Error` with an unknown code first.
     pub unknown_pushes: bool,
     /// Answers `Register` with a frame longer than the announced limit.
     pub oversize_registered: bool,
+    /// Pushes, before answering `Register`, a frame of exactly the announced `max_frame_len`.
+    pub push_at_limit: bool,
+    /// Sends this instead of the answer to `Register`.
+    pub bad_frame: Option<BadFrame>,
+    /// `Welcome.idle_timeout_ms` and `Welcome.ping_interval_ms`, when not the defaults.
+    pub welcome_idle_timeout_ms: Option<u64>,
+    pub welcome_ping_interval_ms: Option<u64>,
+    /// Holds the delivery of the second message this long.
+    pub hold_second: Option<Duration>,
     /// Two Pings right after `Welcome`.
     pub ping_twice: bool,
     /// One Ping right after `Welcome`.
@@ -271,7 +310,7 @@ pub async fn serve(
     let _ = stream.set_nodelay(true);
     // --- handshake ---
     let mut buf = BytesMut::new();
-    let mut codec = FrameCodec::new(1024);
+    let mut codec = FrameCodec::new(script.handshake_limit.unwrap_or(1024));
     let init_body = loop {
         match codec.decode(&mut buf) {
             Ok(Some(b)) => break b,
@@ -370,7 +409,11 @@ pub async fn serve(
     let mut c = Conn {
         stream,
         buf,
-        codec: FrameCodec::new(max_frame.max(1024)),
+        codec: FrameCodec::new(if script.accept_oversize_frames {
+            max_frame.max(1024).saturating_mul(2)
+        } else {
+            max_frame.max(1024)
+        }),
         seal,
         open,
         log,
@@ -387,9 +430,9 @@ pub async fn serve(
         server_version: "conformance".into(),
         max_frame_len: max_frame,
         max_payload_len: max_frame.saturating_sub(4096).max(1),
-        ping_interval_ms: 60_000,
+        ping_interval_ms: script.welcome_ping_interval_ms.unwrap_or(60_000),
         server_time_ms: super::unix_ms(),
-        idle_timeout_ms: 600_000,
+        idle_timeout_ms: script.welcome_idle_timeout_ms.unwrap_or(600_000),
         relay_pubkey: if script.welcome_other_key {
             Bytes::copy_from_slice(KeyPair::generate().public().as_bytes())
         } else {
@@ -442,11 +485,43 @@ pub async fn serve(
     c.trace
 }
 
+/// A `Deliver` (id 0: the caller numbers it) of `payload` from a fresh identity, signed for
+/// `recipient`'s `device` (`None`: for the stranger itself; the high-S twin of the signature if
+/// `high_s`), with its device set to `device`.
+fn stranger_deliver(
+    recipient: Option<&PublicKeyBytes>,
+    device: u32,
+    payload: &Bytes,
+    high_s: bool,
+) -> proto::Deliver {
+    let stranger = KeyPair::generate();
+    let recipient = *recipient.unwrap_or(stranger.public());
+    let mut signed =
+        botd_client::OutgoingMessage::new(recipient, device, 1, payload.clone()).sign(&stranger);
+    if high_s {
+        let sig: [u8; 64] = signed.sender_signature[..].try_into().unwrap_or([0; 64]);
+        signed.sender_signature = Bytes::copy_from_slice(&negate_s(&sig));
+    }
+    proto::Deliver {
+        message_id: 0,
+        sender: Bytes::copy_from_slice(stranger.public().as_bytes()),
+        sender_device: 1,
+        recipient_device: device,
+        sender_nonce: signed.sender_nonce,
+        payload_hash: signed.payload_hash,
+        sender_signature: signed.sender_signature,
+        payload: signed.payload,
+        received_at_ms: super::unix_ms(),
+    }
+}
+
 /// The scenario relay: in-memory mailbox of device 1 of the node's own identity.
 async fn app_loop(c: &mut Conn<'_>, identity: &KeyPair, deadline: Instant) {
-    let _ = identity;
     let script = c.script;
     let mut last_ping: Option<Instant> = None;
+    let ping_window = script.enforced_ping_window.unwrap_or(Duration::from_millis(
+        script.welcome_ping_min_interval_ms.unwrap_or(30_000),
+    ));
     let mut next_id = 1u64;
     let mut subscribed = false;
     let mut stored: Vec<proto::Deliver> = Vec::new();
@@ -494,9 +569,7 @@ async fn app_loop(c: &mut Conn<'_>, identity: &KeyPair, deadline: Instant) {
         let answer = match frame.body {
             Some(Body::Ping(p)) => {
                 let now = Instant::now();
-                if !script.answer_ping_flood
-                    && last_ping.is_some_and(|t| now - t < Duration::from_secs(30))
-                {
+                if !script.answer_ping_flood && last_ping.is_some_and(|t| now - t < ping_window) {
                     c.send(&Frame::error(
                         id,
                         ErrorCode::PingFlood,
@@ -505,19 +578,30 @@ async fn app_loop(c: &mut Conn<'_>, identity: &KeyPair, deadline: Instant) {
                     .await;
                     return;
                 }
-                if valid_id(&p.id) {
+                if valid_id(&p.id) || script.accept_long_ping_ids {
                     last_ping = Some(now);
                     Some(Frame::new(
                         id,
                         Body::Pong(Pong {
                             id: random_id(),
-                            ping_id: p.id,
+                            ping_id: if script.pong_wrong_ping_id {
+                                random_id()
+                            } else {
+                                p.id
+                            },
                         }),
                     ))
                 } else {
                     Some(Frame::error(id, ErrorCode::BadRequest, "ping id"))
                 }
             }
+            Some(Body::Pong(p)) if script.answer_pongs => Some(Frame::new(
+                id,
+                Body::Pong(Pong {
+                    id: random_id(),
+                    ping_id: p.id,
+                }),
+            )),
             Some(Body::Pong(_)) | Some(Body::Error(_)) => None,
             Some(Body::Register(r)) => {
                 if script.unknown_pushes {
@@ -552,6 +636,34 @@ async fn app_loop(c: &mut Conn<'_>, identity: &KeyPair, deadline: Instant) {
                         format!("{} unsolicited Pongs", script.pushes_before_registered),
                     );
                     c.mark("pushes sent");
+                }
+                if script.push_at_limit {
+                    let max = script.welcome_max_frame_len.unwrap_or(1 << 20) as usize;
+                    let head = field_bytes(201, b"future push");
+                    let pt = [
+                        head.clone(),
+                        super::wire::padding_field(15, max - 16 - head.len()),
+                    ]
+                    .concat();
+                    c.send_raw_plain(
+                        &pt,
+                        &format!("Frame {{ id: 0, <unknown body 201>, padding }}: a {}-byte body, the announced limit", pt.len() + 16),
+                    )
+                    .await;
+                    c.mark("at limit");
+                }
+                if let Some(bad) = script.bad_frame {
+                    let (header, what) = match bad {
+                        BadFrame::ZeroLength => (0u32, "length 0"),
+                        BadFrame::Huge => (u32::MAX, "length 2^32 - 1, no body"),
+                    };
+                    c.log
+                        .add("relay", Dir::Out, format!("{what}, instead of Registered"));
+                    c.mark("bad frame");
+                    if !c.write(&header.to_be_bytes()).await {
+                        return;
+                    }
+                    continue;
                 }
                 let reg = Frame::new(
                     id,
@@ -592,6 +704,14 @@ async fn app_loop(c: &mut Conn<'_>, identity: &KeyPair, deadline: Instant) {
                 if let Some(code) = script.push_error_after_subscribed {
                     c.send(&Frame::error(0, code, "conformance")).await;
                     c.mark("error pushed");
+                    // Closes a little later than a relay would, to see whether the node
+                    // answers the push.
+                    let linger = (Instant::now() + Duration::from_millis(500)).min(deadline);
+                    for _ in 0..100 {
+                        if c.next(linger).await.is_none() {
+                            break;
+                        }
+                    }
                     return;
                 }
                 if script.replaced_after_subscribed {
@@ -646,9 +766,15 @@ async fn app_loop(c: &mut Conn<'_>, identity: &KeyPair, deadline: Instant) {
                         f
                     }),
                     (DeliverFault::WrongDevice, true) => {
-                        let mut f = real(0);
-                        f.recipient_device = 2;
-                        Some(f)
+                        let me = c.trace.identity.unwrap_or(*identity.public());
+                        Some(stranger_deliver(Some(&me), 2, &s.payload, false))
+                    }
+                    (DeliverFault::OtherRecipient, true) => {
+                        Some(stranger_deliver(None, 1, &s.payload, false))
+                    }
+                    (DeliverFault::HighS, true) => {
+                        let me = c.trace.identity.unwrap_or(*identity.public());
+                        Some(stranger_deliver(Some(&me), 1, &s.payload, true))
                     }
                     (DeliverFault::DuplicateId, true) => {
                         history.first().map(|first| real(first.message_id))
@@ -656,7 +782,9 @@ async fn app_loop(c: &mut Conn<'_>, identity: &KeyPair, deadline: Instant) {
                 };
                 let delay = forged
                     .as_ref()
-                    .map(|_| Instant::now() + Duration::from_millis(1000));
+                    .map(|_| Duration::from_millis(1000))
+                    .or(script.hold_second.filter(|_| second))
+                    .map(|d| Instant::now() + d);
                 if let Some(mut f) = forged {
                     if f.message_id == 0 {
                         f.message_id = next_id;
@@ -711,7 +839,14 @@ async fn app_loop(c: &mut Conn<'_>, identity: &KeyPair, deadline: Instant) {
                     count: 0,
                 }),
             )),
-            other => botd_protocol::proto::unsupported_unless_ignorable(&Frame { id, body: other }),
+            other => botd_protocol::proto::unsupported_unless_ignorable(&Frame { id, body: other })
+                .map(|answer| {
+                    if script.unsupported_as_bad_request {
+                        Frame::error(id, ErrorCode::BadRequest, "not served")
+                    } else {
+                        answer
+                    }
+                }),
         };
         if let Some(a) = answer {
             if !c.send(&a).await {

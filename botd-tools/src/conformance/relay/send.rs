@@ -39,7 +39,7 @@ async fn send_ok(cx: Ctx, tamper: fn(&mut proto::Send, usize)) -> Step<Outcome> 
     Ok(Outcome::pass())
 }
 
-fn resign(req: &mut proto::Send, sender: &KeyPair) {
+pub(super) fn resign(req: &mut proto::Send, sender: &KeyPair) {
     let digest = botd_protocol::message::message_digest(
         sender.public().as_bytes(),
         &req.recipient,
@@ -171,7 +171,12 @@ pub(super) fn cases() -> Vec<CaseDef> {
             a.send_req(req).await?;
             Ok(Outcome::pass())
         }),
-        case!("8.3/empty-payload", Must, "an empty payload is stored", |cx| { send_ok(cx, |_, _| {}).await }),
+        case!("8.3/empty-payload", Must, "an empty payload is stored", |cx| {
+            let (mut a, b) = pair(&cx).await?;
+            let req = a.signed(&b.key(), 1, 1, Bytes::new());
+            a.send_req(req).await?;
+            Ok(Outcome::pass())
+        }),
         case!("8.3/recipient-32-bytes", Must, "a 32-byte recipient gets BAD_REQUEST", |cx| {
             send_fails(cx, ErrorCode::BadRequest, |r, _| r.recipient = r.recipient.slice(..32)).await
         }),
