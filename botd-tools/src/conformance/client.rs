@@ -184,14 +184,17 @@ fn acks_ok(t: &Trace, _: Option<&Trace>) -> Outcome {
 
 /// The node answers neither the relay's unsolicited `Pong`s nor `Error`s (§7.1), and goes on.
 fn pongs_not_answered(t: &Trace, _: Option<&Trace>) -> Outcome {
-    let after = frames_after(t, "pushes sent");
-    if after
-        .iter()
-        .any(|f| matches!(f.body, Some(Body::Pong(_) | Body::Error(_))))
-    {
+    if answered_after(t, "pushes sent") {
         return Outcome::fail("the node answered an unsolicited Pong");
     }
     scenario_completes(t, None)
+}
+
+/// The node sent a `Pong` or an `Error` after `mark`: it answered a frame that gets no answer.
+fn answered_after(t: &Trace, mark: &str) -> bool {
+    frames_after(t, mark)
+        .iter()
+        .any(|f| matches!(f.body, Some(Body::Pong(_) | Body::Error(_))))
 }
 
 /// No two of the node's `Ping`s less than `max(30 s, ping_min_interval_ms)` apart (§7.3),
@@ -296,11 +299,7 @@ fn ping_flood_recorded(t: &Trace, _: Option<&Trace>) -> Outcome {
 }
 
 fn no_answer_to_error(t: &Trace, _: Option<&Trace>) -> Outcome {
-    let after = frames_after(t, "error pushed");
-    if after
-        .iter()
-        .any(|f| matches!(f.body, Some(Body::Error(_) | Body::Pong(_))))
-    {
+    if answered_after(t, "error pushed") {
         return Outcome::fail("the node answered an Error push");
     }
     Outcome::pass()
@@ -405,6 +404,7 @@ pub fn cases() -> Vec<ClientCase> {
         c("4.5/ack-empty-id", Must, "an Ack with an empty id: the node closes and sends nothing", || Script { ack: AckFault::EmptyId, ..Default::default() }, closes_silently),
         c("4.5/ack-bad-ephemeral", Must, "an Ack whose ephemeral key is not a point: the node closes and sends nothing", || Script { ack: AckFault::BadEphemeral, ..Default::default() }, closes_silently),
         c("6.2/client-welcome-bad-tag", Must, "a Welcome with a bad tag: the node closes and sends nothing", || Script { first: First::BadTagWelcome, ..Default::default() }, closes_silently),
+        c("6.2/client-frame-bad-tag", Must, "an answer with a bad tag in the session: the node closes and sends nothing further", || Script { bad_tag_registered: true, ..Default::default() }, |t, _| closes_after(t, "bad tag")),
         c("6.3/client-rotation", Must, "the node opens relay frames 1024 and up under rotated keys", || Script { pushes_before_registered: 1100, ..Default::default() }, scenario_completes),
         c("6.3/client-rotation-late", Must, "a relay that rotates one frame late: the node closes", || Script { pushes_before_registered: 1100, rotate_shift: Some(1), ..Default::default() }, |t, _| closes_after(t, "pushes sent")),
         c("7.1/client-unknown-pushes", Should, "pushes with an unknown body or error code are ignored", || Script { unknown_pushes: true, ..Default::default() }, ignores_unknown),

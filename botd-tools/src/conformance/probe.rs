@@ -357,6 +357,11 @@ impl Probe {
         self.welcome.server_time_ms + self.welcome_at.elapsed().as_millis() as u64
     }
 
+    /// Reads frames up to `limit` bytes from now on, whatever the relay announced.
+    pub fn set_max_frame_len(&mut self, limit: u32) {
+        self.codec.set_max_frame_len(limit);
+    }
+
     /// The relay's announced frame limit.
     pub fn max_frame_len(&self) -> u32 {
         self.welcome.max_frame_len
@@ -832,6 +837,18 @@ impl Probe {
             Body::Sent(s) => Ok(s),
             other => Err(Outcome::fail(format!(
                 "Send answered with {}",
+                describe(&Frame::new(0, other))
+            ))),
+        }
+    }
+
+    /// A ticket of this identity (setup: rate limits honoured); `ttl_s` and `uses` as sent.
+    pub async fn create_ticket(&mut self, ttl_s: u32, uses: u32) -> Step<proto::Ticket> {
+        let req = Body::CreateTicket(proto::CreateTicket { ttl_s, uses });
+        match self.setup(req, "CreateTicket").await? {
+            Body::Ticket(t) => Ok(t),
+            other => Err(Outcome::fail(format!(
+                "CreateTicket answered {}",
                 describe(&Frame::new(0, other))
             ))),
         }

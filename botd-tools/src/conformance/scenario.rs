@@ -62,6 +62,8 @@ pub struct NodeFaults {
     pub no_acks: bool,
     /// Sends both messages with one nonce (§8.3).
     pub one_nonce: bool,
+    /// Closes without unregistering (the scenario's last step).
+    pub no_unregister: bool,
 }
 
 impl NodeFaults {
@@ -80,6 +82,7 @@ impl NodeFaults {
             "node-retries-with-new-nonce" => &mut f.retry_new_nonce,
             "node-no-acks" => &mut f.no_acks,
             "node-one-nonce" => &mut f.one_nonce,
+            "node-skips-the-last-step" => &mut f.no_unregister,
             _ => return None,
         };
         *flag = true;
@@ -239,6 +242,9 @@ async fn scenario(
             }
         }
         if PAYLOADS.iter().all(|p| verified.values().any(|v| v == p)) {
+            if faults.no_unregister {
+                return Ok("received both messages, not unregistering".into());
+            }
             client
                 .unregister(1)
                 .await

@@ -57,6 +57,30 @@ pub enum StoreFault {
     NoLiveDelivery,
     /// Never announces removed messages (acks free no place in the window).
     NoRemovedEvents,
+    /// Deletes messages as they are read for a subscription (at most once).
+    DeletesOnPush,
+    /// Goes past this limit of an account, or the relay's cap of identities.
+    IgnoresLimit(QuotaKind),
+    /// Records the recipient as the sender of every message.
+    SenderIsRecipient,
+    /// Reads a mailbox newest first.
+    ReadsNewestFirst,
+    /// Reads a mailbox from its start, whatever `after_id`.
+    ReadIgnoresAfter,
+    /// Remembers a nonce after its message left: a later message with it is a "resend".
+    DuplicateAfterAck,
+    /// Takes a message for a resend when its sender used the nonce towards another recipient.
+    DuplicateAcrossRecipients,
+    /// Stores every ticket with one use.
+    TicketUsesIgnored,
+    /// Hands out one-time prekeys whatever the per-device rate says.
+    IgnoresPrekeyRate,
+    /// Takes the listed devices' keys one device at a time, before finding one unknown.
+    FetchTakesBeforeChecking,
+    /// Announces PreKeysLow after every fetch that takes a key, whatever is left.
+    PrekeysLowEveryFetch,
+    /// Does not record an account's use.
+    IgnoresTouch,
 }
 
 /// Nonces of stored messages, as the wrapper's own idempotency keys see them.
@@ -66,6 +90,7 @@ pub struct FaultyStore {
     inner: Arc<EmbeddedStore>,
     fault: StoreFault,
     seen: Seen,
+    listener: Arc<Mutex<Option<Arc<dyn Listener>>>>,
 }
 
 impl FaultyStore {
@@ -74,6 +99,7 @@ impl FaultyStore {
             inner: Arc::new(EmbeddedStore::in_memory(config)),
             fault,
             seen: Arc::default(),
+            listener: Arc::default(),
         }
     }
 }
@@ -108,6 +134,23 @@ impl Listener for Events {
     }
 }
 
+/// `done`, but with the limit the fault ignores answered as a success (`value`).
+async fn ignoring<T>(
+    fault: StoreFault,
+    value: T,
+    done: impl Future<Output = StoreResult<T>>,
+) -> StoreResult<T> {
+    match (fault, done.await) {
+        (StoreFault::IgnoresLimit(kind), Err(StoreError::Limit { kind: k, .. }))
+        | (StoreFault::IgnoresLimit(kind), Err(StoreError::QuotaExceeded { kind: k, .. }))
+            if k == kind =>
+        {
+            Ok(value)
+        }
+        (_, other) => other,
+    }
+}
+
 fn others(mailbox: MailboxId) -> impl Iterator<Item = MailboxId> {
     DEVICES
         .filter(move |d| *d != mailbox.device)
@@ -123,6 +166,7 @@ impl Store for FaultyStore {
     }
 
     fn set_listener(&self, listener: Arc<dyn Listener>) {
+        *self.listener.lock() = Some(listener.clone());
         self.inner.set_listener(Arc::new(Events {
             inner: listener,
             fault: self.fault,
@@ -142,7 +186,9 @@ impl Store for FaultyStore {
     }
 
     fn touch(&self, identity: &Identity, now_ms: u64) {
-        self.inner.touch(identity, now_ms);
+        if self.fault != StoreFault::IgnoresTouch {
+            self.inner.touch(identity, now_ms);
+        }
     }
 
     fn register(
@@ -151,7 +197,12 @@ impl Store for FaultyStore {
         registration: Registration,
         now_ms: u64,
     ) -> impl Future<Output = StoreResult<u32>> + Send + use<> {
-        self.inner.register(me, registration, now_ms)
+        let asked = registration.one_time_prekeys.len() as u32;
+        ignoring(
+            self.fault,
+            asked,
+            self.inner.register(me, registration, now_ms),
+        )
     }
 
     fn unregister(
@@ -169,8 +220,11 @@ impl Store for FaultyStore {
         signed_prekey: Option<SignedPreKey>,
         one_time_prekeys: Vec<PreKey>,
     ) -> impl Future<Output = StoreResult<u32>> + Send + use<> {
-        self.inner
-            .upload_prekeys(me, device, signed_prekey, one_time_prekeys)
+        let asked = one_time_prekeys.len() as u32;
+        let uploaded = self
+            .inner
+            .upload_prekeys(me, device, signed_prekey, one_time_prekeys);
+        ignoring(self.fault, asked, uploaded)
     }
 
     fn prekey_count(
@@ -187,7 +241,43 @@ impl Store for FaultyStore {
         devices: Vec<u32>,
         take_one_time: F,
     ) -> impl Future<Output = StoreResult<Fetched>> + Send + use<F> {
-        self.inner.fetch_prekeys(target, devices, take_one_time)
+        let (inner, fault, listener, target) = (
+            self.inner.clone(),
+            self.fault,
+            self.listener.lock().clone(),
+            *target,
+        );
+        let take = Arc::new(Mutex::new(take_one_time));
+        let taker = move || {
+            let take = take.clone();
+            move |device: u32| fault == StoreFault::IgnoresPrekeyRate || (take.lock())(device)
+        };
+        async move {
+            if fault == StoreFault::FetchTakesBeforeChecking && devices.len() > 1 {
+                let mut fetched = Fetched::default();
+                for device in devices {
+                    let one = inner.fetch_prekeys(&target, vec![device], taker()).await?;
+                    fetched.bundles.extend(one.bundles);
+                    fetched.handed_out += one.handed_out;
+                }
+                return Ok(fetched);
+            }
+            let fetched = inner.fetch_prekeys(&target, devices, taker()).await?;
+            if let (StoreFault::PrekeysLowEveryFetch, Some(listener)) = (fault, listener) {
+                for bundle in fetched
+                    .bundles
+                    .iter()
+                    .filter(|b| b.one_time_prekey.is_some())
+                {
+                    let left = inner
+                        .prekey_count(&target, bundle.device_id)
+                        .await
+                        .unwrap_or(0);
+                    listener.prekeys_low(&target, bundle.device_id, left);
+                }
+            }
+            Ok(fetched)
+        }
     }
 
     fn is_registered(
@@ -207,6 +297,7 @@ impl Store for FaultyStore {
             StoreFault::SenderDeviceOne => message.sender_device = 1,
             StoreFault::ReceivedAtZero => message.received_at_ms = 0,
             StoreFault::DuplicatePerSenderDevice => message.nonce[0] ^= message.sender_device as u8,
+            StoreFault::SenderIsRecipient => message.sender = message.to.identity,
             _ => {}
         }
         // The wrapper's own idempotency key: the mailbox, or the recipient identity, and the
@@ -216,6 +307,10 @@ impl Store for FaultyStore {
             StoreFault::DuplicateAcrossDevices => {
                 Some((message.to.identity, message.sender, message.nonce))
             }
+            StoreFault::DuplicateAfterAck => {
+                Some((message.to.identity, message.sender, message.nonce))
+            }
+            StoreFault::DuplicateAcrossRecipients => Some(([0; 33], message.sender, message.nonce)),
             _ => None,
         };
         let known = key.and_then(|k| seen.lock().get(&k).copied());
@@ -223,9 +318,14 @@ impl Store for FaultyStore {
         async move {
             if let Some((mailbox, id)) = known {
                 let same_mailbox = mailbox == to;
-                if (same_mailbox || fault == StoreFault::DuplicateAcrossDevices)
-                    && inner.get(mailbox, id).await.is_ok()
-                {
+                if fault == StoreFault::DuplicateAfterAck && same_mailbox {
+                    return Ok(Appended::Duplicate(id));
+                }
+                let anywhere = matches!(
+                    fault,
+                    StoreFault::DuplicateAcrossDevices | StoreFault::DuplicateAcrossRecipients
+                );
+                if (same_mailbox || anywhere) && inner.get(mailbox, id).await.is_ok() {
                     return Ok(Appended::Duplicate(id));
                 }
             }
@@ -265,6 +365,11 @@ impl Store for FaultyStore {
         max_count: usize,
         max_bytes: usize,
     ) -> impl Future<Output = StoreResult<Vec<Arc<Message>>>> + Send + use<> {
+        let after = if self.fault == StoreFault::ReadIgnoresAfter {
+            0
+        } else {
+            after
+        };
         let own = self.inner.read(mailbox, after, max_count, max_bytes);
         let more: Vec<_> = if self.fault == StoreFault::ReadAcrossDevices {
             others(mailbox)
@@ -273,6 +378,7 @@ impl Store for FaultyStore {
         } else {
             Vec::new()
         };
+        let (inner, fault) = (self.inner.clone(), self.fault);
         async move {
             let mut messages = own.await?;
             for other in more {
@@ -281,6 +387,14 @@ impl Store for FaultyStore {
             messages.sort_by_key(|m| m.id);
             messages.dedup_by_key(|m| m.id);
             messages.truncate(max_count);
+            if fault == StoreFault::ReadsNewestFirst {
+                messages.reverse();
+            }
+            if fault == StoreFault::DeletesOnPush && !messages.is_empty() {
+                let _ = inner
+                    .ack(mailbox, messages.iter().map(|m| m.id).collect())
+                    .await;
+            }
             Ok(messages)
         }
     }
@@ -361,7 +475,7 @@ impl Store for FaultyStore {
         me: &Identity,
         contact: Identity,
     ) -> impl Future<Output = StoreResult<()>> + Send + use<> {
-        self.inner.add_contact(me, contact)
+        ignoring(self.fault, (), self.inner.add_contact(me, contact))
     }
 
     fn remove_contact(
@@ -385,8 +499,15 @@ impl Store for FaultyStore {
         } else {
             expires_at_ms
         };
-        self.inner
-            .create_ticket(me, token, expires_at_ms, uses, now_ms)
+        let uses = if self.fault == StoreFault::TicketUsesIgnored {
+            1
+        } else {
+            uses
+        };
+        let created = self
+            .inner
+            .create_ticket(me, token, expires_at_ms, uses, now_ms);
+        ignoring(self.fault, (), created)
     }
 
     fn expire(

@@ -10,6 +10,7 @@ use crate::conformance::wire::describe;
 use crate::conformance::{Outcome, Step};
 use botd_protocol::keys::KeyPair;
 use botd_protocol::proto::{self, Body, ErrorCode, Frame};
+use prost::Message;
 
 fn key_bytes(p: &Probe) -> Bytes {
     Bytes::copy_from_slice(p.key().as_bytes())
@@ -357,6 +358,19 @@ pub(super) fn cases() -> Vec<CaseDef> {
             }
         }),
         // --- §8.2 prekeys ----------------------------------------------------------------------
+        case!("8.2/upload-appends", Must, "uploaded one-time prekeys go after the stored ones: fetches hand out the registered key, then the uploaded ones in order", |cx| {
+            let mut a = cx.probe("A").await?;
+            a.register(1, 1).await?;
+            a.setup(upload(1, prekeys(50, 2)), "UploadPreKeys").await?;
+            let mut f = cx.probe("F").await?;
+            let mut got = Vec::new();
+            for _ in 0..3 {
+                got.push(f.fetch(&a.key(), vec![1]).await?.first().and_then(one_time_id));
+            }
+            if got == vec![Some(1), Some(50), Some(51)] { Ok(Outcome::pass()) } else {
+                Err(Outcome::fail(format!("one-time keys handed out: {got:?}, expected [1, 50, 51]")))
+            }
+        }),
         case!("8.2/upload-prekeys", Must, "UploadPreKeys appends keys and answers the device id (2) and its new count", |cx| {
             let mut a = cx.node("A").await?;
             a.register(2, 3).await?;
@@ -676,16 +690,99 @@ pub(super) fn cases() -> Vec<CaseDef> {
             a.prekey_count(1).await.map_err(|o| Outcome::fail(format!("the replaced session did not stay open: {}", o.detail)))?;
             Ok(Outcome::pass())
         }),
-        case!("8.4/replaced-gets-no-deliveries", Must, "after REPLACED the older session gets no Deliver for that device", |cx| {
+        case!("8.4/replaced-gets-no-deliveries", Must, "after REPLACED the older session gets no Deliver for that device; its subscription to another device goes on", |cx| {
             let mut a = cx.node("A").await?;
+            a.register(2, 0).await?;
             a.subscribe(1, 0).await?;
+            a.subscribe(2, 0).await?;
             let mut a2 = cx.probe_as("A2", a.identity.clone()).await?;
             a2.subscribe(1, 0).await?;
             let _ = a.next_push(cx.wait()).await?;
             let me = a.key();
             a2.send_msg(&me, 1, &b"to the new one"[..]).await?;
             a2.next_deliver().await?;
-            match a.quiet_for(cx.quiet()).await { Ok(()) => Ok(Outcome::pass()), Err(e) => Err(Outcome::fail(format!("{e:?}"))) }
+            if let Err(e) = a.quiet_for(cx.quiet()).await {
+                return Err(Outcome::fail(format!("the replaced session got: {e:?}")));
+            }
+            let s = a2.send_msg(&me, 2, &b"to device 2"[..]).await?;
+            let d = a.next_deliver().await.map_err(|o| Outcome::fail(format!("the replaced session's subscription to device 2 ended too: {}", o.detail)))?;
+            if d.message_id == s.message_id && d.recipient_device == 2 { Ok(Outcome::pass()) } else {
+                Err(Outcome::fail(describe(&Frame::new(0, Body::Deliver(d)))))
+            }
+        }),
+        case!("8.4/unregister-ends-subscription", Must, "unregistering a device ends its subscription: registered again, its messages do not reach the old subscriber", |cx| {
+            let mut a = cx.node("A").await?;
+            a.register(2, 0).await?;
+            a.subscribe(2, 0).await?;
+            let mut a2 = cx.probe_as("A2", a.identity.clone()).await?;
+            a2.unregister(2).await?;
+            a2.register(2, 0).await?;
+            let me = a.key();
+            a2.send_msg(&me, 2, &b"after re-registration"[..]).await?;
+            match a.quiet_for(cx.quiet()).await {
+                Ok(()) => Ok(Outcome::pass()),
+                Err(e) => Err(Outcome::fail(format!("the subscription outlived the unregistration: {e:?}"))),
+            }
+        }),
+        case!("8.4/subscribed-before-deliver", Must, "a pipelined Subscribe is answered after the answers before it, and before any Deliver of its subscription", |cx| {
+            let mut a = cx.node("A").await?;
+            let me = a.key();
+            let bodies = vec![
+                Body::Send(a.signed(&me, 1, 1, &b"1"[..])),
+                Body::Send(a.signed(&me, 1, 1, &b"2"[..])),
+                Body::Subscribe(proto::Subscribe { device_id: 1, after_id: 0 }),
+            ];
+            let first = a.fresh_id();
+            let mut wire = Vec::new();
+            for (i, body) in bodies.into_iter().enumerate() {
+                if i > 0 { a.fresh_id(); }
+                wire.extend_from_slice(&a.seal(&Frame::new(first + i as u64, body).encode_to_vec()));
+            }
+            a.send_wire(&wire, format!("Send, Send, Subscribe pipelined (frames {first}..={})", first + 2)).await;
+            let mut order = Vec::new();
+            while order.len() < 5 {
+                let f = a.next_frame(cx.wait()).await?;
+                order.push(match (&f.body, f.id) {
+                    (Some(Body::Sent(_)), id) if id < first + 2 => "Sent",
+                    (Some(Body::Subscribed(_)), id) if id == first + 2 => "Subscribed",
+                    (Some(Body::Deliver(_)), 0) => "Deliver",
+                    (Some(Body::PreKeysLow(_)), 0) => continue,
+                    _ => return Err(Outcome::fail(format!("unexpected {}", describe(&f)))),
+                });
+            }
+            if order == ["Sent", "Sent", "Subscribed", "Deliver", "Deliver"] { Ok(Outcome::pass()) } else {
+                Err(Outcome::fail(format!("frames in the order {order:?}")))
+            }
+        }),
+        case!("8.1/pipelined-sees-earlier", Must, "each pipelined request sees the effects of the earlier ones: Register, a Send from that device, GetPreKeyCount, Unregister, GetPreKeyCount", |cx| {
+            let mut a = cx.probe("A").await?;
+            let me = a.key();
+            let send = a.signed(&me, 1, 1, &b"pipelined"[..]);
+            let answers = a.pipeline(vec![
+                Body::Register(registration(1, 1)),
+                Body::Send(send),
+                Body::GetPreKeyCount(proto::GetPreKeyCount { device_id: 1 }),
+                Body::Unregister(proto::Unregister { device_id: 1 }),
+                Body::GetPreKeyCount(proto::GetPreKeyCount { device_id: 1 }),
+            ]).await?;
+            let names: Vec<String> = answers.iter().map(|r| match r {
+                Ok(b) => describe(&Frame::new(0, b.clone())),
+                Err(e) => e.name(),
+            }).collect();
+            let ok = matches!(&answers[..], [
+                Ok(Body::Registered(_)),
+                Ok(Body::Sent(_)),
+                Ok(Body::PreKeyCount(_)),
+                Ok(Body::Unregistered(_)),
+                Err(e),
+            ] if e.code == ErrorCode::NotRegistered as i32);
+            if !ok {
+                if matches!(answers.first(), Some(Ok(Body::Registered(_)))) && !matches!(answers.get(3), Some(Ok(Body::Unregistered(_)))) {
+                    a.cleanup.lock().push((a.identity.clone(), 1));
+                }
+                return Err(Outcome::fail(format!("answers {names:?}")));
+            }
+            Ok(Outcome::pass())
         }),
         case!("8.4/get-message", Must, "GetMessage answers a Deliver with the request's frame id", |cx| {
             let mut a = cx.node("A").await?;
@@ -854,6 +951,32 @@ pub(super) fn cases() -> Vec<CaseDef> {
             let mut req = s.signed(&b.key(), 1, 1, Bytes::new());
             req.ticket = token;
             s.expect_code(Body::Send(req), ErrorCode::TicketInvalid).await.map_err(|o| Outcome::fail(format!("the old ticket: {} (tickets should be gone)", o.detail)))
+        }),
+        case!("8.6/removal-keeps-others-contacts", Must, "an account's removal leaves other accounts alone: the removed identity stays in their contact lists", |cx| {
+            let mut c = cx.node("C").await?;
+            let mut b = cx.node("B").await?;
+            c.setup(Body::AddContact(proto::AddContact { identity: key_bytes(&b) }), "AddContact").await?;
+            c.setup(Body::SetPolicy(proto::SetPolicy { accept: 1 }), "SetPolicy").await?;
+            b.unregister(1).await?;
+            b.register(1, 0).await?;
+            let req = b.signed(&c.key(), 1, 1, &b"still a contact"[..]);
+            b.call_patiently(Body::Send(req)).await?.map_err(|e| Outcome::fail(format!("B, C's contact, removed and registered again, got {}", e.name())))?;
+            Ok(Outcome::pass())
+        }),
+        case!("8.6/add-contact-limit", Must, "AddContact beyond max_contacts gets BAD_REQUEST; a contact already present still succeeds", |cx| {
+            let max = cx.need("max_contacts")?;
+            if max > 2000 {
+                return Ok(Outcome::skip("max_contacts above 2000 takes too long to fill"));
+            }
+            cx.affordable(max + 4, cx.change_bucket(), "account changes of one identity")?;
+            let mut a = cx.node("A").await?;
+            let first = Bytes::copy_from_slice(KeyPair::generate().public().as_bytes());
+            a.setup(Body::AddContact(proto::AddContact { identity: first.clone() }), "AddContact").await?;
+            for _ in 1..max {
+                a.setup(Body::AddContact(proto::AddContact { identity: Bytes::copy_from_slice(KeyPair::generate().public().as_bytes()) }), "AddContact").await?;
+            }
+            a.setup(Body::AddContact(proto::AddContact { identity: first }), "AddContact of a present contact").await?;
+            a.expect_code(Body::AddContact(proto::AddContact { identity: Bytes::copy_from_slice(KeyPair::generate().public().as_bytes()) }), ErrorCode::BadRequest).await
         }),
         case!("8.6/settings-kept-while-a-device-remains", Must, "unregistering a device that is not the last keeps the account's policy", |cx| {
             let mut b = cx.node("B").await?;

@@ -13,22 +13,6 @@ use crate::conformance::wire::describe;
 use crate::conformance::{Outcome, Step};
 use botd_protocol::proto::{self, Body, ErrorCode, Frame};
 
-async fn create_ticket(p: &mut Probe, ttl_s: u32, uses: u32) -> Step<proto::Ticket> {
-    match p
-        .setup(
-            Body::CreateTicket(proto::CreateTicket { ttl_s, uses }),
-            "CreateTicket",
-        )
-        .await?
-    {
-        Body::Ticket(t) => Ok(t),
-        other => Err(Outcome::fail(format!(
-            "CreateTicket answered {}",
-            describe(&Frame::new(0, other))
-        ))),
-    }
-}
-
 /// Waits until the relay's clock (as `p` tells it) is past `at_ms`, at most `limit`.
 async fn until_relay_time(p: &Probe, at_ms: u64, limit: Duration) -> Step<()> {
     let wait = Duration::from_millis(at_ms.saturating_sub(p.relay_now_ms()) + 300);
@@ -51,7 +35,7 @@ pub(super) fn cases() -> Vec<CaseDef> {
     vec![
         case!("8.6/create-ticket-fields", Must, "a Ticket carries the uses asked for, the relay's clock plus ttl_s, a 16-byte token and the two keys", |cx| {
             let mut a = cx.node("A").await?;
-            let t = create_ticket(&mut a, 3600, 7).await?;
+            let t = a.create_ticket(3600, 7).await?;
             let expected = a.relay_now_ms() + 3_600_000;
             let off = t.expires_at_ms as i64 - expected as i64;
             if t.uses != 7 || t.token.len() != 16 || t.identity[..] != a.key().as_bytes()[..] || t.relay_pubkey[..] != cx.t.key.as_bytes()[..] {
@@ -65,8 +49,8 @@ pub(super) fn cases() -> Vec<CaseDef> {
         case!("8.6/ticket-expires", Must, "a ticket is refused (TICKET_INVALID) once the relay's clock reaches expires_at_ms; a later one of the same identity still admits", |cx| {
             let mut b = cx.node("B").await?;
             b.setup(Body::SetPolicy(proto::SetPolicy { accept: proto::Accept::ContactsOnly as i32 }), "SetPolicy").await?;
-            let short = create_ticket(&mut b, 1, 1).await?;
-            let long = create_ticket(&mut b, 600, 1).await?;
+            let short = b.create_ticket(1, 1).await?;
+            let long = b.create_ticket(600, 1).await?;
             if short.expires_at_ms > b.relay_now_ms() + 5_000 {
                 return Err(Outcome::fail(format!("a 1-second ticket expires at {}, more than 5 s after the relay's clock", crate::conformance::rfc3339_ms(short.expires_at_ms))));
             }
@@ -88,7 +72,7 @@ pub(super) fn cases() -> Vec<CaseDef> {
             let mut a = cx.node("A").await?;
             let mut last = 0;
             for _ in 0..max {
-                last = create_ticket(&mut a, 1, 1).await?.expires_at_ms;
+                last = a.create_ticket(1, 1).await?.expires_at_ms;
             }
             until_relay_time(&a, last, Duration::from_secs(6)).await?;
             match a.call_patiently(Body::CreateTicket(proto::CreateTicket { ttl_s: 60, uses: 1 })).await? {

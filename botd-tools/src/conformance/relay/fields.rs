@@ -40,6 +40,9 @@ async fn two_mailboxes(cx: &Ctx) -> Step<(Probe, Probe, [u64; 2], u64)> {
     Ok((b, a, [to1, to1b], to2))
 }
 
+/// A message expected in a mailbox: its id and payload.
+type Stored = (u64, &'static [u8]);
+
 async fn get(p: &mut Probe, device: u32, id: u64) -> Step<Result<Body, ErrorAnswer>> {
     p.call(Body::GetMessage(proto::GetMessage {
         device_id: device,
@@ -235,8 +238,8 @@ pub(super) fn cases() -> Vec<CaseDef> {
             Ok(Outcome::pass())
         }),
         case!("8.4/subscribe-one-mailbox", Must, "a subscription pushes its own mailbox only, with its device as recipient_device", |cx| {
-            let (mut b, _a, [to1, to1b], to2) = two_mailboxes(&cx).await?;
-            let expected: [(u32, &[(u64, &[u8])]); 2] = [
+            let (mut b, mut a, [to1, to1b], to2) = two_mailboxes(&cx).await?;
+            let expected: [(u32, &[Stored]); 2] = [
                 (2, &[(to2, b"for device 2")]),
                 (1, &[(to1, b"for device 1"), (to1b, b"for device 1 again")]),
             ];
@@ -252,7 +255,26 @@ pub(super) fn cases() -> Vec<CaseDef> {
                     return Err(Outcome::fail(format!("another delivery on device {device}: {e:?}")));
                 }
             }
+            // Both subscriptions of the session go on: a new message for device 2 is pushed.
+            let live = a.send_msg(&b.key(), 2, &b"live for device 2"[..]).await?;
+            let d = b.next_deliver().await.map_err(|o| Outcome::fail(format!("subscribing to device 1 ended the subscription to device 2: {}", o.detail)))?;
+            if d.message_id != live.message_id || d.recipient_device != 2 {
+                return Err(Outcome::fail(format!("expected device 2's new message, got {}", describe(&Frame::new(0, Body::Deliver(d))))));
+            }
             Ok(Outcome::pass())
+        }),
+        case!("8.5/redelivered-after-reconnect", Must, "a message pushed but not acknowledged is pushed again to the next session that subscribes", |cx| {
+            let mut b = cx.node("B").await?;
+            let mut a = cx.node("A").await?;
+            let s = a.send_msg(&b.key(), 1, &b"at least once"[..]).await?;
+            b.subscribe(1, 0).await?;
+            b.next_deliver().await?;
+            let identity = b.identity.clone();
+            drop(b);
+            let mut b2 = cx.probe_as("B2", identity).await?;
+            b2.subscribe(1, 0).await?;
+            let d = b2.next_deliver().await.map_err(|o| Outcome::fail(format!("the unacknowledged message was not pushed again: {}", o.detail)))?;
+            if d.message_id == s.message_id { Ok(Outcome::pass()) } else { Err(Outcome::fail(format!("got {} instead of {}", d.message_id, s.message_id))) }
         }),
         case!("8.4/subscribed-last-id", Must, "Subscribed names its device and the highest id ever assigned in that mailbox, stored or not", |cx| {
             let mut b = cx.probe("B").await?;
