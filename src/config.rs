@@ -144,6 +144,7 @@ pub struct Config {
 
     // --- Session timers ---
     /// A peer may ping at most once per this interval (BOTD #2: 30 s); a second ping closes it.
+    /// Announced in `Welcome`; at least 1s (shorter than 30s only for tests).
     #[serde(with = "humantime_serde")]
     pub ping_min_interval: Duration,
     /// The relay pings a peer it has heard nothing from for this long.
@@ -158,7 +159,8 @@ pub struct Config {
     /// A write to a peer that makes no progress for this long closes the session.
     #[serde(with = "humantime_serde")]
     pub write_timeout: Duration,
-    /// Sealed bytes queued towards one session; past this it gets `SLOW_CONSUMER` and is closed.
+    /// Bytes of pushes queued towards one session, counted as encoded `Frame` plaintexts (no tag,
+    /// no length prefix); past this it gets `SLOW_CONSUMER` and is closed.
     pub max_outbound_bytes: usize,
     /// On shutdown, how long sessions get to flush before they are dropped.
     #[serde(with = "humantime_serde")]
@@ -464,6 +466,9 @@ impl Config {
         if self.max_connections == 0 || self.max_handshakes_in_flight == 0 {
             return fail("max_connections and max_handshakes_in_flight must be positive");
         }
+        if self.ping_min_interval < Duration::from_secs(1) {
+            return fail("ping_min_interval must be at least 1s");
+        }
         if self.idle_timeout < 2 * self.ping_min_interval + Duration::from_secs(2) {
             return fail(
                 "idle_timeout must leave room for two pings: at least 2 × ping_min_interval + 2s",
@@ -529,21 +534,15 @@ impl Config {
 }
 
 impl Config {
-    /// An upper bound on the encoded size of any answer or push under these limits: the
-    /// largest is a `PreKeyBundles` with a bundle for each of `max_devices_per_identity`
-    /// devices, every key field at `max_key_len` (a `Deliver` is bounded by `max_payload_len`
-    /// plus 4096, checked separately).
+    /// The exact encoded size of the largest answer or push under these limits (PROTOCOL.md
+    /// §3): a `PreKeyBundles` with a bundle for each of `max_devices_per_identity` devices,
+    /// every key field at `max_key_len` (a `Deliver` stays below `max_payload_len` + 4096,
+    /// checked separately).
     pub fn largest_answer_len(&self) -> usize {
-        let key = self.max_key_len;
-        // A length-delimited field: tag, varint length (at most 5 bytes), body.
-        let field = |len: usize| 1 + 5 + len;
-        let varint = 1 + 10;
-        let signed = field(varint + field(key) + field(key));
-        let one_time = field(varint + field(key));
-        let bundle = field(varint + varint + field(key) + signed + one_time);
-        let bundles = field(self.max_devices_per_identity * bundle);
-        // Frame id, the body's tag and length.
-        varint + bundles
+        botd_protocol::message::largest_bundles_frame_len(
+            self.max_devices_per_identity,
+            self.max_key_len,
+        )
     }
 }
 
@@ -648,10 +647,30 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("largest answer"), "{err}");
+        let err = Config::load(None, vars(&[("BOTD_PING_MIN_INTERVAL", "999ms")])).unwrap_err();
+        assert!(err.to_string().contains("ping_min_interval"), "{err}");
         let too_many = (MAX_MAILBOX_MESSAGES + 1).to_string();
         let err =
             Config::load(None, vars(&[("BOTD_MAILBOX_MAX_MESSAGES", &too_many)])).unwrap_err();
         assert!(err.to_string().contains("mailbox_max_messages"), "{err}");
+    }
+
+    #[test]
+    fn the_frame_limit_bound_is_exact() {
+        // PROTOCOL.md §3: at the defaults the largest answer is 17 120 bytes, plus the tag.
+        let small = |max_frame_len: &str| {
+            Config::load(
+                None,
+                vars(&[
+                    ("BOTD_MAX_FRAME_LEN", max_frame_len),
+                    ("BOTD_MAX_PAYLOAD_LEN", "13000"),
+                    ("BOTD_MAX_OUTBOUND_BYTES", "1048576"),
+                ]),
+            )
+        };
+        assert!(small("17136").is_ok());
+        let err = small("17135").unwrap_err();
+        assert!(err.to_string().contains("largest answer"), "{err}");
     }
 
     #[test]

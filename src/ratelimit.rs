@@ -148,7 +148,8 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
 
 /// A [`KeyedLimiter`] split into independently locked shards by key, so that limiting on the
 /// hot path does not serialize every session behind one lock. Each shard holds its share of
-/// `max_keys`.
+/// `max_keys`: the shares differ by at most one and add up to exactly `max_keys`
+/// (PROTOCOL.md §8.1).
 #[derive(Debug)]
 pub struct ShardedLimiter<K> {
     shards: Box<[Mutex<KeyedLimiter<K>>]>,
@@ -160,11 +161,12 @@ const LIMITER_SHARDS: usize = 32;
 
 impl<K: Hash + Eq + Clone> ShardedLimiter<K> {
     pub fn new(rate: Rate, max_keys: usize) -> Self {
-        let count = LIMITER_SHARDS.min(max_keys.max(1));
-        let per_shard = max_keys.max(1).div_ceil(count);
+        let max_keys = max_keys.max(1);
+        let count = LIMITER_SHARDS.min(max_keys);
+        let share = |shard: usize| max_keys / count + usize::from(shard < max_keys % count);
         Self {
             shards: (0..count)
-                .map(|_| Mutex::new(KeyedLimiter::new(rate, per_shard)))
+                .map(|shard| Mutex::new(KeyedLimiter::new(rate, share(shard))))
                 .collect(),
             hasher: Default::default(),
         }
@@ -230,6 +232,22 @@ mod tests {
         let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
         assert_eq!(address_group(mapped), v4);
         assert_eq!(address_group(v4), v4);
+    }
+
+    #[test]
+    fn a_sharded_limiter_tracks_exactly_max_keys() {
+        let now = Instant::now();
+        for max_keys in [1usize, 8, 31, 32, 33, 40, 100_000] {
+            let limiter: ShardedLimiter<u32> = ShardedLimiter::new(Rate::new(1.0, 1), max_keys);
+            let total: usize = limiter.shards.iter().map(|s| s.lock().max_keys).sum();
+            assert_eq!(total, max_keys);
+        }
+        // Keys in use beyond the maximum are refused, whichever shards they fall into.
+        let limiter = ShardedLimiter::new(Rate::new(1.0, 1), 40);
+        let admitted = (0..41u32)
+            .filter(|key| limiter.try_take(key, now).is_ok())
+            .count();
+        assert!(admitted <= 40, "{admitted}");
     }
 
     #[test]

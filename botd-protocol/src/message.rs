@@ -78,6 +78,7 @@ pub struct DeliverFrame {
 
 const FRAME_ID_TAG: u32 = 1;
 const FRAME_DELIVER_TAG: u32 = 36;
+const FRAME_BUNDLES_TAG: u32 = 24;
 
 fn varint_field_len(tag: u32, value: u64) -> usize {
     if value == 0 {
@@ -181,6 +182,48 @@ impl DeliverFrame {
     }
 }
 
+/// The largest plaintext of a `Frame` carrying `PreKeyBundles` that a relay with these limits
+/// can send (docs/PROTOCOL.md §3): `devices` bundles, every uint32 at its maximum, every
+/// key-material field `key_len` bytes, in a frame with the largest id.
+pub fn largest_bundles_frame_len(devices: usize, key_len: usize) -> usize {
+    let uint32 = |tag: u32| prost::encoding::key_len(tag) + encoded_len_varint(u64::from(u32::MAX));
+    let field =
+        |tag: u32, len: usize| prost::encoding::key_len(tag) + encoded_len_varint(len as u64) + len;
+    let signed = uint32(1) + field(2, key_len) + field(3, key_len);
+    let one_time = uint32(1) + field(2, key_len);
+    let bundle = uint32(1) + uint32(2) + field(3, key_len) + field(4, signed) + field(5, one_time);
+    let bundles = devices * field(1, bundle);
+    largest_frame_len(FRAME_BUNDLES_TAG, bundles)
+}
+
+/// The largest plaintext of a `Frame` carrying a `Deliver` of a `payload_len`-byte payload
+/// (docs/PROTOCOL.md §3), in a frame with the largest id.
+pub fn largest_deliver_frame_len(payload_len: usize) -> usize {
+    let id = 1 + encoded_len_varint(u64::MAX);
+    let uint32 = 1 + encoded_len_varint(u64::from(u32::MAX));
+    let field = |len: usize| 1 + encoded_len_varint(len as u64) + len;
+    // message_id, sender, sender_device, recipient_device, sender_nonce, payload_hash,
+    // sender_signature, payload, received_at_ms.
+    let body = id
+        + field(PUBLIC_KEY_LEN)
+        + 2 * uint32
+        + field(NONCE_LEN)
+        + field(HASH_LEN)
+        + field(SIGNATURE_LEN)
+        + field(payload_len)
+        + id;
+    largest_frame_len(FRAME_DELIVER_TAG, body)
+}
+
+/// `Frame { id: u64::MAX, <tag>: <body of body_len bytes> }`, encoded.
+fn largest_frame_len(tag: u32, body_len: usize) -> usize {
+    key_len(FRAME_ID_TAG)
+        + encoded_len_varint(u64::MAX)
+        + key_len(tag)
+        + encoded_len_varint(body_len as u64)
+        + body_len
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::{Duration, Instant};
@@ -193,6 +236,62 @@ mod tests {
     use crate::handshake::SessionKeys;
     use crate::keys::KeyPair;
     use crate::session::Timers;
+
+    #[test]
+    fn largest_answers_are_exact() {
+        use crate::proto::{PreKey, PreKeyBundle, PreKeyBundles, SignedPreKey};
+        for (devices, key) in [(16, 256), (1, 1), (3, 127), (5, 128), (40, 20_000)] {
+            let k = || Bytes::from(vec![0xab; key]);
+            let bundle = PreKeyBundle {
+                device_id: u32::MAX,
+                registration_id: u32::MAX,
+                identity_key: k(),
+                signed_prekey: Some(SignedPreKey {
+                    id: u32::MAX,
+                    public_key: k(),
+                    signature: k(),
+                }),
+                one_time_prekey: Some(PreKey {
+                    id: u32::MAX,
+                    public_key: k(),
+                }),
+            };
+            let frame = Frame::new(
+                u64::MAX,
+                Body::PreKeyBundles(PreKeyBundles {
+                    bundles: vec![bundle; devices],
+                }),
+            );
+            assert_eq!(
+                largest_bundles_frame_len(devices, key),
+                frame.encoded_len(),
+                "{devices} × {key}"
+            );
+        }
+        // docs/PROTOCOL.md §3: the defaults.
+        assert_eq!(largest_bundles_frame_len(16, 256), 17_120);
+        for payload in [0usize, 1, 127, 128, 16_383, 16_384, 262_144] {
+            let frame = Frame::new(
+                u64::MAX,
+                Body::Deliver(Deliver {
+                    message_id: u64::MAX,
+                    sender: Bytes::from(vec![2; PUBLIC_KEY_LEN]),
+                    sender_device: u32::MAX,
+                    recipient_device: u32::MAX,
+                    sender_nonce: Bytes::from(vec![1; NONCE_LEN]),
+                    payload_hash: Bytes::from(vec![1; HASH_LEN]),
+                    sender_signature: Bytes::from(vec![1; SIGNATURE_LEN]),
+                    payload: Bytes::from(vec![1; payload.max(1)]),
+                    received_at_ms: u64::MAX,
+                }),
+            );
+            assert_eq!(
+                largest_deliver_frame_len(payload.max(1)),
+                frame.encoded_len()
+            );
+            assert!(largest_deliver_frame_len(payload) <= payload + 203);
+        }
+    }
 
     #[test]
     fn message_digest_matches_the_protocol_example() {

@@ -27,7 +27,7 @@ pub struct SuiteArgs {
     /// Run one case (repeatable), e.g. 8.3/idempotent-resend
     #[arg(long = "case", value_name = "ID")]
     cases: Vec<String>,
-    /// Also run the slow cases (minutes of timers, or of rate-limit waits)
+    /// Also run the cases that wait long (more than 30 s of timers, or of rate-limit waits)
     #[arg(long)]
     slow: bool,
     /// Write the JSON report (as `--json` prints it)

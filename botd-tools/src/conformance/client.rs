@@ -6,8 +6,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio::time::Instant;
 
-use super::faulty::{serve, AckFault, DeliverFault, First, Script, Seen, Shared, Trace};
+use super::faulty::{serve, AckFault, BadFrame, DeliverFault, First, Script, Seen, Shared, Trace};
 use super::{CaseReport, Level, Log, Outcome, Report, Selection, Verdict};
 use botd_protocol::keys::{sha256, KeyPair, PublicKeyBytes};
 use botd_protocol::proto::{Body, ErrorCode, Frame};
@@ -164,11 +165,64 @@ fn acks_ok(t: &Trace, _: Option<&Trace>) -> Outcome {
     }
     if acks
         .iter()
-        .any(|a| a.message_ids.len() > 4096 || a.device_id == 0)
+        .any(|a| a.message_ids.len() > 4096 || a.device_id != 1)
     {
-        return Outcome::fail("an AckMessages with more than 4096 ids or device 0");
+        return Outcome::fail(
+            "an AckMessages with more than 4096 ids, or for another device than the one the messages came for (1)",
+        );
+    }
+    // Both messages were delivered (ids 1 and 2) and processed: both are acknowledged.
+    let acked: std::collections::HashSet<u64> =
+        acks.iter().flat_map(|a| a.message_ids.clone()).collect();
+    if completed(t) && !(acked.contains(&1) && acked.contains(&2)) {
+        return Outcome::fail(format!(
+            "the node processed messages 1 and 2 but acknowledged only {acked:?}"
+        ));
     }
     Outcome::pass()
+}
+
+/// The node answers neither the relay's unsolicited `Pong`s nor `Error`s (§7.1), and goes on.
+fn pongs_not_answered(t: &Trace, _: Option<&Trace>) -> Outcome {
+    if answered_after(t, "pushes sent") {
+        return Outcome::fail("the node answered an unsolicited Pong");
+    }
+    scenario_completes(t, None)
+}
+
+/// The node sent a `Pong` or an `Error` after `mark`: it answered a frame that gets no answer.
+fn answered_after(t: &Trace, mark: &str) -> bool {
+    frames_after(t, mark)
+        .iter()
+        .any(|f| matches!(f.body, Some(Body::Pong(_) | Body::Error(_))))
+}
+
+/// No two of the node's `Ping`s less than `max(30 s, ping_min_interval_ms)` apart (§7.3),
+/// though the relay announced a window of 1 s.
+fn ping_spacing(t: &Trace, _: Option<&Trace>) -> Outcome {
+    let pings: Vec<Instant> = t
+        .frames()
+        .filter(|(_, f)| matches!(f.body, Some(Body::Ping(_))))
+        .map(|(at, _)| *at)
+        .collect();
+    if let Some(w) = pings
+        .windows(2)
+        .find(|w| w[1] - w[0] < Duration::from_secs(30))
+    {
+        return Outcome::fail(format!(
+            "two Pings {:?} apart: a node keeps 30 s between its Pings whatever the relay announces",
+            w[1] - w[0]
+        ));
+    }
+    Outcome::pass_with(format!("{} Ping(s)", pings.len()))
+}
+
+fn over_announced_recorded(t: &Trace, _: Option<&Trace>) -> Outcome {
+    if frames_after(t, "oversize").is_empty() && t.closed() {
+        Outcome::info("the node closed on a frame above the announced max_frame_len (it keeps the announced limit)")
+    } else {
+        Outcome::info("the node took a frame above the announced max_frame_len (it keeps a larger limit of its own, allowed by §3)")
+    }
 }
 
 fn request_ids_ok(t: &Trace, _: Option<&Trace>) -> Outcome {
@@ -245,11 +299,7 @@ fn ping_flood_recorded(t: &Trace, _: Option<&Trace>) -> Outcome {
 }
 
 fn no_answer_to_error(t: &Trace, _: Option<&Trace>) -> Outcome {
-    let after = frames_after(t, "error pushed");
-    if after
-        .iter()
-        .any(|f| matches!(f.body, Some(Body::Error(_) | Body::Pong(_))))
-    {
+    if answered_after(t, "error pushed") {
         return Outcome::fail("the node answered an Error push");
     }
     Outcome::pass()
@@ -339,7 +389,14 @@ fn welcome_key_recorded(t: &Trace, _: Option<&Trace>) -> Outcome {
 pub fn cases() -> Vec<ClientCase> {
     use Level::*;
     let mut all = vec![
-        c("3/client-frame-over-limit", Must, "a frame above the announced max_frame_len makes the node close", || Script { welcome_max_frame_len: Some(2048), oversize_registered: true, ..Default::default() }, |t, _| closes_after(t, "oversize")),
+        c("3/client-frame-over-limit", Must, "a length of 2^32 − 1 (above any client's limit) makes the node close without waiting for the body", || Script { welcome_max_frame_len: Some(2048), bad_frame: Some(BadFrame::Huge), ..Default::default() }, |t, _| closes_after(t, "bad frame")),
+        c("3/client-frame-zero-length", Must, "a zero-length frame makes the node close", || Script { bad_frame: Some(BadFrame::ZeroLength), ..Default::default() }, |t, _| closes_after(t, "bad frame")),
+        c("3/client-frame-at-limit", Must, "a frame body of exactly the announced max_frame_len (2048) is accepted", || Script { welcome_max_frame_len: Some(2048), push_at_limit: true, ..Default::default() }, scenario_completes),
+        c("3/client-frame-over-announced", Open, "a frame above the announced max_frame_len: the node may close or keep a larger limit of its own (recorded)", || Script { welcome_max_frame_len: Some(2048), oversize_registered: true, ..Default::default() }, over_announced_recorded),
+        c("7.1/client-pong-not-answered", Must, "unsolicited Pongs from the relay are not answered", || Script { pushes_before_registered: 3, ..Default::default() }, pongs_not_answered),
+        c("7.3/client-ping-spacing", Must, "the node keeps 30 s between its Pings though the relay announces a 1 s window", || Script { welcome_ping_min_interval_ms: Some(1000), welcome_ping_interval_ms: Some(1000), welcome_idle_timeout_ms: Some(4000), hold_second: Some(Duration::from_secs(3)), ..Default::default() }, ping_spacing),
+        c("8.4/client-deliver-high-s", Must, "a Deliver whose signature is the high-S twin of a valid one is discarded", || Script { deliver: DeliverFault::HighS, ..Default::default() }, rejects_forgery),
+        c("8.4/client-deliver-for-another-recipient", Must, "a Deliver signed for another recipient is discarded (the node verifies with itself as recipient)", || Script { deliver: DeliverFault::OtherRecipient, ..Default::default() }, rejects_forgery),
         c("4.5/ack-wrong-init-id", Must, "an Ack for another Init: the node closes and sends nothing", || Script { ack: AckFault::WrongInitId, ..Default::default() }, closes_silently),
         c("4.5/ack-bad-signature", Must, "an Ack with a bad signature: the node closes and sends nothing", || Script { ack: AckFault::BadSignature, ..Default::default() }, closes_silently),
         c("4.5/ack-high-s", Must, "an Ack with a high-S signature: the node closes and sends nothing", || Script { ack: AckFault::HighS, ..Default::default() }, closes_silently),
@@ -347,6 +404,7 @@ pub fn cases() -> Vec<ClientCase> {
         c("4.5/ack-empty-id", Must, "an Ack with an empty id: the node closes and sends nothing", || Script { ack: AckFault::EmptyId, ..Default::default() }, closes_silently),
         c("4.5/ack-bad-ephemeral", Must, "an Ack whose ephemeral key is not a point: the node closes and sends nothing", || Script { ack: AckFault::BadEphemeral, ..Default::default() }, closes_silently),
         c("6.2/client-welcome-bad-tag", Must, "a Welcome with a bad tag: the node closes and sends nothing", || Script { first: First::BadTagWelcome, ..Default::default() }, closes_silently),
+        c("6.2/client-frame-bad-tag", Must, "an answer with a bad tag in the session: the node closes and sends nothing further", || Script { bad_tag_registered: true, ..Default::default() }, |t, _| closes_after(t, "bad tag")),
         c("6.3/client-rotation", Must, "the node opens relay frames 1024 and up under rotated keys", || Script { pushes_before_registered: 1100, ..Default::default() }, scenario_completes),
         c("6.3/client-rotation-late", Must, "a relay that rotates one frame late: the node closes", || Script { pushes_before_registered: 1100, rotate_shift: Some(1), ..Default::default() }, |t, _| closes_after(t, "pushes sent")),
         c("7.1/client-unknown-pushes", Should, "pushes with an unknown body or error code are ignored", || Script { unknown_pushes: true, ..Default::default() }, ignores_unknown),
@@ -362,7 +420,7 @@ pub fn cases() -> Vec<ClientCase> {
         c("8.4/client-acks", Must, "the node acknowledges what it processed (≤ 4096 ids per AckMessages)", Script::default, acks_ok),
         c("8.4/client-deliver-bad-signature", Must, "a Deliver with a bad signature is discarded", || Script { deliver: DeliverFault::BadSignature, ..Default::default() }, rejects_forgery),
         c("8.4/client-deliver-bad-hash", Must, "a Deliver whose payload does not match payload_hash is discarded", || Script { deliver: DeliverFault::BadHash, ..Default::default() }, rejects_forgery),
-        c("8.4/client-deliver-wrong-device", Must, "a Deliver for another device is discarded", || Script { deliver: DeliverFault::WrongDevice, ..Default::default() }, rejects_forgery),
+        c("8.4/client-deliver-wrong-device", Must, "a Deliver for another device of the node (correctly signed for it) is discarded", || Script { deliver: DeliverFault::WrongDevice, ..Default::default() }, rejects_forgery),
         c("8.4/client-replaced", Must, "after REPLACED the node does not subscribe again", || Script { replaced_after_subscribed: true, ..Default::default() }, no_resubscribe),
         c("8.5/client-duplicate-id", Must, "a second Deliver with an id already received is a duplicate", || Script { deliver: DeliverFault::DuplicateId, ..Default::default() }, rejects_forgery),
     ];

@@ -56,10 +56,26 @@ pub enum DeliverFault {
     BadSignature,
     /// An extra `Deliver` of the second payload with the first message's signature and hash.
     BadHash,
-    /// The first message delivered again under a new id but for another device.
+    /// A message of the second payload for the node's device 2 (signed correctly for it by
+    /// another identity), pushed on device 1's subscription.
     WrongDevice,
+    /// A message of the second payload signed correctly by another identity for itself as
+    /// recipient (not the node).
+    OtherRecipient,
+    /// A message of the second payload from another identity, for the node's device 1, with
+    /// the high-S twin of a valid signature.
+    HighS,
     /// The second message first arrives under the first message's id.
     DuplicateId,
+}
+
+/// A frame header that breaks the node's framing, sent instead of the answer to `Register`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadFrame {
+    /// `len = 0`.
+    ZeroLength,
+    /// `len = 2^32 − 1`, above any client's limit (at most 1 GiB, §3); no body follows.
+    Huge,
 }
 
 /// The knobs of a misbehaving relay (all off: a correct one).
@@ -79,12 +95,65 @@ pub struct Script {
     /// Shift of the relay's own rotation point (Some(1): rotates after 1024).
     pub rotate_shift: Option<u64>,
     pub answer_ping_flood: bool,
+    /// The ping window enforced, when not the one announced.
+    pub enforced_ping_window: Option<Duration>,
+    /// The longest `Ping.id` answered, when not 64 bytes.
+    pub ping_id_max: Option<usize>,
+    /// The frame id of every `Pong`, when not the ping frame's.
+    pub pong_frame_id: Option<u64>,
+    /// `Ping`s in frames with id 0 do not count for the ping window.
+    pub id0_pings_not_counted: bool,
+    /// A `Ping` with a malformed id counts for the ping window.
+    pub counts_malformed_pings: bool,
+    /// Answers an `Init` (an `Ack`) before its checks, then closes if they fail.
+    pub ack_before_checks: bool,
+    /// Derives the keys from a re-encoding of the `Init`, not the bytes received.
+    pub reencodes_init: bool,
+    /// Refuses `Init` ids that are not 32 lowercase hex characters.
+    pub ids_hex32_only: bool,
+    /// Uses one ephemeral key for every `Ack`.
+    pub reuse_ephemeral: bool,
+    /// Shift of the rotation of the node's direction (Some(1): after 1024).
+    pub rotate_open_shift: Option<u64>,
+    /// Pads the `Ack` with an unknown field to this many bytes.
+    pub ack_len: Option<usize>,
+    /// `Welcome.protocol`, when not "botd/1".
+    pub welcome_protocol: Option<&'static str>,
+    /// Sends an `Error` before closing on a frame that fails (framing, tag, end of stream).
+    pub error_before_close: bool,
+    /// Sends a frame before closing on a bad handshake frame.
+    pub replies_to_bad_handshake_frames: bool,
+    /// Closes on a plaintext that is not a `Frame` instead of answering `BAD_REQUEST`.
+    pub closes_on_undecodable: bool,
+    /// Takes a `Frame` not in the canonical encoding (unknown fields, order) for undecodable.
+    pub strict_canonical_frames: bool,
+    /// Answers a `Ping` with a `Pong` naming another ping id.
+    pub pong_wrong_ping_id: bool,
+    /// Answers unsolicited `Pong`s with a `Pong`.
+    pub answer_pongs: bool,
+    /// The frame limit during the handshake, when not 1024.
+    pub handshake_limit: Option<u32>,
+    /// The limit of session frames read, when not the announced one.
+    pub session_limit: Option<u32>,
+    /// Answers frames it does not serve with `BAD_REQUEST` instead of `UNSUPPORTED`.
+    pub unsupported_as_bad_request: bool,
     /// Frames before answering `Register`: this many unsolicited `Pong`s (to cross a rotation).
     pub pushes_before_registered: usize,
     /// Pushes a `Frame` with an unknown body and an `Error` with an unknown code first.
     pub unknown_pushes: bool,
     /// Answers `Register` with a frame longer than the announced limit.
     pub oversize_registered: bool,
+    /// Pushes, before answering `Register`, a frame of exactly the announced `max_frame_len`.
+    pub push_at_limit: bool,
+    /// Sends this instead of the answer to `Register`.
+    pub bad_frame: Option<BadFrame>,
+    /// Seals the answer to `Register` with a wrong tag.
+    pub bad_tag_registered: bool,
+    /// `Welcome.idle_timeout_ms` and `Welcome.ping_interval_ms`, when not the defaults.
+    pub welcome_idle_timeout_ms: Option<u64>,
+    pub welcome_ping_interval_ms: Option<u64>,
+    /// Holds the delivery of the second message this long.
+    pub hold_second: Option<Duration>,
     /// Two Pings right after `Welcome`.
     pub ping_twice: bool,
     /// One Ping right after `Welcome`.
@@ -93,6 +162,8 @@ pub struct Script {
     pub push_error_after_subscribed: Option<ErrorCode>,
     /// Pushes `REPLACED` after `Subscribed`.
     pub replaced_after_subscribed: bool,
+    /// Pushes the stored messages before `Subscribed`.
+    pub deliver_before_subscribed: bool,
     /// Pushes `SLOW_CONSUMER` after the first `Deliver` and closes.
     pub slow_consumer_after_first: bool,
     /// Answers the first `Send` with `RATE_LIMITED` and this `retry_after_ms`.
@@ -209,7 +280,16 @@ impl Conn<'_> {
                             .push((Instant::now(), Seen::Garbage("bad tag".into())));
                         return None;
                     };
-                    return match Frame::decode(&pt[..]) {
+                    let decoded = Frame::decode(&pt[..])
+                        .map_err(|e| e.to_string())
+                        .and_then(|f| {
+                            if self.script.strict_canonical_frames && f.encode_to_vec() != pt {
+                                Err("not in the canonical encoding".to_string())
+                            } else {
+                                Ok(f)
+                            }
+                        });
+                    match decoded {
                         Ok(f) => {
                             self.log.add("node", Dir::In, describe(&f));
                             if self.trace.events.len() < MAX_EVENTS {
@@ -217,7 +297,7 @@ impl Conn<'_> {
                                     .events
                                     .push((Instant::now(), Seen::Frame(f.clone())));
                             }
-                            Some(f)
+                            return Some(f);
                         }
                         Err(e) => {
                             self.log.add(
@@ -225,12 +305,17 @@ impl Conn<'_> {
                                 Dir::In,
                                 format!("a plaintext that is not a Frame: {e}"),
                             );
-                            self.trace
-                                .events
-                                .push((Instant::now(), Seen::Garbage(e.to_string())));
-                            None
+                            self.trace.events.push((Instant::now(), Seen::Garbage(e)));
+                            // §7.1: BAD_REQUEST with id 0, and the session goes on.
+                            if self.script.closes_on_undecodable
+                                || !self
+                                    .send(&Frame::error(0, ErrorCode::BadRequest, "not a Frame"))
+                                    .await
+                            {
+                                return None;
+                            }
                         }
-                    };
+                    }
                 }
                 Ok(None) => {}
                 Err(e) => {
@@ -271,19 +356,25 @@ pub async fn serve(
     let _ = stream.set_nodelay(true);
     // --- handshake ---
     let mut buf = BytesMut::new();
-    let mut codec = FrameCodec::new(1024);
+    let mut codec = FrameCodec::new(script.handshake_limit.unwrap_or(1024));
     let init_body = loop {
         match codec.decode(&mut buf) {
             Ok(Some(b)) => break b,
             Ok(None) => {}
             Err(e) => {
                 log.add("node", Dir::In, format!("handshake framing: {e}"));
+                if script.replies_to_bad_handshake_frames {
+                    let _ = stream.write_all(&encode_frame(b"bad frame")).await;
+                }
                 return trace;
             }
         }
         match tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)).await {
             Ok(Ok(n)) if n > 0 => {}
             _ => {
+                if script.replies_to_bad_handshake_frames && !buf.is_empty() {
+                    let _ = stream.write_all(&encode_frame(b"bad frame")).await;
+                }
                 trace.events.push((Instant::now(), Seen::Closed));
                 return trace;
             }
@@ -291,6 +382,11 @@ pub async fn serve(
     };
     log.add("node", Dir::In, super::wire::describe_init(&init_body));
     let Ok(init) = Init::decode(&init_body[..]) else {
+        if script.ack_before_checks {
+            let _ = stream
+                .write_all(&encode_frame(&Ack::default().encode_to_vec()))
+                .await;
+        }
         return trace;
     };
     let me = identity.public().as_bytes();
@@ -299,6 +395,15 @@ pub async fn serve(
             return None;
         }
         if !valid_id(&init.id) {
+            return None;
+        }
+        if script.ids_hex32_only
+            && !(init.id.len() == 32
+                && init
+                    .id
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+        {
             return None;
         }
         let sender = PublicKeyBytes::parse(&init.sender_pubkey).ok()?;
@@ -326,11 +431,25 @@ pub async fn serve(
         Some((sender, eph))
     })();
     let Some((sender, remote_eph)) = checks else {
+        if script.ack_before_checks {
+            let ack = Ack {
+                id: random_id(),
+                init_id: init.id.clone(),
+                ephemeral_pubkey: Bytes::copy_from_slice(KeyPair::generate().public().as_bytes()),
+                signature: Bytes::from(vec![1; 64]),
+            };
+            log.add("relay", Dir::Out, "an Ack before the checks");
+            let _ = stream.write_all(&encode_frame(&ack.encode_to_vec())).await;
+        }
         log.note("Init refused: closing silently");
         return trace;
     };
     trace.identity = Some(sender);
-    let eph = KeyPair::generate();
+    let eph = if script.reuse_ephemeral {
+        KeyPair::from_secret_bytes(&[0x42; 32]).unwrap_or_else(|_| KeyPair::generate())
+    } else {
+        KeyPair::generate()
+    };
     let mut ack = Ack {
         id: random_id(),
         init_id: init.id.clone(),
@@ -353,7 +472,11 @@ pub async fn serve(
         }
     }
     ack.signature = Bytes::copy_from_slice(&sig);
-    let ack_body = ack.encode_to_vec();
+    let mut ack_body = ack.encode_to_vec();
+    if let Some(len) = script.ack_len {
+        let pad = super::wire::padding_field(15, len.saturating_sub(ack_body.len()));
+        ack_body.extend(pad);
+    }
     log.add("relay", Dir::Out, super::wire::describe_ack(&ack_body));
     if stream.write_all(&encode_frame(&ack_body)).await.is_err() {
         return trace;
@@ -361,16 +484,22 @@ pub async fn serve(
     let ee = eph.ecdh(&remote_eph);
     let es = identity.ecdh(&remote_eph);
     let se = eph.ecdh(&sender);
-    let (i2r, r2i) = derive(&init_body, &ack_body, &ee, &es, &se);
+    let transcript_init = if script.reencodes_init {
+        init.encode_to_vec()
+    } else {
+        init_body.to_vec()
+    };
+    let (i2r, r2i) = derive(&transcript_init, &ack_body, &ee, &es, &se);
     let mut seal = FlexCipher::new(r2i);
     seal.rotate_shift = script.rotate_shift.or(Some(0));
     let mut open = FlexCipher::new(i2r);
     open.check_tag = !script.skip_tag_check;
+    open.rotate_shift = script.rotate_open_shift.or(Some(0));
     let max_frame = script.welcome_max_frame_len.unwrap_or(1 << 20);
     let mut c = Conn {
         stream,
         buf,
-        codec: FrameCodec::new(max_frame.max(1024)),
+        codec: FrameCodec::new(script.session_limit.unwrap_or(max_frame.max(1024))),
         seal,
         open,
         log,
@@ -383,13 +512,16 @@ pub async fn serve(
         return c.trace;
     }
     let welcome = Welcome {
-        protocol: proto::PROTOCOL_NAME.into(),
+        protocol: script
+            .welcome_protocol
+            .unwrap_or(proto::PROTOCOL_NAME)
+            .into(),
         server_version: "conformance".into(),
         max_frame_len: max_frame,
         max_payload_len: max_frame.saturating_sub(4096).max(1),
-        ping_interval_ms: 60_000,
+        ping_interval_ms: script.welcome_ping_interval_ms.unwrap_or(60_000),
         server_time_ms: super::unix_ms(),
-        idle_timeout_ms: 600_000,
+        idle_timeout_ms: script.welcome_idle_timeout_ms.unwrap_or(600_000),
         relay_pubkey: if script.welcome_other_key {
             Bytes::copy_from_slice(KeyPair::generate().public().as_bytes())
         } else {
@@ -442,11 +574,43 @@ pub async fn serve(
     c.trace
 }
 
+/// A `Deliver` (id 0: the caller numbers it) of `payload` from a fresh identity, signed for
+/// `recipient`'s `device` (`None`: for the stranger itself; the high-S twin of the signature if
+/// `high_s`), with its device set to `device`.
+fn stranger_deliver(
+    recipient: Option<&PublicKeyBytes>,
+    device: u32,
+    payload: &Bytes,
+    high_s: bool,
+) -> proto::Deliver {
+    let stranger = KeyPair::generate();
+    let recipient = *recipient.unwrap_or(stranger.public());
+    let mut signed =
+        botd_client::OutgoingMessage::new(recipient, device, 1, payload.clone()).sign(&stranger);
+    if high_s {
+        let sig: [u8; 64] = signed.sender_signature[..].try_into().unwrap_or([0; 64]);
+        signed.sender_signature = Bytes::copy_from_slice(&negate_s(&sig));
+    }
+    proto::Deliver {
+        message_id: 0,
+        sender: Bytes::copy_from_slice(stranger.public().as_bytes()),
+        sender_device: 1,
+        recipient_device: device,
+        sender_nonce: signed.sender_nonce,
+        payload_hash: signed.payload_hash,
+        sender_signature: signed.sender_signature,
+        payload: signed.payload,
+        received_at_ms: super::unix_ms(),
+    }
+}
+
 /// The scenario relay: in-memory mailbox of device 1 of the node's own identity.
 async fn app_loop(c: &mut Conn<'_>, identity: &KeyPair, deadline: Instant) {
-    let _ = identity;
     let script = c.script;
     let mut last_ping: Option<Instant> = None;
+    let ping_window = script.enforced_ping_window.unwrap_or(Duration::from_millis(
+        script.welcome_ping_min_interval_ms.unwrap_or(30_000),
+    ));
     let mut next_id = 1u64;
     let mut subscribed = false;
     let mut stored: Vec<proto::Deliver> = Vec::new();
@@ -482,10 +646,13 @@ async fn app_loop(c: &mut Conn<'_>, identity: &KeyPair, deadline: Instant) {
             .unwrap_or(deadline)
             .min(deadline);
         let Some(frame) = c.next(wake).await else {
-            if c.trace.closed()
-                || Instant::now() >= deadline
-                || matches!(c.trace.events.last(), Some((_, Seen::Garbage(_))))
-            {
+            let failed = matches!(c.trace.events.last(), Some((_, Seen::Garbage(_))))
+                || (c.trace.closed() && !c.buf.is_empty());
+            if failed && script.error_before_close {
+                c.send(&Frame::error(0, ErrorCode::BadRequest, "bad frame"))
+                    .await;
+            }
+            if c.trace.closed() || Instant::now() >= deadline || failed {
                 return;
             }
             continue;
@@ -494,9 +661,7 @@ async fn app_loop(c: &mut Conn<'_>, identity: &KeyPair, deadline: Instant) {
         let answer = match frame.body {
             Some(Body::Ping(p)) => {
                 let now = Instant::now();
-                if !script.answer_ping_flood
-                    && last_ping.is_some_and(|t| now - t < Duration::from_secs(30))
-                {
+                if !script.answer_ping_flood && last_ping.is_some_and(|t| now - t < ping_window) {
                     c.send(&Frame::error(
                         id,
                         ErrorCode::PingFlood,
@@ -505,19 +670,36 @@ async fn app_loop(c: &mut Conn<'_>, identity: &KeyPair, deadline: Instant) {
                     .await;
                     return;
                 }
-                if valid_id(&p.id) {
+                let id_ok = (1..=script.ping_id_max.unwrap_or(64)).contains(&p.id.len());
+                if !id_ok && script.counts_malformed_pings {
                     last_ping = Some(now);
+                }
+                if id_ok {
+                    if id != 0 || !script.id0_pings_not_counted {
+                        last_ping = Some(now);
+                    }
                     Some(Frame::new(
-                        id,
+                        script.pong_frame_id.unwrap_or(id),
                         Body::Pong(Pong {
                             id: random_id(),
-                            ping_id: p.id,
+                            ping_id: if script.pong_wrong_ping_id {
+                                random_id()
+                            } else {
+                                p.id
+                            },
                         }),
                     ))
                 } else {
                     Some(Frame::error(id, ErrorCode::BadRequest, "ping id"))
                 }
             }
+            Some(Body::Pong(p)) if script.answer_pongs => Some(Frame::new(
+                id,
+                Body::Pong(Pong {
+                    id: random_id(),
+                    ping_id: p.id,
+                }),
+            )),
             Some(Body::Pong(_)) | Some(Body::Error(_)) => None,
             Some(Body::Register(r)) => {
                 if script.unknown_pushes {
@@ -553,6 +735,34 @@ async fn app_loop(c: &mut Conn<'_>, identity: &KeyPair, deadline: Instant) {
                     );
                     c.mark("pushes sent");
                 }
+                if script.push_at_limit {
+                    let max = script.welcome_max_frame_len.unwrap_or(1 << 20) as usize;
+                    let head = field_bytes(201, b"future push");
+                    let pt = [
+                        head.clone(),
+                        super::wire::padding_field(15, max - 16 - head.len()),
+                    ]
+                    .concat();
+                    c.send_raw_plain(
+                        &pt,
+                        &format!("Frame {{ id: 0, <unknown body 201>, padding }}: a {}-byte body, the announced limit", pt.len() + 16),
+                    )
+                    .await;
+                    c.mark("at limit");
+                }
+                if let Some(bad) = script.bad_frame {
+                    let (header, what) = match bad {
+                        BadFrame::ZeroLength => (0u32, "length 0"),
+                        BadFrame::Huge => (u32::MAX, "length 2^32 - 1, no body"),
+                    };
+                    c.log
+                        .add("relay", Dir::Out, format!("{what}, instead of Registered"));
+                    c.mark("bad frame");
+                    if !c.write(&header.to_be_bytes()).await {
+                        return;
+                    }
+                    continue;
+                }
                 let reg = Frame::new(
                     id,
                     Body::Registered(proto::Registered {
@@ -560,6 +770,19 @@ async fn app_loop(c: &mut Conn<'_>, identity: &KeyPair, deadline: Instant) {
                         one_time_prekeys: r.one_time_prekeys.len() as u32,
                     }),
                 );
+                if script.bad_tag_registered {
+                    c.log.add(
+                        "relay",
+                        Dir::Out,
+                        format!("{} with a bad tag", describe(&reg)),
+                    );
+                    c.mark("bad tag");
+                    let wire = c.seal.seal_bad_tag(&reg.encode_to_vec());
+                    if !c.write(&wire).await {
+                        return;
+                    }
+                    continue;
+                }
                 if script.oversize_registered {
                     let max = script.welcome_max_frame_len.unwrap_or(1 << 20) as usize;
                     let mut pt = reg.encode_to_vec();
@@ -581,6 +804,12 @@ async fn app_loop(c: &mut Conn<'_>, identity: &KeyPair, deadline: Instant) {
             }
             Some(Body::Subscribe(s)) => {
                 subscribed = true;
+                if script.deliver_before_subscribed {
+                    for d in stored.iter().filter(|d| d.message_id > s.after_id) {
+                        c.send(&Frame::new(0, Body::Deliver(d.clone()))).await;
+                    }
+                    stored.retain(|d| d.message_id <= s.after_id);
+                }
                 c.send(&Frame::new(
                     id,
                     Body::Subscribed(proto::Subscribed {
@@ -592,6 +821,14 @@ async fn app_loop(c: &mut Conn<'_>, identity: &KeyPair, deadline: Instant) {
                 if let Some(code) = script.push_error_after_subscribed {
                     c.send(&Frame::error(0, code, "conformance")).await;
                     c.mark("error pushed");
+                    // Closes a little later than a relay would, to see whether the node
+                    // answers the push.
+                    let linger = (Instant::now() + Duration::from_millis(500)).min(deadline);
+                    for _ in 0..100 {
+                        if c.next(linger).await.is_none() {
+                            break;
+                        }
+                    }
                     return;
                 }
                 if script.replaced_after_subscribed {
@@ -646,9 +883,15 @@ async fn app_loop(c: &mut Conn<'_>, identity: &KeyPair, deadline: Instant) {
                         f
                     }),
                     (DeliverFault::WrongDevice, true) => {
-                        let mut f = real(0);
-                        f.recipient_device = 2;
-                        Some(f)
+                        let me = c.trace.identity.unwrap_or(*identity.public());
+                        Some(stranger_deliver(Some(&me), 2, &s.payload, false))
+                    }
+                    (DeliverFault::OtherRecipient, true) => {
+                        Some(stranger_deliver(None, 1, &s.payload, false))
+                    }
+                    (DeliverFault::HighS, true) => {
+                        let me = c.trace.identity.unwrap_or(*identity.public());
+                        Some(stranger_deliver(Some(&me), 1, &s.payload, true))
                     }
                     (DeliverFault::DuplicateId, true) => {
                         history.first().map(|first| real(first.message_id))
@@ -656,7 +899,9 @@ async fn app_loop(c: &mut Conn<'_>, identity: &KeyPair, deadline: Instant) {
                 };
                 let delay = forged
                     .as_ref()
-                    .map(|_| Instant::now() + Duration::from_millis(1000));
+                    .map(|_| Duration::from_millis(1000))
+                    .or(script.hold_second.filter(|_| second))
+                    .map(|d| Instant::now() + d);
                 if let Some(mut f) = forged {
                     if f.message_id == 0 {
                         f.message_id = next_id;
@@ -711,7 +956,14 @@ async fn app_loop(c: &mut Conn<'_>, identity: &KeyPair, deadline: Instant) {
                     count: 0,
                 }),
             )),
-            other => botd_protocol::proto::unsupported_unless_ignorable(&Frame { id, body: other }),
+            other => botd_protocol::proto::unsupported_unless_ignorable(&Frame { id, body: other })
+                .map(|answer| {
+                    if script.unsupported_as_bad_request {
+                        Frame::error(id, ErrorCode::BadRequest, "not served")
+                    } else {
+                        answer
+                    }
+                }),
         };
         if let Some(a) = answer {
             if !c.send(&a).await {

@@ -369,6 +369,18 @@ pub const ASSUME_KEYS: &[(&str, &str)] = &[
     ),
     ("handshake_timeout_ms", "handshake deadline (default 10000)"),
     ("pong_timeout_ms", "wait for a Pong (default 20000)"),
+    (
+        "expiry_interval_ms",
+        "period of the relay's expiry sweep (default 10000)",
+    ),
+    (
+        "message_ttl_ms",
+        "message lifetime (cases skipped unless given)",
+    ),
+    (
+        "account_ttl_ms",
+        "idle account lifetime (cases skipped unless given)",
+    ),
 ];
 
 /// An `--assume` item that is not a known `KEY=VALUE`.

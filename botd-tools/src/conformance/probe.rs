@@ -229,6 +229,7 @@ impl Raw {
             cleanup: Arc::new(Mutex::new(Vec::new())),
             frames_in: 0,
             largest_in: 0,
+            welcome_at: Instant::now(),
         };
         probe.read_welcome().await?;
         Ok(probe)
@@ -259,6 +260,8 @@ pub struct Probe {
     pub frames_in: u64,
     /// Largest frame body received in the session.
     pub largest_in: usize,
+    /// When `Welcome` arrived (its `server_time_ms` is the relay's clock then).
+    welcome_at: Instant,
 }
 
 impl Probe {
@@ -331,6 +334,7 @@ impl Probe {
                 self.codec
                     .set_max_frame_len(welcome.max_frame_len.clamp(1024, 64 << 20));
                 self.welcome = welcome;
+                self.welcome_at = Instant::now();
                 Ok(())
             }
             Event::Frame(other) => Err(Outcome::fail(format!(
@@ -345,6 +349,17 @@ impl Probe {
 
     pub fn key(&self) -> PublicKeyBytes {
         *self.identity.public()
+    }
+
+    /// The relay's clock now, as far as the suite can tell: `Welcome.server_time_ms` plus the
+    /// time since `Welcome` arrived (a little behind the relay by the network delay).
+    pub fn relay_now_ms(&self) -> u64 {
+        self.welcome.server_time_ms + self.welcome_at.elapsed().as_millis() as u64
+    }
+
+    /// Reads frames up to `limit` bytes from now on, whatever the relay announced.
+    pub fn set_max_frame_len(&mut self, limit: u32) {
+        self.codec.set_max_frame_len(limit);
     }
 
     /// The relay's announced frame limit.
@@ -822,6 +837,18 @@ impl Probe {
             Body::Sent(s) => Ok(s),
             other => Err(Outcome::fail(format!(
                 "Send answered with {}",
+                describe(&Frame::new(0, other))
+            ))),
+        }
+    }
+
+    /// A ticket of this identity (setup: rate limits honoured); `ttl_s` and `uses` as sent.
+    pub async fn create_ticket(&mut self, ttl_s: u32, uses: u32) -> Step<proto::Ticket> {
+        let req = Body::CreateTicket(proto::CreateTicket { ttl_s, uses });
+        match self.setup(req, "CreateTicket").await? {
+            Body::Ticket(t) => Ok(t),
+            other => Err(Outcome::fail(format!(
+                "CreateTicket answered {}",
                 describe(&Frame::new(0, other))
             ))),
         }

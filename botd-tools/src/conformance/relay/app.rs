@@ -10,6 +10,7 @@ use crate::conformance::wire::describe;
 use crate::conformance::{Outcome, Step};
 use botd_protocol::keys::KeyPair;
 use botd_protocol::proto::{self, Body, ErrorCode, Frame};
+use prost::Message;
 
 fn key_bytes(p: &Probe) -> Bytes {
     Bytes::copy_from_slice(p.key().as_bytes())
@@ -46,6 +47,22 @@ async fn id_after_reregistering_device_1(a: &mut Probe) -> Step<(u64, u64)> {
     a.register(1, 1).await?;
     let next = a.send_msg(&me, 1, Bytes::new()).await?.message_id;
     Ok((last, next))
+}
+
+/// A registration whose every field names its device, so that bundles of two devices differ.
+fn distinct_registration(device: u32) -> proto::Register {
+    let tag = |kind: u8| Bytes::from([&[kind][..], &device.to_be_bytes()[..]].concat());
+    proto::Register {
+        device_id: device,
+        registration_id: 9000 + device,
+        identity_key: tag(0x05),
+        signed_prekey: Some(proto::SignedPreKey {
+            id: 100 + device,
+            public_key: tag(0x06),
+            signature: tag(0x07),
+        }),
+        one_time_prekeys: prekeys(1000 * device, 2),
+    }
 }
 
 fn upload(device: u32, keys: Vec<proto::PreKey>) -> Body {
@@ -309,13 +326,20 @@ pub(super) fn cases() -> Vec<CaseDef> {
             let next = a.send_msg(&me, 1, &b"next"[..]).await?;
             if next.message_id > first.message_id { Ok(Outcome::pass()) } else { Err(Outcome::fail(format!("{next:?} after {first:?}"))) }
         }),
-        case!("8.2/unregister", Must, "Unregister answers Unregistered and the device is gone", |cx| {
+        case!("8.2/unregister", Must, "Unregister answers Unregistered with the device id (5), and only that device is gone", |cx| {
             let mut a = cx.node("A").await?;
-            match a.ok(Body::Unregister(proto::Unregister { device_id: 1 }), "Unregister").await? {
-                Body::Unregistered(u) if u.device_id == 1 => {}
+            a.register(5, 2).await?;
+            match a.ok(Body::Unregister(proto::Unregister { device_id: 5 }), "Unregister").await? {
+                Body::Unregistered(u) if u.device_id == 5 => {}
                 other => return Err(Outcome::fail(describe(&Frame::new(0, other)))),
             }
-            a.expect_code(Body::GetPreKeyCount(proto::GetPreKeyCount { device_id: 1 }), ErrorCode::NotRegistered).await
+            a.cleanup.lock().retain(|(_, d)| *d != 5);
+            a.expect_code(Body::GetPreKeyCount(proto::GetPreKeyCount { device_id: 5 }), ErrorCode::NotRegistered).await?;
+            match a.prekey_count(1).await {
+                Ok(5) => Ok(Outcome::pass()),
+                Ok(n) => Err(Outcome::fail(format!("device 1 has {n} prekeys left, not 5"))),
+                Err(o) => Err(Outcome::fail(format!("device 1 went with device 5: {}", o.detail))),
+            }
         }),
         case!("8.2/unregister-not-registered", Must, "Unregister of a device that is not registered gets NOT_REGISTERED", |cx| {
             node_fails(cx, Body::Unregister(proto::Unregister { device_id: 2 }), ErrorCode::NotRegistered).await
@@ -334,11 +358,29 @@ pub(super) fn cases() -> Vec<CaseDef> {
             }
         }),
         // --- §8.2 prekeys ----------------------------------------------------------------------
-        case!("8.2/upload-prekeys", Must, "UploadPreKeys appends keys and answers the new count", |cx| {
+        case!("8.2/upload-appends", Must, "uploaded one-time prekeys go after the stored ones: fetches hand out the registered key, then the uploaded ones in order", |cx| {
+            let mut a = cx.probe("A").await?;
+            a.register(1, 1).await?;
+            a.setup(upload(1, prekeys(50, 2)), "UploadPreKeys").await?;
+            let mut f = cx.probe("F").await?;
+            let mut got = Vec::new();
+            for _ in 0..3 {
+                got.push(f.fetch(&a.key(), vec![1]).await?.first().and_then(one_time_id));
+            }
+            if got == vec![Some(1), Some(50), Some(51)] { Ok(Outcome::pass()) } else {
+                Err(Outcome::fail(format!("one-time keys handed out: {got:?}, expected [1, 50, 51]")))
+            }
+        }),
+        case!("8.2/upload-prekeys", Must, "UploadPreKeys appends keys and answers the device id (2) and its new count", |cx| {
             let mut a = cx.node("A").await?;
-            match a.ok(upload(1, prekeys(100, 4)), "UploadPreKeys").await? {
-                Body::PreKeyCount(c) if c.device_id == 1 && c.count == 9 => Ok(Outcome::pass()),
-                other => Err(Outcome::fail(describe(&Frame::new(0, other)))),
+            a.register(2, 3).await?;
+            match a.ok(upload(2, prekeys(100, 4)), "UploadPreKeys").await? {
+                Body::PreKeyCount(c) if c.device_id == 2 && c.count == 7 => {}
+                other => return Err(Outcome::fail(format!("expected PreKeyCount {{ device 2, count 7 }}, got {}", describe(&Frame::new(0, other))))),
+            }
+            match a.prekey_count(1).await? {
+                5 => Ok(Outcome::pass()),
+                n => Err(Outcome::fail(format!("device 1 has {n} keys after an upload to device 2, not 5"))),
             }
         }),
         case!("8.2/upload-too-many", Must, "UploadPreKeys of max_prekeys_per_upload + 1 keys gets BAD_REQUEST", |cx| {
@@ -387,21 +429,35 @@ pub(super) fn cases() -> Vec<CaseDef> {
                 Err(Outcome::fail("the signed prekey was not replaced"))
             }
         }),
-        case!("8.2/get-prekey-count", Must, "GetPreKeyCount answers the stored count; NOT_REGISTERED for an unknown device", |cx| {
+        case!("8.2/get-prekey-count", Must, "GetPreKeyCount answers the device id and its stored count (devices 1 and 4 differ); NOT_REGISTERED for an unknown device", |cx| {
             let mut a = cx.node("A").await?;
-            if a.prekey_count(1).await? != 5 { return Err(Outcome::fail("count is not 5")); }
+            a.register(4, 8).await?;
+            for (device, count) in [(4u32, 8u32), (1, 5)] {
+                match a.ok(Body::GetPreKeyCount(proto::GetPreKeyCount { device_id: device }), "GetPreKeyCount").await? {
+                    Body::PreKeyCount(c) if c.device_id == device && c.count == count => {}
+                    other => return Err(Outcome::fail(format!("expected PreKeyCount {{ device {device}, count {count} }}, got {}", describe(&Frame::new(0, other))))),
+                }
+            }
             a.expect_code(Body::GetPreKeyCount(proto::GetPreKeyCount { device_id: 3 }), ErrorCode::NotRegistered).await
         }),
-        case!("8.2/fetch-bundle-content", Must, "a bundle returns the registered fields as given", |cx| {
+        case!("8.2/fetch-bundle-content", Must, "each bundle returns its own device's registered fields as given (two devices with different keys)", |cx| {
             let mut a = cx.probe("A").await?;
-            let reg = registration(1, 2);
-            a.register(1, 2).await?;
+            let regs = [distinct_registration(3), distinct_registration(1)];
+            for r in &regs {
+                a.setup(Body::Register(r.clone()), "Register").await?;
+                a.cleanup.lock().push((a.identity.clone(), r.device_id));
+            }
             let mut f = cx.probe("F").await?;
-            let b = f.fetch(&a.key(), vec![]).await?;
-            match b.as_slice() {
-                [b] if b.device_id == 1 && b.registration_id == reg.registration_id && b.identity_key == reg.identity_key
-                    && b.signed_prekey == reg.signed_prekey && b.one_time_prekey.as_ref() == reg.one_time_prekeys.first() => Ok(Outcome::pass()),
-                other => Err(Outcome::fail(format!("{} bundles, not as registered", other.len()))),
+            let bundles = f.fetch(&a.key(), vec![]).await?;
+            let expected: Vec<proto::PreKeyBundle> = [&regs[1], &regs[0]].iter().map(|r| proto::PreKeyBundle {
+                device_id: r.device_id,
+                registration_id: r.registration_id,
+                identity_key: r.identity_key.clone(),
+                signed_prekey: r.signed_prekey.clone(),
+                one_time_prekey: r.one_time_prekeys.first().cloned(),
+            }).collect();
+            if bundles == expected { Ok(Outcome::pass()) } else {
+                Err(Outcome::fail(format!("bundles {bundles:?}, registered {expected:?}")))
             }
         }),
         case!("8.2/one-time-prekey-once", Must, "one-time prekeys go out oldest first, each at most once, then bundles come without one", |cx| {
@@ -434,15 +490,27 @@ pub(super) fn cases() -> Vec<CaseDef> {
                 Err(Outcome::fail(format!("{} bundles, {left} keys left", b.len())))
             }
         }),
-        case!("8.2/fetch-17-entries", Must, "FetchPreKeys with more than 16 device ids gets BAD_REQUEST", |cx| {
+        case!("8.2/fetch-too-many-entries", Must, "FetchPreKeys with more than max_devices_per_identity device ids gets BAD_REQUEST", |cx| {
+            let max = cx.limit("max_devices_per_identity", 16) as u32;
             let mut a = cx.node("A").await?;
             let id = key_bytes(&a);
-            a.expect_code(Body::FetchPreKeys(proto::FetchPreKeys { identity: id, device_ids: (1..=17).collect() }), ErrorCode::BadRequest).await
+            a.expect_code(Body::FetchPreKeys(proto::FetchPreKeys { identity: id, device_ids: (1..=max + 1).collect() }), ErrorCode::BadRequest).await
         }),
-        case!("8.2/fetch-17-entries-with-duplicates", Must, "the 16-entry limit counts the list as sent, before duplicates are merged", |cx| {
+        case!("8.2/fetch-too-many-entries-with-duplicates", Must, "the max_devices_per_identity limit of FetchPreKeys counts the list as sent, before duplicates are merged", |cx| {
+            let max = cx.limit("max_devices_per_identity", 16) as usize;
             let mut a = cx.node("A").await?;
             let id = key_bytes(&a);
-            a.expect_code(Body::FetchPreKeys(proto::FetchPreKeys { identity: id, device_ids: vec![1; 17] }), ErrorCode::BadRequest).await
+            a.expect_code(Body::FetchPreKeys(proto::FetchPreKeys { identity: id, device_ids: vec![1; max + 1] }), ErrorCode::BadRequest).await
+        }),
+        case!("8.2/fetch-max-entries", Must, "FetchPreKeys listing max_devices_per_identity device ids (every registered device) is served", |cx| {
+            let max = cx.limit("max_devices_per_identity", 16) as u32;
+            cx.affordable(u64::from(max) + 2, cx.change_bucket(), "account changes of one identity")?;
+            let mut a = cx.probe("A").await?;
+            for d in 1..=max { a.register(d, 0).await?; }
+            let mut f = cx.probe("F").await?;
+            let bundles = f.fetch(&a.key(), (1..=max).rev().collect()).await?;
+            let ids: Vec<u32> = bundles.iter().map(|b| b.device_id).collect();
+            if ids == (1..=max).collect::<Vec<_>>() { Ok(Outcome::pass()) } else { Err(Outcome::fail(format!("bundles for devices {ids:?}"))) }
         }),
         case!("8.2/fetch-identity-32-bytes", Must, "FetchPreKeys with a 32-byte identity gets BAD_REQUEST", |cx| {
             let mut a = cx.node("A").await?;
@@ -492,17 +560,22 @@ pub(super) fn cases() -> Vec<CaseDef> {
                 Err(Outcome::fail(format!("after an upload back to {threshold} keys, expected PreKeysLow {{ device 1, count {} }}, got {}", threshold - 1, describe(&push))))
             }
         }),
-        case!("8.2/prekeys-low", Must, "a fetch that leaves fewer than 10 keys pushes PreKeysLow to the owner's sessions", |cx| {
+        case!("8.2/prekeys-low", Must, "a fetch that leaves fewer than 10 keys pushes PreKeysLow { device, count left } to every session of the owner", |cx| {
             let mut a = cx.probe("A").await?;
             let threshold = cx.limit("prekey_low_threshold", 10) as u32;
-            a.register(1, threshold).await?;
+            a.register(1, threshold + 5).await?;
+            a.register(2, threshold).await?;
+            let mut a2 = cx.probe_as("A2", a.identity.clone()).await?;
             let mut f = cx.probe("F").await?;
-            f.fetch(&a.key(), vec![1]).await?;
-            let push = a.next_push(cx.wait()).await?;
-            match push.body {
-                Some(Body::PreKeysLow(low)) if low.device_id == 1 && low.count == threshold - 1 => Ok(Outcome::pass()),
-                _ => Err(Outcome::fail(format!("expected PreKeysLow {{ device 1, count {} }}, got {}", threshold - 1, describe(&push)))),
+            f.fetch(&a.key(), vec![2]).await?;
+            for p in [&mut a, &mut a2] {
+                let push = p.next_push(cx.wait()).await?;
+                match push.body {
+                    Some(Body::PreKeysLow(low)) if low.device_id == 2 && low.count == threshold - 1 => {}
+                    _ => return Err(Outcome::fail(format!("session {}: expected PreKeysLow {{ device 2, count {} }}, got {}", p.name, threshold - 1, describe(&push)))),
+                }
             }
+            Ok(Outcome::pass())
         }),
         case!("8.2/no-prekeys-low-above-threshold", Must, "a fetch that leaves the threshold or more keys pushes nothing", |cx| {
             let mut a = cx.probe("A").await?;
@@ -537,15 +610,6 @@ pub(super) fn cases() -> Vec<CaseDef> {
                 Err(Outcome::fail(format!("last_id {} before the first message, which got id {}", sub.last_id, s.message_id)))
             }
         }),
-        case!("8.4/subscribed-last-id", Must, "Subscribed.last_id is the highest id ever assigned, whether stored or not", |cx| {
-            let mut a = cx.node("A").await?;
-            let me = a.key();
-            let s1 = a.send_msg(&me, 1, &b"1"[..]).await?;
-            let s2 = a.send_msg(&me, 1, &b"2"[..]).await?;
-            a.ack(1, vec![s1.message_id, s2.message_id]).await?;
-            let sub = a.subscribe(1, 0).await?;
-            if sub.last_id == s2.message_id && sub.device_id == 1 { Ok(Outcome::pass()) } else { Err(Outcome::fail(format!("{sub:?}, highest id {}", s2.message_id))) }
-        }),
         case!("8.4/backlog-in-order", Must, "stored messages above after_id are pushed in id order after Subscribed", |cx| {
             let mut a = cx.node("A").await?;
             let mut b = cx.node("B").await?;
@@ -573,19 +637,6 @@ pub(super) fn cases() -> Vec<CaseDef> {
             let s = b.send_msg(&a.key(), 1, &b"live"[..]).await?;
             let d = a.next_deliver().await?;
             if d.message_id == s.message_id { Ok(Outcome::pass()) } else { Err(Outcome::fail(format!("{}", d.message_id))) }
-        }),
-        case!("8.4/deliver-fields", Must, "Deliver carries the message as sent, and it verifies end to end", |cx| {
-            let mut a = cx.node("A").await?;
-            let mut b = cx.node("B").await?;
-            let req = b.signed(&a.key(), 1, 1, &b"fields"[..]);
-            let s = b.send_req(req.clone()).await?;
-            a.subscribe(1, 0).await?;
-            let d = a.next_deliver().await?;
-            let ok = d.message_id == s.message_id && d.sender[..] == b.key().as_bytes()[..] && d.sender_device == 1 && d.recipient_device == 1
-                && d.sender_nonce == req.sender_nonce && d.payload_hash == req.payload_hash && d.sender_signature == req.sender_signature && d.payload == req.payload;
-            if !ok { return Err(Outcome::fail(describe(&Frame::new(0, Body::Deliver(d))))); }
-            botd_client::verify_delivery(&d, &a.key()).map_err(|e| Outcome::fail(format!("does not verify: {e}")))?;
-            Ok(Outcome::pass())
         }),
         case!("8.4/window", Must, "at most max_unacked deliveries are in flight; an ack lets the next one follow", |cx| {
             let window = cx.limit("max_unacked", 256);
@@ -639,16 +690,99 @@ pub(super) fn cases() -> Vec<CaseDef> {
             a.prekey_count(1).await.map_err(|o| Outcome::fail(format!("the replaced session did not stay open: {}", o.detail)))?;
             Ok(Outcome::pass())
         }),
-        case!("8.4/replaced-gets-no-deliveries", Must, "after REPLACED the older session gets no Deliver for that device", |cx| {
+        case!("8.4/replaced-gets-no-deliveries", Must, "after REPLACED the older session gets no Deliver for that device; its subscription to another device goes on", |cx| {
             let mut a = cx.node("A").await?;
+            a.register(2, 0).await?;
             a.subscribe(1, 0).await?;
+            a.subscribe(2, 0).await?;
             let mut a2 = cx.probe_as("A2", a.identity.clone()).await?;
             a2.subscribe(1, 0).await?;
             let _ = a.next_push(cx.wait()).await?;
             let me = a.key();
             a2.send_msg(&me, 1, &b"to the new one"[..]).await?;
             a2.next_deliver().await?;
-            match a.quiet_for(cx.quiet()).await { Ok(()) => Ok(Outcome::pass()), Err(e) => Err(Outcome::fail(format!("{e:?}"))) }
+            if let Err(e) = a.quiet_for(cx.quiet()).await {
+                return Err(Outcome::fail(format!("the replaced session got: {e:?}")));
+            }
+            let s = a2.send_msg(&me, 2, &b"to device 2"[..]).await?;
+            let d = a.next_deliver().await.map_err(|o| Outcome::fail(format!("the replaced session's subscription to device 2 ended too: {}", o.detail)))?;
+            if d.message_id == s.message_id && d.recipient_device == 2 { Ok(Outcome::pass()) } else {
+                Err(Outcome::fail(describe(&Frame::new(0, Body::Deliver(d)))))
+            }
+        }),
+        case!("8.4/unregister-ends-subscription", Must, "unregistering a device ends its subscription: registered again, its messages do not reach the old subscriber", |cx| {
+            let mut a = cx.node("A").await?;
+            a.register(2, 0).await?;
+            a.subscribe(2, 0).await?;
+            let mut a2 = cx.probe_as("A2", a.identity.clone()).await?;
+            a2.unregister(2).await?;
+            a2.register(2, 0).await?;
+            let me = a.key();
+            a2.send_msg(&me, 2, &b"after re-registration"[..]).await?;
+            match a.quiet_for(cx.quiet()).await {
+                Ok(()) => Ok(Outcome::pass()),
+                Err(e) => Err(Outcome::fail(format!("the subscription outlived the unregistration: {e:?}"))),
+            }
+        }),
+        case!("8.4/subscribed-before-deliver", Must, "a pipelined Subscribe is answered after the answers before it, and before any Deliver of its subscription", |cx| {
+            let mut a = cx.node("A").await?;
+            let me = a.key();
+            let bodies = vec![
+                Body::Send(a.signed(&me, 1, 1, &b"1"[..])),
+                Body::Send(a.signed(&me, 1, 1, &b"2"[..])),
+                Body::Subscribe(proto::Subscribe { device_id: 1, after_id: 0 }),
+            ];
+            let first = a.fresh_id();
+            let mut wire = Vec::new();
+            for (i, body) in bodies.into_iter().enumerate() {
+                if i > 0 { a.fresh_id(); }
+                wire.extend_from_slice(&a.seal(&Frame::new(first + i as u64, body).encode_to_vec()));
+            }
+            a.send_wire(&wire, format!("Send, Send, Subscribe pipelined (frames {first}..={})", first + 2)).await;
+            let mut order = Vec::new();
+            while order.len() < 5 {
+                let f = a.next_frame(cx.wait()).await?;
+                order.push(match (&f.body, f.id) {
+                    (Some(Body::Sent(_)), id) if id < first + 2 => "Sent",
+                    (Some(Body::Subscribed(_)), id) if id == first + 2 => "Subscribed",
+                    (Some(Body::Deliver(_)), 0) => "Deliver",
+                    (Some(Body::PreKeysLow(_)), 0) => continue,
+                    _ => return Err(Outcome::fail(format!("unexpected {}", describe(&f)))),
+                });
+            }
+            if order == ["Sent", "Sent", "Subscribed", "Deliver", "Deliver"] { Ok(Outcome::pass()) } else {
+                Err(Outcome::fail(format!("frames in the order {order:?}")))
+            }
+        }),
+        case!("8.1/pipelined-sees-earlier", Must, "each pipelined request sees the effects of the earlier ones: Register, a Send from that device, GetPreKeyCount, Unregister, GetPreKeyCount", |cx| {
+            let mut a = cx.probe("A").await?;
+            let me = a.key();
+            let send = a.signed(&me, 1, 1, &b"pipelined"[..]);
+            let answers = a.pipeline(vec![
+                Body::Register(registration(1, 1)),
+                Body::Send(send),
+                Body::GetPreKeyCount(proto::GetPreKeyCount { device_id: 1 }),
+                Body::Unregister(proto::Unregister { device_id: 1 }),
+                Body::GetPreKeyCount(proto::GetPreKeyCount { device_id: 1 }),
+            ]).await?;
+            let names: Vec<String> = answers.iter().map(|r| match r {
+                Ok(b) => describe(&Frame::new(0, b.clone())),
+                Err(e) => e.name(),
+            }).collect();
+            let ok = matches!(&answers[..], [
+                Ok(Body::Registered(_)),
+                Ok(Body::Sent(_)),
+                Ok(Body::PreKeyCount(_)),
+                Ok(Body::Unregistered(_)),
+                Err(e),
+            ] if e.code == ErrorCode::NotRegistered as i32);
+            if !ok {
+                if matches!(answers.first(), Some(Ok(Body::Registered(_)))) && !matches!(answers.get(3), Some(Ok(Body::Unregistered(_)))) {
+                    a.cleanup.lock().push((a.identity.clone(), 1));
+                }
+                return Err(Outcome::fail(format!("answers {names:?}")));
+            }
+            Ok(Outcome::pass())
         }),
         case!("8.4/get-message", Must, "GetMessage answers a Deliver with the request's frame id", |cx| {
             let mut a = cx.node("A").await?;
@@ -817,6 +951,32 @@ pub(super) fn cases() -> Vec<CaseDef> {
             let mut req = s.signed(&b.key(), 1, 1, Bytes::new());
             req.ticket = token;
             s.expect_code(Body::Send(req), ErrorCode::TicketInvalid).await.map_err(|o| Outcome::fail(format!("the old ticket: {} (tickets should be gone)", o.detail)))
+        }),
+        case!("8.6/removal-keeps-others-contacts", Must, "an account's removal leaves other accounts alone: the removed identity stays in their contact lists", |cx| {
+            let mut c = cx.node("C").await?;
+            let mut b = cx.node("B").await?;
+            c.setup(Body::AddContact(proto::AddContact { identity: key_bytes(&b) }), "AddContact").await?;
+            c.setup(Body::SetPolicy(proto::SetPolicy { accept: 1 }), "SetPolicy").await?;
+            b.unregister(1).await?;
+            b.register(1, 0).await?;
+            let req = b.signed(&c.key(), 1, 1, &b"still a contact"[..]);
+            b.call_patiently(Body::Send(req)).await?.map_err(|e| Outcome::fail(format!("B, C's contact, removed and registered again, got {}", e.name())))?;
+            Ok(Outcome::pass())
+        }),
+        case!("8.6/add-contact-limit", Must, "AddContact beyond max_contacts gets BAD_REQUEST; a contact already present still succeeds", |cx| {
+            let max = cx.need("max_contacts")?;
+            if max > 2000 {
+                return Ok(Outcome::skip("max_contacts above 2000 takes too long to fill"));
+            }
+            cx.affordable(max + 4, cx.change_bucket(), "account changes of one identity")?;
+            let mut a = cx.node("A").await?;
+            let first = Bytes::copy_from_slice(KeyPair::generate().public().as_bytes());
+            a.setup(Body::AddContact(proto::AddContact { identity: first.clone() }), "AddContact").await?;
+            for _ in 1..max {
+                a.setup(Body::AddContact(proto::AddContact { identity: Bytes::copy_from_slice(KeyPair::generate().public().as_bytes()) }), "AddContact").await?;
+            }
+            a.setup(Body::AddContact(proto::AddContact { identity: first }), "AddContact of a present contact").await?;
+            a.expect_code(Body::AddContact(proto::AddContact { identity: Bytes::copy_from_slice(KeyPair::generate().public().as_bytes()) }), ErrorCode::BadRequest).await
         }),
         case!("8.6/settings-kept-while-a-device-remains", Must, "unregistering a device that is not the last keeps the account's policy", |cx| {
             let mut b = cx.node("B").await?;

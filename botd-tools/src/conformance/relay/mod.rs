@@ -1,6 +1,8 @@
 //! The relay role: cases run by the suite's node ([`Probe`]) against any relay.
 
 mod app;
+mod expiry;
+mod fields;
 mod handshake;
 mod limits;
 mod send;
@@ -100,6 +102,8 @@ pub struct Ctx {
 
 /// Longest a case may spend waiting for rate-limit tokens without `--slow`.
 const FAST_TOKEN_WAIT: Duration = Duration::from_secs(20);
+/// Longest a case may spend waiting for the relay's timers without `--slow`.
+const FAST_TIMER_WAIT: Duration = Duration::from_secs(30);
 
 impl Ctx {
     /// A session with a fresh identity.
@@ -168,6 +172,18 @@ impl Ctx {
         )))
     }
 
+    /// Skips the case unless waiting `total` for the relay's timers is quick, or the run is
+    /// `--slow`: against a relay with short timers (a test setup, PROTOCOL.md §7.5) the timer
+    /// cases run in every run.
+    pub fn timer_wait(&self, total: Duration, what: &str) -> Step<()> {
+        if self.slow || total <= FAST_TIMER_WAIT {
+            return Ok(());
+        }
+        Err(Outcome::skip(format!(
+            "waits {total:?} for {what}: run with --slow, or against a relay with shorter timers"
+        )))
+    }
+
     pub fn wait(&self) -> Duration {
         self.t.wait
     }
@@ -187,6 +203,8 @@ pub fn cases() -> Vec<CaseDef> {
     all.extend(handshake::cases());
     all.extend(session::cases());
     all.extend(app::cases());
+    all.extend(fields::cases());
+    all.extend(expiry::cases());
     all.extend(send::cases());
     all.extend(limits::cases());
     all.sort_by(|a, b| {

@@ -6,10 +6,9 @@ use std::time::Duration;
 
 use super::{case, CaseDef, Ctx};
 use crate::conformance::probe::{code_name, Probe};
-use crate::conformance::wire::describe;
 use crate::conformance::{Outcome, Step};
 use botd_protocol::keys::{KeyPair, PublicKeyBytes};
-use botd_protocol::proto::{self, Accept, Body, ErrorCode, Frame};
+use botd_protocol::proto::{self, Accept, Body, ErrorCode};
 
 /// Two registered nodes, A and B.
 async fn pair(cx: &Ctx) -> Step<(Probe, Probe)> {
@@ -39,7 +38,7 @@ async fn send_ok(cx: Ctx, tamper: fn(&mut proto::Send, usize)) -> Step<Outcome> 
     Ok(Outcome::pass())
 }
 
-fn resign(req: &mut proto::Send, sender: &KeyPair) {
+pub(super) fn resign(req: &mut proto::Send, sender: &KeyPair) {
     let digest = botd_protocol::message::message_digest(
         sender.public().as_bytes(),
         &req.recipient,
@@ -64,22 +63,6 @@ async fn set_policy(p: &mut Probe, accept: Accept) -> Step<()> {
     )
     .await?;
     Ok(())
-}
-
-async fn ticket(p: &mut Probe, uses: u32) -> Step<proto::Ticket> {
-    match p
-        .setup(
-            Body::CreateTicket(proto::CreateTicket { ttl_s: 0, uses }),
-            "CreateTicket",
-        )
-        .await?
-    {
-        Body::Ticket(t) => Ok(t),
-        other => Err(Outcome::fail(format!(
-            "CreateTicket answered {}",
-            describe(&Frame::new(0, other))
-        ))),
-    }
 }
 
 fn with_ticket(p: &Probe, to: &PublicKeyBytes, token: &Bytes) -> proto::Send {
@@ -171,7 +154,12 @@ pub(super) fn cases() -> Vec<CaseDef> {
             a.send_req(req).await?;
             Ok(Outcome::pass())
         }),
-        case!("8.3/empty-payload", Must, "an empty payload is stored", |cx| { send_ok(cx, |_, _| {}).await }),
+        case!("8.3/empty-payload", Must, "an empty payload is stored", |cx| {
+            let (mut a, b) = pair(&cx).await?;
+            let req = a.signed(&b.key(), 1, 1, Bytes::new());
+            a.send_req(req).await?;
+            Ok(Outcome::pass())
+        }),
         case!("8.3/recipient-32-bytes", Must, "a 32-byte recipient gets BAD_REQUEST", |cx| {
             send_fails(cx, ErrorCode::BadRequest, |r, _| r.recipient = r.recipient.slice(..32)).await
         }),
@@ -429,7 +417,7 @@ pub(super) fn cases() -> Vec<CaseDef> {
         case!("8.3/ticket-admits", Must, "a valid ticket admits the first message and makes the sender a contact", |cx| {
             let (mut a, mut b) = pair(&cx).await?;
             set_policy(&mut b, Accept::ContactsOnly).await?;
-            let t = ticket(&mut b, 1).await?;
+            let t = b.create_ticket(0, 1).await?;
             a.send_req(with_ticket(&a, &b.key(), &t.token)).await?;
             let req = a.signed(&b.key(), 1, 1, &b"second, no ticket"[..]);
             match a.call(Body::Send(req)).await? {
@@ -441,7 +429,7 @@ pub(super) fn cases() -> Vec<CaseDef> {
             let (mut a, mut b) = pair(&cx).await?;
             let mut c = cx.node("C").await?;
             set_policy(&mut b, Accept::ContactsOnly).await?;
-            let t = ticket(&mut b, 1).await?;
+            let t = b.create_ticket(0, 1).await?;
             a.send_req(with_ticket(&a, &b.key(), &t.token)).await?;
             let req = with_ticket(&c, &b.key(), &t.token);
             c.expect_code(Body::Send(req), ErrorCode::TicketInvalid).await
@@ -450,7 +438,7 @@ pub(super) fn cases() -> Vec<CaseDef> {
             let (mut a, mut b) = pair(&cx).await?;
             let mut c = cx.node("C").await?;
             set_policy(&mut b, Accept::ContactsOnly).await?;
-            let t = ticket(&mut c, 1).await?;
+            let t = c.create_ticket(0, 1).await?;
             let req = with_ticket(&a, &b.key(), &t.token);
             a.expect_code(Body::Send(req), ErrorCode::TicketInvalid).await
         }),
@@ -458,7 +446,7 @@ pub(super) fn cases() -> Vec<CaseDef> {
             let (mut a, mut b) = pair(&cx).await?;
             let mut c = cx.node("C").await?;
             set_policy(&mut b, Accept::ContactsOnly).await?;
-            let t = ticket(&mut b, 2).await?;
+            let t = b.create_ticket(0, 2).await?;
             let req = with_ticket(&a, &b.key(), &t.token);
             a.send_req(req.clone()).await?;
             a.send_req(req).await?;
@@ -471,7 +459,7 @@ pub(super) fn cases() -> Vec<CaseDef> {
         case!("8.3/ticket-not-used-when-open", Must, "a ticket sent to an open identity is not used up", |cx| {
             let (mut a, mut b) = pair(&cx).await?;
             let mut c = cx.node("C").await?;
-            let t = ticket(&mut b, 1).await?;
+            let t = b.create_ticket(0, 1).await?;
             a.send_req(with_ticket(&a, &b.key(), &t.token)).await?;
             set_policy(&mut b, Accept::ContactsOnly).await?;
             let req = with_ticket(&c, &b.key(), &t.token);
@@ -510,11 +498,18 @@ pub(super) fn cases() -> Vec<CaseDef> {
                 return Ok(Outcome::skip("mailbox_max_messages above 2000 takes too long to fill"));
             }
             let (mut a, b) = pair(&cx).await?;
-            for _ in 0..max {
+            let first = a.signed(&b.key(), 1, 1, Bytes::new());
+            let stored = a.send_req(first.clone()).await?;
+            for _ in 1..max {
                 a.send_msg(&b.key(), 1, Bytes::new()).await?;
             }
             let req = a.signed(&b.key(), 1, 1, Bytes::new());
-            a.expect_code(Body::Send(req), ErrorCode::MailboxFull).await
+            a.expect_code(Body::Send(req), ErrorCode::MailboxFull).await?;
+            // A resend is answered from what is stored, without the quotas (§8.3 check 10).
+            let again = a.send_req(first).await.map_err(|o| Outcome::fail(format!("a resend to the full mailbox: {}", o.detail)))?;
+            if again.duplicate && again.message_id == stored.message_id { Ok(Outcome::pass()) } else {
+                Err(Outcome::fail(format!("a resend to the full mailbox: {again:?}, first {stored:?}")))
+            }
         }),
         case!("8.3/mailbox-full-bytes", Must, "a mailbox holding exactly mailbox_max_bytes accepts an empty payload but no byte more", |cx| {
             let max = cx.need("mailbox_max_bytes")? as usize;
@@ -544,7 +539,7 @@ pub(super) fn cases() -> Vec<CaseDef> {
                 b.setup(Body::AddContact(proto::AddContact { identity: id }), "AddContact").await?;
             }
             set_policy(&mut b, Accept::ContactsOnly).await?;
-            let t = ticket(&mut b, 1).await?;
+            let t = b.create_ticket(0, 1).await?;
             let req = with_ticket(&a, &b.key(), &t.token);
             a.expect_code(Body::Send(req), ErrorCode::MailboxFull).await
         }),
