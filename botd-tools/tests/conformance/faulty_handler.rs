@@ -837,10 +837,11 @@ impl Handler for Faulty {
         }
         if let (F::DeviceCheckedFirst, Some(device)) = (self.fault, checked_device) {
             use botd_relay::store::Store as _;
-            let registered = self.app.store().is_registered(me.as_bytes(), device);
+            // A device that is not registered has no prekey count.
+            let registered = self.app.store().prekey_count(me.as_bytes(), device);
             return Answer::pending(async move {
                 let out = settle(answer).await.expect("a request is answered");
-                if registered.await == Ok(false) {
+                if registered.await.is_err() {
                     return Outgoing::Frame(Frame::error(
                         id,
                         ErrorCode::NotRegistered,

@@ -280,14 +280,6 @@ impl Store for FaultyStore {
         }
     }
 
-    fn is_registered(
-        &self,
-        identity: &Identity,
-        device: u32,
-    ) -> impl Future<Output = StoreResult<bool>> + Send + use<> {
-        self.inner.is_registered(identity, device)
-    }
-
     fn append(
         &self,
         mut message: NewMessage,
