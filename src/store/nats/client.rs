@@ -495,14 +495,40 @@ impl Cluster {
         stream: &str,
         request: serde_json::Value,
     ) -> Result<Option<Stored>, NatsError> {
-        self.requests.get.increment(1);
         let body = Bytes::from(serde_json::to_vec(&request).map_err(NatsError::request)?);
-        let reply = self
-            .client
-            .request(format!("$JS.API.DIRECT.GET.{stream}"), body)
-            .await
-            .map_err(NatsError::request)?;
-        read_stored(reply)
+        self.retrying(|| async {
+            self.requests.get.increment(1);
+            let reply = self
+                .client
+                .request(format!("$JS.API.DIRECT.GET.{stream}"), body.clone())
+                .await
+                .map_err(core_request_error)?;
+            read_stored(reply)
+        })
+        .await
+    }
+
+    /// Runs `request` again while the cluster answers with a passing state (a stream between
+    /// leaders), within `nats_request_timeout`.
+    async fn retrying<T, F, Fut>(&self, mut request: F) -> Result<T, NatsError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, NatsError>>,
+    {
+        let deadline = tokio::time::Instant::now() + self.timeout();
+        for attempt in 0u64.. {
+            match request().await {
+                Err(err) if err.is_transient() => {
+                    let pause = Duration::from_millis((10 * (attempt + 1)).min(250));
+                    if tokio::time::Instant::now() + pause >= deadline {
+                        return Err(err);
+                    }
+                    tokio::time::sleep(pause).await;
+                }
+                outcome => return outcome,
+            }
+        }
+        unreachable!("the loop returns")
     }
 
     /// Up to `max` messages at or after `from` on `subject`, in sequence order.
@@ -514,12 +540,13 @@ impl Cluster {
         max: usize,
     ) -> Result<Vec<Stored>, NatsError> {
         let request = json!({ "seq": from.max(1), "next_by_subj": subject, "batch": max.clamp(1, MAX_GET_BATCH) });
-        self.direct_many(stream, request).await
+        self.retrying(|| self.direct_many(stream, request.clone()))
+            .await
     }
 
     /// The last message of every subject matching `filter` (at most 1024).
     pub async fn last_of_each(&self, stream: &str, filter: &str) -> Result<Vec<Stored>, NatsError> {
-        self.direct_many(stream, json!({ "multi_last": [filter] }))
+        self.retrying(|| self.direct_many(stream, json!({ "multi_last": [filter] })))
             .await
     }
 
@@ -552,12 +579,7 @@ impl Cluster {
                 Some(status) if status.as_u16() == 204 || status == StatusCode::NOT_FOUND => {
                     return Ok(out)
                 }
-                Some(status) => {
-                    return Err(NatsError::Api {
-                        code: u64::from(status.as_u16()),
-                        description: reply.description.unwrap_or_default(),
-                    })
-                }
+                Some(status) => return Err(status_error(status, reply.description)),
                 None => {
                     if let Some(stored) = read_stored(reply)? {
                         out.push(stored);
@@ -578,15 +600,18 @@ impl Cluster {
     /// Deletes message `seq` without overwriting it on disk (an erase rewrites the whole
     /// block). `Ok(false)` when it was not there.
     pub async fn delete(&self, stream: &str, seq: u64) -> Result<bool, NatsError> {
-        self.requests.delete.increment(1);
         let response: serde_json::Value = self
-            .js
-            .request(
-                format!("STREAM.MSG.DELETE.{stream}"),
-                &json!({ "seq": seq, "no_erase": true }),
-            )
-            .await
-            .map_err(NatsError::request)?;
+            .retrying(|| async {
+                self.requests.delete.increment(1);
+                self.js
+                    .request(
+                        format!("STREAM.MSG.DELETE.{stream}"),
+                        &json!({ "seq": seq, "no_erase": true }),
+                    )
+                    .await
+                    .map_err(api_request_error)
+            })
+            .await?;
         match api_error(&response) {
             None => Ok(true),
             Some(err)
@@ -609,16 +634,19 @@ impl Cluster {
         subject: &str,
         below: Option<u64>,
     ) -> Result<u64, NatsError> {
-        self.requests.purge.increment(1);
         let request = match below {
             Some(seq) => json!({ "filter": subject, "seq": seq }),
             None => json!({ "filter": subject }),
         };
         let response: serde_json::Value = self
-            .js
-            .request(format!("STREAM.PURGE.{stream}"), &request)
-            .await
-            .map_err(NatsError::request)?;
+            .retrying(|| async {
+                self.requests.purge.increment(1);
+                self.js
+                    .request(format!("STREAM.PURGE.{stream}"), &request)
+                    .await
+                    .map_err(api_request_error)
+            })
+            .await?;
         if let Some(err) = api_error(&response) {
             return Err(err);
         }
@@ -657,6 +685,33 @@ impl Cluster {
     }
 }
 
+/// A core request's failure: nothing answering is a passing state of the cluster.
+fn core_request_error(err: async_nats::RequestError) -> NatsError {
+    match err.kind() {
+        async_nats::RequestErrorKind::NoResponders => NatsError::NoResponders,
+        _ => NatsError::request(err),
+    }
+}
+
+/// A JetStream API request's failure, read the same way.
+fn api_request_error(err: jetstream::context::RequestError) -> NatsError {
+    match err.kind() {
+        jetstream::context::RequestErrorKind::NoResponders => NatsError::NoResponders,
+        _ => NatsError::request(err),
+    }
+}
+
+/// A status in place of a reply: 503 says nothing answered for the stream.
+fn status_error(status: StatusCode, description: Option<String>) -> NatsError {
+    if status == StatusCode::NO_RESPONDERS {
+        return NatsError::NoResponders;
+    }
+    NatsError::Api {
+        code: u64::from(status.as_u16()),
+        description: description.unwrap_or_default(),
+    }
+}
+
 /// The error a JetStream API response carries, if any.
 fn api_error(response: &serde_json::Value) -> Option<NatsError> {
     let error = response.get("error")?;
@@ -677,12 +732,7 @@ fn read_stored(reply: async_nats::Message) -> Result<Option<Stored>, NatsError> 
         Some(status) if status == StatusCode::NOT_FOUND || status.as_u16() == 204 => {
             return Ok(None)
         }
-        Some(status) => {
-            return Err(NatsError::Api {
-                code: u64::from(status.as_u16()),
-                description: reply.description.unwrap_or_default(),
-            })
-        }
+        Some(status) => return Err(status_error(status, reply.description)),
     }
     let headers = reply
         .headers
