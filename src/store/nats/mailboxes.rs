@@ -46,6 +46,15 @@ fn message_id(token: &str, message: &NewMessage, after: u64) -> String {
     hex::encode(&digest[..11])
 }
 
+/// The headers of a publish that only asks whether a message id is known: an answer
+/// `duplicate` names the message; anything else stored nothing.
+fn probe_headers(id: &str) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert("Nats-Msg-Id", id);
+    headers.insert("Nats-TTL", "invalid");
+    headers
+}
+
 /// How a publish of a new message ended.
 enum Published {
     Stored(u64),
@@ -469,14 +478,9 @@ impl Inner {
         message: &NewMessage,
         refusal: StoreError,
     ) -> StoreResult<Appended> {
-        // A publish that only asks: its condition can never hold, so nothing is stored, and
-        // the stream checks the message id first.
-        let mut headers = HeaderMap::new();
-        headers.insert("Nats-Msg-Id", message_id(token, message, 0).as_str());
-        headers.insert(
-            "Nats-Expected-Last-Subject-Sequence",
-            u64::MAX.to_string().as_str(),
-        );
+        // A publish that only asks: its TTL is never valid, so nothing is stored, and the
+        // stream looks its message id up before it reads the TTL.
+        let headers = probe_headers(&message_id(token, message, 0));
         let probe = self
             .cluster
             .publish(
@@ -514,12 +518,7 @@ impl Inner {
             {
                 return Ok(Some(id));
             }
-            let mut headers = HeaderMap::new();
-            headers.insert("Nats-Msg-Id", message_id(token, message, id).as_str());
-            headers.insert(
-                "Nats-Expected-Last-Subject-Sequence",
-                u64::MAX.to_string().as_str(),
-            );
+            let headers = probe_headers(&message_id(token, message, id));
             match self
                 .cluster
                 .publish(
