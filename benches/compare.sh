@@ -215,6 +215,17 @@ pid_of["NATS core"]=$nats_pid
 pid_of["JetStream"]=$nats_pid
 kind_of["NATS core"]=nats
 kind_of["JetStream"]=jetstream
+nats_pids_of["JetStream"]=$nats_pid
+declare -A extra_args_of
+if [ -n "$cluster_url" ]; then
+    # Plain JetStream with three replicas on the same cluster as the R3 relay.
+    labels+=("JetStream R3")
+    addr_of["JetStream R3"]="jetstream://127.0.0.1:${cports[0]}"
+    pid_of["JetStream R3"]=${cluster_pids[0]}
+    kind_of["JetStream R3"]=jetstream
+    nats_pids_of["JetStream R3"]="${cluster_pids[*]}"
+    extra_args_of["JetStream R3"]="--replicas 3"
+fi
 
 # --- runs -------------------------------------------------------------------------------------
 date=$(date -u +%Y-%m-%d)
@@ -246,10 +257,12 @@ bench() {
     if [ -n "$nats_pids" ]; then nats_before=$(cpu_seconds $nats_pids); fi
     local target=${addr_of[$label]} key_args=()
     if [ "${kind_of[$label]}" = botd ]; then key_args=(--server-key "${key_of[$label]}"); fi
+    # shellcheck disable=SC2206 # words on purpose
+    local extra=(${extra_args_of[$label]:-})
     log "round $round: $scenario $* → $label"
     if ! "${client_cpu[@]}" "$botd" bench "$scenario" "$target" "${key_args[@]}" \
         --server-pid "${pid_of[$label]}" --duration "$duration" --warmup "$warmup" \
-        --json --quiet --label "$label" --round "$round" "$@" \
+        --json --quiet --label "$label" --round "$round" "$@" "${extra[@]}" \
         >>"$results" 2>"$tmp/run.err"; then
         log "FAILED: round $round $scenario $* → $label: $(tail -3 "$tmp/run.err")"
         echo "round $round, $scenario $*, $label: $(tail -1 "$tmp/run.err")" >>"$failures"
@@ -318,7 +331,7 @@ fi
 if [ "$(wc -l <"$nats_cpu")" -gt 1 ]; then
     {
         echo
-        echo "## nats-server CPU behind the relays on the JetStream store"
+        echo "## nats-server CPU per message: behind the relays on the JetStream store, and for plain JetStream"
         echo
         echo "| target | round | scenario | nats-server CPU s | messages (est.) | nats-server CPU µs/msg |"
         echo "| --- | --- | --- | --- | --- | --- |"

@@ -38,6 +38,8 @@ pub const RATE_LIMITED: &str = "botd_rate_limited_total";
 pub const QUOTA_HITS: &str = "botd_quota_hits_total";
 /// Requests of the JetStream store to the cluster, by kind.
 pub const JETSTREAM_REQUESTS: &str = "botd_jetstream_requests_total";
+/// Bytes the JetStream store's connection received from and sent to NATS.
+pub const JETSTREAM_BYTES: &str = "botd_jetstream_bytes_total";
 
 /// Installs the global recorder and serves `/metrics` on `addr`.
 pub fn install_prometheus(addr: SocketAddr) -> Result<(), BuildError> {

@@ -82,7 +82,7 @@ fn assert_exactly_once(params: &LoadParams, outcome: botd_tools::bench::scenario
 async fn closed_loop_two_to_two_delivers_everything_exactly_once() {
     let (addr, key, _relay) = relay().await;
     let params = params(2, 2);
-    let outcome = botd::run(&params, addr, key, "test")
+    let outcome = botd::run(&params, &[(addr, key)], "test")
         .await
         .expect("run completes");
     assert_eq!(outcome.sent_ok.len(), 2);
@@ -99,7 +99,7 @@ async fn open_loop_signed_with_one_ack_per_message_delivers_everything_exactly_o
         sign: true,
         ..params(2, 1)
     };
-    let outcome = botd::run(&params, addr, key, "test")
+    let outcome = botd::run(&params, &[(addr, key)], "test")
         .await
         .expect("run completes");
     // Two senders share one receiver; the schedule admits about 400 per second in all.

@@ -39,17 +39,17 @@ struct Member {
     conn: Conn,
 }
 
-/// Connects `count` fresh identities and registers device 1 for each.
+/// Connects `count` fresh identities and registers device 1 for each, to the relays in turn.
 async fn connect_members(
-    addr: SocketAddr,
-    relay: PublicKeyBytes,
+    relays: &[(SocketAddr, PublicKeyBytes)],
     count: usize,
     limit: Duration,
 ) -> Result<Vec<Member>, String> {
     let mut members = Vec::with_capacity(count);
     let mut pending = Vec::new();
     for chunk_start in (0..count).step_by(SETUP_CONCURRENCY) {
-        for _ in chunk_start..(chunk_start + SETUP_CONCURRENCY).min(count) {
+        for index in chunk_start..(chunk_start + SETUP_CONCURRENCY).min(count) {
+            let (addr, relay) = relays[index % relays.len()];
             let identity = Arc::new(KeyPair::generate());
             pending.push(tokio::spawn(async move {
                 let mut conn = Conn::connect(addr, &identity, relay, limit).await?;
@@ -68,18 +68,18 @@ async fn connect_members(
     Ok(members)
 }
 
-/// Runs the scenario; the caller turns the outcome into a result.
+/// Runs the scenario against one relay, or several sharing a store (sessions spread over
+/// them in turn); the caller turns the outcome into a result.
 pub async fn run(
     params: &LoadParams,
-    addr: SocketAddr,
-    relay: PublicKeyBytes,
+    relays: &[(SocketAddr, PublicKeyBytes)],
     title: &str,
 ) -> Result<Outcome, String> {
     params.check()?;
     let template = Arc::new(PayloadTemplate::new(params.payload)?);
     let limit = params.connect_timeout;
-    let mut receivers = connect_members(addr, relay, params.receivers, limit).await?;
-    let senders = connect_members(addr, relay, params.senders, limit).await?;
+    let mut receivers = connect_members(relays, params.receivers, limit).await?;
+    let senders = connect_members(relays, params.senders, limit).await?;
     if let Some(conn) = receivers.first() {
         let max = conn.conn.welcome.max_payload_len as usize;
         if params.payload > max {

@@ -113,6 +113,13 @@ pub struct RelayArgs {
     /// Sign every message and verify every delivery, relay targets (measures the generator's ECDSA too)
     #[arg(long)]
     pub sign: bool,
+    /// A second relay on the same store (HOST:PORT=KEYHEX): every other sender and receiver
+    /// connects there, so messages cross relays
+    #[arg(long, value_name = "ADDR=KEY")]
+    pub also: Option<String>,
+    /// Replicas of the stream a JetStream target creates (3 on a cluster of three)
+    #[arg(long, default_value_t = 1)]
+    pub replicas: usize,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -603,11 +610,19 @@ async fn relay(
     );
     let outcome = match target {
         Target::Botd(addr) => {
-            let key = relay_key(server_key)?;
-            botd::run(&params, resolve(addr).await?, key, &title).await?
+            let mut relays = vec![(resolve(addr).await?, relay_key(server_key)?)];
+            if let Some(also) = &args.also {
+                let (addr, key) = also
+                    .split_once('=')
+                    .ok_or("--also takes HOST:PORT=KEYHEX")?;
+                relays.push((resolve(addr).await?, relay_key(Some(key))?));
+            }
+            botd::run(&params, &relays, &title).await?
         }
         Target::Nats(addr) => nats::run_core(&params, addr, &title).await?,
-        Target::JetStream(addr) => nats::run_jetstream(&params, addr, &title).await?,
+        Target::JetStream(addr) => {
+            nats::run_jetstream(&params, addr, &title, args.replicas).await?
+        }
     };
     Ok(outcome.into_result("relay", target, params.params()))
 }

@@ -298,6 +298,7 @@ pub async fn run_jetstream(
     params: &LoadParams,
     addr: &str,
     title: &str,
+    replicas: usize,
 ) -> Result<Outcome, String> {
     params.check()?;
     let template = Arc::new(PayloadTemplate::new(params.payload)?);
@@ -311,7 +312,7 @@ pub async fn run_jetstream(
             name: stream_name.clone(),
             subjects: vec![format!("bench.{run}.>")],
             storage: stream::StorageType::File,
-            num_replicas: 1,
+            num_replicas: replicas.max(1),
             retention: stream::RetentionPolicy::WorkQueue,
             ..Default::default()
         })

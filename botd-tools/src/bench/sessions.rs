@@ -247,7 +247,7 @@ pub async fn bulk(
         server_pid: common.server_pid,
     };
     let title = format!("bulk {}", super::stats::human_bytes(args.payload as f64));
-    let outcome = super::botd::run(&params, addr, relay, &title).await?;
+    let outcome = super::botd::run(&params, &[(addr, relay)], &title).await?;
     let mut result = outcome.into_result("bulk", &Target::Botd(addr.to_string()), params.params());
     let bound = cipher_bound(args.payload, BOUND_TIME);
     result.bound_per_s = Some(bound);

@@ -119,6 +119,7 @@ impl NatsStore {
         let live = Live::new();
         let stop = CancellationToken::new();
         cluster.run_outbox(stop.clone());
+        spawn_traffic_metrics(&cluster, stop.clone());
         let (reconnected, on_reconnect) = tokio::sync::watch::channel(0u64);
         live.start(cluster.clone(), on_reconnect, stop.clone());
         watch_reconnections(&cluster, reconnected, stop.clone());
@@ -235,6 +236,25 @@ fn watch_reconnections(
                 reconnected.send_modify(|n| *n += 1);
             }
             was_connected = connected;
+        }
+    });
+}
+
+/// The connection's traffic as metrics (what the client counted), every second.
+fn spawn_traffic_metrics(cluster: &Arc<Cluster>, stop: CancellationToken) {
+    let client = cluster.client.clone();
+    let received = metrics::counter!(crate::metrics::JETSTREAM_BYTES, "direction" => "in");
+    let sent = metrics::counter!(crate::metrics::JETSTREAM_BYTES, "direction" => "out");
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let statistics = client.statistics();
+            received.absolute(statistics.in_bytes.load(Ordering::Relaxed));
+            sent.absolute(statistics.out_bytes.load(Ordering::Relaxed));
         }
     });
 }
