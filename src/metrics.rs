@@ -40,6 +40,8 @@ pub const QUOTA_HITS: &str = "botd_quota_hits_total";
 pub const JETSTREAM_REQUESTS: &str = "botd_jetstream_requests_total";
 /// Bytes the JetStream store's connection received from and sent to NATS.
 pub const JETSTREAM_BYTES: &str = "botd_jetstream_bytes_total";
+/// Byte counters of the JetStream store set right from the messages they count.
+pub const JETSTREAM_COUNTER_CORRECTIONS: &str = "botd_jetstream_counter_corrections_total";
 
 /// Installs the global recorder and serves `/metrics` on `addr`.
 pub fn install_prometheus(addr: SocketAddr) -> Result<(), BuildError> {
@@ -140,5 +142,18 @@ fn describe() {
     describe_counter!(
         QUOTA_HITS,
         "requests refused by a quota or size limit, by kind"
+    );
+    describe_counter!(
+        JETSTREAM_REQUESTS,
+        "requests of the JetStream store to NATS, by kind"
+    );
+    describe_counter!(
+        JETSTREAM_BYTES,
+        Unit::Bytes,
+        "bytes between the JetStream store and NATS, by direction (in, out)"
+    );
+    describe_counter!(
+        JETSTREAM_COUNTER_CORRECTIONS,
+        "mailbox byte counters of the JetStream store set right from the stored messages, by when (settled, before_refusal)"
     );
 }

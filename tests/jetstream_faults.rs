@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use botd_client::{verify_delivery, Client, OutgoingMessage};
+use botd_client::{verify_delivery, Client, ClientOptions, OutgoingMessage};
 use botd_protocol::keys::KeyPair;
 use botd_protocol::proto::{Body, ErrorCode, PreKey, UploadPreKeys};
 use botd_relay::config::Config;
@@ -34,7 +34,7 @@ use botd_relay::ratelimit::Rate;
 use botd_relay::store::nats::NatsStore;
 use bytes::Bytes;
 use common::{code, next_push, registration, HANG};
-use jetstream::{binary, client_as, prefix, relay_config, relay_on, Nats};
+use jetstream::{binary, client_as, prefix, relay_config, relay_on, Nats, RelayProcess};
 use tokio::time::timeout;
 
 /// Rates high enough never to be what a test meets.
@@ -238,6 +238,45 @@ async fn drain(
     got
 }
 
+/// The byte counter of every mailbox of a prefix, by subject, straight from the cluster.
+async fn counters(nats: &Nats, prefix: &str) -> BTreeMap<String, i64> {
+    use futures_util::TryStreamExt;
+    let client = async_nats::connect(nats.nodes[0].url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let usage = js
+        .get_stream(format!("{}_USAGE", prefix.to_ascii_uppercase()))
+        .await
+        .unwrap();
+    let mut subjects = usage
+        .info_with_subjects(format!("{}.u.>", prefix.to_ascii_lowercase()))
+        .await
+        .unwrap();
+    let mut names = Vec::new();
+    while let Some((subject, _)) = subjects.try_next().await.unwrap() {
+        names.push(subject);
+    }
+    let mut counted = BTreeMap::new();
+    for subject in names {
+        let last = usage
+            .get_last_raw_message_by_subject(&subject)
+            .await
+            .unwrap();
+        let value: serde_json::Value = serde_json::from_slice(&last.payload).unwrap();
+        let value = value["val"].as_str().unwrap().parse::<i64>().unwrap();
+        counted.insert(subject, value);
+    }
+    counted
+}
+
+/// The counter subject of `identity`'s device 1.
+fn counter_subject(prefix: &str, identity: &KeyPair) -> String {
+    format!(
+        "{}.u.{}.1",
+        prefix.to_ascii_lowercase(),
+        hex::encode(identity.public().as_bytes())
+    )
+}
+
 /// Counters and stored messages of a prefix, straight from the cluster.
 async fn stored_and_counted(nats: &Nats, prefix: &str, streams: usize) -> (u64, i64) {
     let client = async_nats::connect(nats.nodes[0].url()).await.unwrap();
@@ -248,26 +287,20 @@ async fn stored_and_counted(nats: &Nats, prefix: &str, streams: usize) -> (u64, 
         let mut stream = js.get_stream(format!("{upper}_M{k}")).await.unwrap();
         stored += stream.info().await.unwrap().state.messages;
     }
-    let usage = js.get_stream(format!("{upper}_USAGE")).await.unwrap();
-    let mut counted = 0i64;
-    let mut subjects = usage
-        .info_with_subjects(format!("{}.u.>", prefix.to_ascii_lowercase()))
-        .await
-        .unwrap();
-    use futures_util::TryStreamExt;
-    let mut names = Vec::new();
-    while let Some((subject, _)) = subjects.try_next().await.unwrap() {
-        names.push(subject);
+    (stored, counters(nats, prefix).await.values().sum())
+}
+
+/// Waits (bounded) for a prefix to store nothing and count nothing; what it saw last.
+async fn until_nothing_counted(nats: &Nats, prefix: &str, streams: usize) -> (u64, i64) {
+    let mut last = (u64::MAX, i64::MAX);
+    for _ in 0..100 {
+        last = stored_and_counted(nats, prefix, streams).await;
+        if last == (0, 0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    for subject in names {
-        let last = usage
-            .get_last_raw_message_by_subject(&subject)
-            .await
-            .unwrap();
-        let value: serde_json::Value = serde_json::from_slice(&last.payload).unwrap();
-        counted += value["val"].as_str().unwrap().parse::<i64>().unwrap();
-    }
-    (stored, counted)
+    last
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -374,16 +407,8 @@ async fn leader_kills_lose_nothing_store_nothing_twice_and_leak_nothing() {
 
     // Nothing leaks: no message stored, every byte counter back at zero (once the relays
     // wrote what they counted).
-    let mut last = (u64::MAX, i64::MAX);
-    for _ in 0..100 {
-        last = stored_and_counted(&nats, &prefix, 3).await;
-        if last == (0, 0) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
     assert_eq!(
-        last,
+        until_nothing_counted(&nats, &prefix, 3).await,
         (0, 0),
         "(messages stored, bytes counted) after draining"
     );
@@ -407,6 +432,127 @@ async fn leader_kills_lose_nothing_store_nothing_twice_and_leak_nothing() {
         ErrorCode::MailboxFull
     );
     relay_a.stop().await;
+    relay_b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_kills_leave_no_count_behind() {
+    let Some(bin) = binary("relay_kills_leave_no_count_behind") else {
+        return;
+    };
+    const KILLS: usize = 5;
+    const PAYLOAD: usize = 100;
+    const MAX_BYTES: usize = 1000 * PAYLOAD;
+    let nats = Nats::single(&bin).await;
+    let prefix = prefix("relay-kills");
+    let store = nats.store_setting();
+    let unlimited_rate = "{ per_second = 1000000.0, burst = 1000000 }".to_owned();
+    let settings: Vec<(&str, String)> = vec![
+        ("BOTD_SEND_RATE_PER_IDENTITY", unlimited_rate.clone()),
+        ("BOTD_SEND_RATE_PER_PAIR", unlimited_rate.clone()),
+        ("BOTD_SEND_RATE_PER_IP", unlimited_rate.clone()),
+        ("BOTD_ACK_RATE_PER_IDENTITY", unlimited_rate),
+        ("BOTD_MAILBOX_MAX_BYTES", MAX_BYTES.to_string()),
+    ];
+    let (relay_b, _b) = relay_on(unlimited(Config {
+        mailbox_max_bytes: MAX_BYTES,
+        ..relay_config(store.clone(), &prefix, 1)
+    }))
+    .await;
+    // `reader` collects while the relays die; `acker` acknowledges at once on the relay that
+    // dies.
+    let reader = Arc::new(KeyPair::generate());
+    let acker = Arc::new(KeyPair::generate());
+    let senders: Vec<Arc<KeyPair>> = (0..2).map(|_| Arc::new(KeyPair::generate())).collect();
+    for key in [&reader, &acker].into_iter().chain(&senders) {
+        client_as(&relay_b, key)
+            .await
+            .register(registration(1, 0))
+            .await
+            .unwrap();
+    }
+    let mut stored_for_reader = 0;
+    for kill in 0..KILLS {
+        let mut relay_a = RelayProcess::start_with(&store, &prefix, 1, &settings);
+        let (addr, relay_key) = (relay_a.addr, relay_a.key);
+        let connect = |key: &Arc<KeyPair>| {
+            Client::connect(addr, key.clone(), relay_key, ClientOptions::default())
+        };
+        let mut acking = connect(&acker).await.unwrap();
+        acking.subscribe(1, 0).await.unwrap();
+        let acks = tokio::spawn(async move {
+            while let Some(frame) = acking.next_push().await {
+                if let Some(Body::Deliver(deliver)) = frame.body {
+                    if acking.ack(1, vec![deliver.message_id]).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        let mut sending = Vec::new();
+        for key in &senders {
+            sending.push(connect(key).await.unwrap());
+        }
+        for round in 0..4 {
+            let mut burst = Vec::new();
+            for (s, sender) in sending.iter().enumerate() {
+                for n in 0..5 {
+                    for to in [&reader, &acker] {
+                        let body = format!("{kill}:{round}:{s}:{n}:{:<1$}", "", PAYLOAD);
+                        let message = OutgoingMessage::new(
+                            *to.public(),
+                            1,
+                            1,
+                            body.as_bytes()[..PAYLOAD].to_vec(),
+                        );
+                        burst.push(sender.send_message(message));
+                    }
+                }
+            }
+            for answer in futures_util::future::join_all(burst).await {
+                answer.expect("answered");
+            }
+            stored_for_reader += sending.len() * 5 * PAYLOAD;
+        }
+        // Killed right after a burst was answered: its byte counts are not written yet.
+        relay_a.kill();
+        timeout(HANG, acks).await.expect("the acks end").unwrap();
+    }
+    let counted = counters(&nats, &prefix).await;
+    let reader_counted = counted
+        .get(&counter_subject(&prefix, &reader))
+        .copied()
+        .unwrap_or(0);
+    assert!(
+        reader_counted < stored_for_reader as i64,
+        "the kills left counts unwritten ({reader_counted} of {stored_for_reader} bytes counted)"
+    );
+
+    // Drained through the relay that lives, every count comes back to zero.
+    drain(&relay_b, &reader, stored_for_reader / PAYLOAD).await;
+    drain(&relay_b, &acker, 0).await;
+    assert_eq!(
+        until_nothing_counted(&nats, &prefix, 1).await,
+        (0, 0),
+        "(messages stored, bytes counted) after draining"
+    );
+
+    // The reader's mailbox takes exactly its byte quota.
+    let filler = client_as(&relay_b, &senders[0]).await;
+    for n in 0..MAX_BYTES / PAYLOAD {
+        let message = OutgoingMessage::new(*reader.public(), 1, 1, vec![n as u8; PAYLOAD]);
+        send_until_answered(&filler, &message)
+            .await
+            .expect("room up to the quota");
+    }
+    assert_eq!(
+        code(
+            filler
+                .send_message(OutgoingMessage::new(*reader.public(), 1, 1, &b"1"[..]))
+                .await
+        ),
+        ErrorCode::MailboxFull
+    );
     relay_b.stop().await;
 }
 

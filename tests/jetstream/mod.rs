@@ -325,6 +325,16 @@ pub struct RelayProcess {
 
 impl RelayProcess {
     pub fn start(store: &str, prefix: &str, replicas: usize) -> RelayProcess {
+        Self::start_with(store, prefix, replicas, &[])
+    }
+
+    /// As [`RelayProcess::start`], with more settings (`BOTD_…` variables).
+    pub fn start_with(
+        store: &str,
+        prefix: &str,
+        replicas: usize,
+        settings: &[(&str, String)],
+    ) -> RelayProcess {
         let dir = temp_dir("relay");
         let port = free_port();
         let mut child = Command::new(env!("CARGO_BIN_EXE_botd-relay"))
@@ -343,6 +353,7 @@ impl RelayProcess {
             .env("BOTD_NATS_REQUEST_TIMEOUT", "3s")
             .env("BOTD_MAX_STORED_BYTES", TEST_STREAM_BYTES.to_string())
             .env("BOTD_LOG", "warn")
+            .envs(settings.iter().map(|(name, value)| (name, value)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())

@@ -223,6 +223,14 @@ impl Cluster {
         for spec in cluster.specs(config) {
             cluster.ensure(&spec, config.nats_replicas).await?;
         }
+        let earlier = cluster.names.earlier_layout();
+        if cluster.js.get_stream(&earlier[0]).await.is_ok() {
+            tracing::warn!(
+                streams = %earlier.join(", "),
+                "streams of the store's earlier layout exist under this prefix: this version \
+                 neither reads nor removes them (docs/SCALING.md, \"Upgrading\")"
+            );
+        }
         Ok(cluster)
     }
 

@@ -2,26 +2,72 @@
 //! id order, and whether it has seen every one from the mailbox's first on. With that, an ack
 //! of the oldest messages (what a subscriber that keeps up sends) is one purge of the mailbox's
 //! subject below an id, instead of a delete per message, and an ack never needs to read a
-//! message to learn whose it is.
+//! message to learn whose it is. A mailbox whose index knows all of it and has not changed for
+//! a while also tells what its byte counter should say ([`Indexes::settled`]).
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use ahash::AHashMap;
 use parking_lot::Mutex;
+use tokio::time::Instant;
 
+use super::names::MailboxKey;
 use crate::store::MailboxId;
 
 /// Messages one mailbox's index holds at most; past this it starts over, unknown (acks then
 /// delete one message at a time until a read from the first message rebuilds it).
 const MAX_INDEXED: usize = 4096;
+/// Indexes of mailboxes no longer delivered from, kept until their byte counter is checked;
+/// past this many they are dropped unchecked.
+const MAX_RETIRED: usize = 4096;
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct MailboxIndex {
+    key: MailboxKey,
     /// Stored messages seen, with their payload bytes.
     stored: BTreeMap<u64, u32>,
     /// Every stored message with an id up to this is in `stored`, when known: the index has
     /// seen the mailbox from its first message on, without a gap.
     complete_through: Option<u64>,
+    /// The last change (numbered across all mailboxes, so a reset index never repeats one),
+    /// and when it was.
+    change: u64,
+    changed_at: Instant,
+    /// The change at which the byte counter was last checked against this index.
+    settled: Option<u64>,
+}
+
+impl MailboxIndex {
+    fn new(key: MailboxKey) -> Self {
+        Self {
+            key,
+            stored: BTreeMap::new(),
+            complete_through: None,
+            change: 0,
+            changed_at: Instant::now(),
+            settled: None,
+        }
+    }
+
+    /// Forgets everything known (the change is still marked by the caller).
+    fn reset(&mut self) {
+        self.stored.clear();
+        self.complete_through = None;
+    }
+}
+
+/// A mailbox whose index knows every stored message through `through` and has not changed
+/// since `change`: what it holds (`count` messages of `bytes` payload bytes), to check its
+/// byte counter against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settled {
+    pub key: MailboxKey,
+    pub change: u64,
+    pub through: u64,
+    pub count: u64,
+    pub bytes: u64,
 }
 
 /// What an ack of a set of ids may do.
@@ -42,19 +88,49 @@ pub enum AckPlan {
     },
 }
 
+/// The indexes of the mailboxes a relay delivers from; each changes with what the relay sees
+/// of its mailbox. Those of mailboxes it stopped delivering from are retired (they no longer
+/// change) until their byte counter was checked.
 #[derive(Default)]
 pub struct Indexes {
     mailboxes: Mutex<AHashMap<MailboxId, MailboxIndex>>,
+    retired: Mutex<AHashMap<MailboxId, MailboxIndex>>,
+    changes: AtomicU64,
 }
 
 impl Indexes {
-    /// Starts indexing a mailbox (idempotent).
-    pub fn watch(&self, mailbox: MailboxId) {
-        self.mailboxes.lock().entry(mailbox).or_default();
+    fn changed(&self, index: &mut MailboxIndex) {
+        index.change = self.changes.fetch_add(1, Ordering::Relaxed) + 1;
+        index.changed_at = Instant::now();
     }
 
+    /// Starts indexing a mailbox (idempotent; a retired index missed what happened since).
+    pub fn watch(&self, key: MailboxKey) {
+        self.retired.lock().remove(&key.id);
+        self.mailboxes
+            .lock()
+            .entry(key.id)
+            .or_insert_with(|| MailboxIndex::new(key));
+    }
+
+    /// Stops indexing a mailbox; what it knew is kept for the counter check when it is
+    /// complete and unchecked.
     pub fn unwatch(&self, mailbox: &MailboxId) {
+        let Some(index) = self.mailboxes.lock().remove(mailbox) else {
+            return;
+        };
+        if index.complete_through.is_some() && index.settled != Some(index.change) {
+            let mut retired = self.retired.lock();
+            if retired.len() < MAX_RETIRED {
+                retired.insert(*mailbox, index);
+            }
+        }
+    }
+
+    /// Drops a mailbox that closed, retired or not.
+    pub fn forget(&self, mailbox: &MailboxId) {
         self.mailboxes.lock().remove(mailbox);
+        self.retired.lock().remove(mailbox);
     }
 
     /// Messages read from the store: every stored message with an id above `after`, up to the
@@ -64,6 +140,7 @@ impl Indexes {
         let Some(index) = all.get_mut(mailbox) else {
             return;
         };
+        let before = (index.stored.len(), index.complete_through);
         for &(id, bytes) in messages {
             index.stored.insert(id, bytes);
         }
@@ -74,6 +151,10 @@ impl Indexes {
             index.complete_through = Some(index.complete_through.unwrap_or(0).max(through));
         }
         trim(index);
+        // A read that found nothing new (a resync) is no change.
+        if (index.stored.len(), index.complete_through) != before {
+            self.changed(index);
+        }
     }
 
     /// A message stored live, with the id stored just before it in the mailbox (`prev`, 0 for
@@ -93,6 +174,7 @@ impl Indexes {
             (None, _) => None,
         };
         trim(index);
+        self.changed(index);
     }
 
     /// Messages that left the mailbox.
@@ -101,6 +183,7 @@ impl Indexes {
             for id in ids {
                 index.stored.remove(id);
             }
+            self.changed(index);
         }
     }
 
@@ -112,6 +195,7 @@ impl Indexes {
         let index = all.get_mut(mailbox);
         let plan = Self::plan_in(index.as_deref(), ids);
         if let Some(index) = index {
+            self.changed(index);
             match &plan {
                 AckPlan::Purge { below, .. } => index.stored = index.stored.split_off(below),
                 AckPlan::Each { known, .. } => {
@@ -157,7 +241,8 @@ impl Indexes {
     /// A planned deletion failed: what the index holds may be wrong.
     pub fn failed(&self, mailbox: &MailboxId) {
         if let Some(index) = self.mailboxes.lock().get_mut(mailbox) {
-            *index = MailboxIndex::default();
+            index.reset();
+            self.changed(index);
         }
     }
 
@@ -168,11 +253,60 @@ impl Indexes {
             .get(mailbox)
             .is_some_and(|i| i.stored.is_empty() && i.complete_through.is_some())
     }
+
+    /// Mailboxes known from their first message on that have not changed for `quiet` and
+    /// were not checked since their last change, at most `max`.
+    pub fn settled(&self, quiet: Duration, max: usize) -> Vec<Settled> {
+        let now = Instant::now();
+        let of = |index: &MailboxIndex| {
+            if index.settled == Some(index.change) || now - index.changed_at < quiet {
+                return None;
+            }
+            Some(Settled {
+                key: index.key,
+                change: index.change,
+                through: index.complete_through?,
+                count: index.stored.len() as u64,
+                bytes: index.stored.values().map(|b| u64::from(*b)).sum(),
+            })
+        };
+        let mut settled: Vec<Settled> = self
+            .mailboxes
+            .lock()
+            .values()
+            .filter_map(of)
+            .take(max)
+            .collect();
+        let room = max - settled.len();
+        settled.extend(self.retired.lock().values().filter_map(of).take(room));
+        settled
+    }
+
+    /// Whether a mailbox's index is as it was at `change`.
+    pub fn unchanged_since(&self, mailbox: &MailboxId, change: u64) -> bool {
+        let same = |index: &MailboxIndex| index.change == change;
+        self.mailboxes.lock().get(mailbox).is_some_and(same)
+            || self.retired.lock().get(mailbox).is_some_and(same)
+    }
+
+    /// The byte counter of a mailbox was checked at `change`: not again until it changes (a
+    /// retired index never does, and goes).
+    pub fn checked(&self, mailbox: &MailboxId, change: u64) {
+        if let Some(index) = self.mailboxes.lock().get_mut(mailbox) {
+            if index.change == change {
+                index.settled = Some(change);
+            }
+        }
+        let mut retired = self.retired.lock();
+        if retired.get(mailbox).is_some_and(|i| i.change == change) {
+            retired.remove(mailbox);
+        }
+    }
 }
 
 fn trim(index: &mut MailboxIndex) {
     if index.stored.len() > MAX_INDEXED {
-        *index = MailboxIndex::default();
+        index.reset();
     }
 }
 
@@ -184,11 +318,15 @@ mod tests {
         identity: [4; 33],
         device: 1,
     };
+    const KEY: MailboxKey = MailboxKey {
+        id: MAILBOX,
+        generation: 0,
+    };
 
     #[test]
     fn acks_of_the_oldest_messages_are_one_purge() {
         let indexes = Indexes::default();
-        indexes.watch(MAILBOX);
+        indexes.watch(KEY);
         indexes.read(&MAILBOX, &[(3, 10), (7, 20)], 0);
         indexes.stored(&MAILBOX, 9, 5, Some(7));
         assert_eq!(
@@ -214,7 +352,7 @@ mod tests {
     #[test]
     fn skipping_the_oldest_message_means_one_delete_each() {
         let indexes = Indexes::default();
-        indexes.watch(MAILBOX);
+        indexes.watch(KEY);
         indexes.read(&MAILBOX, &[(3, 10), (7, 20)], 0);
         indexes.stored(&MAILBOX, 9, 5, Some(7));
         // A purge below 10 would take 3 too.
@@ -240,7 +378,7 @@ mod tests {
     #[test]
     fn a_read_from_within_what_is_known_extends_it() {
         let indexes = Indexes::default();
-        indexes.watch(MAILBOX);
+        indexes.watch(KEY);
         indexes.read(&MAILBOX, &[(3, 1)], 0);
         indexes.read(&MAILBOX, &[(8, 1), (9, 1)], 3);
         indexes.stored(&MAILBOX, 11, 1, Some(9));
@@ -253,7 +391,7 @@ mod tests {
     #[test]
     fn a_gap_or_a_read_from_the_middle_means_one_delete_each() {
         let indexes = Indexes::default();
-        indexes.watch(MAILBOX);
+        indexes.watch(KEY);
         // Not from the first message: older ones may exist.
         indexes.read(&MAILBOX, &[(5, 1)], 4);
         assert_eq!(
@@ -281,5 +419,57 @@ mod tests {
                 unknown: vec![1]
             }
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_mailbox_known_from_its_first_message_is_settled_once_per_change() {
+        let quiet = Duration::from_secs(1);
+        let indexes = Indexes::default();
+        indexes.watch(KEY);
+        indexes.read(&MAILBOX, &[(3, 10), (7, 20)], 0);
+        assert!(indexes.settled(quiet, 8).is_empty(), "not quiet yet");
+        tokio::time::advance(quiet).await;
+        let settled = indexes.settled(quiet, 8);
+        assert_eq!(
+            settled,
+            vec![Settled {
+                key: KEY,
+                change: settled[0].change,
+                through: 7,
+                count: 2,
+                bytes: 30
+            }]
+        );
+        let change = settled[0].change;
+        // A resync that finds nothing new is no change.
+        indexes.read(&MAILBOX, &[], 7);
+        assert!(indexes.unchanged_since(&MAILBOX, change));
+        indexes.checked(&MAILBOX, change);
+        assert!(
+            indexes.settled(quiet, 8).is_empty(),
+            "checked at this change"
+        );
+
+        indexes.stored(&MAILBOX, 9, 5, Some(7));
+        assert!(!indexes.unchanged_since(&MAILBOX, change));
+        tokio::time::advance(quiet).await;
+        let settled = indexes.settled(quiet, 8);
+        assert_eq!((settled[0].through, settled[0].bytes), (9, 35));
+
+        // No longer delivered from: kept, unchanging, until checked.
+        indexes.unwatch(&MAILBOX);
+        indexes.removed(&MAILBOX, &[9]);
+        let retired = indexes.settled(quiet, 8);
+        assert_eq!((retired[0].through, retired[0].bytes), (9, 35));
+        indexes.checked(&MAILBOX, retired[0].change);
+        assert!(indexes.settled(quiet, 8).is_empty(), "checked, it goes");
+
+        // Known only from the middle: nothing to settle on, whatever the wait.
+        indexes.watch(KEY);
+        indexes.read(&MAILBOX, &[(9, 5)], 8);
+        tokio::time::advance(quiet).await;
+        assert!(indexes.settled(quiet, 8).is_empty());
+        indexes.unwatch(&MAILBOX);
+        assert!(indexes.settled(quiet, 8).is_empty(), "incomplete: not kept");
     }
 }

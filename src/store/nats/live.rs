@@ -168,7 +168,7 @@ impl Live {
                             stop: CancellationToken::new(),
                         },
                     );
-                    self.indexes.watch(key.id);
+                    self.indexes.watch(key);
                     ready
                 }
             }
@@ -240,7 +240,7 @@ impl Live {
         if let Some(watch) = self.watched.lock().remove(mailbox) {
             watch.stop.cancel();
         }
-        self.indexes.unwatch(mailbox);
+        self.indexes.forget(mailbox);
     }
 
     fn live_message(&self, mailbox: &MailboxId, message: async_nats::Message) {

@@ -20,6 +20,7 @@ use botd_protocol::keys::sha256;
 
 use super::client::Sent;
 use super::error::{code, NatsError};
+use super::index::Settled;
 use super::names::MailboxKey;
 use super::records::{decode, encode, GoneNotice, LastRemoved, StoredMessage};
 use super::sequence::Ticket;
@@ -339,6 +340,54 @@ impl Inner {
             .await?;
         let usage = self.usage.of(&self.cluster, &key.id.identity).await?;
         check(&usage).map(|()| near)
+    }
+
+    /// Checks the byte counters of the mailboxes this relay knows completely and that have
+    /// settled (see [`super::usage`]) against what they hold.
+    pub async fn settle_counters(&self) {
+        use super::usage::{MAX_SETTLED_PER_ROUND, SETTLE_AFTER};
+        let indexes = &self.live.indexes;
+        for settled in indexes.settled(SETTLE_AFTER, MAX_SETTLED_PER_ROUND) {
+            let mailbox = settled.key.id;
+            // Its own changes first: the next round, once they are written.
+            if self.usage.unwritten(&mailbox) {
+                continue;
+            }
+            match self.holds_what_is_known(&settled).await {
+                Ok(true) => {
+                    let still = || indexes.unchanged_since(&mailbox, settled.change);
+                    let bytes = settled.bytes as i64;
+                    let set = self
+                        .usage
+                        .set(&self.cluster, &mailbox, bytes, "settled", still);
+                    if let Err(err) = set.await {
+                        tracing::debug!(error = %err, "a settled mailbox's counter was not checked");
+                        continue;
+                    }
+                }
+                // Its index changes when it learns the rest (or is retired, and goes).
+                Ok(false) => {}
+                Err(err) => {
+                    tracing::debug!(error = %err, "a settled mailbox's counter was not checked");
+                    continue;
+                }
+            }
+            indexes.checked(&mailbox, settled.change);
+        }
+    }
+
+    /// Whether a mailbox holds exactly what its index knows: nothing newer than what it has
+    /// seen (read from the leader), and as many messages (so none went unseen).
+    async fn holds_what_is_known(&self, settled: &Settled) -> Result<bool, NatsError> {
+        let token = settled.key.token();
+        let stream = self.stream_of(&token);
+        let subject = self.cluster.names.mailbox_subject(&token);
+        let newest = self.cluster.last_from_leader(&stream, &subject).await?;
+        if newest.is_some_and(|m| m.sequence > settled.through) {
+            return Ok(false);
+        }
+        let first = self.cluster.next(&stream, &subject, 1).await?;
+        Ok(first.map_or(0, |m| m.pending + 1) == settled.count)
     }
 
     /// Payload bytes of the messages stored in a mailbox, counted from the messages.

@@ -146,7 +146,7 @@ impl NatsStore {
                     inner.cache.changed(identity, seq);
                 }
             }));
-        spawn_usage_flush(&inner);
+        spawn_usage_tasks(&inner);
         inner.refresh_stats().await;
         Ok(Self { inner })
     }
@@ -259,7 +259,7 @@ fn spawn_traffic_metrics(cluster: &Arc<Cluster>, stop: CancellationToken) {
     });
 }
 
-fn spawn_usage_flush(inner: &Arc<Inner>) {
+fn spawn_usage_tasks(inner: &Arc<Inner>) {
     let weak = Arc::downgrade(inner);
     let stop = inner.stop.clone();
     tokio::spawn(async move {
@@ -273,6 +273,21 @@ fn spawn_usage_flush(inner: &Arc<Inner>) {
             let Some(inner) = weak.upgrade() else { return };
             inner.usage.flush(&inner.cluster).await;
             inner.flush_removed().await;
+        }
+    });
+    // Apart from the flushes, which a round of reads would hold up.
+    let weak = Arc::downgrade(inner);
+    let stop = inner.stop.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(usage::SETTLE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let Some(inner) = weak.upgrade() else { return };
+            inner.settle_counters().await;
         }
     });
 }

@@ -219,6 +219,18 @@ impl Names {
         )
     }
 
+    /// The streams of the layout before nats-server 2.12 (one messages stream, an events
+    /// stream, two KV buckets), the messages stream first.
+    pub fn earlier_layout(&self) -> [String; 4] {
+        let lower = self.streams_prefix.to_ascii_lowercase();
+        [
+            format!("{}_MESSAGES", self.streams_prefix),
+            format!("{}_EVENTS", self.streams_prefix),
+            format!("KV_{lower}_accounts"),
+            format!("KV_{lower}_keys"),
+        ]
+    }
+
     pub fn usage_stream(&self) -> String {
         format!("{}_USAGE", self.streams_prefix)
     }

@@ -8,10 +8,17 @@
 //!   message);
 //! * it reads an identity's counters (one batched read of all its devices) at most every
 //!   [`READ_INTERVAL`] while it sends to it;
-//! * a quota is judged on what the relay read plus its own unwritten changes. Before it
-//!   refuses, it counts the mailbox's stored messages themselves and corrects the counter, so
-//!   a counter that drifted (a relay killed between a write and its increment, messages that
-//!   expired) never refuses a send by itself.
+//! * a quota is judged on what the relay read plus its own unwritten changes.
+//!
+//! A counter drifts when a relay dies with changes it has not written (at most
+//! [`FLUSH_INTERVAL`] of its sends and acks) or messages expire. It is set right from the
+//! messages themselves in two places, so drift never refuses a send and never lasts:
+//!
+//! * before a send is refused on it, the mailbox's stored messages are counted;
+//! * a relay delivering from a mailbox knows every stored message of it ([`super::index`]);
+//!   once that knowledge has not changed for [`SETTLE_AFTER`] (so that every relay's
+//!   changes from before are written), the counter is checked against it, within a
+//!   [`SETTLE_EVERY`] round.
 //!
 //! Near a quota (past a quarter of it) a send reads the counters at once and writes its own change
 //! before it is answered, so the other relays see it. The slack, documented in
@@ -35,6 +42,12 @@ use crate::store::{Identity, MailboxId};
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 /// How long a relay trusts the counters it read.
 pub const READ_INTERVAL: Duration = Duration::from_millis(250);
+/// How long a mailbox's index must stay unchanged before its counter is checked against it:
+/// well past `FLUSH_INTERVAL`, so the other relays' changes it reflects are written.
+pub const SETTLE_AFTER: Duration = Duration::from_secs(1);
+/// How often settled mailboxes are checked, and how many at most per round.
+pub const SETTLE_EVERY: Duration = Duration::from_secs(1);
+pub const MAX_SETTLED_PER_ROUND: usize = 256;
 /// Identities whose counters a relay keeps; past this it forgets them all.
 const MAX_CACHED: usize = 65_536;
 
@@ -182,7 +195,8 @@ impl Usage {
         Ok(bytes)
     }
 
-    /// Sets what the cluster counts for `mailbox` to `actual` (after counting its messages).
+    /// Sets what the cluster counts for `mailbox` to `actual` (after counting its messages),
+    /// before a send is refused on it.
     pub async fn correct(
         &self,
         cluster: &Cluster,
@@ -190,17 +204,45 @@ impl Usage {
         actual: i64,
     ) -> Result<(), NatsError> {
         self.flush(cluster).await;
+        self.set(cluster, mailbox, actual, "before_refusal", || true)
+            .await
+    }
+
+    /// Whether this relay has changes of `mailbox` it has not written yet.
+    pub fn unwritten(&self, mailbox: &MailboxId) -> bool {
+        let pending = self
+            .pending
+            .lock()
+            .get(&mailbox.identity)
+            .and_then(|devices| devices.get(&mailbox.device))
+            .is_some_and(|delta| *delta != 0);
+        pending || self.retry.lock().iter().any(|i| i.mailbox == *mailbox)
+    }
+
+    /// Sets the counter of `mailbox` to `actual` if it says otherwise and `still()` holds once
+    /// it was read (what `actual` came from has not changed meanwhile).
+    pub async fn set(
+        &self,
+        cluster: &Cluster,
+        mailbox: &MailboxId,
+        actual: i64,
+        when: &'static str,
+        still: impl Fn() -> bool,
+    ) -> Result<(), NatsError> {
         let current = read_counters(cluster, &mailbox.identity)
             .await?
             .get(&mailbox.device)
             .copied()
             .unwrap_or(0);
-        if current != actual {
+        if current != actual && still() {
             tracing::info!(
                 counted = current,
                 stored = actual,
-                "mailbox byte counter corrected from its stored messages"
+                when,
+                "mailbox byte counter set right from its stored messages"
             );
+            metrics::counter!(crate::metrics::JETSTREAM_COUNTER_CORRECTIONS, "when" => when)
+                .increment(1);
             let increment = Increment {
                 mailbox: *mailbox,
                 delta: actual - current,
