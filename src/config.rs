@@ -258,14 +258,15 @@ pub struct Config {
     /// `data_dir`) or `nats://HOST:PORT[,HOST:PORT…]` (a NATS JetStream cluster shared by any
     /// number of relays; see docs/SCALING.md).
     pub store: String,
-    /// JetStream replicas of every stream and bucket the relay creates: 1, or 3 on a cluster of
-    /// at least three servers. Streams that already exist keep theirs.
+    /// JetStream replicas of every stream the relay creates: 1, or 3 on a cluster of at least
+    /// three servers. A relay refuses to start on existing streams with other replicas, and
+    /// says how to change them.
     pub nats_replicas: usize,
     /// How long one JetStream request (publish acknowledgement, read, compare-and-set) may take
     /// before the request that needed it fails with `INTERNAL`; also the connect timeout.
     #[serde(with = "humantime_serde")]
     pub nats_request_timeout: Duration,
-    /// Prefix of every stream, bucket and subject name on the cluster (letters, digits, `_`,
+    /// Prefix of every stream and subject name on the cluster (letters, digits, `_`,
     /// `-`): relays with the same prefix share one state, other prefixes are independent.
     pub nats_prefix: String,
     /// How many JetStream streams hold the mailboxes (each mailbox is in one, chosen by its

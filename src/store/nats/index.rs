@@ -51,6 +51,15 @@ impl MailboxIndex {
         }
     }
 
+    /// Whether `id` was known and has left: the index has seen every message through it, and
+    /// it is not among them any more. A read or a live message that reports it afterwards (a
+    /// read answered before an ack's purge, a republished message that arrives after the
+    /// message was delivered from a read and acknowledged) is late, and must not bring it back:
+    /// a stale entry would stop every later ack from being one purge.
+    fn removed(&self, id: u64) -> bool {
+        self.complete_through.is_some_and(|through| id <= through) && !self.stored.contains_key(&id)
+    }
+
     /// Forgets everything known (the change is still marked by the caller).
     fn reset(&mut self) {
         self.stored.clear();
@@ -142,7 +151,9 @@ impl Indexes {
         };
         let before = (index.stored.len(), index.complete_through);
         for &(id, bytes) in messages {
-            index.stored.insert(id, bytes);
+            if !index.removed(id) {
+                index.stored.insert(id, bytes);
+            }
         }
         // A read from the beginning, or from within what is known, extends what is known.
         let joins = after == 0 || index.complete_through.is_some_and(|t| after <= t);
@@ -164,6 +175,9 @@ impl Indexes {
         let Some(index) = all.get_mut(mailbox) else {
             return;
         };
+        if index.removed(id) {
+            return;
+        }
         index.stored.insert(id, bytes);
         index.complete_through = match (index.complete_through, prev) {
             // The mailbox held nothing before it.
@@ -471,5 +485,30 @@ mod tests {
         assert!(indexes.settled(quiet, 8).is_empty());
         indexes.unwatch(&MAILBOX);
         assert!(indexes.settled(quiet, 8).is_empty(), "incomplete: not kept");
+    }
+
+    #[test]
+    fn a_late_report_of_an_acknowledged_message_does_not_bring_it_back() {
+        let indexes = Indexes::default();
+        indexes.watch(KEY);
+        indexes.read(&MAILBOX, &[(3, 10), (7, 20)], 0);
+        assert!(matches!(
+            indexes.plan(&MAILBOX, &[3]),
+            AckPlan::Purge { below: 4, .. }
+        ));
+        // The republished copy of 3 arrives after it was read, delivered and acknowledged;
+        // a read answered before the purge reports it too.
+        indexes.stored(&MAILBOX, 3, 10, Some(0));
+        indexes.read(&MAILBOX, &[(3, 10), (7, 20)], 0);
+        indexes.stored(&MAILBOX, 9, 5, Some(7));
+        assert_eq!(
+            indexes.plan(&MAILBOX, &[7, 9]),
+            AckPlan::Purge {
+                below: 10,
+                gone: vec![7, 9],
+                bytes: 25
+            }
+        );
+        assert!(indexes.known_empty(&MAILBOX));
     }
 }

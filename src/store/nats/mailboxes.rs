@@ -195,14 +195,22 @@ impl Inner {
         let published = match ack {
             Ok(ack) if ack.duplicate => Published::Duplicate(ack.sequence),
             Ok(ack) => Published::Stored(ack.sequence),
-            Err(err) => self.publish_failed(&token, &message, 0, err).await?,
+            // The rare paths are boxed: every send's future (boxed by the relay, moved on
+            // each poll) stays the size of the common one.
+            Err(err) => Box::pin(self.publish_failed(&token, &message, 0, err)).await?,
         };
         match published {
             Published::Stored(id) => {
-                self.stored(&key.id, &message, near_quota).await;
+                if near_quota {
+                    Box::pin(self.stored(&key.id, &message, near_quota)).await;
+                } else {
+                    self.usage.add(&key.id, message.payload.len() as i64);
+                }
                 Ok(Appended::Stored(id))
             }
-            Published::Duplicate(id) => self.duplicate_of(&token, &message, id, near_quota).await,
+            Published::Duplicate(id) => {
+                Box::pin(self.duplicate_of(&token, &message, id, near_quota)).await
+            }
         }
     }
 
@@ -218,8 +226,8 @@ impl Inner {
         }
     }
 
-    /// Whether a send of `payload` bytes takes the mailbox or the identity past half of its
-    /// quota: from there on, counts are read and written at once.
+    /// Whether a send of `payload` bytes takes the mailbox or the identity past a quarter of
+    /// its quota: from there on, counts are read and written at once.
     fn near_quota(
         &self,
         key: &MailboxKey,
@@ -228,8 +236,8 @@ impl Inner {
     ) -> bool {
         let mailbox = usage.get(&key.id.device).copied().unwrap_or(0).max(0) as usize;
         let identity = usage.values().map(|b| (*b).max(0) as usize).sum::<usize>();
-        2 * (mailbox + payload) > self.limits.mailbox_max_bytes
-            || 2 * (identity + payload) > self.limits.max_identity_stored_bytes
+        4 * (mailbox + payload) > self.limits.mailbox_max_bytes
+            || 4 * (identity + payload) > self.limits.max_identity_stored_bytes
     }
 
     /// Whether the sender may write to the recipient (§8.3, §8.6).
