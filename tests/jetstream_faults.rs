@@ -54,6 +54,17 @@ fn unlimited(config: Config) -> Config {
     }
 }
 
+type RelayOn = (common::Relay, Arc<botd_relay::relay::Relay<NatsStore>>);
+
+/// Two relays on `config`, the first connected to node 0 of the cluster, the second to node 1.
+async fn two_relays(nats: &Nats, config: &Config) -> (RelayOn, RelayOn) {
+    let on = |node| Config {
+        store: nats.store_setting_of(node),
+        ..config.clone()
+    };
+    (relay_on(on(0)).await, relay_on(on(1)).await)
+}
+
 /// The node (index) leading `stream`, waiting (bounded) while it has none.
 async fn leader_of(nats: &Nats, stream: &str) -> Option<usize> {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -317,16 +328,7 @@ async fn leader_kills_lose_nothing_store_nothing_twice_and_leak_nothing() {
         nats_streams: 3,
         ..relay_config(nats.store_setting(), &prefix, 3)
     });
-    let (relay_a, _a) = relay_on(Config {
-        store: nats.store_setting_of(0),
-        ..config.clone()
-    })
-    .await;
-    let (relay_b, _b) = relay_on(Config {
-        store: nats.store_setting_of(1),
-        ..config.clone()
-    })
-    .await;
+    let ((relay_a, _a), (relay_b, _b)) = two_relays(&nats, &config).await;
     let recipients: Vec<Arc<KeyPair>> = (0..3).map(|_| Arc::new(KeyPair::generate())).collect();
     for (i, recipient) in recipients.iter().enumerate() {
         let relay = if i % 2 == 0 { &relay_a } else { &relay_b };
@@ -565,16 +567,7 @@ async fn fifty_fetchers_get_no_one_time_prekey_twice_while_its_leader_dies() {
     let mut nats = Nats::cluster(&bin).await;
     let prefix = prefix("fetchers");
     let config = unlimited(relay_config(nats.store_setting(), &prefix, 3));
-    let (relay_a, _a) = relay_on(Config {
-        store: nats.store_setting_of(0),
-        ..config.clone()
-    })
-    .await;
-    let (relay_b, _b) = relay_on(Config {
-        store: nats.store_setting_of(1),
-        ..config
-    })
-    .await;
+    let ((relay_a, _a), (relay_b, _b)) = two_relays(&nats, &config).await;
     const KEYS: u32 = 400;
     let bob = client_as(&relay_a, &Arc::new(KeyPair::generate())).await;
     bob.register(registration(1, 0)).await.unwrap();
@@ -667,16 +660,7 @@ async fn live_delivery_resumes_within_five_seconds_after_the_relays_node_dies() 
     let prefix = prefix("resume");
     let config = unlimited(relay_config(nats.store_setting(), &prefix, 3));
     // The receiving relay knows only node 0 (the client learns the others from it).
-    let (relay_a, _a) = relay_on(Config {
-        store: nats.store_setting_of(0),
-        ..config.clone()
-    })
-    .await;
-    let (relay_b, _b) = relay_on(Config {
-        store: nats.store_setting_of(1),
-        ..config
-    })
-    .await;
+    let ((relay_a, _a), (relay_b, _b)) = two_relays(&nats, &config).await;
     let bob_key = Arc::new(KeyPair::generate());
     let mut bob = client_as(&relay_a, &bob_key).await;
     bob.register(registration(1, 0)).await.unwrap();
@@ -738,16 +722,7 @@ async fn byte_quotas_hold_across_two_relays_within_the_slack() {
         mailbox_max_bytes: MAILBOX_BYTES,
         ..relay_config(nats.store_setting(), &prefix, 3)
     });
-    let (relay_a, _a) = relay_on(Config {
-        store: nats.store_setting_of(0),
-        ..config.clone()
-    })
-    .await;
-    let (relay_b, _b) = relay_on(Config {
-        store: nats.store_setting_of(1),
-        ..config
-    })
-    .await;
+    let ((relay_a, _a), (relay_b, _b)) = two_relays(&nats, &config).await;
     let bob = client_as(&relay_a, &Arc::new(KeyPair::generate())).await;
     bob.register(registration(1, 0)).await.unwrap();
     let target = *bob.identity();

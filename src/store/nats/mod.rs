@@ -260,26 +260,26 @@ fn spawn_traffic_metrics(cluster: &Arc<Cluster>, stop: CancellationToken) {
 }
 
 fn spawn_usage_tasks(inner: &Arc<Inner>) {
-    let weak = Arc::downgrade(inner);
-    let stop = inner.stop.clone();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(usage::FLUSH_INTERVAL);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            let Some(inner) = weak.upgrade() else { return };
-            inner.usage.flush(&inner.cluster).await;
-            inner.flush_removed().await;
-        }
+    spawn_every(inner, usage::FLUSH_INTERVAL, |inner| async move {
+        inner.usage.flush(&inner.cluster).await;
+        inner.flush_removed().await;
     });
     // Apart from the flushes, which a round of reads would hold up.
+    spawn_every(inner, usage::SETTLE_EVERY, |inner| async move {
+        inner.settle_counters().await;
+    });
+}
+
+/// Runs `round` every `interval` (never two at once) until the store stops or is dropped.
+fn spawn_every<F, Fut>(inner: &Arc<Inner>, interval: Duration, round: F)
+where
+    F: Fn(Arc<Inner>) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send,
+{
     let weak = Arc::downgrade(inner);
     let stop = inner.stop.clone();
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(usage::SETTLE_EVERY);
+        let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -287,7 +287,7 @@ fn spawn_usage_tasks(inner: &Arc<Inner>) {
                 _ = tick.tick() => {}
             }
             let Some(inner) = weak.upgrade() else { return };
-            inner.settle_counters().await;
+            round(inner).await;
         }
     });
 }
