@@ -274,8 +274,8 @@ pub struct Config {
     /// Changing it moves no message: set it before the first start.
     pub nats_streams: usize,
     /// How long JetStream recognises a retried `Send` (same sender and nonce) as the message it
-    /// stored, and answers `duplicate: true`. Each message sent in this window costs the
-    /// stream leader about 100 bytes of memory.
+    /// stored, and answers `duplicate: true` (at most `message_ttl`). Each message sent in
+    /// this window costs the stream leader about 100 bytes of memory.
     #[serde(with = "humantime_serde")]
     pub nats_duplicate_window: Duration,
 }

@@ -8,7 +8,8 @@
 //! * SIGKILL of one NATS node under load: every answered message is delivered as sent;
 //! * SIGKILL of one relay process: its client reconnects to the other and gets its backlog;
 //! * the NATS server gone and back: `INTERNAL` meanwhile, sessions stay up, then served again
-//!   and live delivery resumes.
+//!   and live delivery resumes;
+//! * messages that expired in one device's mailbox do not hold the identity's byte quota.
 //!
 //! Every wait is bounded; assertions count, they do not time.
 
@@ -662,5 +663,67 @@ async fn losing_the_nats_server_answers_internal_and_the_relay_serves_again_afte
         (delivered.message_id, &delivered.payload[..]),
         (stored.message_id, &b"during"[..])
     );
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_messages_of_another_device_do_not_hold_the_identity_quota() {
+    let Some(bin) = binary("expired_messages_of_another_device_do_not_hold_the_identity_quota")
+    else {
+        return;
+    };
+    let nats = Nats::single(&bin).await;
+    let prefix = prefix("expired");
+    let (relay, _app) = relay_on(Config {
+        max_identity_stored_bytes: 1000,
+        mailbox_max_bytes: 1000,
+        message_ttl: Duration::from_secs(2),
+        ..relay_config(nats.store_setting(), &prefix, 1)
+    })
+    .await;
+    let alice = relay.client().await;
+    alice.register(registration(1, 0)).await.unwrap();
+    let bob = relay.client().await;
+    bob.register(registration(1, 0)).await.unwrap();
+    bob.register(registration(2, 0)).await.unwrap();
+    let bob_key = *bob.identity();
+    alice
+        .send_message(OutgoingMessage::new(bob_key, 2, 1, vec![2u8; 900]))
+        .await
+        .unwrap();
+    // The identity's quota counts device 2's mailbox.
+    assert_eq!(
+        code(
+            alice
+                .send_message(OutgoingMessage::new(bob_key, 1, 1, vec![1u8; 500]))
+                .await
+        ),
+        ErrorCode::QuotaExceeded
+    );
+    // Device 2's message expires unread (nobody delivers from that mailbox, so its count is
+    // not set right by a relay watching it).
+    let client = async_nats::connect(nats.nodes[0].url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let streams = relay_config(String::new(), &prefix, 1).nats_streams;
+    let mut stored = u64::MAX;
+    for _ in 0..100 {
+        stored = 0;
+        for k in 0..streams {
+            let mut stream = js
+                .get_stream(format!("{}_M{k}", prefix.to_ascii_uppercase()))
+                .await
+                .unwrap();
+            stored += stream.info().await.unwrap().state.messages;
+        }
+        if stored == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(stored, 0, "expired within 20 s");
+    alice
+        .send_message(OutgoingMessage::new(bob_key, 1, 1, vec![1u8; 500]))
+        .await
+        .expect("the expired bytes no longer count");
     relay.stop().await;
 }

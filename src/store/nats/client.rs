@@ -247,7 +247,9 @@ impl Cluster {
                 discard_new: true,
                 max_bytes: i64::try_from(config.max_stored_bytes / k as u64).unwrap_or(i64::MAX),
                 max_age: config.message_ttl,
-                duplicate_window: config.nats_duplicate_window,
+                // JetStream refuses a window longer than the stream's max age (a message that
+                // expired is no longer there to be a duplicate of).
+                duplicate_window: config.nats_duplicate_window.min(config.message_ttl),
                 republish: Some(names.republish(index)),
                 atomic: false,
                 counter: false,

@@ -26,8 +26,8 @@ use super::records::{decode, encode, GoneNotice, LastRemoved, StoredMessage};
 use super::sequence::Ticket;
 use super::Inner;
 use crate::store::{
-    Admission, Appended, MailboxId, Message, NewMessage, RecipientView, StoreError, StoreResult,
-    TicketOffer,
+    Admission, Appended, MailboxId, Message, NewMessage, QuotaKind, RecipientView, StoreError,
+    StoreResult, TicketOffer,
 };
 use botd_protocol::proto::Accept;
 
@@ -347,7 +347,45 @@ impl Inner {
             .correct(&self.cluster, &key.id, actual as i64)
             .await?;
         let usage = self.usage.of(&self.cluster, &key.id.identity).await?;
-        check(&usage).map(|()| near)
+        match check(&usage) {
+            // The identity's other mailboxes may be counted too high as well (messages that
+            // expired there, a relay killed before it wrote an ack's count).
+            Err(StoreError::QuotaExceeded {
+                kind: QuotaKind::IdentityBytes,
+                ..
+            }) => {
+                self.recount_other_devices(key).await?;
+                let usage = self.usage.of(&self.cluster, &key.id.identity).await?;
+                check(&usage).map(|()| near)
+            }
+            other => other.map(|()| near),
+        }
+    }
+
+    /// Sets the counters of every other registered device of `key`'s identity from their
+    /// stored messages (at most `max_devices_per_identity` mailboxes, on a refusal only).
+    async fn recount_other_devices(&self, key: &MailboxKey) -> StoreResult<()> {
+        let read = self.account_fresh(&key.id.identity).await?;
+        let Some(account) = read.record.as_deref() else {
+            return Ok(());
+        };
+        for slot in account.devices.iter().filter(|s| s.registered) {
+            if slot.device_id == key.id.device {
+                continue;
+            }
+            let other = MailboxKey {
+                id: MailboxId {
+                    identity: key.id.identity,
+                    device: slot.device_id,
+                },
+                generation: slot.mailbox_generation,
+            };
+            let actual = self.count_bytes(&other.token()).await?;
+            self.usage
+                .correct(&self.cluster, &other.id, actual as i64)
+                .await?;
+        }
+        Ok(())
     }
 
     /// Checks the byte counters of the mailboxes this relay knows completely and that have
