@@ -22,8 +22,9 @@ pub const OWN_PING_MARGIN: Duration = Duration::from_secs(1);
 
 /// An empty output buffer keeps at most this much capacity between writes.
 const IDLE_OUTBOX_CAPACITY: usize = 16 * 1024;
-/// The first allocation of an empty output buffer: room for a burst of small frames.
-const OUTBOX_START: usize = 8 * 1024;
+/// The first allocation of an empty output buffer: room for a few small frames (it grows for
+/// a burst).
+const OUTBOX_START: usize = 4 * 1024;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SessionError {
