@@ -24,7 +24,9 @@ const KEYSTREAM_BLOCKS: usize = 16;
 /// AES-256-CTR with a 64-bit big-endian block counter after the 64-bit frame counter (the
 /// `ctr` crate's `Ctr64BE` with IV `seq || 0`), keyed by a borrowed key schedule: blocks of
 /// keystream are encrypted [`KEYSTREAM_BLOCKS`] at a time and used across the parts of a
-/// plaintext.
+/// plaintext. (Unlike the `ctr` crate with `zeroize`, the keystream left on the stack is not
+/// wiped: it tells only what the frame's plaintext, which the caller holds in its buffers
+/// anyway, XOR its ciphertext tells.)
 struct Keystream<'a> {
     aes: &'a Aes256Enc,
     seq: [u8; 8],
@@ -36,13 +38,10 @@ struct Keystream<'a> {
     used: usize,
 }
 
-impl Drop for Keystream<'_> {
-    fn drop(&mut self) {
-        // As the `ctr` crate with its `zeroize` feature: no keystream left behind.
-        for block in &mut self.blocks[..self.made] {
-            block.as_mut_slice().zeroize();
-        }
-    }
+/// Keystream for one stretch of data: a whole block, or part of one.
+enum Key<'k> {
+    Block(u128),
+    Bytes(&'k [u8]),
 }
 
 impl<'a> Keystream<'a> {
@@ -57,73 +56,73 @@ impl<'a> Keystream<'a> {
         }
     }
 
-    /// The next bytes of keystream, `want` at most (at least one), from one block.
-    fn next(&mut self, want: usize) -> &[u8] {
-        if self.used == self.made * 16 {
-            let blocks = want.div_ceil(16).clamp(1, KEYSTREAM_BLOCKS);
-            for block in &mut self.blocks[..blocks] {
-                block[..8].copy_from_slice(&self.seq);
-                block[8..].copy_from_slice(&self.counter.to_be_bytes());
-                self.counter = self.counter.wrapping_add(1);
+    /// Hands out the keystream for `len` bytes, as `(offset, key)` stretches in order.
+    fn stream(&mut self, len: usize, mut xor: impl FnMut(usize, Key<'_>)) {
+        let mut at = 0;
+        while at < len {
+            if self.used == self.made * 16 {
+                let blocks = (len - at).div_ceil(16).clamp(1, KEYSTREAM_BLOCKS);
+                for block in &mut self.blocks[..blocks] {
+                    block[..8].copy_from_slice(&self.seq);
+                    block[8..].copy_from_slice(&self.counter.to_be_bytes());
+                    self.counter = self.counter.wrapping_add(1);
+                }
+                self.aes.encrypt_blocks(&mut self.blocks[..blocks]);
+                self.made = blocks;
+                self.used = 0;
             }
-            self.aes.encrypt_blocks(&mut self.blocks[..blocks]);
-            self.made = blocks;
-            self.used = 0;
+            let (block, offset) = (self.used / 16, self.used % 16);
+            if offset == 0 && len - at >= 16 {
+                let whole = (self.made - block).min((len - at) / 16);
+                for key in &self.blocks[block..block + whole] {
+                    xor(at, Key::Block(u128::from_ne_bytes((*key).into())));
+                    at += 16;
+                }
+                self.used += whole * 16;
+            } else {
+                let take = (16 - offset).min(len - at);
+                xor(at, Key::Bytes(&self.blocks[block][offset..offset + take]));
+                at += take;
+                self.used += take;
+            }
         }
-        let (block, offset) = (self.used / 16, self.used % 16);
-        let take = want.min(16 - offset);
-        self.used += take;
-        &self.blocks[block][offset..offset + take]
     }
 
     /// XORs the keystream into `data`.
     fn apply(&mut self, data: &mut [u8]) {
-        let mut at = 0;
-        while at < data.len() {
-            let key = self.next(data.len() - at);
-            xor_in_place(&mut data[at..at + key.len()], key);
-            at += key.len();
-        }
+        self.stream(data.len(), |at, key| match key {
+            Key::Block(key) => {
+                let word = &mut data[at..at + 16];
+                let value = u128::from_ne_bytes(word.try_into().expect("16 bytes")) ^ key;
+                word.copy_from_slice(&value.to_ne_bytes());
+            }
+            Key::Bytes(key) => {
+                for (d, k) in data[at..at + key.len()].iter_mut().zip(key) {
+                    *d ^= k;
+                }
+            }
+        });
     }
 
     /// Writes `src` XOR keystream to `dst` (of the same length).
     fn apply_b2b(&mut self, src: &[u8], dst: &mut [u8]) {
         debug_assert_eq!(src.len(), dst.len());
-        let mut at = 0;
-        while at < src.len() {
-            let key = self.next(src.len() - at);
-            let end = at + key.len();
-            xor_to(&mut dst[at..end], &src[at..end], key);
-            at = end;
-        }
-    }
-}
-
-/// `data ^= key`, a whole block at once when it can.
-fn xor_in_place(data: &mut [u8], key: &[u8]) {
-    match (
-        <&mut [u8; 16]>::try_from(&mut *data),
-        <&[u8; 16]>::try_from(key),
-    ) {
-        (Ok(d), Ok(k)) => *d = (u128::from_ne_bytes(*d) ^ u128::from_ne_bytes(*k)).to_ne_bytes(),
-        _ => data.iter_mut().zip(key).for_each(|(d, k)| *d ^= k),
-    }
-}
-
-/// `dst = src ^ key`, a whole block at once when it can.
-fn xor_to(dst: &mut [u8], src: &[u8], key: &[u8]) {
-    match (
-        <&mut [u8; 16]>::try_from(&mut *dst),
-        <&[u8; 16]>::try_from(src),
-        <&[u8; 16]>::try_from(key),
-    ) {
-        (Ok(d), Ok(s), Ok(k)) => {
-            *d = (u128::from_ne_bytes(*s) ^ u128::from_ne_bytes(*k)).to_ne_bytes()
-        }
-        _ => dst
-            .iter_mut()
-            .zip(src.iter().zip(key))
-            .for_each(|(d, (s, k))| *d = s ^ k),
+        self.stream(src.len(), |at, key| match key {
+            Key::Block(key) => {
+                let value =
+                    u128::from_ne_bytes(src[at..at + 16].try_into().expect("16 bytes")) ^ key;
+                dst[at..at + 16].copy_from_slice(&value.to_ne_bytes());
+            }
+            Key::Bytes(key) => {
+                for ((d, s), k) in dst[at..at + key.len()]
+                    .iter_mut()
+                    .zip(&src[at..at + key.len()])
+                    .zip(key)
+                {
+                    *d = s ^ k;
+                }
+            }
+        });
     }
 }
 
@@ -313,7 +312,6 @@ impl Sealer {
             ctr.apply_b2b(part, &mut out[at..at + part.len()]);
             at += part.len();
         }
-        drop(ctr);
         let tag = state.tag_mac(&out[start..]).finalize().into_bytes();
         out.extend_from_slice(&tag[..TAG_LEN]);
         state.advance();

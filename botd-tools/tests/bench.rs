@@ -55,6 +55,7 @@ fn params(senders: usize, receivers: usize) -> LoadParams {
         connect_timeout: Duration::from_secs(10),
         ack_each: false,
         sign: false,
+        rate_label: None,
         progress: false,
         server_pid: Some(std::process::id()),
     }

@@ -115,6 +115,10 @@ pub struct RelayArgs {
     /// One AckMessages per delivery instead of one per read batch (relay targets)
     #[arg(long)]
     pub ack_each: bool,
+    /// What --rate stands for, when it is derived from another run (e.g. "half the relay's
+    /// maximum"): recorded in the JSON, and `bench report` groups runs by it
+    #[arg(long, requires = "rate")]
+    pub rate_label: Option<String>,
     /// Sign every message and verify every delivery, relay targets (measures the generator's ECDSA too)
     #[arg(long)]
     pub sign: bool,
@@ -269,6 +273,9 @@ pub struct Params {
     pub warmup_s: f64,
     pub ack_each: bool,
     pub sign: bool,
+    /// What the open-loop rate stands for when it is derived from another run (e.g. "half
+    /// the relay's maximum"): reports group such runs by this, not by the rate.
+    pub rate_label: Option<String>,
 }
 
 /// Memory of idle sessions.
@@ -375,6 +382,9 @@ impl RunResult {
         }
         if let Some(rate) = p.rate {
             shape.push(format!("open loop {} msgs/s", human(rate)));
+        }
+        if let Some(label) = &p.rate_label {
+            shape.push(format!("({label})"));
         }
         if let Some(c) = p.connectors {
             shape.push(format!("{c} connectors"));
@@ -647,6 +657,7 @@ pub fn load_params(args: &RelayArgs) -> LoadParams {
         connect_timeout: args.common.connect_timeout,
         ack_each: args.ack_each,
         sign: args.sign,
+        rate_label: args.rate_label.clone(),
         progress: !args.common.quiet,
         server_pid: args.common.server_pid,
     }

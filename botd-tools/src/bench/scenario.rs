@@ -34,6 +34,8 @@ pub struct LoadParams {
     pub ack_each: bool,
     /// Sign every message and verify every delivery for real (measures the generator).
     pub sign: bool,
+    /// What the open-loop rate stands for, if derived from another run.
+    pub rate_label: Option<String>,
     /// Print a progress line on stderr once a second.
     pub progress: bool,
     /// The server process, for CPU and memory figures.
@@ -93,6 +95,7 @@ impl LoadParams {
             warmup_s: self.warmup.as_secs_f64(),
             ack_each: self.ack_each,
             sign: self.sign,
+            rate_label: self.rate_label.clone(),
             ..Params::default()
         }
     }

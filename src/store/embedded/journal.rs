@@ -51,9 +51,9 @@ const MARKER_LEN: usize = 24;
 const BACKSTOP: Duration = Duration::from_millis(10);
 /// A buffer this large is written without waiting to be asked.
 const KICK_BYTES: usize = 1 << 20;
-/// Largest batch a runtime thread writes in place (one `write` into the page cache); larger
-/// ones go to the writer thread.
-const MAX_IN_PLACE_BYTES: usize = 256 << 10;
+/// Largest batch a runtime thread writes in place (one `write` into the page cache, a few
+/// hundred microseconds at most); larger ones go to the writer thread.
+const MAX_IN_PLACE_BYTES: usize = KICK_BYTES;
 
 /// Name of the segment whose first record has `lsn`.
 pub fn segment_name(first_lsn: u64) -> String {
@@ -149,8 +149,15 @@ impl Progress {
     }
 
     /// Resolves once the record `lsn` (and every one before it) is durable, or the journal
-    /// failed. Allocates nothing; no lock is held while waiting.
+    /// failed. Allocates nothing; no lock is held while waiting. A poll with the no-op waker
+    /// (a connection's first look at an answer it dispatched: it polls the answer again, with
+    /// its own waker, once it is at the head of its pipeline) does not join the waiters, so
+    /// only the answer a connection waits for is registered, not every answer in its pipeline.
     pub async fn wait(&self, lsn: u64) -> Result<(), StorageError> {
+        if self.durable() >= lsn {
+            return Ok(());
+        }
+        unobserved_pending().await;
         loop {
             let notified = self.changed.notified();
             let mut notified = std::pin::pin!(notified);
@@ -176,6 +183,19 @@ impl Progress {
         self.failed.store(true, Ordering::Release);
         self.changed.notify_waiters();
     }
+}
+
+/// Pending once, without arranging a wake-up, when polled with the no-op waker (nobody would
+/// be woken: whoever polls that way polls again when it cares); else ready at once.
+fn unobserved_pending() -> impl std::future::Future<Output = ()> {
+    let mut first = true;
+    std::future::poll_fn(move |cx| {
+        if std::mem::take(&mut first) && cx.waker().will_wake(std::task::Waker::noop()) {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
 }
 
 struct Pending {
@@ -887,6 +907,45 @@ pub fn sync_dir(dir: &Path) -> Result<(), StorageError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_wait_polled_without_a_waker_joins_no_waiters_and_completes_later() {
+        use std::future::Future;
+        use std::task::{Context, Poll, Waker};
+        let progress = Progress::new(FsyncPolicy::Interval, 0);
+        let mut wait = Box::pin(progress.wait(2));
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(wait.as_mut().poll(&mut cx).is_pending());
+        progress.publish(&progress.written, 1);
+        let counter = Arc::new(WakeCounter::default());
+        let waker = Waker::from(counter.clone());
+        let mut cx = Context::from_waker(&waker);
+        assert!(
+            wait.as_mut().poll(&mut cx).is_pending(),
+            "lsn 2 is not written yet"
+        );
+        progress.publish(&progress.written, 2);
+        assert!(
+            counter.0.load(Ordering::SeqCst) > 0,
+            "the registered waiter is woken"
+        );
+        assert!(matches!(wait.as_mut().poll(&mut cx), Poll::Ready(Ok(()))));
+        // Already durable: ready at the first poll, whatever the waker.
+        let mut done = Box::pin(progress.wait(2));
+        assert!(matches!(
+            done.as_mut().poll(&mut Context::from_waker(Waker::noop())),
+            Poll::Ready(Ok(()))
+        ));
+    }
+
+    #[derive(Default)]
+    struct WakeCounter(AtomicU64);
+
+    impl std::task::Wake for WakeCounter {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
 
     #[test]
     fn markers_round_trip() {
