@@ -5,11 +5,19 @@
 #
 #   benches/compare.sh [--duration 5s] [--warmup 2s] [--rounds 3] [--window 128]
 #                      [--scenarios "16:16:100 16:16:1KiB 1:1:100 1:1:1KiB"]
+#                      [--paced "500:500:50000 2000:2000:50000"] [--half-max "16:16:100"]
+#                      [--no-ack-each] [--flood-rate 5000]
 #                      [--policies "always interval never"]
 #                      [--relay-bin [LABEL=]PATH]... [--extra-policies "interval"]
 #                      [--js-relays "r1 r3"] [--no-session-scenarios] [--no-build]
 #                      [--out bench-results]
 #
+# --paced: S:R:RATE runs of 100 B messages paced open loop at RATE msgs/s in all ("" for none).
+# --half-max: S:R:PAYLOAD closed-loop scenarios (of --scenarios) that are also paced at half
+# the maximum `botd interval` reached in the same round ("" for none). --no-ack-each: no
+# closed-loop 16→16 100 B run with one AckMessages per delivery. --flood-rate: bad-signature
+# Inits per second of the flood scenario (0 for none). These run against the embedded relays,
+# NATS core and JetStream (not the relays on the JetStream store).
 # --js-relays: relays on the JetStream store (`store = "nats://…"`): r1 on the single
 # nats-server (1 replica), r3 on a local 3-node cluster (3 replicas); "" for none.
 # Every server runs pinned to CPU 1, the load generator to CPU 0. Each round runs every scenario
@@ -23,6 +31,10 @@ warmup=2s
 rounds=3
 window=128
 scenarios="16:16:100 16:16:1KiB 1:1:100 1:1:1KiB"
+paced="500:500:50000 2000:2000:50000"
+half_max="16:16:100"
+ack_each=1
+flood_rate=5000
 policies="always interval never"
 extra_policies="interval"
 session_scenarios=1
@@ -31,7 +43,7 @@ build=1
 out=bench-results
 extra_bins=()
 
-usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -40,6 +52,10 @@ while [ $# -gt 0 ]; do
         --rounds) rounds=$2; shift 2 ;;
         --window) window=$2; shift 2 ;;
         --scenarios) scenarios=$2; shift 2 ;;
+        --paced) paced=$2; shift 2 ;;
+        --half-max) half_max=$2; shift 2 ;;
+        --no-ack-each) ack_each=0; shift ;;
+        --flood-rate) flood_rate=$2; shift 2 ;;
         --policies) policies=$2; shift 2 ;;
         --extra-policies) extra_policies=$2; shift 2 ;;
         --relay-bin) extra_bins+=("$2"); shift 2 ;;
@@ -286,6 +302,38 @@ session_labels=()
 for label in "${labels[@]}"; do
     if [ "${kind_of[$label]}" = botd ] && [[ $label == *" interval" ]]; then session_labels+=("$label"); fi
 done
+# The many-session, paced and ack-each runs: every target but the relays on the JetStream store
+# (a few hundred messages per second; see docs/SCALING.md).
+shape_labels=()
+for label in "${labels[@]}"; do
+    if [[ $label != "botd JS "* ]]; then shape_labels+=("$label"); fi
+done
+# The reference for "half the relay's maximum": the embedded relay under `interval`.
+max_label="botd interval"
+if [ -z "${addr_of[$max_label]:-}" ]; then max_label=${session_labels[0]:-}; fi
+
+# msgs/s of the closed-loop S→R PAYLOAD run of target $1 in round $2 (empty if none).
+closed_rate() {
+    python3 - "$results" "$1" "$2" "$3" "$4" "$5" <<'PY'
+import json, sys
+path, label, round_, s, r, payload = sys.argv[1:]
+units = {"": 1, "B": 1, "KiB": 1024, "k": 1024, "K": 1024, "MiB": 1 << 20, "M": 1 << 20}
+digits = payload.rstrip("KiBMk")
+size = int(digits) * units[payload[len(digits):]]
+best = ""
+for line in open(path):
+    line = line.strip()
+    if not line:
+        continue
+    run = json.loads(line)
+    p = run.get("params", {})
+    if (run.get("scenario") == "relay" and run.get("label") == label and run.get("round") == int(round_)
+            and p.get("rate") is None and not p.get("ack_each") and p.get("senders") == int(s)
+            and p.get("receivers") == int(r) and p.get("payload") == size):
+        best = run["ops_per_s"]
+print(best)
+PY
+}
 
 for round in $(seq "$rounds"); do
     for scenario in $scenarios; do
@@ -294,11 +342,38 @@ for round in $(seq "$rounds"); do
             bench "$label" relay "$round" -s "$s" -r "$r" --payload "$payload" --window "$window"
         done
     done
+    if [ "$ack_each" = 1 ]; then
+        for label in "${shape_labels[@]}"; do
+            bench "$label" relay "$round" -s 16 -r 16 --payload 100 --window "$window" --ack-each
+        done
+    fi
+    for scenario in $half_max; do
+        IFS=: read -r s r payload <<<"$scenario"
+        max=$(closed_rate "$max_label" "$round" "$s" "$r" "$payload")
+        if [ -z "$max" ]; then
+            log "round $round: no closed-loop $scenario run of '$max_label' to pace at half of"
+            continue
+        fi
+        rate=$(awk -v m="$max" 'BEGIN { printf "%.0f", m / 2 }')
+        for label in "${shape_labels[@]}"; do
+            bench "$label" relay "$round" -s "$s" -r "$r" --payload "$payload" --window "$window" \
+                --rate "$rate" --rate-label "half the relay's maximum"
+        done
+    done
+    for scenario in $paced; do
+        IFS=: read -r s r rate <<<"$scenario"
+        for label in "${shape_labels[@]}"; do
+            bench "$label" relay "$round" -s "$s" -r "$r" --payload 100 --window "$window" --rate "$rate"
+        done
+    done
     if [ "$session_scenarios" = 1 ]; then
         for label in "${session_labels[@]}"; do
             bench "$label" handshake "$round" -c 16
             bench "$label" bulk "$round" --payload 256KiB --window 8
             bench "$label" idle "$round" -k 1000
+            if [ "$flood_rate" != 0 ]; then
+                bench "$label" flood "$round" --rate "$flood_rate"
+            fi
         done
     fi
 done
@@ -314,7 +389,7 @@ meta=(
     --meta "machine=$(nproc) × ${cpu:-unknown CPU}, Linux $(uname -r)"
     --meta "pinning=$pinning"
     --meta "per run=$warmup warm-up, then $duration measured; rounds: $rounds, targets alternating (A B C A B C …)"
-    --meta "scenarios=S→R sessions × payload: $scenarios; window $window (closed loop)"
+    --meta "scenarios=S→R sessions × payload: $scenarios; window $window (closed loop); ack each: $([ "$ack_each" = 1 ] && echo 16→16 100 B || echo none); paced at half the maximum of '$max_label': ${half_max:-none}; paced S:R:rate (100 B): ${paced:-none}; flood: ${flood_rate} bad Inits/s"
     --meta "relay settings=application rate limits lifted, mailbox_max_messages 100000, metrics off, fresh data dir per relay"
 )
 for spec in "${extra_bins[@]}"; do meta+=(--meta "extra relay=$spec (policies: $extra_policies)"); done

@@ -98,6 +98,11 @@ pub struct Config {
     // --- Network ---
     /// Address the relay listens on for nodes.
     pub listen: SocketAddr,
+    /// Connections the kernel may hold completed but not yet accepted (the `listen(2)`
+    /// backlog; Linux caps it at `net.core.somaxconn`). Past it, new connections' SYNs are
+    /// dropped and their clients retry after a second: a burst of connections (a flood, many
+    /// nodes reconnecting after a restart) must fit.
+    pub listen_backlog: u32,
     /// Directory holding the relay's identity key and its store.
     pub data_dir: PathBuf,
     /// Address of the Prometheus exporter (`off` disables it).
@@ -292,6 +297,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)),
+            listen_backlog: 4096,
             data_dir: PathBuf::from("./botd-data"),
             metrics_listen: MetricsListen::At(SocketAddr::from(([127, 0, 0, 1], 9946))),
             max_frame_len: 1 << 20,
@@ -463,6 +469,9 @@ impl Config {
         }
         if u64::from(self.max_payload_len) + 4096 > u64::from(self.max_frame_len) {
             return fail("max_payload_len plus 4096 bytes of envelope must fit in max_frame_len");
+        }
+        if self.listen_backlog == 0 {
+            return fail("listen_backlog must be positive");
         }
         if self.max_connections == 0 || self.max_handshakes_in_flight == 0 {
             return fail("max_connections and max_handshakes_in_flight must be positive");
@@ -648,6 +657,8 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("largest answer"), "{err}");
+        let err = Config::load(None, vars(&[("BOTD_LISTEN_BACKLOG", "0")])).unwrap_err();
+        assert!(err.to_string().contains("listen_backlog"), "{err}");
         let err = Config::load(None, vars(&[("BOTD_PING_MIN_INTERVAL", "999ms")])).unwrap_err();
         assert!(err.to_string().contains("ping_min_interval"), "{err}");
         let too_many = (MAX_MAILBOX_MESSAGES + 1).to_string();

@@ -2,7 +2,7 @@
 //! counter, a truncated HMAC-SHA256 tag checked in constant time before decryption, and the key
 //! rotation every 1024 frames.
 
-use aes::cipher::{InnerIvInit, KeyInit, StreamCipher, StreamCipherCoreWrapper};
+use aes::cipher::{BlockEncrypt, KeyInit};
 use aes::Aes256Enc;
 use bytes::{BufMut, Bytes, BytesMut};
 use hkdf::Hkdf;
@@ -16,8 +16,115 @@ pub const TAG_LEN: usize = 16;
 pub const REKEY_INTERVAL: u64 = 1024;
 const REKEY_INFO: &[u8] = b"botd/1 rekey";
 
-type Aes256Ctr = ctr::Ctr64BE<Aes256Enc>;
 type HmacSha256 = Hmac<Sha256>;
+
+/// Keystream blocks made at a time.
+const KEYSTREAM_BLOCKS: usize = 16;
+
+/// AES-256-CTR with a 64-bit big-endian block counter after the 64-bit frame counter (the
+/// `ctr` crate's `Ctr64BE` with IV `seq || 0`), keyed by a borrowed key schedule: blocks of
+/// keystream are encrypted [`KEYSTREAM_BLOCKS`] at a time and used across the parts of a
+/// plaintext. (Unlike the `ctr` crate with `zeroize`, the keystream left on the stack is not
+/// wiped: it tells only what the frame's plaintext, which the caller holds in its buffers
+/// anyway, XOR its ciphertext tells.)
+struct Keystream<'a> {
+    aes: &'a Aes256Enc,
+    seq: [u8; 8],
+    /// The next block's counter.
+    counter: u64,
+    blocks: [aes::Block; KEYSTREAM_BLOCKS],
+    /// Blocks of keystream in `blocks`, and the bytes of them already used.
+    made: usize,
+    used: usize,
+}
+
+/// Keystream for one stretch of data: a whole block, or part of one.
+enum Key<'k> {
+    Block(u128),
+    Bytes(&'k [u8]),
+}
+
+impl<'a> Keystream<'a> {
+    fn new(aes: &'a Aes256Enc, seq: u64) -> Self {
+        Self {
+            aes,
+            seq: seq.to_be_bytes(),
+            counter: 0,
+            blocks: [aes::Block::default(); KEYSTREAM_BLOCKS],
+            made: 0,
+            used: 0,
+        }
+    }
+
+    /// Hands out the keystream for `len` bytes, as `(offset, key)` stretches in order.
+    fn stream(&mut self, len: usize, mut xor: impl FnMut(usize, Key<'_>)) {
+        let mut at = 0;
+        while at < len {
+            if self.used == self.made * 16 {
+                let blocks = (len - at).div_ceil(16).clamp(1, KEYSTREAM_BLOCKS);
+                for block in &mut self.blocks[..blocks] {
+                    block[..8].copy_from_slice(&self.seq);
+                    block[8..].copy_from_slice(&self.counter.to_be_bytes());
+                    self.counter = self.counter.wrapping_add(1);
+                }
+                self.aes.encrypt_blocks(&mut self.blocks[..blocks]);
+                self.made = blocks;
+                self.used = 0;
+            }
+            let (block, offset) = (self.used / 16, self.used % 16);
+            if offset == 0 && len - at >= 16 {
+                let whole = (self.made - block).min((len - at) / 16);
+                for key in &self.blocks[block..block + whole] {
+                    xor(at, Key::Block(u128::from_ne_bytes((*key).into())));
+                    at += 16;
+                }
+                self.used += whole * 16;
+            } else {
+                let take = (16 - offset).min(len - at);
+                xor(at, Key::Bytes(&self.blocks[block][offset..offset + take]));
+                at += take;
+                self.used += take;
+            }
+        }
+    }
+
+    /// XORs the keystream into `data`.
+    fn apply(&mut self, data: &mut [u8]) {
+        self.stream(data.len(), |at, key| match key {
+            Key::Block(key) => {
+                let word = &mut data[at..at + 16];
+                let value = u128::from_ne_bytes(word.try_into().expect("16 bytes")) ^ key;
+                word.copy_from_slice(&value.to_ne_bytes());
+            }
+            Key::Bytes(key) => {
+                for (d, k) in data[at..at + key.len()].iter_mut().zip(key) {
+                    *d ^= k;
+                }
+            }
+        });
+    }
+
+    /// Writes `src` XOR keystream to `dst` (of the same length).
+    fn apply_b2b(&mut self, src: &[u8], dst: &mut [u8]) {
+        debug_assert_eq!(src.len(), dst.len());
+        self.stream(src.len(), |at, key| match key {
+            Key::Block(key) => {
+                let value =
+                    u128::from_ne_bytes(src[at..at + 16].try_into().expect("16 bytes")) ^ key;
+                dst[at..at + 16].copy_from_slice(&value.to_ne_bytes());
+            }
+            Key::Bytes(key) => {
+                for ((d, s), k) in dst[at..at + key.len()]
+                    .iter_mut()
+                    .zip(&src[at..at + key.len()])
+                    .zip(key)
+                {
+                    *d = s ^ k;
+                }
+            }
+        });
+    }
+}
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CipherError {
@@ -103,22 +210,15 @@ impl DirectionState {
         self.keyed = None;
     }
 
-    fn iv(seq: u64) -> [u8; 16] {
-        let mut iv = [0u8; 16];
-        iv[..8].copy_from_slice(&seq.to_be_bytes());
-        iv
-    }
-
-    fn ctr(&mut self) -> Aes256Ctr {
-        let iv = Self::iv(self.seq);
-        StreamCipherCoreWrapper::from_core(ctr::CtrCore::inner_iv_init(
-            self.keyed().aes.clone(),
-            &iv.into(),
-        ))
+    /// The CTR keystream of the current frame, encrypted from the borrowed key schedule (no
+    /// copy of it per frame).
+    fn ctr(&mut self) -> Keystream<'_> {
+        let seq = self.seq;
+        Keystream::new(&self.keyed().aes, seq)
     }
 
     fn keystream(&mut self, data: &mut [u8]) {
-        self.ctr().apply_keystream(data);
+        self.ctr().apply(data);
     }
 
     fn tag_mac(&mut self, ciphertext: &[u8]) -> HmacSha256 {
@@ -209,8 +309,7 @@ impl Sealer {
         let mut ctr = state.ctr();
         let mut at = start;
         for part in parts {
-            ctr.apply_keystream_b2b(part, &mut out[at..at + part.len()])
-                .expect("input and output have the same length");
+            ctr.apply_b2b(part, &mut out[at..at + part.len()]);
             at += part.len();
         }
         let tag = state.tag_mac(&out[start..]).finalize().into_bytes();
@@ -320,6 +419,45 @@ mod tests {
             Err(CipherError::Truncated)
         );
         assert_eq!(&opener.open(body(&second)).unwrap()[..], b"second");
+    }
+
+    #[test]
+    fn keystream_is_ctr64be_with_the_frame_counter_as_iv() {
+        use aes::cipher::{KeyIvInit, StreamCipher};
+        let key = [9u8; 32];
+        let aes = Aes256Enc::new(&key.into());
+        for (seq, len) in [
+            (0u64, 0usize),
+            (1, 1),
+            (5, 15),
+            (1023, 16),
+            (7, 255),
+            (8, 256),
+            (9, 257),
+            (u64::MAX, 5000),
+        ] {
+            let mut iv = [0u8; 16];
+            iv[..8].copy_from_slice(&seq.to_be_bytes());
+            let mut want = vec![0x3c; len];
+            ctr::Ctr64BE::<Aes256Enc>::new(&key.into(), &iv.into()).apply_keystream(&mut want);
+            let mut got = vec![0x3c; len];
+            Keystream::new(&aes, seq).apply(&mut got);
+            assert_eq!(got, want, "seq {seq}, {len} bytes");
+            // The same in uneven parts, as a sealed Deliver is (head, payload, tail).
+            let src = vec![0x3c; len];
+            let mut parts = vec![0; len];
+            let mut stream = Keystream::new(&aes, seq);
+            let mut at = 0;
+            for step in [3usize, 100, 1, 300, 17].iter().cycle() {
+                if at == len {
+                    break;
+                }
+                let end = (at + step).min(len);
+                stream.apply_b2b(&src[at..end], &mut parts[at..end]);
+                at = end;
+            }
+            assert_eq!(parts, want, "seq {seq}, {len} bytes in parts");
+        }
     }
 
     #[test]

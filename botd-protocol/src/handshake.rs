@@ -243,14 +243,18 @@ pub struct Response {
 }
 
 /// Checks an `Init` cheapest first and answers it. `is_fresh` is asked last, once the signature
-/// holds, whether the initiator's ephemeral key is new (it records the key as seen).
+/// holds, whether the initiator's ephemeral key is new (it records the key as seen). The
+/// responder's ephemeral key is made only for an `Init` that passed every check, so a flood of
+/// bad `Init`s costs a signature verification each and no key generation.
 pub fn respond(
     local: &KeyPair,
     init_body: &[u8],
     is_fresh: impl FnOnce(&PublicKeyBytes) -> bool,
 ) -> Result<Response, HandshakeError> {
-    respond_with(local, init_body, is_fresh, KeyPair::generate(), random_id())
-        .map(|(response, _)| response)
+    respond_inner(local, init_body, is_fresh, || {
+        (KeyPair::generate(), random_id())
+    })
+    .map(|(response, _)| response)
 }
 
 /// As [`respond`] with a chosen ephemeral key and id; also returns the key schedule.
@@ -260,6 +264,16 @@ pub fn respond_with(
     is_fresh: impl FnOnce(&PublicKeyBytes) -> bool,
     ephemeral: KeyPair,
     ack_id: String,
+) -> Result<(Response, KeySchedule), HandshakeError> {
+    respond_inner(local, init_body, is_fresh, || (ephemeral, ack_id))
+}
+
+/// [`respond`], with the ephemeral key and `Ack` id made by `answer_with` once the `Init` holds.
+fn respond_inner(
+    local: &KeyPair,
+    init_body: &[u8],
+    is_fresh: impl FnOnce(&PublicKeyBytes) -> bool,
+    answer_with: impl FnOnce() -> (KeyPair, String),
 ) -> Result<(Response, KeySchedule), HandshakeError> {
     let init = Init::decode(init_body)?;
     if init.recipient_pubkey.as_ref() != local.public().as_bytes() {
@@ -282,6 +296,7 @@ pub fn respond_with(
         return Err(HandshakeError::Replay);
     }
 
+    let (ephemeral, ack_id) = answer_with();
     let ack_digest = signed_digest(local.public(), &sender, ephemeral.public());
     let ack = Ack {
         id: ack_id,

@@ -20,10 +20,13 @@ use crate::proto::{random_id, valid_id, Body, ErrorCode, Frame, Ping, Pong, Welc
 /// Extra wait beyond the peer's ping interval before we ping again.
 pub const OWN_PING_MARGIN: Duration = Duration::from_secs(1);
 
-/// An empty output buffer keeps at most this much capacity between writes.
-const IDLE_OUTBOX_CAPACITY: usize = 16 * 1024;
-/// The first allocation of an empty output buffer: room for a burst of small frames.
-const OUTBOX_START: usize = 8 * 1024;
+/// An emptied output buffer keeps at most this much capacity for the next frames (enough for
+/// a 256 KiB payload's `Deliver`, so large messages do not allocate their output each time);
+/// [`Session::release_idle_memory`] gives it all back once the session is quiet.
+const IDLE_OUTBOX_CAPACITY: usize = 512 * 1024;
+/// The first allocation of an empty output buffer: room for a few small frames (it grows for
+/// a burst).
+const OUTBOX_START: usize = 4 * 1024;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SessionError {

@@ -55,6 +55,7 @@ fn params(senders: usize, receivers: usize) -> LoadParams {
         connect_timeout: Duration::from_secs(10),
         ack_each: false,
         sign: false,
+        rate_label: None,
         progress: false,
         server_pid: Some(std::process::id()),
     }
@@ -106,4 +107,35 @@ async fn open_loop_signed_with_one_ack_per_message_delivers_everything_exactly_o
     let sent: u64 = outcome.sent_ok.iter().sum();
     assert!(sent <= 400 * 2, "open loop keeps to its schedule: {sent}");
     assert_exactly_once(&params, outcome);
+}
+
+#[tokio::test]
+async fn flood_of_bad_inits_is_refused_while_a_good_peer_gets_through() {
+    let (addr, key, _relay) = relay().await;
+    let args = botd_tools::bench::FloodArgs {
+        common: botd_tools::bench::CommonArgs {
+            target: None,
+            duration: Duration::from_secs(1),
+            warmup: Duration::from_millis(200),
+            server_pid: Some(std::process::id()),
+            label: None,
+            round: None,
+            connect_timeout: Duration::from_secs(10),
+            quiet: true,
+        },
+        rate: 200.0,
+        addresses: 5,
+        good_rate: 20.0,
+        burst: 5,
+        max_in_flight: 64,
+    };
+    let result = botd_tools::bench::flood::run(&args, addr, key)
+        .await
+        .expect("run completes");
+    assert!(result.ops > 0, "{}", result.summary());
+    assert!(result.errors.is_empty(), "{}", result.summary());
+    let flood = result.flood.expect("flood figures");
+    assert!(flood.attempts_per_s > 0.0, "{}", result.summary());
+    assert!(flood.rejected_per_s > 0.0, "{}", result.summary());
+    assert_eq!(flood.connect_failures, 0, "{}", result.summary());
 }

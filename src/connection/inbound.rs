@@ -15,8 +15,12 @@ use bytes::BytesMut;
 use crate::metrics as m;
 
 /// Bytes reserved for a read when no longer frame is announced (in a session; before the
-/// handshake completes, the frame limit itself).
-const READ_CHUNK: usize = 16 * 1024;
+/// handshake completes, the frame limit itself), at first: small frames arriving a few at a
+/// time need no more.
+const MIN_READ_CHUNK: usize = 4 * 1024;
+/// The read size doubles, up to this, while reads fill the room they were given (a burst of
+/// frames is read in fewer system calls); it starts small again once the connection is quiet.
+const MAX_READ_CHUNK: usize = 64 * 1024;
 
 /// Bytes of partly received frames, relay-wide.
 pub struct InboundBudget {
@@ -90,6 +94,10 @@ pub struct Inbound {
     charged: usize,
     /// When the first byte of the frame being received arrived.
     partial_since: Option<Instant>,
+    /// Bytes reserved for the next read when no longer frame is announced.
+    chunk: usize,
+    /// Room the last [`Inbound::receive_buffer`] offered.
+    offered: usize,
 }
 
 impl Inbound {
@@ -100,6 +108,8 @@ impl Inbound {
             budget,
             charged: 0,
             partial_since: None,
+            chunk: MIN_READ_CHUNK,
+            offered: 0,
         }
     }
 
@@ -135,12 +145,21 @@ impl Inbound {
                 }
                 total - self.buf.len()
             }
-            _ => READ_CHUNK.min(self.codec.max_frame_len() as usize + 4),
+            _ => self.chunk.min(self.codec.max_frame_len() as usize + 4),
         };
         if self.buf.capacity() - self.buf.len() < want {
             self.buf.reserve(want);
         }
+        self.offered = self.buf.capacity() - self.buf.len();
         Some(&mut self.buf)
+    }
+
+    /// `n` bytes were appended to the buffer [`Inbound::receive_buffer`] gave: a read that
+    /// filled its room makes the next one larger.
+    pub fn on_read(&mut self, n: usize) {
+        if n >= self.offered {
+            self.chunk = (self.chunk * 2).min(MAX_READ_CHUNK);
+        }
     }
 
     /// Bytes received and not yet taken as frames.
@@ -159,16 +178,25 @@ impl Inbound {
         }
     }
 
-    /// Gives back memory once the buffer holds nothing worth it: all of it when empty, the
-    /// spare room when it holds a few bytes of a frame whose length has not arrived yet.
+    /// Gives back the spare room of a buffer that holds only a few bytes of a frame whose
+    /// length has not arrived yet (an empty buffer is kept for the next read until
+    /// [`Inbound::release`]).
     pub fn compact(&mut self) {
-        if self.buf.is_empty() {
-            if self.buf.capacity() > 0 {
-                self.buf = BytesMut::new();
-            }
-        } else if frame_len_at_front(&self.buf).is_none() && self.buf.capacity() > 1024 {
+        if !self.buf.is_empty()
+            && frame_len_at_front(&self.buf).is_none()
+            && self.buf.capacity() > 1024
+        {
             self.buf = BytesMut::from(&self.buf[..]);
         }
+    }
+
+    /// Gives back the buffer if it is empty (the connection went quiet), and starts reading
+    /// small again.
+    pub fn release(&mut self) {
+        if self.buf.is_empty() && self.buf.capacity() > 0 {
+            self.buf = BytesMut::new();
+        }
+        self.chunk = MIN_READ_CHUNK;
     }
 
     /// When the frame being received, if any, must be complete.

@@ -31,7 +31,8 @@
 //! 5. sleep until [`Connection::poll_timeout`], then [`Connection::handle_timeout`].
 //!
 //! Another round follows while any step made progress; a round that made none ends with
-//! [`Connection::release_idle_memory`]. After an [`End`] or an error, [`Connection::disconnect`]
+//! [`Connection::on_quiet`]: a connection that then stays quiet for [`RELEASE_AFTER`] gives
+//! back its buffers and cipher state, a busy one keeps them from one wake-up to the next. After an [`End`] or an error, [`Connection::disconnect`]
 //! ends the application's session and hands back what is still to be written.
 
 mod inbound;
@@ -65,6 +66,10 @@ pub const MAX_HANDSHAKE_FRAME_LEN: u32 = 1024;
 pub const OUTBOX_HIGH: usize = 256 * 1024;
 /// While the inbound budget is exhausted, how often a waiting connection tries again.
 pub const BUDGET_RETRY: Duration = Duration::from_millis(5);
+/// A connection without traffic for this long gives back its read and write buffers, its
+/// push queue's memory and its keyed ciphers; until then they serve the next frames without
+/// an allocation or a key schedule each time.
+pub const RELEASE_AFTER: Duration = Duration::from_millis(200);
 
 /// How a connection ended when nothing went wrong.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,6 +183,8 @@ pub struct Connection<'a, H: Handler> {
     timers: TimerTable,
     frame_clock: FrameClock,
     traffic: Traffic,
+    /// The last round that moved a frame, and the frame count it saw then.
+    last_traffic: (Instant, u64),
 }
 
 /// What is left of a connection once the application's session ended.
@@ -243,6 +250,7 @@ impl<'a, H: Handler> Connection<'a, H> {
             timers: TimerTable::default(),
             frame_clock: FrameClock::Running,
             traffic: Traffic::default(),
+            last_traffic: (now, 0),
         })
     }
 
@@ -291,6 +299,7 @@ impl<'a, H: Handler> Connection<'a, H> {
     /// now complete are dispatched while the connection takes them.
     pub fn on_received(&mut self, n: usize, now: Instant) -> Result<(), ConnectionError> {
         self.traffic.bytes_in += n as u64;
+        self.inbound.on_read(n);
         self.dispatch_buffered(now)?;
         Ok(())
     }
@@ -307,6 +316,10 @@ impl<'a, H: Handler> Connection<'a, H> {
     /// whether it is behind, and the frame timeout follows what the relay now waits for.
     pub fn end_input(&mut self, now: Instant) {
         self.inbound.compact();
+        let frames = self.traffic.frames_in + self.traffic.frames_out;
+        if frames != self.last_traffic.1 {
+            self.last_traffic = (now, frames);
+        }
         if self.congestion.is_none() {
             self.congestion = self.handler.congestion();
         }
@@ -354,6 +367,14 @@ impl<'a, H: Handler> Connection<'a, H> {
             return Err(ConnectionError::FrameTimeout(self.config.frame_timeout));
         }
         self.timers.take_expired(Timer::BudgetRetry, now);
+        if self.timers.take_expired(Timer::Release, now) {
+            let quiet_until = self.last_traffic.0 + RELEASE_AFTER;
+            if now >= quiet_until {
+                self.release_idle_memory();
+            } else {
+                self.timers.set(Timer::Release, quiet_until);
+            }
+        }
         self.session.on_timeout(now)?;
         Ok(())
     }
@@ -368,8 +389,17 @@ impl<'a, H: Handler> Connection<'a, H> {
         Ok(End::Shutdown)
     }
 
+    /// The round made no progress: the connection waits for the peer or the application.
+    /// Unless it moves again within [`RELEASE_AFTER`] of its last frame, its memory is given
+    /// back then ([`Connection::release_idle_memory`]).
+    pub fn on_quiet(&mut self) {
+        self.timers
+            .set_if_stopped(Timer::Release, self.last_traffic.0 + RELEASE_AFTER);
+    }
+
     /// Gives back the buffers a quiet connection does not need: an idle session keeps none.
     pub fn release_idle_memory(&mut self) {
+        self.inbound.release();
         self.session.release_idle_memory();
         self.pushes.release_idle_memory();
     }

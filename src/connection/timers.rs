@@ -16,10 +16,13 @@ pub enum Timer {
     Frame,
     /// The inbound budget could not cover the frame being received: when to try again.
     BudgetRetry,
+    /// The connection went quiet: when to give back its buffers and cipher state if it
+    /// stayed so ([`crate::connection::RELEASE_AFTER`]).
+    Release,
 }
 
 impl Timer {
-    const COUNT: usize = 4;
+    const COUNT: usize = 5;
 
     fn index(self) -> usize {
         match self {
@@ -27,6 +30,7 @@ impl Timer {
             Timer::Write => 1,
             Timer::Frame => 2,
             Timer::BudgetRetry => 3,
+            Timer::Release => 4,
         }
     }
 }

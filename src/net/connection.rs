@@ -18,7 +18,7 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{sleep_until, timeout_at, Instant, Sleep};
 use tokio_util::sync::WaitForCancellationFutureOwned;
@@ -278,14 +278,17 @@ impl<'a, H: Handler> Live<'a, H> {
             progress |= self.poll_write(cx, now)?;
             progress |= self.poll_timer(cx)?;
             if !progress {
-                // Nothing more to do until the peer or the application moves.
-                self.conn.release_idle_memory();
+                // Nothing more to do until the peer or the application moves; buffers are
+                // given back once the connection has stayed quiet for a while.
+                self.conn.on_quiet();
                 return Poll::Pending;
             }
         }
     }
 
-    /// Reads while the connection takes input; each read is dispatched at once.
+    /// Reads while the connection takes input; each read is dispatched at once. A read that
+    /// leaves room in the buffer drained the socket: tokio then forgets its readiness, so the
+    /// next attempt waits for the next event instead of asking the kernel again.
     fn poll_read(
         &mut self,
         cx: &mut Context<'_>,
@@ -293,7 +296,7 @@ impl<'a, H: Handler> Live<'a, H> {
     ) -> Result<Polled, NetError> {
         let mut read = Polled::Idle;
         while let Some(buf) = self.conn.receive_buffer(now) {
-            match poll_read_buf(self.stream, buf, cx) {
+            match tokio_util::io::poll_read_buf(Pin::new(&mut *self.stream), cx, buf) {
                 Poll::Pending => break,
                 Poll::Ready(Ok(0)) => return Ok(Polled::End(self.conn.on_peer_closed()?)),
                 Poll::Ready(Ok(n)) => {
@@ -306,7 +309,8 @@ impl<'a, H: Handler> Live<'a, H> {
         Ok(read)
     }
 
-    /// Writes what is sealed, as far as the socket takes it.
+    /// Writes what is sealed, as far as the socket takes it (a short write makes tokio forget
+    /// the socket's readiness, so a full socket costs no further system call).
     fn poll_write(
         &mut self,
         cx: &mut Context<'_>,
@@ -314,21 +318,17 @@ impl<'a, H: Handler> Live<'a, H> {
     ) -> Result<bool, NetError> {
         let mut progress = false;
         while let Some(out) = self.conn.poll_transmit() {
-            match self.stream.poll_write_ready(cx) {
+            match Pin::new(&mut *self.stream).poll_write(cx, out) {
                 Poll::Pending => {
                     self.conn.on_transmit_blocked(now);
                     break;
                 }
-                Poll::Ready(Err(err)) => return Err(err.into()),
-                Poll::Ready(Ok(())) => {}
-            }
-            match self.stream.try_write(out) {
-                Ok(n) => {
+                Poll::Ready(Ok(0)) => return Err(std::io::Error::from(ErrorKind::WriteZero).into()),
+                Poll::Ready(Ok(n)) => {
                     self.conn.advance_transmit(n, now);
                     progress = true;
                 }
-                Err(err) if err.kind() == ErrorKind::WouldBlock => continue,
-                Err(err) => return Err(err.into()),
+                Poll::Ready(Err(err)) => return Err(err.into()),
             }
         }
         Ok(progress)
@@ -340,7 +340,10 @@ impl<'a, H: Handler> Live<'a, H> {
             return Ok(false);
         };
         let deadline = Instant::from_std(deadline);
-        if self.timer_at != Some(deadline) {
+        // Re-armed only for an earlier deadline: most deadlines move later with every frame
+        // (the ping and idle timers), and resetting the runtime's timer on every wake-up costs
+        // more than the early wake-up the armed one may bring, which re-arms it then.
+        if self.timer_at.is_none_or(|at| deadline < at) {
             self.timer.as_mut().reset(deadline);
             self.timer_at = Some(deadline);
         }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -98,9 +98,22 @@ impl std::fmt::Debug for ServerHandle {
     }
 }
 
+/// A listening socket on `addr` with room for `backlog` connections not yet accepted.
+fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    // As `TcpListener::bind` does: a restarted relay can listen while old connections linger.
+    #[cfg(unix)]
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
 impl<H: Handler> Server<H> {
     pub async fn bind(config: Config, identity: KeyPair, handler: H) -> std::io::Result<Self> {
-        let listener = TcpListener::bind(config.listen).await?;
+        let listener = listen(config.listen, config.listen_backlog)?;
         let connection_slots = Arc::new(Semaphore::new(config.max_connections));
         let ip_limiter = Mutex::new(KeyedLimiter::new(
             config.handshake_rate_per_ip,
@@ -244,5 +257,26 @@ impl<H: Handler> Server<H> {
         // Latency matters more than packet count for small request/response frames.
         let _ = stream.set_nodelay(true);
         Some((permit, ticket))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn listens_with_the_configured_backlog() {
+        let listener = listen("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        let addr = listener.local_addr().unwrap();
+        // More connects than the backlog complete without accepting: they queue, up to the
+        // backlog (and what the kernel adds), and are accepted in order afterwards.
+        let mut clients = Vec::new();
+        for _ in 0..8 {
+            clients.push(TcpStream::connect(addr).await.unwrap());
+        }
+        for client in &clients {
+            let (_, peer) = listener.accept().await.unwrap();
+            assert_eq!(peer, client.local_addr().unwrap());
+        }
     }
 }

@@ -7,12 +7,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::time::{sleep, sleep_until, Instant};
+use tokio::time::{sleep, Instant};
 
 use botd_protocol::keys::{KeyPair, PublicKeyBytes, SIGNATURE_LEN};
 use botd_protocol::proto::{self, Body};
 
-use super::load::{receiver_of, Pacer, PayloadTemplate, Phases, Shared, Stamp, Tally};
+use super::load::{receiver_of, wait_until, Pacer, PayloadTemplate, Phases, Shared, Stamp, Tally};
 use super::scenario::{
     count_error, orchestrate, LoadParams, Outcome, ReceiverReport, SenderReport,
 };
@@ -109,19 +109,9 @@ pub async fn run(
     let start = Instant::now();
     let phases = Phases::new(start, params.warmup, params.duration, params.drain);
     let shared = Shared::new(params.senders, phases);
-    let schedule = params.sender_interval().map(|interval| {
-        // Spread the senders' schedules over one interval so they do not fire together.
-        (start, interval)
-    });
     let mut sender_tasks = Vec::new();
     for (index, member) in senders.into_iter().enumerate() {
-        let offset =
-            schedule.map(|(_, interval)| interval.mul_f64(index as f64 / params.senders as f64));
-        let pacer = Pacer {
-            window: params.window,
-            schedule: schedule
-                .map(|(start, interval)| (start + offset.unwrap_or_default(), interval)),
-        };
+        let pacer = params.pacer(start, index);
         let header = SendHeader {
             recipient: recipients[receiver_of(index, params.receivers)],
             recipient_device: DEVICE,
@@ -262,7 +252,7 @@ impl SenderTask {
             tokio::select! {
                 ready = self.conn.ready(pending) => ready?,
                 _ = pair.notify.notified(), if window_full => {}
-                _ = sleep_until(wake_at) => {}
+                _ = wait_until(pair, wake_at) => {}
             }
         }
     }

@@ -12,6 +12,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::stats::Latency;
+pub use super::ticker::Schedule;
 
 /// Bytes at the end of every payload: sender index (u32), sequence number (u64) and intended
 /// send time (u64 nanoseconds since the run's epoch), all big-endian.
@@ -104,17 +105,25 @@ impl PayloadTemplate {
 pub struct Pacer {
     /// At most this many of its messages not yet received by its receiver.
     pub window: u64,
-    /// Open loop: the start of the schedule and the interval between a sender's messages.
-    pub schedule: Option<(Instant, Duration)>,
+    /// Open loop: the run's schedule and this sender's index in it.
+    pub schedule: Option<(Schedule, usize)>,
 }
 
 impl Pacer {
+    /// Sender `index`'s pacer: closed loop without a schedule.
+    pub fn new(window: u64, schedule: Option<Schedule>, index: usize) -> Self {
+        Self {
+            window,
+            schedule: schedule.map(|schedule| (schedule, index)),
+        }
+    }
+
     /// Messages that may be sent at `now`, given `seq` sent so far, `failed` of them refused
     /// by the target (they will never arrive) and `received` by the receiver.
     pub fn budget(&self, seq: u64, failed: u64, received: u64, now: Instant) -> u64 {
         let mut budget = self.room(seq, failed, received);
-        if let Some((start, interval)) = self.schedule {
-            budget = budget.min(self.due(start, interval, now).saturating_sub(seq));
+        if self.schedule.is_some() {
+            budget = budget.min(self.due(now).saturating_sub(seq));
         }
         budget
     }
@@ -135,22 +144,26 @@ impl Pacer {
         }
     }
 
-    /// Messages due by `now` under the schedule: the one at `start` is message 0.
-    fn due(&self, start: Instant, interval: Duration, now: Instant) -> u64 {
-        if now < start {
+    /// This sender's messages due by `now` under the schedule: its ticks among the run's.
+    fn due(&self, now: Instant) -> u64 {
+        let Some((schedule, index)) = self.schedule else {
             return 0;
+        };
+        let ticks = schedule.due(now);
+        let (index, senders) = (index as u64, schedule.senders.max(1) as u64);
+        if ticks > index {
+            (ticks - 1 - index) / senders + 1
+        } else {
+            0
         }
-        let elapsed = now.duration_since(start).as_nanos();
-        (elapsed / interval.as_nanos().max(1)) as u64 + 1
     }
 
     /// When message `seq` is meant to leave: its scheduled time in open loop, `now` otherwise.
     pub fn intended(&self, seq: u64, now: Instant) -> Instant {
         match self.schedule {
-            Some((start, interval)) => {
-                let ns = interval.as_nanos().saturating_mul(u128::from(seq));
-                start + Duration::from_nanos(u64::try_from(ns).unwrap_or(u64::MAX))
-            }
+            Some((schedule, index)) => schedule.at(seq
+                .saturating_mul(schedule.senders.max(1) as u64)
+                .saturating_add(index as u64)),
             None => now,
         }
     }
@@ -161,6 +174,15 @@ impl Pacer {
     }
 }
 
+/// Waits until `at`, or until the run's ticker says the sender of `pair` has a message due
+/// (open loop: the ticker is the precise clock, `at` only a backstop).
+pub async fn wait_until(pair: &Pair, at: Instant) {
+    tokio::select! {
+        _ = pair.due.notified() => {}
+        _ = tokio::time::sleep_until(at) => {}
+    }
+}
+
 /// Counters of one sender that its receiver updates.
 #[derive(Default)]
 pub struct Pair {
@@ -168,6 +190,8 @@ pub struct Pair {
     pub received: AtomicU64,
     /// Woken whenever `received` moves.
     pub notify: Notify,
+    /// Woken by the ticker when one of this sender's messages falls due (open loop).
+    pub due: Notify,
 }
 
 impl Pair {
@@ -429,10 +453,7 @@ mod tests {
 
     #[test]
     fn closed_loop_budget_is_the_free_window() {
-        let pacer = Pacer {
-            window: 128,
-            schedule: None,
-        };
+        let pacer = Pacer::new(128, None, 0);
         let now = Instant::now();
         assert_eq!(pacer.budget(0, 0, 0, now), 128);
         assert_eq!(pacer.budget(128, 0, 0, now), 0);
@@ -450,10 +471,13 @@ mod tests {
     fn open_loop_budget_follows_the_schedule() {
         let start = Instant::now();
         let ms = Duration::from_millis(1);
-        let pacer = Pacer {
-            window: 10,
-            schedule: Some((start, ms)),
+        // One of one sender: a message every millisecond.
+        let schedule = Schedule {
+            start,
+            interval: ms,
+            senders: 1,
         };
+        let pacer = Pacer::new(10, Some(schedule), 0);
         assert_eq!(pacer.budget(0, 0, 0, start - ms), 0);
         assert_eq!(pacer.budget(0, 0, 0, start), 1);
         assert_eq!(pacer.budget(1, 0, 0, start + ms / 2), 0);
@@ -473,6 +497,33 @@ mod tests {
             pacer.intended(far, start),
             start + Duration::from_nanos(far * 1_000_000)
         );
+    }
+
+    #[test]
+    fn senders_take_their_turns_of_the_schedule() {
+        let start = Instant::now();
+        let schedule = Schedule {
+            start,
+            interval: Duration::from_millis(3),
+            senders: 3,
+        };
+        let pacers: Vec<_> = (0..3).map(|i| Pacer::new(100, Some(schedule), i)).collect();
+        let ms = Duration::from_millis(1);
+        // Sender i's message k is due at start + (3k + i) ms: exactly when the ticker's
+        // tick 3k + i is.
+        for (i, pacer) in pacers.iter().enumerate() {
+            for k in 0..4u64 {
+                let at = start + ms * (3 * k as u32 + i as u32);
+                assert_eq!(pacer.intended(k, at), at);
+                assert_eq!(pacer.due(at), k + 1, "sender {i} message {k}");
+                assert_eq!(
+                    pacer.due(at - Duration::from_nanos(1)),
+                    k,
+                    "sender {i} message {k}"
+                );
+                assert_eq!(schedule.at(3 * k + i as u64), at);
+            }
+        }
     }
 
     #[test]

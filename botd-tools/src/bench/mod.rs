@@ -7,6 +7,7 @@
 //! `nats://HOST:PORT` for NATS core, `jetstream://HOST:PORT` for JetStream.
 
 pub mod botd;
+pub mod flood;
 pub mod load;
 pub mod nats;
 pub mod procfs;
@@ -14,6 +15,7 @@ pub mod report;
 pub mod scenario;
 pub mod sessions;
 pub mod stats;
+pub mod ticker;
 pub mod wire;
 
 use std::collections::BTreeMap;
@@ -51,6 +53,9 @@ pub enum Scenario {
     Bulk(BulkArgs),
     /// K authenticated idle sessions: the server's memory per session
     Idle(IdleArgs),
+    /// Bad-signature Inits from many loopback addresses while a good peer does handshakes:
+    /// the good peer's handshake latency (relay on 127.0.0.1 only)
+    Flood(FloodArgs),
     /// Medians, ratios and an SVG chart of the JSON lines a comparison wrote
     Report(report::ReportArgs),
 }
@@ -110,6 +115,10 @@ pub struct RelayArgs {
     /// One AckMessages per delivery instead of one per read batch (relay targets)
     #[arg(long)]
     pub ack_each: bool,
+    /// What --rate stands for, when it is derived from another run (e.g. "half the relay's
+    /// maximum"): recorded in the JSON, and `bench report` groups runs by it
+    #[arg(long, requires = "rate")]
+    pub rate_label: Option<String>,
     /// Sign every message and verify every delivery, relay targets (measures the generator's ECDSA too)
     #[arg(long)]
     pub sign: bool,
@@ -144,6 +153,28 @@ pub struct BulkArgs {
     /// Time after the measured interval for messages in flight to arrive
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub drain: Duration,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct FloodArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Bad-signature Inits per second, over all flooding addresses
+    #[arg(long, default_value_t = 5000.0)]
+    pub rate: f64,
+    /// Flooding source addresses: 127.0.0.2 and up (at most 250)
+    #[arg(long, default_value_t = 250)]
+    pub addresses: usize,
+    /// The good peer's handshakes per second (from 127.0.0.1; back to back if slower)
+    #[arg(long, default_value_t = 20.0)]
+    pub good_rate: f64,
+    /// Flood connections started together, one from each address in turn (a burst every
+    /// burst / rate seconds; 1 spreads them evenly)
+    #[arg(long, default_value_t = 250)]
+    pub burst: usize,
+    /// Flood connections open at once, at most
+    #[arg(long, default_value_t = 4096)]
+    pub max_in_flight: usize,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -249,6 +280,9 @@ pub struct Params {
     pub warmup_s: f64,
     pub ack_each: bool,
     pub sign: bool,
+    /// What the open-loop rate stands for when it is derived from another run (e.g. "half
+    /// the relay's maximum"): reports group such runs by this, not by the rate.
+    pub rate_label: Option<String>,
 }
 
 /// Memory of idle sessions.
@@ -298,6 +332,10 @@ pub struct RunResult {
     /// Measured rate over `bound_per_s`.
     pub bound_ratio: Option<f64>,
     pub idle: Option<IdleFigures>,
+    /// relay: the server's resident memory before the sessions connected and at the end of
+    /// the measured interval, per session (senders and receivers).
+    pub busy: Option<IdleFigures>,
+    pub flood: Option<flood::FloodFigures>,
 }
 
 impl RunResult {
@@ -352,6 +390,9 @@ impl RunResult {
         if let Some(rate) = p.rate {
             shape.push(format!("open loop {} msgs/s", human(rate)));
         }
+        if let Some(label) = &p.rate_label {
+            shape.push(format!("({label})"));
+        }
         if let Some(c) = p.connectors {
             shape.push(format!("{c} connectors"));
         }
@@ -371,6 +412,7 @@ impl RunResult {
         );
         let unit = match self.scenario.as_str() {
             "handshake" => "handshakes/s",
+            "flood" => "good handshakes/s",
             "idle" => "sessions/s (connect)",
             _ => "msgs/s",
         };
@@ -410,6 +452,32 @@ impl RunResult {
                     human_bytes(idle.rss_after_bytes as f64),
                     idle.sessions,
                     human_bytes(idle.bytes_per_session)
+                ),
+            );
+        }
+        if let Some(busy) = &self.busy {
+            row(
+                "server RSS (busy)",
+                format!(
+                    "{} before the sessions, {} with {} busy sessions: {} per session",
+                    human_bytes(busy.rss_before_bytes as f64),
+                    human_bytes(busy.rss_after_bytes as f64),
+                    busy.sessions,
+                    human_bytes(busy.bytes_per_session)
+                ),
+            );
+        }
+        if let Some(flood) = &self.flood {
+            row(
+                "flood",
+                format!(
+                    "{} bad Inits/s from {} addresses in bursts of {}, {} refused/s, {} connects failed, {} skipped",
+                    human(flood.attempts_per_s),
+                    flood.addresses,
+                    flood.burst,
+                    human(flood.rejected_per_s),
+                    flood.connect_failures,
+                    flood.skipped
                 ),
             );
         }
@@ -495,6 +563,7 @@ pub fn run_limit(scenario: &Scenario, common: &CommonArgs) -> Duration {
         Scenario::Bulk(_) => 2,
         Scenario::Handshake(_) => 1,
         Scenario::Idle(a) => a.sessions as u32,
+        Scenario::Flood(_) => 1,
         Scenario::Report(_) => 0,
     };
     let drain = match scenario {
@@ -526,6 +595,7 @@ pub async fn run(
         Scenario::Handshake(a) => a.common.clone(),
         Scenario::Bulk(a) => a.common.clone(),
         Scenario::Idle(a) => a.common.clone(),
+        Scenario::Flood(a) => a.common.clone(),
         Scenario::Report(report) => return report::run(report),
     };
     let target = Target::parse(common.target.as_deref().unwrap_or(default_target))?;
@@ -547,6 +617,11 @@ pub async fn run(
                 only_botd(&target, "idle")?;
                 let addr = resolve(target.addr()).await?;
                 sessions::idle(&a, addr, relay_key(server_key)?).await
+            }
+            Scenario::Flood(a) => {
+                only_botd(&target, "flood")?;
+                let addr = resolve(target.addr()).await?;
+                flood::run(&a, addr, relay_key(server_key)?).await
             }
             Scenario::Report(_) => unreachable!("handled above"),
         }
@@ -589,6 +664,7 @@ pub fn load_params(args: &RelayArgs) -> LoadParams {
         connect_timeout: args.common.connect_timeout,
         ack_each: args.ack_each,
         sign: args.sign,
+        rate_label: args.rate_label.clone(),
         progress: !args.common.quiet,
         server_pid: args.common.server_pid,
     }
@@ -608,6 +684,10 @@ async fn relay(
         params.receivers,
         human_bytes(params.payload as f64)
     );
+    let rss_before = params
+        .server_pid
+        .map(|pid| procfs::rss_bytes(Some(pid)))
+        .transpose()?;
     let outcome = match target {
         Target::Botd(addr) => {
             let mut relays = vec![(resolve(addr).await?, relay_key(server_key)?)];
@@ -624,7 +704,25 @@ async fn relay(
             nats::run_jetstream(&params, addr, &title, args.replicas).await?
         }
     };
-    Ok(outcome.into_result("relay", target, params.params()))
+    let mut result = outcome.into_result("relay", target, params.params());
+    result.busy = busy_memory(rss_before, &result, params.senders + params.receivers);
+    Ok(result)
+}
+
+/// The server's memory per busy session: resident memory at the end of the measured interval
+/// less what it held before the sessions connected, over the sessions.
+fn busy_memory(
+    rss_before: Option<u64>,
+    result: &RunResult,
+    sessions: usize,
+) -> Option<IdleFigures> {
+    let (before, server) = (rss_before?, result.server?);
+    Some(IdleFigures {
+        sessions,
+        rss_before_bytes: before,
+        rss_after_bytes: server.rss_end_bytes,
+        bytes_per_session: (server.rss_end_bytes as f64 - before as f64) / sessions.max(1) as f64,
+    })
 }
 
 #[cfg(test)]

@@ -18,9 +18,9 @@ use async_nats::{Client, ConnectOptions, Subject};
 use bytes::BytesMut;
 use futures_util::stream::FuturesOrdered;
 use futures_util::{FutureExt, StreamExt};
-use tokio::time::{sleep, sleep_until, timeout, Instant};
+use tokio::time::{sleep, timeout, Instant};
 
-use super::load::{receiver_of, Pacer, PayloadTemplate, Phases, Shared, Stamp, Tally};
+use super::load::{receiver_of, wait_until, Pacer, PayloadTemplate, Phases, Shared, Stamp, Tally};
 use super::scenario::{
     count_error, orchestrate, LoadParams, Outcome, ReceiverReport, SenderReport, Task,
 };
@@ -55,15 +55,8 @@ fn subject(run: &str, receiver: usize) -> Subject {
 }
 
 fn pacers(params: &LoadParams, start: Instant) -> Vec<Pacer> {
-    let interval = params.sender_interval();
     (0..params.senders)
-        .map(|index| Pacer {
-            window: params.window,
-            schedule: interval.map(|interval| {
-                let offset = interval.mul_f64(index as f64 / params.senders as f64);
-                (start + offset, interval)
-            }),
-        })
+        .map(|index| params.pacer(start, index))
         .collect()
 }
 
@@ -189,7 +182,7 @@ async fn core_publisher(
         let wake_at = pacer.wake_at(seq, room, phases.measure_end);
         tokio::select! {
             _ = pair.notify.notified(), if room == 0 => {}
-            _ = sleep_until(wake_at) => {}
+            _ = wait_until(pair, wake_at) => {}
         }
     }
     match timeout(
@@ -476,7 +469,7 @@ async fn js_publisher(
                 }
             },
             _ = pair.notify.notified(), if window_full => {}
-            _ = sleep_until(wake_at) => {}
+            _ = wait_until(pair, wake_at) => {}
         }
     }
 }

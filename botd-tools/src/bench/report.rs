@@ -92,8 +92,10 @@ pub fn group_title(run: &RunResult) -> String {
     if let Some(window) = p.window {
         parts.push(format!("window {window}"));
     }
-    if let Some(rate) = p.rate {
-        parts.push(format!("open loop {}/s", human(rate)));
+    match (&p.rate_label, p.rate) {
+        (Some(label), Some(_)) => parts.push(format!("paced at {label}")),
+        (None, Some(rate)) => parts.push(format!("open loop {}/s", human(rate))),
+        _ => {}
     }
     if let Some(c) = p.connectors {
         parts.push(format!("{c} connectors"));
@@ -156,17 +158,19 @@ fn fmt_ratio(values: &[f64]) -> String {
     fmt_spread(Spread::of(values), |v| format!("{v:.2}×"))
 }
 
-/// msgs/s, latency and server figures of the `relay` scenario, with per-round ratios.
-fn relay_table(out: &mut String, group: &Group) {
+/// msgs/s, latency and server figures of the `relay` scenario, with per-round ratios; an
+/// open-loop group also has its server CPU per message against the closed loop of the same
+/// shape, target and round (`closed`).
+fn relay_table(out: &mut String, group: &Group, closed: Option<&Group>) {
     let js = group.reference("jetstream");
     let nats = group.reference("nats");
     let _ = writeln!(
         out,
-        "| target | msgs/s | p50 µs | p99 µs | server CPU µs/msg | server RSS at end | × JetStream (msgs/s) | × NATS core (msgs/s) | × JetStream (p99) | clean |"
+        "| target | msgs/s | p50 µs | p99 µs | p99.9 µs | server cores | server CPU µs/msg | RSS per busy session | × JetStream (msgs/s) | × NATS core (msgs/s) | × JetStream (p99) | CPU/msg × NATS core | CPU/msg × closed loop | clean |"
     );
     let _ = writeln!(
         out,
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
     );
     for series in &group.series {
         let vs = |reference: Option<&Series>, f: Metric| match reference {
@@ -176,29 +180,76 @@ fn relay_table(out: &mut String, group: &Group) {
             Some(_) => "1×".into(),
             None => "–".into(),
         };
+        let vs_closed = closed
+            .and_then(|closed| closed.series.iter().find(|s| s.label == series.label))
+            .map_or("–".into(), |closed| {
+                fmt_ratio(&paired_ratios(&cpu_values(series), &cpu_values(closed)))
+            });
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             series.label,
             fmt_spread(Series::spread(&series.rate()), human),
             fmt_spread(p50(series), |v| format!("{v:.0}")),
             fmt_spread(Series::spread(&series.p99()), |v| format!("{v:.0}")),
+            fmt_spread(
+                Series::spread(&series.values(|r| r.latency_us.map(|l| l.p999))),
+                |v| format!("{v:.0}")
+            ),
+            fmt_spread(
+                Series::spread(&series.values(|r| r.server.map(|s| s.cpu_cores))),
+                |v| format!("{v:.2}")
+            ),
             fmt_spread(cpu(series), |v| format!("{v:.2}")),
-            fmt_spread(rss(series), human_bytes),
+            fmt_spread(
+                Series::spread(&series.values(|r| r.busy.map(|b| b.bytes_per_session))),
+                human_bytes
+            ),
             vs(js, Series::rate),
             vs(nats, Series::rate),
             vs(js, Series::p99),
+            vs(nats, cpu_values),
+            vs_closed,
             if series.clean() { "yes" } else { "**NO**" },
         );
     }
+}
+
+/// The closed-loop group of the same shape as the open-loop `group` (same sessions, payload,
+/// window and acks), if the runs have one.
+fn closed_loop_of<'a>(group: &Group, groups: &'a [Group]) -> Option<&'a Group> {
+    let shape = |r: &RunResult| {
+        let p = &r.params;
+        (
+            p.senders,
+            p.receivers,
+            p.payload,
+            p.window,
+            p.ack_each,
+            p.sign,
+        )
+    };
+    let open = group.series.first()?.runs.first()?;
+    open.params.rate?;
+    groups.iter().find(|g| {
+        g.scenario == "relay"
+            && g.series
+                .first()
+                .and_then(|s| s.runs.first())
+                .is_some_and(|r| r.params.rate.is_none() && shape(r) == shape(open))
+    })
 }
 
 fn p50(series: &Series) -> Option<Spread> {
     Series::spread(&series.values(|r| r.latency_us.map(|l| l.p50)))
 }
 
+fn cpu_values(series: &Series) -> Vec<(u32, f64)> {
+    series.values(|r| r.server.map(|s| s.cpu_us_per_op))
+}
+
 fn cpu(series: &Series) -> Option<Spread> {
-    Series::spread(&series.values(|r| r.server.map(|s| s.cpu_us_per_op)))
+    Series::spread(&cpu_values(series))
 }
 
 fn rss(series: &Series) -> Option<Spread> {
@@ -216,6 +267,7 @@ fn session_table(out: &mut String, group: &Group) {
             "payload bytes/s",
             "× raw AES-256-CTR + HMAC-SHA256 seal+open",
         ),
+        "flood" => ("good handshakes/s", "bad Inits/s (from addresses, burst)"),
         _ => ("sessions/s (connect)", "server RSS per session"),
     };
     let _ = writeln!(
@@ -235,7 +287,18 @@ fn session_table(out: &mut String, group: &Group) {
         } else {
             fmt_spread(Series::spread(&series.rate()), human)
         };
-        let bound = if group.scenario == "idle" {
+        let bound = if group.scenario == "flood" {
+            fmt_spread(
+                Series::spread(&series.values(|r| r.flood.map(|f| f.attempts_per_s))),
+                human,
+            ) + &series
+                .runs
+                .first()
+                .and_then(|r| r.flood)
+                .map_or(String::new(), |f| {
+                    format!(" ({}, {})", f.addresses, f.burst)
+                })
+        } else if group.scenario == "idle" {
             fmt_spread(
                 Series::spread(&series.values(|r| r.idle.map(|i| i.bytes_per_session))),
                 human_bytes,
@@ -282,12 +345,13 @@ pub fn markdown(title: &str, meta: &[(String, String)], runs: &[RunResult]) -> S
          the messages delivered in it. Latency is from the (intended) send time to the \
          receiver's read of the delivery.\n"
     );
-    for group in group(runs) {
+    let groups = group(runs);
+    for group in &groups {
         let _ = writeln!(out, "## {}\n", group.title);
         if group.scenario == "relay" {
-            relay_table(&mut out, &group);
+            relay_table(&mut out, group, closed_loop_of(group, &groups));
         } else {
-            session_table(&mut out, &group);
+            session_table(&mut out, group);
         }
         out.push('\n');
     }
@@ -606,6 +670,58 @@ mod tests {
         assert!(text.contains("| machine | 2 cores |"));
         assert!(text.contains("What each peer promises"));
         assert!(text.contains("None: every run delivered"));
+    }
+
+    #[test]
+    fn paced_runs_group_by_their_rate_label_and_compare_cpu_with_the_closed_loop() {
+        let with_cpu = |mut r: RunResult, cpu: f64| {
+            r.server = Some(crate::bench::procfs::Usage {
+                cpu_cores: 0.5,
+                cpu_us_per_op: cpu,
+                rss_start_bytes: 0,
+                rss_end_bytes: 0,
+            });
+            r
+        };
+        let mut runs = Vec::new();
+        for round in 1..=2 {
+            runs.push(with_cpu(
+                run("botd interval", "botd", round, 200_000.0, 900.0),
+                4.0,
+            ));
+            runs.push(with_cpu(
+                run("NATS core", "nats", round, 400_000.0, 300.0),
+                1.0,
+            ));
+            // Paced at half of each round's maximum: the rates differ, the group does not.
+            for (label, target, cpu) in [("botd interval", "botd", 5.0), ("NATS core", "nats", 2.0)]
+            {
+                let mut paced = with_cpu(
+                    run(label, target, round, 100_000.0 + round as f64, 500.0),
+                    cpu,
+                );
+                paced.params.rate = Some(100_000.0 + round as f64);
+                paced.params.rate_label = Some("half the relay's maximum".into());
+                runs.push(paced);
+            }
+        }
+        let groups = group(&runs);
+        assert_eq!(
+            groups.len(),
+            2,
+            "{:?}",
+            groups.iter().map(|g| &g.title).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            groups[1].title,
+            "relay 16→16, 100 B, window 128, paced at half the relay's maximum"
+        );
+        let text = markdown("t", &[], &runs);
+        // botd paced 5 µs against its closed loop's 4 µs; against NATS core's 2 µs.
+        assert!(
+            text.contains("| 2.50× (2.50×–2.50×) | 1.25× (1.25×–1.25×) | yes |"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio::time::{sleep, sleep_until, Instant};
 
-use super::load::{Shared, Tally};
+use super::load::{Pacer, Schedule, Shared, Tally};
 use super::procfs::{Sample, Usage};
 use super::stats::{human, per_second};
 use super::{Params, RunResult, Target};
@@ -34,6 +34,8 @@ pub struct LoadParams {
     pub ack_each: bool,
     /// Sign every message and verify every delivery for real (measures the generator).
     pub sign: bool,
+    /// What the open-loop rate stands for, if derived from another run.
+    pub rate_label: Option<String>,
     /// Print a progress line on stderr once a second.
     pub progress: bool,
     /// The server process, for CPU and memory figures.
@@ -68,6 +70,20 @@ impl LoadParams {
             .map(|rate| Duration::from_secs_f64(self.senders as f64 / rate))
     }
 
+    /// The open-loop schedule of a run that starts at `start`.
+    pub fn schedule(&self, start: Instant) -> Option<Schedule> {
+        self.sender_interval().map(|interval| Schedule {
+            start,
+            interval,
+            senders: self.senders,
+        })
+    }
+
+    /// Sender `index`'s pacer in a run that starts at `start`.
+    pub fn pacer(&self, start: Instant, index: usize) -> Pacer {
+        Pacer::new(self.window, self.schedule(start), index)
+    }
+
     pub fn params(&self) -> Params {
         Params {
             senders: Some(self.senders),
@@ -79,6 +95,7 @@ impl LoadParams {
             warmup_s: self.warmup.as_secs_f64(),
             ack_each: self.ack_each,
             sign: self.sign,
+            rate_label: self.rate_label.clone(),
             ..Params::default()
         }
     }
@@ -118,6 +135,9 @@ pub async fn orchestrate(
     let progress = params
         .progress
         .then(|| tokio::spawn(progress_line(shared.clone(), title.to_owned())));
+    let ticker = params
+        .schedule(phases.epoch)
+        .map(|schedule| super::ticker::spawn(shared.clone(), schedule, phases.measure_end));
 
     sleep_until(phases.measure_start).await;
     let server_start = params.server_pid.map(|pid| Sample::take(Some(pid)));
@@ -186,6 +206,9 @@ pub async fn orchestrate(
     }
     if let Some(progress) = progress {
         let _ = progress.await;
+    }
+    if let Some(ticker) = ticker {
+        ticker.abort();
     }
     outcome
 }

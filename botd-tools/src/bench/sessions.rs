@@ -243,6 +243,7 @@ pub async fn bulk(
         connect_timeout: common.connect_timeout,
         ack_each: false,
         sign: false,
+        rate_label: None,
         progress: !common.quiet,
         server_pid: common.server_pid,
     };

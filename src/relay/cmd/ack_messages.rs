@@ -1,6 +1,7 @@
 //! `AckMessages`: deletes delivered messages from a mailbox of the caller (§8.4).
 
 use botd_protocol::proto::{AckMessages, Acked, Body};
+use futures_util::FutureExt as _;
 
 use super::{Ctx, Reply, Request};
 use crate::relay::limits::Limit;
@@ -24,10 +25,10 @@ impl Request for AckMessages {
         };
         let done = ctx.relay.store.ack(mailbox, self.message_ids);
         let metrics = ctx.relay.metrics.clone();
-        ctx.reply(async move {
-            let deleted = done.await?;
+        ctx.reply(done.map(move |deleted| {
+            let deleted = deleted?;
             metrics.messages_acked.increment(u64::from(deleted));
             Ok(Body::Acked(Acked { deleted }))
-        })
+        }))
     }
 }

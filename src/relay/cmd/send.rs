@@ -5,6 +5,7 @@
 use botd_protocol::keys::PublicKeyBytes;
 use botd_protocol::message::message_digest;
 use botd_protocol::proto::{Body, Send, Sent};
+use futures_util::FutureExt as _;
 
 use super::{Ctx, Reply, Request};
 use crate::relay::validate;
@@ -60,8 +61,8 @@ impl Request for Send {
             bad_signature,
         });
         let metrics = relay.metrics.clone();
-        ctx.reply(async move {
-            let (message_id, duplicate) = match appended.await? {
+        ctx.reply(appended.map(move |appended| {
+            let (message_id, duplicate) = match appended? {
                 Appended::Stored(id) => {
                     metrics.messages_sent.increment(1);
                     (id, false)
@@ -75,6 +76,6 @@ impl Request for Send {
                 message_id,
                 duplicate,
             }))
-        })
+        }))
     }
 }

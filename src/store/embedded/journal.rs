@@ -51,6 +51,9 @@ const MARKER_LEN: usize = 24;
 const BACKSTOP: Duration = Duration::from_millis(10);
 /// A buffer this large is written without waiting to be asked.
 const KICK_BYTES: usize = 1 << 20;
+/// Largest batch a runtime thread writes in place (one `write` into the page cache, a few
+/// hundred microseconds at most); larger ones go to the writer thread.
+const MAX_IN_PLACE_BYTES: usize = KICK_BYTES;
 
 /// Name of the segment whose first record has `lsn`.
 pub fn segment_name(first_lsn: u64) -> String {
@@ -146,8 +149,15 @@ impl Progress {
     }
 
     /// Resolves once the record `lsn` (and every one before it) is durable, or the journal
-    /// failed. Allocates nothing; no lock is held while waiting.
+    /// failed. Allocates nothing; no lock is held while waiting. A poll with the no-op waker
+    /// (a connection's first look at an answer it dispatched: it polls the answer again, with
+    /// its own waker, once it is at the head of its pipeline) does not join the waiters, so
+    /// only the answer a connection waits for is registered, not every answer in its pipeline.
     pub async fn wait(&self, lsn: u64) -> Result<(), StorageError> {
+        if self.durable() >= lsn {
+            return Ok(());
+        }
+        unobserved_pending().await;
         loop {
             let notified = self.changed.notified();
             let mut notified = std::pin::pin!(notified);
@@ -173,6 +183,19 @@ impl Progress {
         self.failed.store(true, Ordering::Release);
         self.changed.notify_waiters();
     }
+}
+
+/// Pending once, without arranging a wake-up, when polled with the no-op waker (nobody would
+/// be woken: whoever polls that way polls again when it cares); else ready at once.
+fn unobserved_pending() -> impl std::future::Future<Output = ()> {
+    let mut first = true;
+    std::future::poll_fn(move |cx| {
+        if std::mem::take(&mut first) && cx.waker().will_wake(std::task::Waker::noop()) {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
 }
 
 struct Pending {
@@ -235,6 +258,34 @@ pub struct Journal {
     sync_wake: Condvar,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     syncer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The segment being written: held by whoever writes a batch (the writer thread, or a
+    /// runtime thread flushing in place), so batches reach the file in lsn order.
+    writing: Mutex<Option<Writer>>,
+    /// Set while a flush on the runtime is due ([`Journal::kick`] woke the flusher task).
+    flush_scheduled: AtomicBool,
+    /// Wakes the flusher task, when the journal was started inside a tokio runtime.
+    flusher: Option<Arc<Notify>>,
+}
+
+/// What the one writing a batch needs: the segment, how far it is written, and the buffer
+/// the pending records are swapped into.
+struct Writer {
+    segment: Segment,
+    written_lsn: u64,
+    batch: Vec<u8>,
+}
+
+/// What [`Journal::write_pending`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wrote {
+    /// Nothing was pending (another writer took it).
+    Nothing,
+    Batch,
+    /// The batch was written and the journal is shutting down.
+    Shutdown,
+    /// Only the writer thread may take this batch (a rotation, a new segment, a large batch,
+    /// held writes, shutdown): it was left pending.
+    LeftForThread,
 }
 
 /// A segment file the writer has written up to `lsn` (and `len` bytes).
@@ -294,8 +345,21 @@ impl Journal {
             sync_wake: Condvar::new(),
             writer: Mutex::new(None),
             syncer: Mutex::new(None),
+            writing: Mutex::new(None),
+            flush_scheduled: AtomicBool::new(false),
+            flusher: tokio::runtime::Handle::try_current()
+                .is_ok()
+                .then(|| Arc::new(Notify::new())),
         });
         let file = journal.create_segment(next_lsn)?;
+        *journal.writing.lock() = Some(Writer {
+            segment: journal.new_segment(file, next_lsn),
+            written_lsn: next_lsn - 1,
+            batch: Vec::with_capacity(1 << 16),
+        });
+        if let Some(wake) = &journal.flusher {
+            tokio::spawn(flush_task(Arc::downgrade(&journal), wake.clone()));
+        }
         if options.policy != FsyncPolicy::Never {
             let syncer = journal.clone();
             let handle = std::thread::Builder::new()
@@ -307,7 +371,7 @@ impl Journal {
         let writer = journal.clone();
         let handle = std::thread::Builder::new()
             .name("botd-journal".into())
-            .spawn(move || writer.write_loop(file, next_lsn))
+            .spawn(move || writer.write_loop())
             .map_err(StorageError::io(dir))?;
         *journal.writer.lock() = Some(handle);
         Ok(journal)
@@ -431,17 +495,56 @@ impl Journal {
         })
     }
 
-    /// Asks the writer to write what is recorded: called by whoever will wait for it, once it
-    /// has recorded everything it has for now.
+    /// Asks for what is recorded to be written: called by whoever will wait for it, once it
+    /// has recorded everything it has for now. Inside a tokio runtime the write is done by the
+    /// flusher task on the runtime itself, after the tasks that are ready now have run (so
+    /// every connection served in one turn of the scheduler shares one write, and no thread
+    /// is woken for it); otherwise, and for what only the writer thread may write, the writer
+    /// thread is woken.
     pub fn kick(&self) {
         if self.pending_bytes.load(Ordering::Acquire) == 0 {
             return;
         }
+        if let Some(flusher) = &self.flusher {
+            if !self.flush_scheduled.swap(true, Ordering::AcqRel) {
+                flusher.notify_one();
+            }
+            return;
+        }
+        self.kick_thread();
+    }
+
+    /// Wakes the writer thread for what is pending.
+    fn kick_thread(&self) {
         let mut pending = self.pending.lock();
         pending.kicked = true;
         drop(pending);
         if self.writer_waiting.load(Ordering::Acquire) {
             self.wake.notify_one();
+        }
+    }
+
+    /// The flusher's turn: writes what is pending here unless the writer thread is writing
+    /// (it then takes the rest next) or the batch is one for the thread.
+    fn flush_in_place(&self) {
+        self.flush_scheduled.store(false, Ordering::Release);
+        let Some(mut writing) = self.writing.try_lock() else {
+            self.kick_thread();
+            return;
+        };
+        let Some(writer) = writing.as_mut() else {
+            return;
+        };
+        match self.write_pending(writer, true) {
+            Ok(Wrote::LeftForThread) => {
+                drop(writing);
+                self.kick_thread();
+            }
+            Ok(_) => {}
+            Err(err) => {
+                *writing = None;
+                self.fail(&err);
+            }
         }
     }
 
@@ -469,6 +572,9 @@ impl Journal {
             pending.shutdown = true;
             self.wake.notify_one();
         }
+        if let Some(flusher) = &self.flusher {
+            flusher.notify_one();
+        }
         if let Some(handle) = self.writer.lock().take() {
             let _ = handle.join();
         }
@@ -493,14 +599,12 @@ impl Journal {
         }
     }
 
-    /// Takes batches from the pending buffer and writes them; hands what it wrote to the
-    /// syncer. Never waits for an fsync.
-    fn write_loop(&self, file: File, first_lsn: u64) {
-        let mut segment = self.new_segment(file, first_lsn);
-        let mut batch = Vec::with_capacity(1 << 16);
-        let mut written_lsn = first_lsn - 1;
+    /// Takes batches from the pending buffer and writes them when asked ([`Journal::kick`]
+    /// without a runtime, a full buffer, a rotation, shutdown) or at the latest after
+    /// [`BACKSTOP`]; hands what it wrote to the syncer. Never waits for an fsync.
+    fn write_loop(&self) {
         loop {
-            let (batch_first, batch_last, rotate_at, shutdown) = {
+            {
                 let mut pending = self.pending.lock();
                 while (pending.buf.is_empty()
                     || !pending.kicked
@@ -515,57 +619,114 @@ impl Journal {
                         break;
                     }
                 }
-                pending.kicked = false;
-                std::mem::swap(&mut pending.buf, &mut batch);
-                let first = pending.buf_first_lsn;
-                pending.buf_first_lsn = pending.next_lsn;
-                self.pending_bytes.store(0, Ordering::Release);
-                (
-                    first,
-                    pending.next_lsn - 1,
-                    pending.rotate_at.take(),
-                    pending.shutdown,
-                )
-            };
-            self.room.notify_waiters();
-            let result = (|| -> Result<(), StorageError> {
-                // Records before the rotation point end the current segment; the rest go to
-                // the new one (or stay here when the segment is still fresh).
-                let (split, tail_first) = match rotate_at {
-                    Some((offset, first)) => (offset, first),
-                    None => (batch.len(), batch_last + 1),
-                };
-                segment.append(&batch[..split], batch_first, tail_first - 1)?;
-                self.hand_to_syncer(&segment, tail_first - 1);
-                let new_segment = match rotate_at {
-                    Some((_, first)) if first == segment.first_lsn => None,
-                    Some((_, first)) => Some(first),
-                    None if segment.len >= self.segment_bytes => Some(batch_last + 1),
-                    None => None,
-                };
-                if let Some(first) = new_segment {
-                    segment = self.new_segment(self.create_segment(first)?, first);
-                }
-                segment.append(&batch[split..], tail_first, batch_last)?;
-                self.hand_to_syncer(&segment, batch_last);
-                written_lsn = written_lsn.max(batch_last);
-                batch.clear();
-                // Waiters under `always` watch the synced lsn only.
-                if self.policy == FsyncPolicy::Always {
-                    self.progress.written.store(written_lsn, Ordering::Release);
-                } else {
-                    self.progress.publish(&self.progress.written, written_lsn);
-                }
-                Ok(())
-            })();
-            if let Err(err) = result {
-                self.fail(&err);
-                return;
             }
-            if shutdown {
+            let mut writing = self.writing.lock();
+            let Some(writer) = writing.as_mut() else {
+                // A flush in place failed: the journal is failed.
                 return;
+            };
+            match self.write_pending(writer, false) {
+                Ok(Wrote::Shutdown) => return,
+                Ok(_) => {}
+                Err(err) => {
+                    *writing = None;
+                    self.fail(&err);
+                    return;
+                }
             }
         }
+    }
+
+    /// Takes the pending records and writes them behind their batch marker, into the current
+    /// segment or, at a rotation or once the segment is full, partly into a new one. `in_place`
+    /// (a runtime thread): only a batch that is small, fits in the current segment and needs
+    /// no rotation, while writes are not held and the journal is not shutting down; anything
+    /// else is left pending for the writer thread.
+    fn write_pending(&self, writer: &mut Writer, in_place: bool) -> Result<Wrote, StorageError> {
+        let (batch_first, batch_last, rotate_at, shutdown) = {
+            let mut pending = self.pending.lock();
+            if in_place
+                && (pending.rotate_at.is_some()
+                    || pending.shutdown
+                    || self.held.load(Ordering::Acquire)
+                    || pending.buf.len() > MAX_IN_PLACE_BYTES
+                    || writer.segment.len + (pending.buf.len() as u64) >= self.segment_bytes)
+            {
+                return Ok(if pending.buf.is_empty() {
+                    Wrote::Nothing
+                } else {
+                    Wrote::LeftForThread
+                });
+            }
+            if pending.buf.is_empty() && pending.rotate_at.is_none() && !pending.shutdown {
+                return Ok(Wrote::Nothing);
+            }
+            pending.kicked = false;
+            std::mem::swap(&mut pending.buf, &mut writer.batch);
+            let first = pending.buf_first_lsn;
+            pending.buf_first_lsn = pending.next_lsn;
+            self.pending_bytes.store(0, Ordering::Release);
+            (
+                first,
+                pending.next_lsn - 1,
+                pending.rotate_at.take(),
+                pending.shutdown,
+            )
+        };
+        self.room.notify_waiters();
+        let batch = std::mem::take(&mut writer.batch);
+        let result = self.write_batch(writer, &batch, batch_first, batch_last, rotate_at);
+        writer.batch = batch;
+        writer.batch.clear();
+        result?;
+        Ok(if shutdown {
+            Wrote::Shutdown
+        } else {
+            Wrote::Batch
+        })
+    }
+
+    /// Writes one batch (lsns `batch_first..=batch_last`) and publishes how far the journal is
+    /// written.
+    fn write_batch(
+        &self,
+        writer: &mut Writer,
+        batch: &[u8],
+        batch_first: u64,
+        batch_last: u64,
+        rotate_at: Option<(usize, u64)>,
+    ) -> Result<(), StorageError> {
+        // Records before the rotation point end the current segment; the rest go to the new
+        // one (or stay here when the segment is still fresh).
+        let (split, tail_first) = match rotate_at {
+            Some((offset, first)) => (offset, first),
+            None => (batch.len(), batch_last + 1),
+        };
+        let segment = &mut writer.segment;
+        segment.append(&batch[..split], batch_first, tail_first - 1)?;
+        self.hand_to_syncer(segment, tail_first - 1);
+        let new_segment = match rotate_at {
+            Some((_, first)) if first == segment.first_lsn => None,
+            Some((_, first)) => Some(first),
+            None if segment.len >= self.segment_bytes => Some(batch_last + 1),
+            None => None,
+        };
+        if let Some(first) = new_segment {
+            *segment = self.new_segment(self.create_segment(first)?, first);
+        }
+        segment.append(&batch[split..], tail_first, batch_last)?;
+        self.hand_to_syncer(segment, batch_last);
+        writer.written_lsn = writer.written_lsn.max(batch_last);
+        // Waiters under `always` watch the synced lsn only.
+        if self.policy == FsyncPolicy::Always {
+            self.progress
+                .written
+                .store(writer.written_lsn, Ordering::Release);
+        } else {
+            self.progress
+                .publish(&self.progress.written, writer.written_lsn);
+        }
+        Ok(())
     }
 
     /// Tells the syncer that `segment` holds everything up to `lsn`.
@@ -574,6 +735,9 @@ impl Journal {
             return;
         }
         let mut queue = self.to_sync.lock();
+        // Under `interval` a syncer with work queued sleeps until its next fsync is due and
+        // needs no wake-up; an empty queue means it waits for work.
+        let wake = self.policy == FsyncPolicy::Always || queue.written.is_empty();
         match queue.written.back_mut() {
             Some(last) if Arc::ptr_eq(&last.file, &segment.file) => {
                 last.lsn = last.lsn.max(lsn);
@@ -587,7 +751,9 @@ impl Journal {
                 synced_len: segment.synced_len.clone(),
             }),
         }
-        self.sync_wake.notify_one();
+        if wake {
+            self.sync_wake.notify_one();
+        }
     }
 
     /// Covers what was written with fsyncs: as soon as there is something under `always`, at
@@ -641,6 +807,23 @@ impl Journal {
         tracing::error!(error = %err, "journal write failed; no further change will be acknowledged");
         self.progress.fail();
         self.room.notify_waiters();
+    }
+}
+
+/// The flusher: once kicked, waits until the tasks that are ready now have run (their records
+/// join the same write), then writes in place. Ends when the journal shuts down or is gone.
+async fn flush_task(journal: std::sync::Weak<Journal>, wake: Arc<Notify>) {
+    loop {
+        wake.notified().await;
+        // Deferred until the scheduler has run out of ready tasks and polled for IO.
+        tokio::task::yield_now().await;
+        let Some(journal) = journal.upgrade() else {
+            return;
+        };
+        if journal.pending.lock().shutdown {
+            return;
+        }
+        journal.flush_in_place();
     }
 }
 
@@ -724,6 +907,45 @@ pub fn sync_dir(dir: &Path) -> Result<(), StorageError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_wait_polled_without_a_waker_joins_no_waiters_and_completes_later() {
+        use std::future::Future;
+        use std::task::{Context, Poll, Waker};
+        let progress = Progress::new(FsyncPolicy::Interval, 0);
+        let mut wait = Box::pin(progress.wait(2));
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(wait.as_mut().poll(&mut cx).is_pending());
+        progress.publish(&progress.written, 1);
+        let counter = Arc::new(WakeCounter::default());
+        let waker = Waker::from(counter.clone());
+        let mut cx = Context::from_waker(&waker);
+        assert!(
+            wait.as_mut().poll(&mut cx).is_pending(),
+            "lsn 2 is not written yet"
+        );
+        progress.publish(&progress.written, 2);
+        assert!(
+            counter.0.load(Ordering::SeqCst) > 0,
+            "the registered waiter is woken"
+        );
+        assert!(matches!(wait.as_mut().poll(&mut cx), Poll::Ready(Ok(()))));
+        // Already durable: ready at the first poll, whatever the waker.
+        let mut done = Box::pin(progress.wait(2));
+        assert!(matches!(
+            done.as_mut().poll(&mut Context::from_waker(Waker::noop())),
+            Poll::Ready(Ok(()))
+        ));
+    }
+
+    #[derive(Default)]
+    struct WakeCounter(AtomicU64);
+
+    impl std::task::Wake for WakeCounter {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
 
     #[test]
     fn markers_round_trip() {

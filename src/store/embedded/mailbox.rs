@@ -440,12 +440,14 @@ impl MessageLog {
         nonce: &[u8; NONCE_LEN],
         is_sender: impl Fn(SenderRef) -> bool,
     ) -> Option<u64> {
+        // Compared as words: an array comparison calls `memcmp` for every stored nonce.
+        let nonce = u64::from_ne_bytes(*nonce);
         self.chunks.iter().find_map(|chunk| {
             chunk
                 .nonces
                 .iter()
                 .enumerate()
-                .filter(|(_, n)| *n == nonce)
+                .filter(|(_, n)| u64::from_ne_bytes(**n) == nonce)
                 .find_map(|(rank, _)| {
                     let message = chunk.iter().nth(rank).expect("one record per nonce");
                     is_sender(message.sender).then_some(message.id)

@@ -29,6 +29,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
+use futures_util::future::Either;
+use futures_util::FutureExt as _;
 use parking_lot::Mutex;
 
 pub use journal::{Journal, JournalOptions, Progress};
@@ -284,18 +286,19 @@ pub async fn run_snapshots(
     }
 }
 
-/// Resolves a change once its record is durable.
+/// Resolves a change once its record is durable. (A combinator, not an `async` block: see
+/// [`crate::relay`]'s `Ctx::reply` on why answer futures are kept flat.)
 fn finish<T: Send + 'static>(
     inner: &Arc<Inner>,
     change: Result<Change<T>, StoreError>,
 ) -> impl Future<Output = StoreResult<T>> + Send + use<T> {
-    let wait = change.as_ref().ok().map(|c| inner.durable(c.lsn));
-    async move {
-        let change = change?;
-        if let Some(wait) = wait {
-            wait.await?;
-        }
-        Ok(change.value)
+    match change {
+        Err(err) => Either::Left(std::future::ready(Err(err))),
+        Ok(Change { value, lsn }) => Either::Right(
+            inner
+                .durable(lsn)
+                .map(move |durable| durable.map(|()| value)),
+        ),
     }
 }
 
@@ -429,14 +432,13 @@ impl Store for EmbeddedStore {
         } else {
             self.inner.state.append(message)
         };
-        let done = finish(&self.inner, checked);
-        async move {
-            let (appended, release) = done.await?;
+        finish(&self.inner, checked).map(move |done| {
+            let (appended, release) = done?;
             if let Some(shard) = release {
                 inner.release(shard);
             }
             Ok(appended)
-        }
+        })
     }
 
     fn read(
@@ -472,8 +474,7 @@ impl Store for EmbeddedStore {
                 listener.removed(&mailbox, &change.value);
             }
         }
-        let done = finish(&self.inner, change);
-        async move { done.await.map(|deleted| deleted.len() as u32) }
+        finish(&self.inner, change).map(|done| done.map(|deleted| deleted.len() as u32))
     }
 
     fn set_policy(
