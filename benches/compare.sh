@@ -265,9 +265,26 @@ cpu_seconds() {
 }
 
 # Runs `botd bench SCENARIO` against target $1 with the rest as arguments.
+# Waits until the servers are quiet: every server process together under a tenth of a core
+# over half a second, for at most a minute. A run must not share the servers' CPU with work a
+# previous run left behind (a JetStream stream with thousands of consumers being deleted, a
+# relay closing a flood's connections).
+settle() {
+    local before after waited=0
+    while [ "$waited" -lt 120 ]; do
+        before=$(cpu_seconds "${pids[@]}")
+        sleep 0.5
+        after=$(cpu_seconds "${pids[@]}")
+        if awk -v a="$before" -v b="$after" 'BEGIN { exit !(b - a < 0.05) }'; then return 0; fi
+        waited=$((waited + 1))
+    done
+    log "the servers were still busy after a minute; measuring anyway"
+}
+
 bench() {
     local label=$1 scenario=$2 round=$3
     shift 3
+    settle
     local nats_pids=${nats_pids_of[$label]:-} nats_before=
     # shellcheck disable=SC2086
     if [ -n "$nats_pids" ]; then nats_before=$(cpu_seconds $nats_pids); fi

@@ -307,6 +307,9 @@ pub async fn run_jetstream(
             storage: stream::StorageType::File,
             num_replicas: replicas.max(1),
             retention: stream::RetentionPolicy::WorkQueue,
+            // One consumer per receiver. nats-server 2.15 limits a stream that names no limit
+            // to 1,000 consumers, and takes any value not above zero for "its default".
+            max_consumers: i32::try_from(params.receivers).unwrap_or(i32::MAX).max(1),
             ..Default::default()
         })
         .await
