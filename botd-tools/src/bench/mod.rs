@@ -443,29 +443,22 @@ impl RunResult {
         if let Some(ratio) = self.bound_ratio {
             row("measured / bound", format!("{ratio:.3}"));
         }
-        if let Some(idle) = &self.idle {
-            row(
-                "server RSS",
-                format!(
-                    "{} before, {} with {} sessions: {} per session",
-                    human_bytes(idle.rss_before_bytes as f64),
-                    human_bytes(idle.rss_after_bytes as f64),
-                    idle.sessions,
-                    human_bytes(idle.bytes_per_session)
-                ),
-            );
-        }
-        if let Some(busy) = &self.busy {
-            row(
-                "server RSS (busy)",
-                format!(
-                    "{} before the sessions, {} with {} busy sessions: {} per session",
-                    human_bytes(busy.rss_before_bytes as f64),
-                    human_bytes(busy.rss_after_bytes as f64),
-                    busy.sessions,
-                    human_bytes(busy.bytes_per_session)
-                ),
-            );
+        for (name, memory, sessions) in [
+            ("server RSS", &self.idle, "sessions"),
+            ("server RSS (busy)", &self.busy, "busy sessions"),
+        ] {
+            if let Some(memory) = memory {
+                row(
+                    name,
+                    format!(
+                        "{} before the sessions, {} with {} {sessions}: {} per session",
+                        human_bytes(memory.rss_before_bytes as f64),
+                        human_bytes(memory.rss_after_bytes as f64),
+                        memory.sessions,
+                        human_bytes(memory.bytes_per_session)
+                    ),
+                );
+            }
         }
         if let Some(flood) = &self.flood {
             row(
