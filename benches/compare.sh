@@ -434,4 +434,4 @@ if [ "$(wc -l <"$nats_cpu")" -gt 1 ]; then
 else
     rm -f "$nats_cpu"
 fi
-log "wrote $out/$date.md, $out/$date.svg and $results"
+log "wrote $out/$date.md, $out/$date.svg (if there were relay runs) and $results"

@@ -576,7 +576,15 @@ pub fn run(args: &ReportArgs) -> Result<(), String> {
         None => print!("{report}"),
     }
     if let Some(path) = &args.svg {
-        chart(path, &args.title, &runs)?;
+        // The chart is of `relay` runs; a report of session scenarios alone has its tables.
+        if runs.iter().any(|run| run.scenario == "relay") {
+            chart(path, &args.title, &runs)?;
+        } else {
+            eprintln!(
+                "botd bench report: no relay-scenario runs, so no chart at {}",
+                path.display()
+            );
+        }
     }
     let mut by_label: BTreeMap<&str, usize> = BTreeMap::new();
     for run in &runs {
