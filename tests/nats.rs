@@ -9,7 +9,8 @@
 //! * SIGKILL of one relay process: its client reconnects to the other and gets its backlog;
 //! * the NATS server gone and back: `INTERNAL` meanwhile, sessions stay up, then served again
 //!   and live delivery resumes;
-//! * messages that expired in one device's mailbox do not hold the identity's byte quota.
+//! * messages that expired in one device's mailbox do not hold the identity's byte quota;
+//! * a `max_stored_bytes` the server cannot reserve is refused at start with the fix.
 //!
 //! Every wait is bounded; assertions count, they do not time.
 
@@ -26,6 +27,7 @@ use botd_client::{verify_delivery, Client, ClientOptions, OutgoingMessage};
 use botd_protocol::keys::KeyPair;
 use botd_protocol::proto::{Accept, Body, ErrorCode, PreKey, UploadPreKeys};
 use botd_relay::config::Config;
+use botd_relay::store::nats::NatsStore;
 use bytes::Bytes;
 use common::{
     assert_no_push, code, next_deliver_past_prekeys_low as next_deliver, registration, to, Clients,
@@ -726,4 +728,30 @@ async fn expired_messages_of_another_device_do_not_hold_the_identity_quota() {
         .await
         .expect("the expired bytes no longer count");
     relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_the_server_cannot_reserve_is_refused_with_the_fix() {
+    let Some(bin) = binary("storage_the_server_cannot_reserve_is_refused_with_the_fix") else {
+        return;
+    };
+    let nats = Nats::single(&bin).await;
+    let prefix = prefix("storage");
+    // A pebibyte per message stream: more than any disk under the test.
+    let config = Config {
+        max_stored_bytes: 3 << 50,
+        ..relay_config(nats.store_setting(), &prefix, 1)
+    };
+    let err = match timeout(ARRIVES_WITHIN, NatsStore::connect(&config))
+        .await
+        .expect("answers in time")
+    {
+        Ok(_) => panic!("streams the server cannot hold are refused"),
+        Err(err) => err.to_string(),
+    };
+    assert!(
+        err.contains(&format!("cannot reserve {} bytes", 1u64 << 50)),
+        "{err}"
+    );
+    assert!(err.contains("lower max_stored_bytes"), "{err}");
 }

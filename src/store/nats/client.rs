@@ -98,6 +98,23 @@ fn setup(what: &str, err: impl std::fmt::Display) -> NatsError {
     }
 }
 
+/// A refused creation or update of `spec`'s stream: the storage it cannot reserve said as
+/// such, anything else as [`setup`].
+fn stream_setup(spec: &Spec, err: async_nats::jetstream::context::CreateStreamError) -> NatsError {
+    use async_nats::jetstream::context::CreateStreamErrorKind;
+    match err.kind() {
+        CreateStreamErrorKind::JetStream(api)
+            if api.error_code().0 == super::error::code::STREAM_STORE_FULL =>
+        {
+            NatsError::NoStorage {
+                stream: spec.name.clone(),
+                bytes: spec.max_bytes,
+            }
+        }
+        _ => setup(&spec.name, err),
+    }
+}
+
 /// `major.minor.patch` of a server version string such as `2.15.1` or `v2.12.0-beta`.
 pub fn parse_version(version: &str) -> Option<(u64, u64, u64)> {
     let core = version.trim_start_matches('v');
@@ -331,7 +348,7 @@ impl Cluster {
                     self.js
                         .update_stream(wanted)
                         .await
-                        .map_err(|err| setup(&spec.name, err))?;
+                        .map_err(|err| stream_setup(spec, err))?;
                 }
                 Ok(())
             }
@@ -339,7 +356,7 @@ impl Cluster {
                 self.js
                     .create_stream(wanted)
                     .await
-                    .map_err(|err| setup(&spec.name, err))?;
+                    .map_err(|err| stream_setup(spec, err))?;
                 Ok(())
             }
         }

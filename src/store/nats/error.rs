@@ -20,7 +20,8 @@ pub mod code {
     pub const SEQUENCE_NOT_FOUND: u64 = 10043;
     /// `no message found` (delete of a message removed while the request was under way).
     pub const NO_MESSAGE_FOUND: u64 = 10057;
-    /// `maximum bytes exceeded` / `maximum messages exceeded` (stream limits, discard new).
+    /// `insufficient resources`: at a publish, the stream's limits are reached (discard new);
+    /// at a stream's creation, the servers cannot reserve its `max_bytes`.
     pub const STREAM_STORE_FULL: u64 = 10047;
 }
 
@@ -35,6 +36,14 @@ pub enum NatsError {
     ServerTooOld { found: String, needed: String },
     #[error("cannot set up {what} on the cluster: {message}")]
     Setup { what: String, message: String },
+    /// JetStream reserves a stream's `max_bytes` when it creates the stream, and refuses a
+    /// stream that its storage (`max_file_store`, by default 75 % of the free disk) cannot hold.
+    #[error(
+        "the NATS servers cannot reserve {bytes} bytes for stream {stream} (max_stored_bytes \
+         spread over nats_streams): give JetStream more storage (free disk, or max_file_store in \
+         the server's jetstream block) or lower max_stored_bytes"
+    )]
+    NoStorage { stream: String, bytes: i64 },
     #[error(
         "stream {stream} has {found} replicas, but nats_replicas is {wanted}: set nats_replicas \
          to {found}, or change the stream with `nats stream edit {stream} --replicas {wanted}`"
