@@ -342,10 +342,12 @@ impl Inner {
         if check(&usage).is_ok() {
             return Ok(near);
         }
-        let actual = self.count_bytes(token).await?;
-        self.usage
-            .correct(&self.cluster, &key.id, actual as i64)
-            .await?;
+        if !self.usage.counted_recently(&key.id) {
+            let actual = self.count_bytes(token).await?;
+            self.usage
+                .correct(&self.cluster, &key.id, actual as i64)
+                .await?;
+        }
         let usage = self.usage.of(&self.cluster, &key.id.identity).await?;
         match check(&usage) {
             // The identity's other mailboxes may be counted too high as well (messages that
@@ -363,7 +365,8 @@ impl Inner {
     }
 
     /// Sets the counters of every other registered device of `key`'s identity from their
-    /// stored messages (at most `max_devices_per_identity` mailboxes, on a refusal only).
+    /// stored messages (at most `max_devices_per_identity` mailboxes, on a refusal only, each
+    /// at most once per `RECOUNT_AFTER`).
     async fn recount_other_devices(&self, key: &MailboxKey) -> StoreResult<()> {
         let read = self.account_fresh(&key.id.identity).await?;
         let Some(account) = read.record.as_deref() else {
@@ -380,6 +383,9 @@ impl Inner {
                 },
                 generation: slot.mailbox_generation,
             };
+            if self.usage.counted_recently(&other.id) {
+                continue;
+            }
             let actual = self.count_bytes(&other.token()).await?;
             self.usage
                 .correct(&self.cluster, &other.id, actual as i64)

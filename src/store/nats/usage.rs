@@ -14,7 +14,8 @@
 //! [`FLUSH_INTERVAL`] of its sends and acks) or messages expire. It is set right from the
 //! messages themselves in two places, so drift never refuses a send and never lasts:
 //!
-//! * before a send is refused on it, the mailbox's stored messages are counted;
+//! * before a send is refused on it, the mailbox's stored messages are counted (at most once
+//!   per [`RECOUNT_AFTER`]: the refusals right after trust what that count set);
 //! * a relay delivering from a mailbox knows every stored message of it ([`super::index`]);
 //!   once that knowledge has not changed for [`SETTLE_AFTER`] (so that every relay's
 //!   changes from before are written), the counter is checked against it, within a
@@ -50,6 +51,12 @@ pub const SETTLE_EVERY: Duration = Duration::from_secs(1);
 pub const MAX_SETTLED_PER_ROUND: usize = 256;
 /// Identities whose counters a relay keeps; past this it forgets them all.
 const MAX_CACHED: usize = 65_536;
+/// A counter set from its mailbox's messages before a refusal is taken as it is for this long:
+/// sends refused on a full mailbox (a sender retrying, or one bent on making the relay read)
+/// read the mailbox at most once per interval, not once each.
+pub const RECOUNT_AFTER: Duration = Duration::from_secs(1);
+/// Mailboxes remembered as counted; past this the ones counted longer ago are forgotten.
+const MAX_RECOUNTED: usize = 4096;
 
 /// Bytes per device of one identity.
 type Counters = AHashMap<u32, i64>;
@@ -70,6 +77,8 @@ pub struct Usage {
     pending: Mutex<AHashMap<Identity, AHashMap<u32, i64>>>,
     /// Counters read, per identity: when, and the bytes per device.
     read: Mutex<AHashMap<Identity, (Instant, Counters)>>,
+    /// When mailboxes were last counted before a refusal.
+    recounted: Mutex<AHashMap<MailboxId, Instant>>,
 }
 
 impl Usage {
@@ -205,7 +214,32 @@ impl Usage {
     ) -> Result<(), NatsError> {
         self.flush(cluster).await;
         self.set(cluster, mailbox, actual, "before_refusal", || true)
-            .await
+            .await?;
+        self.recounted_now(mailbox);
+        Ok(())
+    }
+
+    /// Remembers that `mailbox` was counted now (within [`MAX_RECOUNTED`]: when full, those
+    /// counted longer than [`RECOUNT_AFTER`] ago go; if none has, this one is not remembered
+    /// and is simply counted again).
+    fn recounted_now(&self, mailbox: &MailboxId) {
+        let now = Instant::now();
+        let mut recounted = self.recounted.lock();
+        if recounted.len() >= MAX_RECOUNTED {
+            recounted.retain(|_, at| now.duration_since(*at) < RECOUNT_AFTER);
+        }
+        if recounted.len() < MAX_RECOUNTED {
+            recounted.insert(*mailbox, now);
+        }
+    }
+
+    /// Whether `mailbox`'s counter was set from its messages less than [`RECOUNT_AFTER`] ago
+    /// (a refusal then trusts it without counting again).
+    pub fn counted_recently(&self, mailbox: &MailboxId) -> bool {
+        self.recounted
+            .lock()
+            .get(mailbox)
+            .is_some_and(|at| at.elapsed() < RECOUNT_AFTER)
     }
 
     /// Whether this relay has changes of `mailbox` it has not written yet.
@@ -349,6 +383,32 @@ fn counter_value(payload: &[u8]) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_recount_is_trusted_for_a_while_and_the_memory_of_them_is_bounded() {
+        let usage = Usage::default();
+        let mailbox = |n: u32| MailboxId {
+            identity: [7; 33],
+            device: n,
+        };
+        usage.recounted_now(&mailbox(0));
+        assert!(usage.counted_recently(&mailbox(0)));
+        assert!(!usage.counted_recently(&mailbox(1)));
+        tokio::time::advance(RECOUNT_AFTER).await;
+        assert!(
+            !usage.counted_recently(&mailbox(0)),
+            "counted again after the interval"
+        );
+        for n in 1..=MAX_RECOUNTED as u32 {
+            usage.recounted_now(&mailbox(n));
+        }
+        assert!(usage.recounted.lock().len() <= MAX_RECOUNTED);
+        assert!(usage.counted_recently(&mailbox(1)));
+        // Full of recent ones: a new mailbox is not remembered (it is counted each time).
+        usage.recounted_now(&mailbox(u32::MAX));
+        assert!(!usage.counted_recently(&mailbox(u32::MAX)));
+        assert_eq!(usage.recounted.lock().len(), MAX_RECOUNTED);
+    }
 
     #[test]
     fn counter_values_parse() {
