@@ -38,6 +38,8 @@ pub const RATE_LIMITED: &str = "botd_rate_limited_total";
 pub const QUOTA_HITS: &str = "botd_quota_hits_total";
 /// Requests of the JetStream store to the cluster, by kind.
 pub const JETSTREAM_REQUESTS: &str = "botd_jetstream_requests_total";
+/// Stored messages the JetStream store read back from the streams (backlogs, gets).
+pub const JETSTREAM_MESSAGES_READ: &str = "botd_jetstream_messages_read_total";
 /// Bytes the JetStream store's connection received from and sent to NATS.
 pub const JETSTREAM_BYTES: &str = "botd_jetstream_bytes_total";
 /// Byte counters of the JetStream store set right from the messages they count.
@@ -146,6 +148,10 @@ fn describe() {
     describe_counter!(
         JETSTREAM_REQUESTS,
         "requests of the JetStream store to NATS, by kind"
+    );
+    describe_counter!(
+        JETSTREAM_MESSAGES_READ,
+        "stored messages the JetStream store read back from the streams"
     );
     describe_counter!(
         JETSTREAM_BYTES,

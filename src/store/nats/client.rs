@@ -11,13 +11,12 @@ use async_nats::jetstream::{self, context::PublishAckFuture, stream};
 use async_nats::{HeaderMap, HeaderValue, StatusCode};
 use bytes::Bytes;
 use futures_util::StreamExt;
-use parking_lot::Mutex;
 use serde_json::json;
-use tokio::sync::{oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 
 use super::error::{code, NatsError};
 use super::names::Names;
+use super::outbox::{Outbox, Sent};
 use crate::config::Config;
 
 /// The oldest nats-server the backend runs on: atomic batches, message counters and
@@ -46,7 +45,7 @@ pub struct Cluster {
     pub client: async_nats::Client,
     pub js: jetstream::Context,
     pub names: Names,
-    outbox: Outbox,
+    pub outbox: Arc<Outbox>,
     requests: Requests,
 }
 
@@ -57,6 +56,7 @@ struct Requests {
     delete: metrics::Counter,
     purge: metrics::Counter,
     atomic_batch: metrics::Counter,
+    messages_read: metrics::Counter,
 }
 
 impl Requests {
@@ -68,28 +68,10 @@ impl Requests {
             delete: counter("delete"),
             purge: counter("purge"),
             atomic_batch: counter("atomic_batch"),
+            messages_read: metrics::counter!(crate::metrics::JETSTREAM_MESSAGES_READ),
         }
     }
 }
-
-/// A publish waiting for the outbox's task.
-struct Queued {
-    subject: String,
-    headers: HeaderMap,
-    body: Bytes,
-    sent: oneshot::Sender<Result<PublishAckFuture, NatsError>>,
-}
-
-/// Publishes handed over in call order, sent by one task all at once: the connection then
-/// writes a wake-up's publishes in one go instead of one system call each.
-#[derive(Default)]
-struct Outbox {
-    queue: Mutex<Vec<Queued>>,
-    wake: Notify,
-}
-
-/// The acknowledgement of a queued publish, once the outbox has sent it.
-pub type Sent = oneshot::Receiver<Result<PublishAckFuture, NatsError>>;
 
 fn setup(what: &str, err: impl std::fmt::Display) -> NatsError {
     NatsError::Setup {
@@ -230,11 +212,12 @@ impl Cluster {
             .timeout(timeout)
             .max_ack_inflight(MAX_ACKS_IN_FLIGHT)
             .build(client.clone());
+        let outbox = Arc::new(Outbox::new(client.new_inbox(), timeout, MAX_ACKS_IN_FLIGHT));
         let cluster = Self {
             client,
             js,
             names: Names::new(&config.nats_prefix, config.nats_streams),
-            outbox: Outbox::default(),
+            outbox,
             requests: Requests::new(),
         };
         for spec in cluster.specs(config) {
@@ -362,42 +345,16 @@ impl Cluster {
         }
     }
 
-    /// Queues a publish for the outbox (in call order, without waiting).
+    /// Queues a publish of a new message (in call order, without waiting).
     pub fn enqueue(&self, subject: String, headers: HeaderMap, body: Bytes) -> Sent {
-        let (sent, receiver) = oneshot::channel();
-        self.outbox.queue.lock().push(Queued {
-            subject,
-            headers,
-            body,
-            sent,
-        });
-        self.outbox.wake.notify_one();
-        receiver
+        self.outbox.enqueue(subject, headers, body)
     }
 
-    /// Sends what is queued, until `stop`.
-    pub fn run_outbox(self: &Arc<Self>, stop: CancellationToken) {
-        let cluster = self.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = cluster.outbox.wake.notified() => {}
-                }
-                loop {
-                    let queued = std::mem::take(&mut *cluster.outbox.queue.lock());
-                    if queued.is_empty() {
-                        break;
-                    }
-                    for publish in queued {
-                        let sent = cluster
-                            .send(publish.subject, publish.headers, publish.body)
-                            .await;
-                        let _ = publish.sent.send(sent);
-                    }
-                }
-            }
-        });
+    /// Starts the outbox's tasks, until `stop`.
+    pub async fn run_outbox(&self, stop: CancellationToken) -> Result<(), NatsError> {
+        self.outbox
+            .run(self.client.clone(), self.requests.publish.clone(), stop)
+            .await
     }
 
     /// Publishes and waits for the acknowledgement.
@@ -530,7 +487,11 @@ impl Cluster {
                 .request(format!("$JS.API.DIRECT.GET.{stream}"), body.clone())
                 .await
                 .map_err(core_request_error)?;
-            read_stored(reply)
+            let stored = read_stored(reply)?;
+            self.requests
+                .messages_read
+                .increment(stored.is_some() as u64);
+            Ok(stored)
         })
         .await
     }
@@ -604,7 +565,8 @@ impl Cluster {
             match reply.status {
                 // End of batch (204), or nothing matched.
                 Some(status) if status.as_u16() == 204 || status == StatusCode::NOT_FOUND => {
-                    return Ok(out)
+                    self.requests.messages_read.increment(out.len() as u64);
+                    return Ok(out);
                 }
                 Some(status) => return Err(status_error(status, reply.description)),
                 None => {
@@ -613,6 +575,7 @@ impl Cluster {
                     }
                     // A batch cannot run away: the server stops at its own limits too.
                     if out.len() > 4 * MAX_GET_BATCH.max(1024) {
+                        self.requests.messages_read.increment(out.len() as u64);
                         return Ok(out);
                     }
                 }

@@ -18,10 +18,10 @@ use std::sync::Arc;
 use async_nats::HeaderMap;
 use botd_protocol::keys::sha256;
 
-use super::client::Sent;
 use super::error::{code, NatsError};
 use super::index::Settled;
 use super::names::MailboxKey;
+use super::outbox::Sent;
 use super::records::{decode, encode, GoneNotice, LastRemoved, StoredMessage};
 use super::sequence::Ticket;
 use super::Inner;
@@ -186,18 +186,15 @@ impl Inner {
         sent: Sent,
         near_quota: bool,
     ) -> StoreResult<Appended> {
-        let token = key.token();
-        let ack = match sent.await {
-            Ok(Ok(ack)) => ack.await.map_err(NatsError::from),
-            Ok(Err(err)) => Err(err),
-            Err(_) => Err(NatsError::request("the store stopped")),
-        };
+        let ack = sent
+            .await
+            .unwrap_or_else(|_| Err(NatsError::request("the store stopped")));
         let published = match ack {
             Ok(ack) if ack.duplicate => Published::Duplicate(ack.sequence),
             Ok(ack) => Published::Stored(ack.sequence),
             // The rare paths are boxed: every send's future (boxed by the relay, moved on
             // each poll) stays the size of the common one.
-            Err(err) => Box::pin(self.publish_failed(&token, &message, 0, err)).await?,
+            Err(err) => Box::pin(self.publish_failed(&key.token(), &message, 0, err)).await?,
         };
         match published {
             Published::Stored(id) => {
@@ -209,7 +206,7 @@ impl Inner {
                 Ok(Appended::Stored(id))
             }
             Published::Duplicate(id) => {
-                Box::pin(self.duplicate_of(&token, &message, id, near_quota)).await
+                Box::pin(self.duplicate_of(&key.token(), &message, id, near_quota)).await
             }
         }
     }

@@ -28,6 +28,7 @@ mod index;
 mod live;
 mod mailboxes;
 pub mod names;
+mod outbox;
 mod prekeys;
 mod records;
 mod sequence;
@@ -118,7 +119,7 @@ impl NatsStore {
         let cluster = Arc::new(Cluster::connect(&urls, config).await?);
         let live = Live::new();
         let stop = CancellationToken::new();
-        cluster.run_outbox(stop.clone());
+        cluster.run_outbox(stop.clone()).await?;
         spawn_traffic_metrics(&cluster, stop.clone());
         let (reconnected, on_reconnect) = tokio::sync::watch::channel(0u64);
         live.start(cluster.clone(), on_reconnect, stop.clone());

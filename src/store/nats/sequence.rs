@@ -6,11 +6,13 @@
 //! once it is done; a `Send` or an ack as soon as its write is on the connection (the server
 //! applies one connection's writes in order), so a session's sends still flow back to back.
 
+use std::collections::BTreeMap;
+use std::future::poll_fn;
 use std::sync::Arc;
+use std::task::{Poll, Waker};
 
 use ahash::AHashMap;
 use parking_lot::Mutex;
-use tokio::sync::watch;
 
 use crate::store::Identity;
 
@@ -18,7 +20,11 @@ struct Line {
     /// The next ticket to hand out.
     next: u64,
     /// The ticket whose turn it is.
-    serving: watch::Sender<u64>,
+    serving: u64,
+    /// Tickets waiting for their turn, by number: a pass wakes only the ones it lets go (a
+    /// session pipelines hundreds of calls, and waking every waiter on each pass cost a task
+    /// poll per waiter per call).
+    waiting: BTreeMap<u64, Waker>,
 }
 
 /// One waiting line per identity with calls in progress; a line goes once it is empty.
@@ -32,7 +38,6 @@ pub struct Ticket {
     sequencer: Arc<Sequencer>,
     identity: Identity,
     number: u64,
-    turn: watch::Receiver<u64>,
     done: bool,
 }
 
@@ -42,7 +47,8 @@ impl Sequencer {
         let mut lines = self.lines.lock();
         let line = lines.entry(*identity).or_insert_with(|| Line {
             next: 0,
-            serving: watch::channel(0).0,
+            serving: 0,
+            waiting: BTreeMap::new(),
         });
         let number = line.next;
         line.next += 1;
@@ -50,7 +56,6 @@ impl Sequencer {
             sequencer: self.clone(),
             identity: *identity,
             number,
-            turn: line.serving.subscribe(),
             done: false,
         }
     }
@@ -71,8 +76,24 @@ impl Ticket {
     /// Waits until every earlier call of the identity has handed the turn on.
     pub async fn turn(&mut self) {
         let number = self.number;
-        // The sender lives while any ticket of the line does.
-        let _ = self.turn.wait_for(|serving| *serving >= number).await;
+        poll_fn(|cx| {
+            let mut lines = self.sequencer.lines.lock();
+            // No line: every ticket of it is done (a later one went first and closed it).
+            let Some(line) = lines.get_mut(&self.identity) else {
+                return Poll::Ready(());
+            };
+            if line.serving >= number {
+                return Poll::Ready(());
+            }
+            match line.waiting.get_mut(&number) {
+                Some(waker) => waker.clone_from(cx.waker()),
+                None => {
+                    line.waiting.insert(number, cx.waker().clone());
+                }
+            }
+            Poll::Pending
+        })
+        .await
     }
 
     /// Hands the turn to the next call.
@@ -88,14 +109,18 @@ impl Ticket {
         let Some(line) = lines.get_mut(&self.identity) else {
             return;
         };
+        line.waiting.remove(&self.number);
         // Tickets are served one after the other; a ticket dropped before its turn (its task
         // gone) must not turn the line back.
         let next = self.number + 1;
-        line.serving.send_if_modified(|serving| {
-            let moved = *serving < next;
-            *serving = (*serving).max(next);
-            moved
-        });
+        line.serving = line.serving.max(next);
+        while let Some(entry) = line.waiting.first_entry() {
+            if *entry.key() > line.serving {
+                break;
+            }
+            // Waking only schedules the task: safe under the lock.
+            entry.remove().wake();
+        }
         if line.next == next {
             lines.remove(&self.identity);
         }
@@ -136,6 +161,53 @@ mod tests {
         }
         assert_eq!(*order.lock(), [0, 1, 2, 3, 4]);
         assert_eq!(sequencer.lines(), 0, "an empty line goes");
+    }
+
+    /// Counts wake-ups, to tell which waiting tickets a pass woke.
+    struct CountingWaker(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for CountingWaker {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_pass_wakes_only_the_ticket_whose_turn_it_is() {
+        use std::future::Future;
+        use std::sync::atomic::Ordering;
+        let sequencer = Arc::new(Sequencer::default());
+        let identity = [3; 33];
+        let first = sequencer.ticket(&identity);
+        let mut waiting: Vec<(Ticket, Arc<CountingWaker>)> = (0..3)
+            .map(|_| {
+                let counter = Arc::new(CountingWaker(0.into()));
+                (sequencer.ticket(&identity), counter)
+            })
+            .collect();
+        let poll = |ticket: &mut Ticket, counter: &Arc<CountingWaker>| {
+            let waker = std::task::Waker::from(counter.clone());
+            let mut cx = std::task::Context::from_waker(&waker);
+            let turn = std::pin::pin!(ticket.turn());
+            turn.poll(&mut cx).is_ready()
+        };
+        for (ticket, counter) in waiting.iter_mut() {
+            assert!(!poll(ticket, counter), "every later ticket waits");
+        }
+        first.pass();
+        let woken: Vec<usize> = waiting
+            .iter()
+            .map(|(_, counter)| counter.0.load(Ordering::SeqCst))
+            .collect();
+        assert_eq!(woken, [1, 0, 0], "only the next ticket is woken");
+        let (mut second, counter) = waiting.remove(0);
+        assert!(poll(&mut second, &counter));
+        second.pass();
+        let woken: Vec<usize> = waiting
+            .iter()
+            .map(|(_, counter)| counter.0.load(Ordering::SeqCst))
+            .collect();
+        assert_eq!(woken, [1, 0]);
     }
 
     #[tokio::test]
