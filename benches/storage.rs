@@ -11,7 +11,9 @@
 //!    per batch);
 //! 2. recovery of 1M stored 100-B messages: `EmbeddedStore::open` from the journal only, and from a
 //!    snapshot;
-//! 3. memory per stored message beyond its payload (RSS, and heap in use from `mallinfo2`), each
+//! 3. memory per stored message beyond its payload (RSS, and the allocator's own count: heap in
+//!    use from glibc's `mallinfo2`, or memory committed by mimalloc, the relay binary's
+//!    allocator, which this bench uses too with the default `mimalloc` feature), each
 //!    variant in a fresh child process (this binary re-run with `BOTD_STORAGE_BENCH_CHILD` set):
 //!    the target workload, the recovery and live paths, small mailboxes, distinct senders, and
 //!    half-acked mailboxes;
@@ -24,6 +26,11 @@
 //! which has no `async` blocks).
 
 use std::hint::black_box;
+
+// The allocator of the relay binary, so that memory figures are the relay's.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -853,17 +860,38 @@ fn bench_latency(scale: Scale, recovered: &Recovered, workload: &Workload, summa
 // 3. Memory per stored message (each variant in a fresh process)
 // ---------------------------------------------------------------------------------------------
 
+/// The allocator the figures are for.
+#[cfg(feature = "mimalloc")]
+const ALLOCATOR_NAME: &str = "mimalloc (heap: memory it has committed)";
+#[cfg(not(feature = "mimalloc"))]
+const ALLOCATOR_NAME: &str = "the system's (heap: glibc's bytes in use)";
+
+/// Memory mimalloc has committed (pages it took from the system and still holds).
+#[cfg(feature = "mimalloc")]
+fn heap_in_use() -> u64 {
+    let mut committed = 0usize;
+    let null = std::ptr::null_mut();
+    // SAFETY: mi_process_info writes the figures asked for; null pointers ask for none.
+    unsafe {
+        libmimalloc_sys::mi_process_info(null, null, null, null, null, &mut committed, null, null)
+    };
+    committed as u64
+}
+
 /// Bytes the allocator has handed out and not yet taken back (glibc's `mallinfo2`: chunk
 /// headers included, free holes excluded), so that memory freed by acks but kept by the
 /// allocator is not counted as live.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[cfg(all(not(feature = "mimalloc"), target_os = "linux", target_env = "gnu"))]
 fn heap_in_use() -> u64 {
     // SAFETY: mallinfo2 only reads the allocator's statistics.
     let info = unsafe { libc::mallinfo2() };
     (info.uordblks + info.hblkhd) as u64
 }
 
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+#[cfg(all(
+    not(feature = "mimalloc"),
+    not(all(target_os = "linux", target_env = "gnu"))
+))]
 fn heap_in_use() -> u64 {
     0
 }
@@ -1009,7 +1037,7 @@ fn memory_variant(variant: &str, n: usize, recipients: usize) -> Option<MemoryUs
 fn bench_memory(scale: Scale, summary: &mut Summary) {
     let (n, r) = (scale.messages, scale.recipients);
     println!(
-        "\n== 3. memory per stored message beyond its {PAYLOAD_LEN}-B payload: RSS and heap-in-use delta over the live messages, fresh process per variant =="
+        "\n== 3. memory per stored message beyond its {PAYLOAD_LEN}-B payload: RSS and heap delta over the live messages, fresh process per variant; allocator: {ALLOCATOR_NAME} =="
     );
     let variants: [(&str, usize, String); 7] = [
         (
@@ -1038,7 +1066,7 @@ fn bench_memory(scale: Scale, summary: &mut Summary) {
         (
             "small-swept",
             n / 10,
-            "the same after a sweep (trim) and malloc_trim".into(),
+            "the same after a sweep (trim) and release_free_memory".into(),
         ),
         (
             "distinct-senders",
@@ -1048,7 +1076,8 @@ fn bench_memory(scale: Scale, summary: &mut Summary) {
         (
             "half-acked",
             r,
-            "every other message of each mailbox acked, then a sweep and malloc_trim".into(),
+            "every other message of each mailbox acked, then a sweep and release_free_memory"
+                .into(),
         ),
     ];
     for (index, (variant, recipients, what)) in variants.iter().enumerate() {

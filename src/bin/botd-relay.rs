@@ -3,6 +3,10 @@
 //! DIR`.
 
 use std::path::PathBuf;
+
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::process::ExitCode;
 
 use botd_relay::config::{Config, MetricsListen};
@@ -13,6 +17,7 @@ use botd_relay::config::StoreBackend;
 use botd_relay::net::Server;
 use botd_relay::relay::Relay;
 use botd_relay::store::embedded::{self, EmbeddedStore};
+#[cfg(feature = "jetstream")]
 use botd_relay::store::nats::NatsStore;
 use botd_relay::store::Store;
 use clap::{Parser, Subcommand};
@@ -160,6 +165,44 @@ fn raise_open_files(max_connections: usize) {
     }
 }
 
+/// The relay on a NATS JetStream cluster (`store = "nats://…"`).
+#[cfg(feature = "jetstream")]
+async fn run_on_jetstream(
+    config: Config,
+    identity: botd_relay::protocol::keys::KeyPair,
+    urls: Vec<String>,
+) -> Result<(), String> {
+    let store = NatsStore::connect(&config)
+        .await
+        .map_err(|err| err.to_string())?;
+    info!(
+        servers = urls.join(","),
+        prefix = config.nats_prefix,
+        replicas = config.nats_replicas,
+        "JetStream store connected"
+    );
+    let config = Arc::new(config);
+    let relay = Relay::new(config.clone(), *identity.public(), store);
+    let background = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(relay.clone().run_maintenance(background.clone()));
+    serve(config, identity, relay).await?;
+    background.cancel();
+    Ok(())
+}
+
+#[cfg(not(feature = "jetstream"))]
+async fn run_on_jetstream(
+    _config: Config,
+    _identity: botd_relay::protocol::keys::KeyPair,
+    _urls: Vec<String>,
+) -> Result<(), String> {
+    Err(
+        "this relay was built without the `jetstream` feature: build it with the default \
+         features to use store = \"nats://…\""
+            .into(),
+    )
+}
+
 async fn run(config: Config, identity: botd_relay::protocol::keys::KeyPair) -> Result<(), String> {
     if let MetricsListen::At(addr) = config.metrics_listen {
         botd_relay::metrics::install_prometheus(addr)
@@ -167,22 +210,7 @@ async fn run(config: Config, identity: botd_relay::protocol::keys::KeyPair) -> R
         info!(%addr, "metrics exporter listening");
     }
     if let Ok(StoreBackend::Nats(urls)) = config.store_backend() {
-        let store = NatsStore::connect(&config)
-            .await
-            .map_err(|err| err.to_string())?;
-        info!(
-            servers = urls.join(","),
-            prefix = config.nats_prefix,
-            replicas = config.nats_replicas,
-            "JetStream store connected"
-        );
-        let config = Arc::new(config);
-        let relay = Relay::new(config.clone(), *identity.public(), store);
-        let background = tokio_util::sync::CancellationToken::new();
-        tokio::spawn(relay.clone().run_maintenance(background.clone()));
-        serve(config, identity, relay).await?;
-        background.cancel();
-        return Ok(());
+        return run_on_jetstream(config, identity, urls).await;
     }
     let clock = botd_relay::clock::Clock::new();
     let (store, report) =
