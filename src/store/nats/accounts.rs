@@ -105,6 +105,15 @@ impl Cache {
             .and_then(|entry| entry.read.clone())
     }
 
+    /// Whether the account of `identity` is cached and past half of [`CACHE_TTL`]: read it
+    /// again ahead of its expiry, so that sends keep finding it.
+    pub fn ageing(&self, identity: &Identity) -> bool {
+        self.accounts
+            .lock()
+            .get(identity)
+            .is_some_and(|entry| entry.read.is_some() && entry.at.elapsed() >= CACHE_TTL / 2)
+    }
+
     /// Whether `sender` is a contact of `recipient`, if known to be (a "no" is never cached
     /// as final).
     pub fn is_contact(&self, recipient: &Identity, sender: &Identity) -> bool {
@@ -865,4 +874,35 @@ fn expect(seq: u64) -> HeaderMap {
         seq.to_string().as_str(),
     );
     headers
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn an_account_is_read_again_from_half_its_trust_on() {
+        let cache = Cache::default();
+        let identity = [5; 33];
+        assert!(
+            !cache.ageing(&identity),
+            "nothing cached: nothing to read ahead"
+        );
+        cache.put(
+            identity,
+            Read {
+                record: None,
+                seq: 1,
+            },
+        );
+        assert!(!cache.ageing(&identity));
+        tokio::time::advance(CACHE_TTL / 2).await;
+        assert!(cache.ageing(&identity));
+        assert!(cache.account(&identity).is_some(), "still trusted");
+        cache.changed(&identity, 2);
+        assert!(
+            !cache.ageing(&identity),
+            "an announced change is read when needed, not ahead"
+        );
+    }
 }

@@ -71,6 +71,15 @@ pub const ACCOUNT_SWEEP_EVERY: Duration = Duration::from_secs(600);
 const MAX_TOUCHED: usize = 100_000;
 /// Requests of one session the relay may have in flight on this store.
 const MAX_PIPELINED: usize = 256;
+/// Reads ahead of a cache's expiry in flight at most (see [`Inner::read_ahead`]).
+const MAX_READS_AHEAD: usize = 1024;
+
+/// What a read ahead refreshes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum ReadAhead {
+    Account,
+    Usage,
+}
 
 pub(crate) struct Inner {
     cluster: Arc<Cluster>,
@@ -88,7 +97,54 @@ pub(crate) struct Inner {
     /// (`<p>.a.l.<mailbox>`), by mailbox token: written with the byte counts.
     removed: Mutex<AHashMap<String, u64>>,
     last_account_sweep_ms: AtomicU64,
+    /// Reads ahead in flight, one per cache entry.
+    reading_ahead: Mutex<ahash::AHashSet<(ReadAhead, Identity)>>,
     stop: CancellationToken,
+}
+
+impl Inner {
+    /// Keeps what a send's fast path needs cached while traffic flows: the sender's and the
+    /// recipient's accounts and the recipient's byte counters are read again once past half
+    /// of the time they are trusted, in the background. Without it each expiry sent a send
+    /// down the slow path (a read of the cluster first), and every send of that sender
+    /// pipelined behind it waited its turn in line with it.
+    fn read_ahead(self: &Arc<Self>, message: &NewMessage) {
+        let wanted = [
+            (ReadAhead::Account, message.sender),
+            (ReadAhead::Account, message.to.identity),
+            (ReadAhead::Usage, message.to.identity),
+        ];
+        for (what, identity) in wanted {
+            let ageing = match what {
+                ReadAhead::Account => self.cache.ageing(&identity),
+                ReadAhead::Usage => self.usage.ageing(&identity),
+            };
+            if !ageing {
+                continue;
+            }
+            {
+                let mut reading = self.reading_ahead.lock();
+                if reading.len() >= MAX_READS_AHEAD || !reading.insert((what, identity)) {
+                    continue;
+                }
+            }
+            let inner = self.clone();
+            tokio::spawn(async move {
+                let outcome = match what {
+                    ReadAhead::Account => inner.account_fresh(&identity).await.map(drop),
+                    ReadAhead::Usage => inner
+                        .usage
+                        .refresh(&inner.cluster, &identity)
+                        .await
+                        .map_err(StoreError::from),
+                };
+                if let Err(err) = outcome {
+                    tracing::debug!(error = %err, ?what, "a read ahead failed: the next send reads");
+                }
+                inner.reading_ahead.lock().remove(&(what, identity));
+            });
+        }
+    }
 }
 
 impl Drop for Inner {
@@ -136,6 +192,7 @@ impl NatsStore {
             touched: Mutex::new(AHashMap::new()),
             removed: Mutex::new(AHashMap::new()),
             last_account_sweep_ms: AtomicU64::new(0),
+            reading_ahead: Mutex::new(ahash::AHashSet::new()),
             stop,
         });
         let weak = Arc::downgrade(&inner);
@@ -468,6 +525,7 @@ impl Store for NatsStore {
         let sender = message.sender;
         if self.inner.sequencer.is_idle(&sender) {
             if let Some((key, sent)) = self.inner.append_now(&message) {
+                self.inner.read_ahead(&message);
                 let inner = self.inner.clone();
                 return Either::Left(
                     async move { inner.appended(key, message, sent, false).await },

@@ -102,6 +102,20 @@ impl Usage {
             .unwrap_or_default()
     }
 
+    /// Whether `identity`'s counters were read and are past half of [`READ_INTERVAL`]: read
+    /// them again ahead of their expiry, so that sends keep finding them.
+    pub fn ageing(&self, identity: &Identity) -> bool {
+        self.read
+            .lock()
+            .get(identity)
+            .is_some_and(|(at, _)| at.elapsed() >= READ_INTERVAL / 2)
+    }
+
+    /// Reads `identity`'s counters again (see [`Usage::ageing`]).
+    pub async fn refresh(&self, cluster: &Cluster, identity: &Identity) -> Result<(), NatsError> {
+        self.read_now(cluster, identity).await.map(drop)
+    }
+
     /// Reads an identity's counters from the cluster (and keeps them).
     async fn read_now(
         &self,
@@ -383,6 +397,27 @@ fn counter_value(payload: &[u8]) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn counters_are_read_again_from_half_their_trust_on() {
+        let usage = Usage::default();
+        let identity = [9; 33];
+        assert!(
+            !usage.ageing(&identity),
+            "never read: nothing to read ahead"
+        );
+        usage
+            .read
+            .lock()
+            .insert(identity, (Instant::now(), Counters::default()));
+        assert!(!usage.ageing(&identity));
+        assert!(usage.cached(&identity).is_some());
+        tokio::time::advance(READ_INTERVAL / 2).await;
+        assert!(usage.ageing(&identity));
+        assert!(usage.cached(&identity).is_some(), "still trusted");
+        tokio::time::advance(READ_INTERVAL / 2).await;
+        assert!(usage.cached(&identity).is_none());
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_recount_is_trusted_for_a_while_and_the_memory_of_them_is_bounded() {
