@@ -12,8 +12,8 @@
 //! 2. recovery of 1M stored 100-B messages: `EmbeddedStore::open` from the journal only, and from a
 //!    snapshot;
 //! 3. memory per stored message beyond its payload (RSS, and the allocator's own count: heap in
-//!    use from glibc's `mallinfo2`, or memory committed by mimalloc, the relay binary's
-//!    allocator, which this bench uses too with the default `mimalloc` feature), each
+//!    use from glibc's `mallinfo2`, or, built with the `mimalloc` feature, the memory mimalloc
+//!    has committed, as the relay binary uses it then), each
 //!    variant in a fresh child process (this binary re-run with `BOTD_STORAGE_BENCH_CHILD` set):
 //!    the target workload, the recovery and live paths, small mailboxes, distinct senders, and
 //!    half-acked mailboxes;
@@ -27,7 +27,8 @@
 
 use std::hint::black_box;
 
-// The allocator of the relay binary, so that memory figures are the relay's.
+// The allocator of the relay binary built with the same features, so that memory figures are
+// the relay's.
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;

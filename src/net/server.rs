@@ -214,7 +214,8 @@ impl<H: Handler> Server<H> {
     }
 
     /// After many connections closed, asks the allocator to give its free pages back: their
-    /// buffers are freed, but glibc keeps freed memory inside its heap otherwise.
+    /// buffers are freed, but glibc keeps freed memory inside its heap otherwise (mimalloc
+    /// after a delay).
     fn release_memory_after_churn(&self) {
         if self.shared.closed.load(Ordering::Relaxed) >= TRIM_AFTER_CLOSED {
             self.shared.closed.store(0, Ordering::Relaxed);
