@@ -298,14 +298,28 @@ fn new_message(sender: &Identity, req: &Send, now_ms: u64) -> NewMessage {
 
 /// Stores a message through the state (as `append` does); returns its id.
 fn append(state: &State, sender: &Identity, req: &Send, now_ms: u64) -> u64 {
-    match state
+    let change = state
         .append(new_message(sender, req, now_ms))
-        .expect("send")
-        .value
-        .0
-    {
+        .expect("send");
+    // As the relay does once the message is durable: the announcement it queued (the
+    // message for live delivery) goes, or it would stay in memory with every message.
+    let (appended, shard) = change.value;
+    if let Some(shard) = shard {
+        state.release(shard, &Unheard);
+    }
+    match appended {
         Appended::Stored(id) | Appended::Duplicate(id) => id,
     }
+}
+
+/// A listener for stored messages nobody subscribes to.
+struct Unheard;
+
+impl botd_relay::store::Listener for Unheard {
+    fn stored(&self, _: &MailboxId, _: &Arc<botd_relay::store::Message>, _: Option<u64>) {}
+    fn removed(&self, _: &MailboxId, _: &[u64]) {}
+    fn closed(&self, _: &MailboxId) {}
+    fn prekeys_low(&self, _: &Identity, _: u32, _: u32) {}
 }
 
 fn mailbox(identity: &Identity) -> MailboxId {
