@@ -120,6 +120,10 @@ impl Inner {
             generation: slot.mailbox_generation,
         };
         let usage = self.usage.cached(&key.id.identity)?;
+        // Near a quota the counts are read and written with the send: the slow path.
+        if self.near_quota(&key, &usage, message.payload.len()) {
+            return None;
+        }
         self.bytes_allowed(&key, &usage, message.payload.len())
             .ok()?;
         let token = key.token();
