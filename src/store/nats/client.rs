@@ -45,7 +45,7 @@ pub struct Cluster {
     pub client: async_nats::Client,
     pub js: jetstream::Context,
     pub names: Names,
-    pub outbox: Arc<Outbox>,
+    outbox: Arc<Outbox>,
     requests: Requests,
 }
 

@@ -79,6 +79,9 @@ pub struct Usage {
     read: Mutex<AHashMap<Identity, (Instant, Counters)>>,
     /// When mailboxes were last counted before a refusal.
     recounted: Mutex<AHashMap<MailboxId, Instant>>,
+    /// Increments written so far: a read that saw this change while it was under way may
+    /// have missed them (see [`Usage::read_now`]).
+    writes: std::sync::atomic::AtomicU64,
 }
 
 impl Usage {
@@ -122,8 +125,19 @@ impl Usage {
         cluster: &Cluster,
         identity: &Identity,
     ) -> Result<Counters, NatsError> {
-        let counters = read_counters(cluster, identity).await?;
+        use std::sync::atomic::Ordering;
+        let writes_before = self.writes.load(Ordering::Acquire);
+        let mut counters = read_counters(cluster, identity).await?;
         let mut read = self.read.lock();
+        if self.writes.load(Ordering::Acquire) != writes_before {
+            // An increment written meanwhile is in the cached counters (`written`) but may be
+            // missing from what was read, and it is no longer pending: keep the higher count
+            // until the next read (a count too high is checked against the messages before
+            // it refuses anything; one too low would let sends past a quota).
+            if let Some((_, cached)) = read.get(identity) {
+                counters = at_least(counters, cached);
+            }
+        }
         if read.len() >= MAX_CACHED {
             read.clear();
         }
@@ -175,7 +189,10 @@ impl Usage {
 
     /// An increment is on the cluster: the counters this relay read include it from now on.
     fn written(&self, increment: &Increment) {
-        if let Some((_, counters)) = self.read.lock().get_mut(&increment.mailbox.identity) {
+        let mut read = self.read.lock();
+        self.writes
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        if let Some((_, counters)) = read.get_mut(&increment.mailbox.identity) {
             *counters.entry(increment.mailbox.device).or_default() += increment.delta;
         }
     }
@@ -394,9 +411,28 @@ fn counter_value(payload: &[u8]) -> Option<i64> {
     value["val"].as_str()?.parse().ok()
 }
 
+/// Per device, the higher of two counts.
+fn at_least(mut counters: Counters, other: &Counters) -> Counters {
+    for (device, bytes) in other {
+        let count = counters.entry(*device).or_default();
+        *count = (*count).max(*bytes);
+    }
+    counters
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_read_that_raced_a_write_keeps_the_higher_count_per_device() {
+        let read: Counters = [(1, 100), (2, 50)].into_iter().collect();
+        let cached: Counters = [(1, 140), (2, 10), (3, 7)].into_iter().collect();
+        let merged = at_least(read, &cached);
+        assert_eq!(merged.get(&1), Some(&140));
+        assert_eq!(merged.get(&2), Some(&50));
+        assert_eq!(merged.get(&3), Some(&7));
+    }
 
     #[tokio::test(start_paused = true)]
     async fn counters_are_read_again_from_half_their_trust_on() {
