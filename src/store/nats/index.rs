@@ -35,9 +35,31 @@ struct MailboxIndex {
     /// and when it was.
     change: u64,
     changed_at: Instant,
-    /// The change at which the byte counter was last checked against this index.
-    settled: Option<u64>,
+    /// Where checking the byte counter against this index stands.
+    check: CounterCheck,
 }
+
+/// Where checking a mailbox's byte counter against its index stands. A change of the index
+/// makes any check stale: the next one is due once the index is quiet again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CounterCheck {
+    /// Checked since the last change, found right (or corrected and checked again until
+    /// [`RECHECK_UNTIL`]).
+    Done { change: u64 },
+    /// Corrected since the last change: checked again at `at`, then `after` later. A relay's
+    /// increment that a fault delayed (written again at each flush until the cluster takes it)
+    /// can land after a correction that did not count it, and put the counter off again.
+    Again {
+        change: u64,
+        at: Instant,
+        after: Duration,
+    },
+}
+
+/// The first check again after a correction, and the spacing past which they stop (doubling
+/// from the first): 2, 4, 8, 16, 32 s, about a minute in all.
+pub const RECHECK_FIRST: Duration = Duration::from_secs(2);
+pub const RECHECK_UNTIL: Duration = Duration::from_secs(32);
 
 impl MailboxIndex {
     fn new(key: MailboxKey) -> Self {
@@ -47,7 +69,7 @@ impl MailboxIndex {
             complete_through: None,
             change: 0,
             changed_at: Instant::now(),
-            settled: None,
+            check: CounterCheck::Done { change: 0 },
         }
     }
 
@@ -58,6 +80,16 @@ impl MailboxIndex {
     /// a stale entry would stop every later ack from being one purge.
     fn removed(&self, id: u64) -> bool {
         self.complete_through.is_some_and(|through| id <= through) && !self.stored.contains_key(&id)
+    }
+
+    /// When the byte counter is next to be checked against this index (`None`: not until it
+    /// changes): once quiet for `SETTLE_AFTER` after a change, or as a check again asks.
+    fn check_due_at(&self) -> Option<Instant> {
+        match self.check {
+            CounterCheck::Done { change } if change == self.change => None,
+            CounterCheck::Again { change, at, .. } if change == self.change => Some(at),
+            _ => Some(self.changed_at + super::usage::SETTLE_AFTER),
+        }
     }
 
     /// Forgets everything known (the change is still marked by the caller).
@@ -128,7 +160,7 @@ impl Indexes {
         let Some(index) = self.mailboxes.lock().remove(mailbox) else {
             return;
         };
-        if index.complete_through.is_some() && index.settled != Some(index.change) {
+        if index.complete_through.is_some() && index.check_due_at().is_some() {
             let mut retired = self.retired.lock();
             if retired.len() < MAX_RETIRED {
                 retired.insert(*mailbox, index);
@@ -268,12 +300,13 @@ impl Indexes {
             .is_some_and(|i| i.stored.is_empty() && i.complete_through.is_some())
     }
 
-    /// Mailboxes known from their first message on that have not changed for `quiet` and
-    /// were not checked since their last change, at most `max`.
-    pub fn settled(&self, quiet: Duration, max: usize) -> Vec<Settled> {
+    /// Mailboxes known from their first message on whose byte counter is due for a check
+    /// (quiet for `SETTLE_AFTER` since their last change, or asked to be checked again), at
+    /// most `max`.
+    pub fn settled(&self, max: usize) -> Vec<Settled> {
         let now = Instant::now();
         let of = |index: &MailboxIndex| {
-            if index.settled == Some(index.change) || now - index.changed_at < quiet {
+            if index.check_due_at()? > now {
                 return None;
             }
             Some(Settled {
@@ -303,17 +336,43 @@ impl Indexes {
             || self.retired.lock().get(mailbox).is_some_and(same)
     }
 
-    /// The byte counter of a mailbox was checked at `change`: not again until it changes (a
-    /// retired index never does, and goes).
-    pub fn checked(&self, mailbox: &MailboxId, change: u64) {
-        if let Some(index) = self.mailboxes.lock().get_mut(mailbox) {
-            if index.change == change {
-                index.settled = Some(change);
+    /// The byte counter of a mailbox was checked at `change` (and `corrected`, or found
+    /// right): not again until it changes, unless a correction asks for checks again. A retired
+    /// index never changes, and goes once done.
+    pub fn checked(&self, mailbox: &MailboxId, change: u64, corrected: bool) {
+        let now = Instant::now();
+        let next = |index: &mut MailboxIndex| {
+            if index.change != change {
+                return;
             }
+            index.check = match (index.check, corrected) {
+                (_, true) => CounterCheck::Again {
+                    change,
+                    at: now + RECHECK_FIRST,
+                    after: RECHECK_FIRST,
+                },
+                (
+                    CounterCheck::Again {
+                        change: c, after, ..
+                    },
+                    false,
+                ) if c == change && after < RECHECK_UNTIL => CounterCheck::Again {
+                    change,
+                    at: now + after * 2,
+                    after: after * 2,
+                },
+                _ => CounterCheck::Done { change },
+            };
+        };
+        if let Some(index) = self.mailboxes.lock().get_mut(mailbox) {
+            next(index);
         }
         let mut retired = self.retired.lock();
-        if retired.get(mailbox).is_some_and(|i| i.change == change) {
-            retired.remove(mailbox);
+        if let Some(index) = retired.get_mut(mailbox) {
+            next(index);
+            if index.check == (CounterCheck::Done { change }) {
+                retired.remove(mailbox);
+            }
         }
     }
 }
@@ -437,13 +496,13 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_quiet_mailbox_known_from_its_first_message_is_settled_once_per_change() {
-        let quiet = Duration::from_secs(1);
+        let quiet = super::super::usage::SETTLE_AFTER;
         let indexes = Indexes::default();
         indexes.watch(KEY);
         indexes.read(&MAILBOX, &[(3, 10), (7, 20)], 0);
-        assert!(indexes.settled(quiet, 8).is_empty(), "not quiet yet");
+        assert!(indexes.settled(8).is_empty(), "not quiet yet");
         tokio::time::advance(quiet).await;
-        let settled = indexes.settled(quiet, 8);
+        let settled = indexes.settled(8);
         assert_eq!(
             settled,
             vec![Settled {
@@ -458,33 +517,71 @@ mod tests {
         // A resync that finds nothing new is no change.
         indexes.read(&MAILBOX, &[], 7);
         assert!(indexes.unchanged_since(&MAILBOX, change));
-        indexes.checked(&MAILBOX, change);
-        assert!(
-            indexes.settled(quiet, 8).is_empty(),
-            "checked at this change"
-        );
+        indexes.checked(&MAILBOX, change, false);
+        assert!(indexes.settled(8).is_empty(), "checked at this change");
 
         indexes.stored(&MAILBOX, 9, 5, Some(7));
         assert!(!indexes.unchanged_since(&MAILBOX, change));
         tokio::time::advance(quiet).await;
-        let settled = indexes.settled(quiet, 8);
+        let settled = indexes.settled(8);
         assert_eq!((settled[0].through, settled[0].bytes), (9, 35));
 
         // No longer delivered from: kept, unchanging, until checked.
         indexes.unwatch(&MAILBOX);
         indexes.removed(&MAILBOX, &[9]);
-        let retired = indexes.settled(quiet, 8);
+        let retired = indexes.settled(8);
         assert_eq!((retired[0].through, retired[0].bytes), (9, 35));
-        indexes.checked(&MAILBOX, retired[0].change);
-        assert!(indexes.settled(quiet, 8).is_empty(), "checked, it goes");
+        indexes.checked(&MAILBOX, retired[0].change, false);
+        assert!(indexes.settled(8).is_empty(), "checked, it goes");
 
         // Known only from the middle: nothing to settle on, whatever the wait.
         indexes.watch(KEY);
         indexes.read(&MAILBOX, &[(9, 5)], 8);
         tokio::time::advance(quiet).await;
-        assert!(indexes.settled(quiet, 8).is_empty());
+        assert!(indexes.settled(8).is_empty());
         indexes.unwatch(&MAILBOX);
-        assert!(indexes.settled(quiet, 8).is_empty(), "incomplete: not kept");
+        assert!(indexes.settled(8).is_empty(), "incomplete: not kept");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_corrected_counter_is_checked_again_for_about_a_minute() {
+        let indexes = Indexes::default();
+        indexes.watch(KEY);
+        indexes.read(&MAILBOX, &[(3, 10)], 0);
+        tokio::time::advance(super::super::usage::SETTLE_AFTER).await;
+        let change = indexes.settled(8)[0].change;
+        indexes.checked(&MAILBOX, change, true);
+        // Again at 2, 4, 8, 16 and 32 s after, whatever those checks find; a correction
+        // among them starts over.
+        let mut agains = Vec::new();
+        let mut waited = Duration::ZERO;
+        for _ in 0..200 {
+            tokio::time::advance(Duration::from_millis(500)).await;
+            waited += Duration::from_millis(500);
+            if !indexes.settled(8).is_empty() {
+                agains.push(waited.as_secs_f64());
+                waited = Duration::ZERO;
+                indexes.checked(&MAILBOX, change, false);
+            }
+        }
+        assert_eq!(agains, vec![2.0, 4.0, 8.0, 16.0, 32.0]);
+
+        // Retired while checked again: kept until the checks are done, then it goes.
+        indexes.stored(&MAILBOX, 5, 1, Some(3));
+        tokio::time::advance(super::super::usage::SETTLE_AFTER).await;
+        let change = indexes.settled(8)[0].change;
+        indexes.checked(&MAILBOX, change, true);
+        indexes.unwatch(&MAILBOX);
+        tokio::time::advance(RECHECK_FIRST).await;
+        assert_eq!(indexes.settled(8).len(), 1, "retired, checked again");
+        indexes.checked(&MAILBOX, change, true);
+        for after in [2, 4, 8, 16, 32] {
+            assert!(indexes.settled(8).is_empty());
+            tokio::time::advance(Duration::from_secs(after)).await;
+            assert_eq!(indexes.settled(8).len(), 1);
+            indexes.checked(&MAILBOX, change, false);
+        }
+        assert!(indexes.retired.lock().is_empty(), "done, it goes");
     }
 
     #[test]

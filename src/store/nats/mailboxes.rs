@@ -398,34 +398,37 @@ impl Inner {
     /// Checks the byte counters of the mailboxes this relay knows completely and that have
     /// settled (see [`super::usage`]) against what they hold.
     pub async fn settle_counters(&self) {
-        use super::usage::{MAX_SETTLED_PER_ROUND, SETTLE_AFTER};
+        use super::usage::MAX_SETTLED_PER_ROUND;
         let indexes = &self.live.indexes;
-        for settled in indexes.settled(SETTLE_AFTER, MAX_SETTLED_PER_ROUND) {
+        for settled in indexes.settled(MAX_SETTLED_PER_ROUND) {
             let mailbox = settled.key.id;
             // Its own changes first: the next round, once they are written.
             if self.usage.unwritten(&mailbox) {
                 continue;
             }
-            match self.holds_what_is_known(&settled).await {
+            let corrected = match self.holds_what_is_known(&settled).await {
                 Ok(true) => {
                     let still = || indexes.unchanged_since(&mailbox, settled.change);
                     let bytes = settled.bytes as i64;
                     let set = self
                         .usage
                         .set(&self.cluster, &mailbox, bytes, "settled", still);
-                    if let Err(err) = set.await {
-                        tracing::debug!(error = %err, "a settled mailbox's counter was not checked");
-                        continue;
+                    match set.await {
+                        Ok(corrected) => corrected,
+                        Err(err) => {
+                            tracing::debug!(error = %err, "a settled mailbox's counter was not checked");
+                            continue;
+                        }
                     }
                 }
                 // Its index changes when it learns the rest (or is retired, and goes).
-                Ok(false) => {}
+                Ok(false) => false,
                 Err(err) => {
                     tracing::debug!(error = %err, "a settled mailbox's counter was not checked");
                     continue;
                 }
-            }
-            indexes.checked(&mailbox, settled.change);
+            };
+            indexes.checked(&mailbox, settled.change, corrected);
         }
     }
 

@@ -19,7 +19,9 @@
 //! * a relay delivering from a mailbox knows every stored message of it ([`super::index`]);
 //!   once that knowledge has not changed for [`SETTLE_AFTER`] (so that every relay's
 //!   changes from before are written), the counter is checked against it, within a
-//!   [`SETTLE_EVERY`] round.
+//!   [`SETTLE_EVERY`] round. A counter that had to be corrected is checked again for about a
+//!   minute ([`super::index::RECHECK_FIRST`]): an increment a fault held back may land after
+//!   the correction.
 //!
 //! Near a quota (past a quarter of it) a send reads the counters at once and writes its own change
 //! before it is answered, so the other relays see it. The slack, documented in
@@ -285,7 +287,11 @@ impl Usage {
     }
 
     /// Sets the counter of `mailbox` to `actual` if it says otherwise and `still()` holds once
-    /// it was read (what `actual` came from has not changed meanwhile).
+    /// it was read (what `actual` came from has not changed meanwhile); whether it did.
+    ///
+    /// The counter is read from the stream's leader (a replica may not have applied the last
+    /// increments yet). The correction's message id is made of the counter's sequence and the
+    /// value it sets, so relays that correct the same reading to the same value apply it once.
     pub async fn set(
         &self,
         cluster: &Cluster,
@@ -293,13 +299,16 @@ impl Usage {
         actual: i64,
         when: &'static str,
         still: impl Fn() -> bool,
-    ) -> Result<(), NatsError> {
-        let current = read_counters(cluster, &mailbox.identity)
-            .await?
-            .get(&mailbox.device)
-            .copied()
-            .unwrap_or(0);
-        if current != actual && still() {
+    ) -> Result<bool, NatsError> {
+        let subject = cluster.names.usage(mailbox);
+        let last = cluster
+            .last_from_leader(&cluster.names.usage_stream(), &subject)
+            .await?;
+        let (current, sequence) = last.map_or((0, 0), |m| {
+            (counter_value(&m.payload).unwrap_or(0), m.sequence)
+        });
+        let corrected = current != actual && still();
+        if corrected {
             tracing::info!(
                 counted = current,
                 stored = actual,
@@ -311,12 +320,12 @@ impl Usage {
             let increment = Increment {
                 mailbox: *mailbox,
                 delta: actual - current,
-                id: format!("{:032x}", rand::random::<u128>()),
+                id: correction_id(&subject, sequence, actual),
             };
             send_increment(cluster, &increment).await?.await?;
         }
         self.read.lock().remove(&mailbox.identity);
-        Ok(())
+        Ok(corrected)
     }
 
     /// Forgets a mailbox that closed: its counter goes with it.
@@ -403,6 +412,11 @@ async fn read_counters(
         counters.insert(device, counter_value(&message.payload).unwrap_or(0));
     }
     Ok(counters)
+}
+
+/// The message id of a correction of the counter on `subject` read at `sequence`, to `actual`.
+fn correction_id(subject: &str, sequence: u64, actual: i64) -> String {
+    format!("set-{subject}-{sequence}-{actual}")
 }
 
 /// The value of a stored counter (`{"val":"123"}`).
