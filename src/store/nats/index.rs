@@ -2,8 +2,9 @@
 //! id order, and whether it has seen every one from the mailbox's first on. With that, an ack
 //! of the oldest messages (what a subscriber that keeps up sends) is one purge of the mailbox's
 //! subject below an id, instead of a delete per message, and an ack never needs to read a
-//! message to learn whose it is. A mailbox whose index knows all of it and has not changed for
-//! a while also tells what its byte counter should say ([`Indexes::settled`]).
+//! message to learn whose it is. A mailbox whose index knows all of it (or knows it holds
+//! nothing) and has not changed for a while also tells what its byte counter should say
+//! ([`Indexes::settled`]).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -92,6 +93,12 @@ impl MailboxIndex {
         }
     }
 
+    /// Whether the index can tell what the byte counter should say: it knows the mailbox from
+    /// its first message on, or knows of no stored message (then the mailbox must be empty).
+    fn checkable(&self) -> bool {
+        self.complete_through.is_some() || self.stored.is_empty()
+    }
+
     /// Forgets everything known (the change is still marked by the caller).
     fn reset(&mut self) {
         self.stored.clear();
@@ -99,14 +106,16 @@ impl MailboxIndex {
     }
 }
 
-/// A mailbox whose index knows every stored message through `through` and has not changed
-/// since `change`: what it holds (`count` messages of `bytes` payload bytes), to check its
-/// byte counter against.
+/// A mailbox whose index has not changed since `change`: what it holds (`count` messages of
+/// `bytes` payload bytes), to check its byte counter against. `through`: the index knows every
+/// stored message through this id; `None`: it does not know the mailbox from its first
+/// message on (a deletion failed, or the delivery started in the middle) but knows of no
+/// stored message, so the counter is checked only if the mailbox is empty.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Settled {
     pub key: MailboxKey,
     pub change: u64,
-    pub through: u64,
+    pub through: Option<u64>,
     pub count: u64,
     pub bytes: u64,
 }
@@ -154,13 +163,13 @@ impl Indexes {
             .or_insert_with(|| MailboxIndex::new(key));
     }
 
-    /// Stops indexing a mailbox; what it knew is kept for the counter check when it is
-    /// complete and unchecked.
+    /// Stops indexing a mailbox; what it knew is kept for the counter check when it can tell
+    /// and is unchecked.
     pub fn unwatch(&self, mailbox: &MailboxId) {
         let Some(index) = self.mailboxes.lock().remove(mailbox) else {
             return;
         };
-        if index.complete_through.is_some() && index.check_due_at().is_some() {
+        if index.checkable() && index.check_due_at().is_some() {
             let mut retired = self.retired.lock();
             if retired.len() < MAX_RETIRED {
                 retired.insert(*mailbox, index);
@@ -306,13 +315,13 @@ impl Indexes {
     pub fn settled(&self, max: usize) -> Vec<Settled> {
         let now = Instant::now();
         let of = |index: &MailboxIndex| {
-            if index.check_due_at()? > now {
+            if index.check_due_at()? > now || !index.checkable() {
                 return None;
             }
             Some(Settled {
                 key: index.key,
                 change: index.change,
-                through: index.complete_through?,
+                through: index.complete_through,
                 count: index.stored.len() as u64,
                 bytes: index.stored.values().map(|b| u64::from(*b)).sum(),
             })
@@ -508,7 +517,7 @@ mod tests {
             vec![Settled {
                 key: KEY,
                 change: settled[0].change,
-                through: 7,
+                through: Some(7),
                 count: 2,
                 bytes: 30
             }]
@@ -524,13 +533,13 @@ mod tests {
         assert!(!indexes.unchanged_since(&MAILBOX, change));
         tokio::time::advance(quiet).await;
         let settled = indexes.settled(8);
-        assert_eq!((settled[0].through, settled[0].bytes), (9, 35));
+        assert_eq!((settled[0].through, settled[0].bytes), (Some(9), 35));
 
         // No longer delivered from: kept, unchanging, until checked.
         indexes.unwatch(&MAILBOX);
         indexes.removed(&MAILBOX, &[9]);
         let retired = indexes.settled(8);
-        assert_eq!((retired[0].through, retired[0].bytes), (9, 35));
+        assert_eq!((retired[0].through, retired[0].bytes), (Some(9), 35));
         indexes.checked(&MAILBOX, retired[0].change, false);
         assert!(indexes.settled(8).is_empty(), "checked, it goes");
 
@@ -541,6 +550,28 @@ mod tests {
         assert!(indexes.settled(8).is_empty());
         indexes.unwatch(&MAILBOX);
         assert!(indexes.settled(8).is_empty(), "incomplete: not kept");
+
+        // A failed deletion: nothing known, not from the first message on. Once the rest is
+        // acked, the index knows of no stored message: checked if the mailbox is empty, and
+        // kept for that when the delivery ends.
+        indexes.watch(KEY);
+        indexes.read(&MAILBOX, &[(3, 10), (7, 20)], 0);
+        indexes.plan(&MAILBOX, &[3]);
+        indexes.failed(&MAILBOX);
+        indexes.stored(&MAILBOX, 11, 4, Some(7));
+        tokio::time::advance(quiet).await;
+        assert!(
+            indexes.settled(8).is_empty(),
+            "knows of a message, not of all"
+        );
+        indexes.plan(&MAILBOX, &[11]);
+        indexes.unwatch(&MAILBOX);
+        tokio::time::advance(quiet).await;
+        let settled = indexes.settled(8);
+        assert_eq!(
+            (settled[0].through, settled[0].count, settled[0].bytes),
+            (None, 0, 0)
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -433,13 +433,18 @@ impl Inner {
     }
 
     /// Whether a mailbox holds exactly what its index knows: nothing newer than what it has
-    /// seen (read from the leader), and as many messages (so none went unseen).
+    /// seen (read from the leader), and as many messages (so none went unseen); for an index
+    /// that does not know the mailbox from its first message on, whether the leader holds
+    /// none of its messages.
     async fn holds_what_is_known(&self, settled: &Settled) -> Result<bool, NatsError> {
         let token = settled.key.token();
         let stream = self.stream_of(&token);
         let subject = self.cluster.names.mailbox_subject(&token);
         let newest = self.cluster.last_from_leader(&stream, &subject).await?;
-        if newest.is_some_and(|m| m.sequence > settled.through) {
+        let Some(through) = settled.through else {
+            return Ok(newest.is_none());
+        };
+        if newest.is_some_and(|m| m.sequence > through) {
             return Ok(false);
         }
         let first = self.cluster.next(&stream, &subject, 1).await?;
