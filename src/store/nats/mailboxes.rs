@@ -15,15 +15,17 @@
 
 use std::sync::Arc;
 
+use async_nats::header::NATS_MESSAGE_ID;
 use async_nats::HeaderMap;
 use botd_protocol::keys::sha256;
 
 use super::error::{code, NatsError};
 use super::index::Settled;
-use super::names::MailboxKey;
+use super::names::{MailboxKey, MailboxNaming};
 use super::outbox::Sent;
 use super::records::{decode, encode, GoneNotice, LastRemoved, StoredMessage};
 use super::sequence::Ticket;
+use super::usage::StoredBytes;
 use super::Inner;
 use crate::store::{
     Admission, Appended, MailboxId, Message, NewMessage, QuotaKind, RecipientView, StoreError,
@@ -119,15 +121,14 @@ impl Inner {
             id: message.to,
             generation: slot.mailbox_generation,
         };
-        let usage = self.usage.cached(&key.id.identity)?;
+        let stored = self.usage.cached(&key.id)?;
         // Near a quota the counts are read and written with the send: the slow path.
-        if self.near_quota(&key, &usage, message.payload.len()) {
+        if self.near_quota(stored, message.payload.len()) {
             return None;
         }
-        self.bytes_allowed(&key, &usage, message.payload.len())
-            .ok()?;
-        let token = key.token();
-        Some((key, self.enqueue_new(&token, message, 0)))
+        self.bytes_allowed(stored, message.payload.len()).ok()?;
+        let naming = self.cluster.names.of_mailbox(&key);
+        Some((key, self.enqueue_new(&naming, message)))
     }
 
     pub async fn append(&self, message: NewMessage, mut ticket: Ticket) -> StoreResult<Appended> {
@@ -151,21 +152,22 @@ impl Inner {
             id: message.to,
             generation: slot.mailbox_generation,
         };
-        let token = key.token();
+        let naming = self.cluster.names.of_mailbox(&key);
+        let token = &*naming.token;
         // The rules of §8.3 in their order; a refusal is not final before the nonce is known
         // to be new (a retry of a stored message is answered as a duplicate whatever changed).
         let admission = match self.admission(&recipient, &message).await {
             Ok(admission) => admission,
             Err(err) => {
                 ticket.pass();
-                return self.unless_duplicate(&token, &message, err).await;
+                return self.unless_duplicate(token, &message, err).await;
             }
         };
-        let near = match self.check_bytes(&key, &token, message.payload.len()).await {
+        let near = match self.check_bytes(&key, token, message.payload.len()).await {
             Ok(near) => near,
             Err(err) => {
                 ticket.pass();
-                return self.unless_duplicate(&token, &message, err).await;
+                return self.unless_duplicate(token, &message, err).await;
             }
         };
         if let Admission::ByTicket = admission {
@@ -173,10 +175,10 @@ impl Inner {
             // sender a contact and does not use the ticket again.
             ticket.pass();
             self.use_ticket(&message).await?;
-            let sent = self.enqueue_new(&token, &message, 0);
+            let sent = self.enqueue_new(&naming, &message);
             return self.appended(key, message, sent, near).await;
         }
-        let sent = self.enqueue_new(&token, &message, 0);
+        let sent = self.enqueue_new(&naming, &message);
         // Queued in call order: the next call of the sender may go.
         ticket.pass();
         self.appended(key, message, sent, near).await
@@ -229,16 +231,9 @@ impl Inner {
 
     /// Whether a send of `payload` bytes takes the mailbox or the identity past a quarter of
     /// its quota: from there on, counts are read and written at once.
-    fn near_quota(
-        &self,
-        key: &MailboxKey,
-        usage: &ahash::AHashMap<u32, i64>,
-        payload: usize,
-    ) -> bool {
-        let mailbox = usage.get(&key.id.device).copied().unwrap_or(0).max(0) as usize;
-        let identity = usage.values().map(|b| (*b).max(0) as usize).sum::<usize>();
-        4 * (mailbox + payload) > self.limits.mailbox_max_bytes
-            || 4 * (identity + payload) > self.limits.max_identity_stored_bytes
+    fn near_quota(&self, stored: StoredBytes, payload: usize) -> bool {
+        4 * (stored.mailbox + payload) > self.limits.mailbox_max_bytes
+            || 4 * (stored.identity + payload) > self.limits.max_identity_stored_bytes
     }
 
     /// Whether the sender may write to the recipient (§8.3, §8.6).
@@ -313,16 +308,9 @@ impl Inner {
     }
 
     /// The byte quotas on counted bytes (the message count is the stream's).
-    fn bytes_allowed(
-        &self,
-        key: &MailboxKey,
-        usage: &ahash::AHashMap<u32, i64>,
-        payload: usize,
-    ) -> StoreResult<()> {
-        let mailbox = usage.get(&key.id.device).copied().unwrap_or(0).max(0) as usize;
-        let identity = usage.values().map(|b| (*b).max(0) as usize).sum::<usize>();
-        self.limits.check_mailbox_room(0, mailbox, payload)?;
-        self.limits.check_storage(identity, 0, payload)
+    fn bytes_allowed(&self, stored: StoredBytes, payload: usize) -> StoreResult<()> {
+        self.limits.check_mailbox_room(0, stored.mailbox, payload)?;
+        self.limits.check_storage(stored.identity, 0, payload)
     }
 
     /// The byte quotas, on the counted bytes (read at once near a quota); a refusal is checked
@@ -334,9 +322,12 @@ impl Inner {
         token: &str,
         payload: usize,
     ) -> StoreResult<bool> {
-        let check = |usage: &ahash::AHashMap<u32, i64>| self.bytes_allowed(key, usage, payload);
+        let device = key.id.device;
+        let check = |usage: &ahash::AHashMap<u32, i64>| {
+            self.bytes_allowed(StoredBytes::of(usage, device), payload)
+        };
         let mut usage = self.usage.of(&self.cluster, &key.id.identity).await?;
-        let near = self.near_quota(key, &usage, payload);
+        let near = self.near_quota(StoredBytes::of(&usage, device), payload);
         if near {
             usage = self.usage.of_now(&self.cluster, &key.id.identity).await?;
         }
@@ -475,11 +466,11 @@ impl Inner {
     }
 
     /// Queues the publish of a new message for the outbox.
-    fn enqueue_new(&self, token: &str, message: &NewMessage, after: u64) -> Sent {
+    fn enqueue_new(&self, mailbox: &MailboxNaming, message: &NewMessage) -> Sent {
         let mut headers = HeaderMap::new();
-        headers.insert("Nats-Msg-Id", message_id(token, message, after).as_str());
+        headers.insert(NATS_MESSAGE_ID, message_id(&mailbox.token, message, 0));
         self.cluster.enqueue(
-            self.cluster.names.mailbox_subject(token),
+            mailbox.subject.clone(),
             headers,
             encode(&StoredMessage::of(message)),
         )

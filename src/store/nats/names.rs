@@ -20,9 +20,23 @@
 //! again starts an empty mailbox (in the same stream) and messages for an earlier registration
 //! are never read.
 
+use std::sync::Arc;
+
+use ahash::AHashMap;
 use botd_protocol::keys::sha256;
+use parking_lot::Mutex;
 
 use crate::store::{Identity, MailboxId, TICKET_LEN};
+
+/// Mailboxes whose token and subject [`Names::of_mailbox`] keeps; past this it forgets them all.
+const MAX_NAMED_MAILBOXES: usize = 65_536;
+
+/// A mailbox's token and the subject of its messages.
+#[derive(Debug, Clone)]
+pub struct MailboxNaming {
+    pub token: Arc<str>,
+    pub subject: async_nats::Subject,
+}
 
 /// A mailbox of one registration of a device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -56,7 +70,7 @@ impl MailboxKey {
 }
 
 /// Names of everything the backend keeps on the cluster.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Names {
     /// Subject prefix (lowercase).
     prefix: String,
@@ -64,6 +78,9 @@ pub struct Names {
     streams_prefix: String,
     /// How many message streams.
     pub message_streams: usize,
+    /// Tokens and subjects of the mailboxes sent to lately: a token is two SHA-256 and the
+    /// subject a formatted string, on every `Send` otherwise.
+    named: Mutex<AHashMap<MailboxKey, MailboxNaming>>,
 }
 
 impl Names {
@@ -72,7 +89,26 @@ impl Names {
             prefix: prefix.to_ascii_lowercase(),
             streams_prefix: prefix.to_ascii_uppercase().replace('-', "_"),
             message_streams: message_streams.max(1),
+            named: Mutex::new(AHashMap::new()),
         }
+    }
+
+    /// `key`'s token and the subject of its messages (kept for the next send).
+    pub fn of_mailbox(&self, key: &MailboxKey) -> MailboxNaming {
+        if let Some(naming) = self.named.lock().get(key) {
+            return naming.clone();
+        }
+        let token = key.token();
+        let naming = MailboxNaming {
+            subject: self.mailbox_subject(&token).into(),
+            token: token.into(),
+        };
+        let mut named = self.named.lock();
+        if named.len() >= MAX_NAMED_MAILBOXES {
+            named.clear();
+        }
+        named.insert(*key, naming.clone());
+        naming
     }
 
     /// Which message stream holds a mailbox: spread by the token's first part (the device), so
@@ -294,6 +330,22 @@ mod tests {
         assert_eq!(dest, format!("botd.live.m{k}.>"));
         assert_eq!(names.live_token(&names.live_subject(&a)), Some(a.as_str()));
         assert_eq!(names.gone_token(&names.gone_subject(&a)), Some(a.as_str()));
+    }
+
+    #[test]
+    fn a_mailbox_is_named_as_its_key_says_and_once() {
+        let names = Names::new("botd", 3);
+        let first = names.of_mailbox(&mailbox(1, 7));
+        let token = mailbox(1, 7).token();
+        assert_eq!(&*first.token, token.as_str());
+        assert_eq!(first.subject.as_str(), names.mailbox_subject(&token));
+        let again = names.of_mailbox(&mailbox(1, 7));
+        assert!(
+            Arc::ptr_eq(&first.token, &again.token),
+            "kept, not made again"
+        );
+        let other = names.of_mailbox(&mailbox(1, 8));
+        assert_ne!(other.token, first.token);
     }
 
     #[test]

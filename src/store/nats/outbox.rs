@@ -13,7 +13,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::{HeaderMap, StatusCode};
+use async_nats::{HeaderMap, StatusCode, Subject};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use parking_lot::Mutex;
@@ -40,7 +40,7 @@ const SWEEP_EVERY: Duration = Duration::from_millis(100);
 
 /// A publish waiting for the outbox's task.
 struct Queued {
-    subject: String,
+    subject: Subject,
     headers: HeaderMap,
     body: Bytes,
     sent: oneshot::Sender<Result<Ack, NatsError>>,
@@ -173,7 +173,7 @@ impl Outbox {
     }
 
     /// Queues a publish (in call order, without waiting).
-    pub fn enqueue(&self, subject: String, headers: HeaderMap, body: Bytes) -> Sent {
+    pub fn enqueue(&self, subject: Subject, headers: HeaderMap, body: Bytes) -> Sent {
         let (sent, receiver) = oneshot::channel();
         self.queue.lock().push(Queued {
             subject,

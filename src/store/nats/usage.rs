@@ -71,6 +71,24 @@ struct Increment {
     id: String,
 }
 
+/// Payload bytes stored in one mailbox and in all of its identity's mailboxes, as far as this
+/// relay knows (a device counted below zero counts as zero).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoredBytes {
+    pub mailbox: usize,
+    pub identity: usize,
+}
+
+impl StoredBytes {
+    /// From the bytes per device of an identity, for its mailbox of `device`.
+    pub fn of(usage: &AHashMap<u32, i64>, device: u32) -> Self {
+        Self {
+            mailbox: usage.get(&device).copied().unwrap_or(0).max(0) as usize,
+            identity: usage.values().map(|b| (*b).max(0) as usize).sum(),
+        }
+    }
+}
+
 #[derive(Default)]
 pub struct Usage {
     /// Increments written and not acknowledged: sent again, as they were.
@@ -199,19 +217,35 @@ impl Usage {
         }
     }
 
-    /// As [`Usage::of`] when the counters read are still fresh, without waiting.
-    pub fn cached(&self, identity: &Identity) -> Option<AHashMap<u32, i64>> {
-        let counters = self
-            .read
-            .lock()
-            .get(identity)
-            .filter(|(at, _)| at.elapsed() < READ_INTERVAL)
-            .map(|(_, counters)| counters.clone())?;
-        let mut bytes = counters;
-        for (device, delta) in self.pending_of(identity) {
-            *bytes.entry(device).or_default() += delta;
+    /// As [`Usage::of`] for one mailbox when the counters read are still fresh, without
+    /// waiting (and without copying the counters: this is every `Send`'s fast path).
+    pub fn cached(&self, mailbox: &MailboxId) -> Option<StoredBytes> {
+        // The only place that holds both locks, always in this order.
+        let read = self.read.lock();
+        let (at, counters) = read.get(&mailbox.identity)?;
+        if at.elapsed() >= READ_INTERVAL {
+            return None;
         }
-        Some(bytes)
+        let pending = self.pending.lock();
+        let pending = pending.get(&mailbox.identity);
+        let delta = |device: &u32| pending.and_then(|p| p.get(device)).copied().unwrap_or(0);
+        let mut stored = StoredBytes::default();
+        let mut count = |device: u32, bytes: i64| {
+            let bytes = bytes.max(0) as usize;
+            stored.identity += bytes;
+            if device == mailbox.device {
+                stored.mailbox = bytes;
+            }
+        };
+        for (device, bytes) in counters {
+            count(*device, bytes + delta(device));
+        }
+        for (device, bytes) in pending.into_iter().flatten() {
+            if !counters.contains_key(device) {
+                count(*device, *bytes);
+            }
+        }
+        Some(stored)
     }
 
     /// Bytes stored per device of `identity`, as far as this relay knows.
@@ -439,6 +473,43 @@ mod tests {
     use super::*;
 
     #[test]
+    fn cached_bytes_add_what_is_pending_and_count_no_device_below_zero() {
+        let usage = Usage::default();
+        let identity = [4; 33];
+        let mailbox = |device| MailboxId { identity, device };
+        assert_eq!(usage.cached(&mailbox(1)), None, "never read");
+        let read: Counters = [(1, 100), (2, 50), (3, -20)].into_iter().collect();
+        usage
+            .read
+            .lock()
+            .insert(identity, (Instant::now(), read.clone()));
+        usage.add(&mailbox(1), 30);
+        usage.add(&mailbox(2), -60);
+        usage.add(&mailbox(4), 7);
+        // Devices 1..4: 130, -10 → 0, -20 → 0, 7 (pending only).
+        assert_eq!(
+            usage.cached(&mailbox(1)),
+            Some(StoredBytes {
+                mailbox: 130,
+                identity: 137
+            })
+        );
+        assert_eq!(usage.cached(&mailbox(2)).map(|s| s.mailbox), Some(0));
+        assert_eq!(usage.cached(&mailbox(4)).map(|s| s.mailbox), Some(7));
+        // The same as the slow path's arithmetic on the merged counts.
+        let mut merged = read;
+        for (device, delta) in usage.pending_of(&identity) {
+            *merged.entry(device).or_default() += delta;
+        }
+        for device in 1..=4 {
+            assert_eq!(
+                usage.cached(&mailbox(device)),
+                Some(StoredBytes::of(&merged, device))
+            );
+        }
+    }
+
+    #[test]
     fn a_read_that_raced_a_write_keeps_the_higher_count_per_device() {
         let read: Counters = [(1, 100), (2, 50)].into_iter().collect();
         let cached: Counters = [(1, 140), (2, 10), (3, 7)].into_iter().collect();
@@ -461,12 +532,30 @@ mod tests {
             .lock()
             .insert(identity, (Instant::now(), Counters::default()));
         assert!(!usage.ageing(&identity));
-        assert!(usage.cached(&identity).is_some());
+        assert!(usage
+            .cached(&MailboxId {
+                identity,
+                device: 1
+            })
+            .is_some());
         tokio::time::advance(READ_INTERVAL / 2).await;
         assert!(usage.ageing(&identity));
-        assert!(usage.cached(&identity).is_some(), "still trusted");
+        assert!(
+            usage
+                .cached(&MailboxId {
+                    identity,
+                    device: 1
+                })
+                .is_some(),
+            "still trusted"
+        );
         tokio::time::advance(READ_INTERVAL / 2).await;
-        assert!(usage.cached(&identity).is_none());
+        assert!(usage
+            .cached(&MailboxId {
+                identity,
+                device: 1
+            })
+            .is_none());
     }
 
     #[tokio::test(start_paused = true)]
