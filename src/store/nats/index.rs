@@ -309,7 +309,8 @@ impl Indexes {
             .is_some_and(|i| i.stored.is_empty() && i.complete_through.is_some())
     }
 
-    /// Mailboxes known from their first message on whose byte counter is due for a check
+    /// Mailboxes whose index can tell what their byte counter should say (known from the
+    /// first message on, or knowing of no stored message) and whose counter is due for a check
     /// (quiet for `SETTLE_AFTER` since their last change, or asked to be checked again), at
     /// most `max`.
     pub fn settled(&self, max: usize) -> Vec<Settled> {
