@@ -49,6 +49,14 @@ fn message_id(token: &str, message: &NewMessage, after: u64) -> String {
     hex::encode(&digest[..11])
 }
 
+/// The headers of a new message's publish: its message id, by which the stream recognises a
+/// retry (see [`message_id`]).
+fn new_message_headers(token: &str, message: &NewMessage, after: u64) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert(NATS_MESSAGE_ID, message_id(token, message, after));
+    headers
+}
+
 /// The headers of a publish that only asks whether a message id is known: an answer
 /// `duplicate` names the message; anything else stored nothing.
 fn probe_headers(id: &str) -> HeaderMap {
@@ -428,17 +436,17 @@ impl Inner {
     /// that does not know the mailbox from its first message on, whether the leader holds
     /// none of its messages.
     async fn holds_what_is_known(&self, settled: &Settled) -> Result<bool, NatsError> {
-        let token = settled.key.token();
-        let stream = self.stream_of(&token);
-        let subject = self.cluster.names.mailbox_subject(&token);
-        let newest = self.cluster.last_from_leader(&stream, &subject).await?;
+        let naming = self.cluster.names.of_mailbox(&settled.key);
+        let stream = self.stream_of(&naming.token);
+        let subject = naming.subject.as_str();
+        let newest = self.cluster.last_from_leader(&stream, subject).await?;
         let Some(through) = settled.through else {
             return Ok(newest.is_none());
         };
         if newest.is_some_and(|m| m.sequence > through) {
             return Ok(false);
         }
-        let first = self.cluster.next(&stream, &subject, 1).await?;
+        let first = self.cluster.next(&stream, subject, 1).await?;
         Ok(first.map_or(0, |m| m.pending + 1) == settled.count)
     }
 
@@ -467,11 +475,9 @@ impl Inner {
 
     /// Queues the publish of a new message for the outbox.
     fn enqueue_new(&self, mailbox: &MailboxNaming, message: &NewMessage) -> Sent {
-        let mut headers = HeaderMap::new();
-        headers.insert(NATS_MESSAGE_ID, message_id(&mailbox.token, message, 0));
         self.cluster.enqueue(
             mailbox.subject.clone(),
-            headers,
+            new_message_headers(&mailbox.token, message, 0),
             encode(&StoredMessage::of(message)),
         )
     }
@@ -483,13 +489,11 @@ impl Inner {
         message: &NewMessage,
         after: u64,
     ) -> StoreResult<async_nats::jetstream::context::PublishAckFuture> {
-        let mut headers = HeaderMap::new();
-        headers.insert("Nats-Msg-Id", message_id(token, message, after).as_str());
         Ok(self
             .cluster
             .send(
                 self.cluster.names.mailbox_subject(token),
-                headers,
+                new_message_headers(token, message, after),
                 encode(&StoredMessage::of(message)),
             )
             .await?)
@@ -644,12 +648,12 @@ impl Inner {
         max_bytes: usize,
     ) -> StoreResult<Vec<Arc<Message>>> {
         let key = self.mailbox_key(&mailbox).await?;
-        let token = key.token();
+        let naming = self.cluster.names.of_mailbox(&key);
         let stored = self
             .cluster
             .batch(
-                &self.stream_of(&token),
-                &self.cluster.names.mailbox_subject(&token),
+                &self.stream_of(&naming.token),
+                naming.subject.as_str(),
                 after + 1,
                 max_count.min(super::client::MAX_GET_BATCH),
             )
@@ -675,12 +679,12 @@ impl Inner {
 
     pub async fn get(&self, mailbox: MailboxId, id: u64) -> StoreResult<Arc<Message>> {
         let key = self.mailbox_key(&mailbox).await?;
-        let token = key.token();
+        let naming = self.cluster.names.of_mailbox(&key);
         let stored = self
             .cluster
-            .get(&self.stream_of(&token), id)
+            .get(&self.stream_of(&naming.token), id)
             .await?
-            .filter(|m| m.subject == self.cluster.names.mailbox_subject(&token))
+            .filter(|m| m.subject == naming.subject.as_str())
             .ok_or(StoreError::NotFound)?;
         StoredMessage::decode_message(stored.payload, id)
             .map(Arc::new)
@@ -697,20 +701,21 @@ impl Inner {
             id: mailbox,
             generation: slot.mailbox_generation,
         };
-        let token = key.token();
+        let naming = self.cluster.names.of_mailbox(&key);
+        let token = &*naming.token;
         let names = &self.cluster.names;
         let stored = self
             .cluster
-            .last(&self.stream_of(&token), &names.mailbox_subject(&token))
+            .last(&self.stream_of(token), naming.subject.as_str())
             .await?
             .map_or(0, |m| m.sequence);
         let removed = self
             .cluster
-            .last(&names.accounts_stream(), &names.last_removed(&token))
+            .last(&names.accounts_stream(), &names.last_removed(token))
             .await?
             .and_then(|m| decode::<LastRemoved>(&m.payload))
             .map_or(0, |r| r.id);
-        let unwritten = self.removed.lock().get(&token).copied().unwrap_or(0);
+        let unwritten = self.removed.lock().get(token).copied().unwrap_or(0);
         Ok(stored.max(removed).max(unwritten).max(slot.id_floor))
     }
 
@@ -725,14 +730,15 @@ impl Inner {
         ids.sort_unstable();
         ids.dedup();
         let key = self.mailbox_key(&mailbox).await?;
-        let token = key.token();
-        let stream = self.stream_of(&token);
-        let subject = self.cluster.names.mailbox_subject(&token);
+        let naming = self.cluster.names.of_mailbox(&key);
+        let token = &*naming.token;
+        let stream = self.stream_of(token);
+        let subject = naming.subject.as_str();
         let plan = self.live.indexes.plan(&mailbox, &ids);
         ticket.pass();
         let (deleted, bytes): (Vec<u64>, u64) = match plan {
             super::index::AckPlan::Purge { below, gone, bytes } => {
-                if let Err(err) = self.cluster.purge(&stream, &subject, Some(below)).await {
+                if let Err(err) = self.cluster.purge(&stream, subject, Some(below)).await {
                     self.live.indexes.failed(&mailbox);
                     return Err(err.into());
                 }
@@ -776,7 +782,7 @@ impl Inner {
             return Ok(0);
         }
         self.usage.add(&mailbox, -(bytes as i64));
-        self.removed(&key, &token, &deleted).await;
+        self.removed(&key, token, &deleted).await;
         Ok(deleted.len() as u32)
     }
 

@@ -82,10 +82,20 @@ pub struct StoredBytes {
 impl StoredBytes {
     /// From the bytes per device of an identity, for its mailbox of `device`.
     pub fn of(usage: &AHashMap<u32, i64>, device: u32) -> Self {
-        Self {
-            mailbox: usage.get(&device).copied().unwrap_or(0).max(0) as usize,
-            identity: usage.values().map(|b| (*b).max(0) as usize).sum(),
+        Self::sum(device, usage.iter().map(|(d, b)| (*d, *b)))
+    }
+
+    /// From each device's bytes (every device once), for the mailbox of `device`.
+    fn sum(device: u32, per_device: impl Iterator<Item = (u32, i64)>) -> Self {
+        let mut stored = Self::default();
+        for (each, bytes) in per_device {
+            let bytes = bytes.max(0) as usize;
+            stored.identity += bytes;
+            if each == device {
+                stored.mailbox = bytes;
+            }
         }
+        stored
     }
 }
 
@@ -229,23 +239,13 @@ impl Usage {
         let pending = self.pending.lock();
         let pending = pending.get(&mailbox.identity);
         let delta = |device: &u32| pending.and_then(|p| p.get(device)).copied().unwrap_or(0);
-        let mut stored = StoredBytes::default();
-        let mut count = |device: u32, bytes: i64| {
-            let bytes = bytes.max(0) as usize;
-            stored.identity += bytes;
-            if device == mailbox.device {
-                stored.mailbox = bytes;
-            }
-        };
-        for (device, bytes) in counters {
-            count(*device, bytes + delta(device));
-        }
-        for (device, bytes) in pending.into_iter().flatten() {
-            if !counters.contains_key(device) {
-                count(*device, *bytes);
-            }
-        }
-        Some(stored)
+        let read = counters.iter().map(|(d, b)| (*d, b + delta(d)));
+        let pending_only = pending
+            .into_iter()
+            .flatten()
+            .filter(|(d, _)| !counters.contains_key(d))
+            .map(|(d, b)| (*d, *b));
+        Some(StoredBytes::sum(mailbox.device, read.chain(pending_only)))
     }
 
     /// Bytes stored per device of `identity`, as far as this relay knows.
@@ -531,31 +531,17 @@ mod tests {
             .read
             .lock()
             .insert(identity, (Instant::now(), Counters::default()));
+        let mailbox = MailboxId {
+            identity,
+            device: 1,
+        };
         assert!(!usage.ageing(&identity));
-        assert!(usage
-            .cached(&MailboxId {
-                identity,
-                device: 1
-            })
-            .is_some());
+        assert!(usage.cached(&mailbox).is_some());
         tokio::time::advance(READ_INTERVAL / 2).await;
         assert!(usage.ageing(&identity));
-        assert!(
-            usage
-                .cached(&MailboxId {
-                    identity,
-                    device: 1
-                })
-                .is_some(),
-            "still trusted"
-        );
+        assert!(usage.cached(&mailbox).is_some(), "still trusted");
         tokio::time::advance(READ_INTERVAL / 2).await;
-        assert!(usage
-            .cached(&MailboxId {
-                identity,
-                device: 1
-            })
-            .is_none());
+        assert!(usage.cached(&mailbox).is_none());
     }
 
     #[tokio::test(start_paused = true)]
