@@ -18,7 +18,6 @@
 //! torn tail (damage past that offset, of any number of records) from corruption (damage in
 //! bytes that were synced).
 
-use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{IoSlice, Write};
@@ -31,7 +30,10 @@ use parking_lot::{Condvar, Mutex};
 use prost::Message;
 use tokio::sync::Notify;
 
-use super::record::{file_header, record_header, StorageError, FILE_HEADER_LEN};
+use super::record::{
+    append_record_with, file_header, record_header, StorageError, FILE_HEADER_LEN,
+    RECORD_HEADER_LEN,
+};
 use crate::config::FsyncPolicy;
 use crate::store::proto::Event;
 
@@ -79,13 +81,13 @@ pub struct BatchMarker {
 
 impl BatchMarker {
     /// The whole framed marker record.
-    fn encode(&self) -> [u8; super::record::RECORD_HEADER_LEN + 8 + MARKER_LEN] {
+    fn encode(&self) -> [u8; RECORD_HEADER_LEN + 8 + MARKER_LEN] {
         let mut body = [0u8; 8 + MARKER_LEN];
         body[..8].copy_from_slice(&MARKER_LSN.to_be_bytes());
         body[8..16].copy_from_slice(&self.first_lsn.to_be_bytes());
         body[16..24].copy_from_slice(&self.last_lsn.to_be_bytes());
         body[24..32].copy_from_slice(&self.synced_offset.to_be_bytes());
-        let mut out = [0u8; super::record::RECORD_HEADER_LEN + 8 + MARKER_LEN];
+        let mut out = [0u8; RECORD_HEADER_LEN + 8 + MARKER_LEN];
         let header = record_header(body.len(), crc32fast::hash(&body));
         out[..header.len()].copy_from_slice(&header);
         out[header.len()..].copy_from_slice(&body);
@@ -306,11 +308,6 @@ struct SyncQueue {
     stopping: bool,
 }
 
-thread_local! {
-    /// Where events are encoded before the journal's lock is taken.
-    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-}
-
 impl Journal {
     /// Opens a new segment starting at `next_lsn` and starts the writer thread.
     pub fn start(
@@ -452,47 +449,43 @@ impl Journal {
     /// Appends an event; returns its lsn. Fails once the writer has failed or stopped: the
     /// change must then be refused.
     pub fn record(&self, event: &Event) -> Result<u64, StorageError> {
-        SCRATCH.with(|scratch| {
-            let mut body = scratch.borrow_mut();
-            body.clear();
-            event.encode(&mut *body).expect("a Vec grows as needed");
-            let mut pending = self.pending.lock();
-            if pending.shutdown || self.failed() {
-                return Err(StorageError::WriterFailed("the journal is stopped".into()));
-            }
-            let lsn = pending.next_lsn;
-            if lsn >= MAX_SEQUENCE {
-                return Err(StorageError::WriterFailed(format!(
-                    "lsn {lsn} reached the limit of {MAX_SEQUENCE}"
-                )));
-            }
-            pending.next_lsn += 1;
-            let lsn_bytes = lsn.to_be_bytes();
-            // The checksum covers `lsn || event`, so it is taken here, where the lsn is known
-            // (cheaper than combining a checksum taken before the lock).
-            let mut crc = crc32fast::Hasher::new();
-            crc.update(&lsn_bytes);
-            crc.update(&body);
-            let header = record_header(lsn_bytes.len() + body.len(), crc.finalize());
-            let before = pending.buf.len();
-            pending.buf.extend_from_slice(&header);
-            pending.buf.extend_from_slice(&lsn_bytes);
-            pending.buf.extend_from_slice(&body);
-            let size = pending.buf.len();
-            self.pending_bytes.store(size, Ordering::Release);
-            self.last_lsn.store(lsn, Ordering::Release);
-            let full = size >= KICK_BYTES && before < KICK_BYTES;
-            if full {
-                pending.kicked = true;
-            }
-            drop(pending);
-            self.appended
-                .fetch_add((size - before) as u64, Ordering::Relaxed);
-            if full && self.writer_waiting.load(Ordering::Acquire) {
-                self.wake.notify_one();
-            }
-            Ok(lsn)
-        })
+        let body_len = event.encoded_len();
+        let mut pending = self.pending.lock();
+        if pending.shutdown || self.failed() {
+            return Err(StorageError::WriterFailed("the journal is stopped".into()));
+        }
+        let lsn = pending.next_lsn;
+        if lsn >= MAX_SEQUENCE {
+            return Err(StorageError::WriterFailed(format!(
+                "lsn {lsn} reached the limit of {MAX_SEQUENCE}"
+            )));
+        }
+        pending.next_lsn += 1;
+        // Encoded in place: the checksum covers `lsn || event`, so the record can only be
+        // framed here, where the lsn is known.
+        let lsn_bytes = lsn.to_be_bytes();
+        let before = pending.buf.len();
+        pending
+            .buf
+            .reserve(RECORD_HEADER_LEN + lsn_bytes.len() + body_len);
+        append_record_with(&mut pending.buf, |buf| {
+            buf.extend_from_slice(&lsn_bytes);
+            event.encode(buf).expect("a Vec grows as the event needs");
+        });
+        let size = pending.buf.len();
+        self.pending_bytes.store(size, Ordering::Release);
+        self.last_lsn.store(lsn, Ordering::Release);
+        let full = size >= KICK_BYTES && before < KICK_BYTES;
+        if full {
+            pending.kicked = true;
+        }
+        drop(pending);
+        self.appended
+            .fetch_add((size - before) as u64, Ordering::Relaxed);
+        if full && self.writer_waiting.load(Ordering::Acquire) {
+            self.wake.notify_one();
+        }
+        Ok(lsn)
     }
 
     /// Asks for what is recorded to be written: called by whoever will wait for it, once it
@@ -947,6 +940,60 @@ mod tests {
         }
     }
 
+    /// What `record` frames in place is what recovery reads back: every record's checksum, its
+    /// lsn and its event, for events small and large (a payload far beyond the batch's
+    /// initial capacity) recorded into one batch.
+    #[test]
+    fn recorded_events_read_back_with_their_lsns_and_checksums() {
+        use super::super::record::{Next, RecordReader};
+        use crate::store::proto::{event::Kind, MessageStored};
+        use bytes::Bytes;
+        let dir = crate::testing::TempDir::new("journal-record");
+        let options = JournalOptions {
+            policy: FsyncPolicy::Never,
+            fsync_interval: Duration::from_millis(10),
+            segment_bytes: 64 << 20,
+            max_pending_bytes: 64 << 20,
+        };
+        let journal = Journal::start(dir.path(), 5, options).expect("the journal starts");
+        let events: Vec<Event> = [3usize, 300 * 1024, 0, 17]
+            .iter()
+            .enumerate()
+            .map(|(i, &len)| Event {
+                kind: Some(Kind::MessageStored(MessageStored {
+                    message_id: i as u64 + 1,
+                    payload: Bytes::from(vec![i as u8 + 1; len]),
+                    ..Default::default()
+                })),
+            })
+            .collect();
+        for (i, event) in events.iter().enumerate() {
+            assert_eq!(journal.record(event).expect("recorded"), 5 + i as u64);
+        }
+        journal.shutdown();
+
+        let path = dir.path().join(segment_name(5));
+        let data = std::fs::read(&path).expect("the segment is written");
+        let mut reader =
+            RecordReader::new(&path, &data, JOURNAL_MAGIC, READABLE_VERSIONS, "journal")
+                .expect("the segment's header");
+        let mut read = Vec::new();
+        loop {
+            match reader.next_record() {
+                Next::Record { body, .. } => {
+                    let lsn = u64::from_be_bytes(body[..8].try_into().unwrap());
+                    if lsn != MARKER_LSN {
+                        read.push((lsn, Event::decode(&body[8..]).expect("the event decodes")));
+                    }
+                }
+                Next::End => break,
+                damaged => panic!("a record the journal wrote is damaged: {damaged:?}"),
+            }
+        }
+        let expected: Vec<(u64, Event)> = (5..).zip(events).collect();
+        assert_eq!(read, expected);
+    }
+
     #[test]
     fn markers_round_trip() {
         let marker = BatchMarker {
@@ -955,7 +1002,7 @@ mod tests {
             synced_offset: 4096,
         };
         let framed = marker.encode();
-        let body = &framed[super::super::record::RECORD_HEADER_LEN..];
+        let body = &framed[RECORD_HEADER_LEN..];
         assert_eq!(
             u64::from_be_bytes(body[..8].try_into().unwrap()),
             MARKER_LSN

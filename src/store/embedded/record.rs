@@ -67,15 +67,24 @@ pub fn record_header(len: usize, body_crc: u32) -> [u8; RECORD_HEADER_LEN] {
 /// Appends one framed record whose body is `parts` concatenated.
 pub fn append_record(buf: &mut Vec<u8>, parts: &[&[u8]]) {
     let len: usize = parts.iter().map(|p| p.len()).sum();
-    let mut hasher = crc32fast::Hasher::new();
-    for part in parts {
-        hasher.update(part);
-    }
     buf.reserve(RECORD_HEADER_LEN + len);
-    buf.extend_from_slice(&record_header(len, hasher.finalize()));
-    for part in parts {
-        buf.extend_from_slice(part);
-    }
+    append_record_with(buf, |buf| {
+        for part in parts {
+            buf.extend_from_slice(part);
+        }
+    });
+}
+
+/// Appends one framed record whose body `write_body` appends to `buf`, behind room left for
+/// the header (filled in after): a body encoded for the record lands in place, not encoded
+/// elsewhere and copied (for a stored message, a copy of its payload).
+pub fn append_record_with(buf: &mut Vec<u8>, write_body: impl FnOnce(&mut Vec<u8>)) {
+    let start = buf.len();
+    let body_at = start + RECORD_HEADER_LEN;
+    buf.resize(body_at, 0);
+    write_body(buf);
+    let header = record_header(buf.len() - body_at, crc32fast::hash(&buf[body_at..]));
+    buf[start..body_at].copy_from_slice(&header);
 }
 
 /// How the bytes at some offset fail to be a record.

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use prost::Message;
 
 use super::journal::sync_dir;
-use super::record::{append_record, file_header, StorageError};
+use super::record::{append_record_with, file_header, StorageError};
 use super::state::State;
 use crate::store::proto::{snapshot_record, SnapshotHeader, SnapshotRecord, SnapshotTrailer};
 
@@ -56,8 +56,11 @@ pub fn write(
     let mut write_record =
         |out: &mut BufWriter<File>, kind: snapshot_record::Kind, buf: &mut Vec<u8>| {
             buf.clear();
-            let body = SnapshotRecord { kind: Some(kind) }.encode_to_vec();
-            append_record(buf, &[&body]);
+            append_record_with(buf, |buf| {
+                SnapshotRecord { kind: Some(kind) }
+                    .encode(buf)
+                    .expect("a Vec grows as the record needs")
+            });
             bytes += buf.len() as u64;
             out.write_all(buf)
         };
