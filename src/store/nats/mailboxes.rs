@@ -87,11 +87,6 @@ impl Inner {
         })
     }
 
-    fn stream_of(&self, token: &str) -> String {
-        let names = &self.cluster.names;
-        names.message_stream(names.stream_of(token))
-    }
-
     /// The common send, decided at once from what is cached (the recipient's registration
     /// and policy, the byte counts): its publish is queued now, in call order. `None` when
     /// something must be read first (the caller then takes [`Inner::append`]).
@@ -161,21 +156,20 @@ impl Inner {
             generation: slot.mailbox_generation,
         };
         let naming = self.cluster.names.of_mailbox(&key);
-        let token = &*naming.token;
         // The rules of §8.3 in their order; a refusal is not final before the nonce is known
         // to be new (a retry of a stored message is answered as a duplicate whatever changed).
         let admission = match self.admission(&recipient, &message).await {
             Ok(admission) => admission,
             Err(err) => {
                 ticket.pass();
-                return self.unless_duplicate(token, &message, err).await;
+                return self.unless_duplicate(&naming, &message, err).await;
             }
         };
-        let near = match self.check_bytes(&key, token, message.payload.len()).await {
+        let near = match self.check_bytes(&key, &naming, message.payload.len()).await {
             Ok(near) => near,
             Err(err) => {
                 ticket.pass();
-                return self.unless_duplicate(token, &message, err).await;
+                return self.unless_duplicate(&naming, &message, err).await;
             }
         };
         if let Admission::ByTicket = admission {
@@ -208,7 +202,10 @@ impl Inner {
             Ok(ack) => Published::Stored(ack.sequence),
             // The rare paths are boxed: every send's future (boxed by the relay, moved on
             // each poll) stays the size of the common one.
-            Err(err) => Box::pin(self.publish_failed(&key.token(), &message, 0, err)).await?,
+            Err(err) => {
+                let naming = self.cluster.names.of_mailbox(&key);
+                Box::pin(self.publish_failed(&naming, &message, 0, err)).await?
+            }
         };
         match published {
             Published::Stored(id) => {
@@ -220,7 +217,8 @@ impl Inner {
                 Ok(Appended::Stored(id))
             }
             Published::Duplicate(id) => {
-                Box::pin(self.duplicate_of(&key.token(), &message, id, near_quota)).await
+                let naming = self.cluster.names.of_mailbox(&key);
+                Box::pin(self.duplicate_of(&naming, &message, id, near_quota)).await
             }
         }
     }
@@ -327,7 +325,7 @@ impl Inner {
     async fn check_bytes(
         &self,
         key: &MailboxKey,
-        token: &str,
+        mailbox: &MailboxNaming,
         payload: usize,
     ) -> StoreResult<bool> {
         let device = key.id.device;
@@ -343,7 +341,7 @@ impl Inner {
             return Ok(near);
         }
         if !self.usage.counted_recently(&key.id) {
-            let actual = self.count_bytes(token).await?;
+            let actual = self.count_bytes(mailbox).await?;
             self.usage
                 .correct(&self.cluster, &key.id, actual as i64)
                 .await?;
@@ -386,7 +384,9 @@ impl Inner {
             if self.usage.counted_recently(&other.id) {
                 continue;
             }
-            let actual = self.count_bytes(&other.token()).await?;
+            let actual = self
+                .count_bytes(&self.cluster.names.of_mailbox(&other))
+                .await?;
             self.usage
                 .correct(&self.cluster, &other.id, actual as i64)
                 .await?;
@@ -437,30 +437,30 @@ impl Inner {
     /// none of its messages.
     async fn holds_what_is_known(&self, settled: &Settled) -> Result<bool, NatsError> {
         let naming = self.cluster.names.of_mailbox(&settled.key);
-        let stream = self.stream_of(&naming.token);
+        let stream = &*naming.stream;
         let subject = naming.subject.as_str();
-        let newest = self.cluster.last_from_leader(&stream, subject).await?;
+        let newest = self.cluster.last_from_leader(stream, subject).await?;
         let Some(through) = settled.through else {
             return Ok(newest.is_none());
         };
         if newest.is_some_and(|m| m.sequence > through) {
             return Ok(false);
         }
-        let first = self.cluster.next(&stream, subject, 1).await?;
+        let first = self.cluster.next(stream, subject, 1).await?;
         Ok(first.map_or(0, |m| m.pending + 1) == settled.count)
     }
 
     /// Payload bytes of the messages stored in a mailbox, counted from the messages.
-    async fn count_bytes(&self, token: &str) -> StoreResult<u64> {
-        let stream = self.stream_of(token);
-        let subject = self.cluster.names.mailbox_subject(token);
+    async fn count_bytes(&self, mailbox: &MailboxNaming) -> StoreResult<u64> {
+        let stream = &*mailbox.stream;
+        let subject = mailbox.subject.as_str();
         let mut from = 1;
         let mut bytes = 0u64;
         // Bounded by the mailbox's message limit.
         for _ in 0..=(self.limits.mailbox_max_messages / super::client::MAX_GET_BATCH + 1) {
             let batch = self
                 .cluster
-                .batch(&stream, &subject, from, super::client::MAX_GET_BATCH)
+                .batch(stream, subject, from, super::client::MAX_GET_BATCH)
                 .await?;
             let Some(last) = batch.last() else { break };
             from = last.sequence + 1;
@@ -485,15 +485,15 @@ impl Inner {
     /// Hands the publish of a new message to the connection.
     async fn send_new(
         &self,
-        token: &str,
+        mailbox: &MailboxNaming,
         message: &NewMessage,
         after: u64,
     ) -> StoreResult<async_nats::jetstream::context::PublishAckFuture> {
         Ok(self
             .cluster
             .send(
-                self.cluster.names.mailbox_subject(token),
-                new_message_headers(token, message, after),
+                mailbox.subject.to_string(),
+                new_message_headers(&mailbox.token, message, after),
                 encode(&StoredMessage::of(message)),
             )
             .await?)
@@ -504,7 +504,7 @@ impl Inner {
     /// back as the duplicate it is if the first try was stored, until `nats_request_timeout`.
     async fn publish_failed(
         &self,
-        token: &str,
+        mailbox: &MailboxNaming,
         message: &NewMessage,
         after: u64,
         mut err: NatsError,
@@ -524,7 +524,7 @@ impl Inner {
                 break;
             }
             tokio::time::sleep(pause).await;
-            let ack = match self.send_new(token, message, after).await {
+            let ack = match self.send_new(mailbox, message, after).await {
                 Ok(ack) => ack.await.map_err(NatsError::from),
                 Err(StoreError::Unavailable(text)) => Err(NatsError::Request(text)),
                 Err(other) => return Err(other),
@@ -543,27 +543,23 @@ impl Inner {
     /// (under a message id of its own).
     async fn duplicate_of(
         &self,
-        token: &str,
+        mailbox: &MailboxNaming,
         message: &NewMessage,
         mut id: u64,
         near_quota: bool,
     ) -> StoreResult<Appended> {
-        let stream = self.stream_of(token);
-        let subject = self.cluster.names.mailbox_subject(token);
         for _ in 0..MAX_PUBLISH_ATTEMPTS {
-            let still = self
-                .cluster
-                .get(&stream, id)
-                .await?
-                .is_some_and(|m| m.subject == subject);
-            if still {
+            if self.still_stored(mailbox, id).await? {
                 return Ok(Appended::Duplicate(id));
             }
-            let ack = self.send_new(token, message, id).await?.await;
+            let ack = self.send_new(mailbox, message, id).await?.await;
             let published = match ack {
                 Ok(ack) if ack.duplicate => Published::Duplicate(ack.sequence),
                 Ok(ack) => Published::Stored(ack.sequence),
-                Err(err) => self.publish_failed(token, message, id, err.into()).await?,
+                Err(err) => {
+                    self.publish_failed(mailbox, message, id, err.into())
+                        .await?
+                }
             };
             match published {
                 Published::Stored(stored) => {
@@ -576,13 +572,23 @@ impl Inner {
         Err(NatsError::Contended("a message id").into())
     }
 
+    /// Whether message `id` of the stream is still stored, in this mailbox.
+    async fn still_stored(&self, mailbox: &MailboxNaming, id: u64) -> StoreResult<bool> {
+        Ok(self
+            .cluster
+            .get(&mailbox.stream, id)
+            .await?
+            .is_some_and(|m| m.subject == mailbox.subject.as_str()))
+    }
+
     /// A send refused by a rule: answered as a duplicate when its message is stored.
     async fn unless_duplicate(
         &self,
-        token: &str,
+        mailbox: &MailboxNaming,
         message: &NewMessage,
         refusal: StoreError,
     ) -> StoreResult<Appended> {
+        let token = &*mailbox.token;
         // A publish that only asks: its TTL is never valid, so nothing is stored, and the
         // stream looks its message id up before it reads the TTL.
         let headers = probe_headers(&message_id(token, message, 0));
@@ -596,7 +602,7 @@ impl Inner {
             .await;
         match probe {
             Ok(ack) if ack.duplicate => {
-                match self.duplicate_chain(token, message, ack.sequence).await? {
+                match self.duplicate_chain(mailbox, message, ack.sequence).await? {
                     Some(id) => Ok(Appended::Duplicate(id)),
                     None => Err(refusal),
                 }
@@ -608,19 +614,13 @@ impl Inner {
     /// The stored message of a chain of message ids that starts at `id`, if any.
     async fn duplicate_chain(
         &self,
-        token: &str,
+        mailbox: &MailboxNaming,
         message: &NewMessage,
         mut id: u64,
     ) -> StoreResult<Option<u64>> {
-        let stream = self.stream_of(token);
-        let subject = self.cluster.names.mailbox_subject(token);
+        let token = &*mailbox.token;
         for _ in 0..MAX_PUBLISH_ATTEMPTS {
-            if self
-                .cluster
-                .get(&stream, id)
-                .await?
-                .is_some_and(|m| m.subject == subject)
-            {
+            if self.still_stored(mailbox, id).await? {
                 return Ok(Some(id));
             }
             let headers = probe_headers(&message_id(token, message, id));
@@ -652,7 +652,7 @@ impl Inner {
         let stored = self
             .cluster
             .batch(
-                &self.stream_of(&naming.token),
+                &naming.stream,
                 naming.subject.as_str(),
                 after + 1,
                 max_count.min(super::client::MAX_GET_BATCH),
@@ -682,7 +682,7 @@ impl Inner {
         let naming = self.cluster.names.of_mailbox(&key);
         let stored = self
             .cluster
-            .get(&self.stream_of(&naming.token), id)
+            .get(&naming.stream, id)
             .await?
             .filter(|m| m.subject == naming.subject.as_str())
             .ok_or(StoreError::NotFound)?;
@@ -706,7 +706,7 @@ impl Inner {
         let names = &self.cluster.names;
         let stored = self
             .cluster
-            .last(&self.stream_of(token), naming.subject.as_str())
+            .last(&naming.stream, naming.subject.as_str())
             .await?
             .map_or(0, |m| m.sequence);
         let removed = self
@@ -731,14 +731,13 @@ impl Inner {
         ids.dedup();
         let key = self.mailbox_key(&mailbox).await?;
         let naming = self.cluster.names.of_mailbox(&key);
-        let token = &*naming.token;
-        let stream = self.stream_of(token);
+        let stream = &*naming.stream;
         let subject = naming.subject.as_str();
         let plan = self.live.indexes.plan(&mailbox, &ids);
         ticket.pass();
         let (deleted, bytes): (Vec<u64>, u64) = match plan {
             super::index::AckPlan::Purge { below, gone, bytes } => {
-                if let Err(err) = self.cluster.purge(&stream, subject, Some(below)).await {
+                if let Err(err) = self.cluster.purge(stream, subject, Some(below)).await {
                     self.live.indexes.failed(&mailbox);
                     return Err(err.into());
                 }
@@ -748,7 +747,7 @@ impl Inner {
                 let mut deleted = Vec::new();
                 let mut bytes = 0u64;
                 for (id, len) in known {
-                    match self.cluster.delete(&stream, id).await {
+                    match self.cluster.delete(stream, id).await {
                         Ok(true) => {
                             deleted.push(id);
                             bytes += u64::from(len);
@@ -762,7 +761,7 @@ impl Inner {
                 }
                 for id in unknown {
                     // Read first: an ack never deletes another mailbox's message.
-                    let Some(stored) = self.cluster.get(&stream, id).await? else {
+                    let Some(stored) = self.cluster.get(stream, id).await? else {
                         continue;
                     };
                     if stored.subject != subject {
@@ -770,7 +769,7 @@ impl Inner {
                     }
                     let len = StoredMessage::decode_message(stored.payload, id)
                         .map_or(0, |m| m.payload.len() as u64);
-                    if self.cluster.delete(&stream, id).await? {
+                    if self.cluster.delete(stream, id).await? {
                         deleted.push(id);
                         bytes += len;
                     }
@@ -782,19 +781,20 @@ impl Inner {
             return Ok(0);
         }
         self.usage.add(&mailbox, -(bytes as i64));
-        self.removed(&key, token, &deleted).await;
+        self.removed(&key, &naming, &deleted).await;
         Ok(deleted.len() as u32)
     }
 
     /// Messages left a mailbox: remembered for `last_id` when they may have been its newest,
     /// announced here and to the other relays.
-    async fn removed(&self, key: &MailboxKey, token: &str, ids: &[u64]) {
+    async fn removed(&self, key: &MailboxKey, mailbox: &MailboxNaming, ids: &[u64]) {
         let names = &self.cluster.names;
+        let token = &*mailbox.token;
         let highest = *ids.last().expect("not empty");
         let newest_known = self.live.indexes.known_empty(&key.id)
             || self
                 .cluster
-                .last(&self.stream_of(token), &names.mailbox_subject(token))
+                .last(&mailbox.stream, mailbox.subject.as_str())
                 .await
                 .ok()
                 .flatten()

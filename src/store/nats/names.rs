@@ -31,11 +31,12 @@ use crate::store::{Identity, MailboxId, TICKET_LEN};
 /// Mailboxes whose token and subject [`Names::of_mailbox`] keeps; past this it forgets them all.
 const MAX_NAMED_MAILBOXES: usize = 65_536;
 
-/// A mailbox's token and the subject of its messages.
+/// A mailbox's token, the subject of its messages and the stream that holds them.
 #[derive(Debug, Clone)]
 pub struct MailboxNaming {
     pub token: Arc<str>,
     pub subject: async_nats::Subject,
+    pub stream: Arc<str>,
 }
 
 /// A mailbox of one registration of a device.
@@ -78,8 +79,8 @@ pub struct Names {
     streams_prefix: String,
     /// How many message streams.
     pub message_streams: usize,
-    /// Tokens and subjects of the mailboxes sent to lately: a token is two SHA-256 and the
-    /// subject a formatted string, on every `Send` otherwise.
+    /// Tokens, subjects and streams of the mailboxes used lately: a token is two SHA-256 and
+    /// the names formatted strings, on every `Send`, read and ack otherwise.
     named: Mutex<AHashMap<MailboxKey, MailboxNaming>>,
 }
 
@@ -93,7 +94,7 @@ impl Names {
         }
     }
 
-    /// `key`'s token and the subject of its messages (kept for the next send).
+    /// `key`'s token, the subject of its messages and their stream (kept for the next call).
     pub fn of_mailbox(&self, key: &MailboxKey) -> MailboxNaming {
         if let Some(naming) = self.named.lock().get(key) {
             return naming.clone();
@@ -101,6 +102,7 @@ impl Names {
         let token = key.token();
         let naming = MailboxNaming {
             subject: self.mailbox_subject(&token).into(),
+            stream: self.message_stream(self.stream_of(&token)).into(),
             token: token.into(),
         };
         let mut named = self.named.lock();
@@ -339,6 +341,10 @@ mod tests {
         let token = mailbox(1, 7).token();
         assert_eq!(&*first.token, token.as_str());
         assert_eq!(first.subject.as_str(), names.mailbox_subject(&token));
+        assert_eq!(
+            &*first.stream,
+            names.message_stream(names.stream_of(&token))
+        );
         let again = names.of_mailbox(&mailbox(1, 7));
         assert!(
             Arc::ptr_eq(&first.token, &again.token),
