@@ -280,7 +280,9 @@ pub struct Config {
     pub nats_streams: usize,
     /// How long JetStream recognises a retried `Send` (same sender and nonce) as the message it
     /// stored, and answers `duplicate: true` (at most `message_ttl`). Each message sent in
-    /// this window costs the stream leader about 100 bytes of memory.
+    /// this window costs the stream leader about 200 bytes of memory (nats-server 2.15, Go's
+    /// heap included), and the more the window holds, the more CPU per message its garbage
+    /// collector spends (docs/SCALING.md, "Running on a NATS cluster").
     #[serde(with = "humantime_serde")]
     pub nats_duplicate_window: Duration,
 }
