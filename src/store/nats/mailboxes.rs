@@ -15,6 +15,7 @@
 
 use std::sync::Arc;
 
+use ahash::AHashMap;
 use async_nats::header::NATS_MESSAGE_ID;
 use async_nats::HeaderMap;
 use botd_protocol::keys::sha256;
@@ -64,6 +65,40 @@ fn probe_headers(id: &str) -> HeaderMap {
     headers.insert("Nats-Msg-Id", id);
     headers.insert("Nats-TTL", "invalid");
     headers
+}
+
+/// The highest id that left each mailbox through this relay and whose record
+/// (`<p>.a.l.<mailbox>`) may not hold it yet, by mailbox token: written with the byte counts, so
+/// that a burst of acks is one write. An entry stays until its record is known to hold it:
+/// `last_id` reads the record and then this, and must find the id in one of the two.
+#[derive(Default)]
+pub struct UnwrittenRemovals(AHashMap<String, u64>);
+
+impl UnwrittenRemovals {
+    /// `id` left the mailbox `token`.
+    fn note(&mut self, token: &str, id: u64) {
+        let known = self.0.entry(token.to_owned()).or_default();
+        *known = (*known).max(id);
+    }
+
+    fn get(&self, token: &str) -> Option<u64> {
+        self.0.get(token).copied()
+    }
+
+    /// What to write now (each entry stays until [`UnwrittenRemovals::written`]).
+    fn to_write(&self) -> Vec<(String, u64)> {
+        self.0
+            .iter()
+            .map(|(token, id)| (token.clone(), *id))
+            .collect()
+    }
+
+    /// The record of `token` holds `id`: the entry goes, unless a higher id came meanwhile.
+    fn written(&mut self, token: &str, id: u64) {
+        if self.0.get(token).is_some_and(|known| *known <= id) {
+            self.0.remove(token);
+        }
+    }
 }
 
 /// How a publish of a new message ended.
@@ -704,18 +739,22 @@ impl Inner {
         let naming = self.cluster.names.of_mailbox(&key);
         let token = &*naming.token;
         let names = &self.cluster.names;
+        // From the leaders: a replica that lags could miss the newest message or the latest
+        // record of removals, and this must not answer below an id already given out. The
+        // removals not yet written are read last: an entry leaves `removed` only after its
+        // record was written (see `flush_removed`).
         let stored = self
             .cluster
-            .last(&naming.stream, naming.subject.as_str())
+            .last_from_leader(&naming.stream, naming.subject.as_str())
             .await?
             .map_or(0, |m| m.sequence);
         let removed = self
             .cluster
-            .last(&names.accounts_stream(), &names.last_removed(token))
+            .last_from_leader(&names.accounts_stream(), &names.last_removed(token))
             .await?
             .and_then(|m| decode::<LastRemoved>(&m.payload))
             .map_or(0, |r| r.id);
-        let unwritten = self.removed.lock().get(token).copied().unwrap_or(0);
+        let unwritten = self.removed.lock().get(token).unwrap_or(0);
         Ok(stored.max(removed).max(unwritten).max(slot.id_floor))
     }
 
@@ -800,10 +839,7 @@ impl Inner {
                 .flatten()
                 .is_none_or(|m| m.sequence < highest);
         if newest_known {
-            // Written with the next byte counts: a burst of acks is one write.
-            let mut removed = self.removed.lock();
-            let known = removed.entry(token.to_owned()).or_default();
-            *known = (*known).max(highest);
+            self.removed.lock().note(token, highest);
         }
         if let Some(listener) = self.live.listener.get() {
             listener.removed(&key.id, ids);
@@ -819,16 +855,20 @@ impl Inner {
             .await;
     }
 
-    /// Writes the highest ids that left mailboxes through this relay.
+    /// Writes the highest ids that left mailboxes through this relay (see
+    /// [`UnwrittenRemovals`]; a failed write is tried again at the next flush).
     pub async fn flush_removed(&self) {
-        let removed: Vec<(String, u64)> = self.removed.lock().drain().collect();
-        for (token, id) in removed {
-            self.remember_removed(&token, id).await;
+        let to_write = self.removed.lock().to_write();
+        for (token, id) in to_write {
+            if self.remember_removed(&token, id).await {
+                self.removed.lock().written(&token, id);
+            }
         }
     }
 
     /// Raises the mailbox's highest removed id to `id` (compare-and-set: it never goes back).
-    async fn remember_removed(&self, token: &str, id: u64) {
+    /// Whether the record now holds `id` or more.
+    async fn remember_removed(&self, token: &str, id: u64) -> bool {
         let names = &self.cluster.names;
         let subject = names.last_removed(token);
         for _ in 0..16 {
@@ -836,7 +876,7 @@ impl Inner {
                 .cluster
                 .last_from_leader(&names.accounts_stream(), &subject)
                 .await;
-            let Ok(current) = current else { return };
+            let Ok(current) = current else { return false };
             let (seq, known) = current.map_or((0, 0), |m| {
                 (
                     m.sequence,
@@ -844,16 +884,40 @@ impl Inner {
                 )
             });
             if known >= id {
-                return;
+                return true;
             }
             match self
                 .cluster
                 .compare_and_set(subject.clone(), seq, encode(&LastRemoved { id }), |_| {})
                 .await
             {
-                Ok(Some(_)) | Err(_) => return,
+                Ok(Some(_)) => return true,
+                Err(_) => return false,
                 Ok(None) => continue,
             }
         }
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_removed_id_stays_unwritten_until_its_record_holds_it() {
+        let mut removed = UnwrittenRemovals::default();
+        removed.note("m", 5);
+        removed.note("m", 3);
+        assert_eq!(removed.to_write(), vec![("m".to_owned(), 5)]);
+        // While the write is under way the id is still there for `last_id`...
+        assert_eq!(removed.get("m"), Some(5));
+        // ... and a higher one that came meanwhile outlives the write of the lower.
+        removed.note("m", 7);
+        removed.written("m", 5);
+        assert_eq!(removed.get("m"), Some(7));
+        removed.written("m", 7);
+        assert_eq!(removed.get("m"), None);
+        assert!(removed.to_write().is_empty());
     }
 }

@@ -93,9 +93,8 @@ pub(crate) struct Inner {
     stats: Mutex<StoreStats>,
     /// When this relay last recorded each identity's use.
     touched: Mutex<AHashMap<Identity, u64>>,
-    /// The highest id that left each mailbox through this relay and is not yet written
-    /// (`<p>.a.l.<mailbox>`), by mailbox token: written with the byte counts.
-    removed: Mutex<AHashMap<String, u64>>,
+    /// The highest ids that left mailboxes through this relay, until their records hold them.
+    removed: Mutex<mailboxes::UnwrittenRemovals>,
     last_account_sweep_ms: AtomicU64,
     /// Reads ahead in flight, one per cache entry.
     reading_ahead: Mutex<ahash::AHashSet<(ReadAhead, Identity)>>,
@@ -190,7 +189,7 @@ impl NatsStore {
             sequencer: Arc::new(Sequencer::default()),
             stats: Mutex::new(StoreStats::default()),
             touched: Mutex::new(AHashMap::new()),
-            removed: Mutex::new(AHashMap::new()),
+            removed: Mutex::new(mailboxes::UnwrittenRemovals::default()),
             last_account_sweep_ms: AtomicU64::new(0),
             reading_ahead: Mutex::new(ahash::AHashSet::new()),
             stop,
