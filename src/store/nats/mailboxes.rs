@@ -830,6 +830,9 @@ impl Inner {
         let names = &self.cluster.names;
         let token = &*mailbox.token;
         let highest = *ids.last().expect("not empty");
+        // A direct get may answer from a replica that does not yet show this ack: one that
+        // still shows `highest` itself counts as showing nothing newer (a skipped id would
+        // leave `last_id` below it once the mailbox is empty).
         let newest_known = self.live.indexes.known_empty(&key.id)
             || self
                 .cluster
@@ -837,7 +840,7 @@ impl Inner {
                 .await
                 .ok()
                 .flatten()
-                .is_none_or(|m| m.sequence < highest);
+                .is_none_or(|m| m.sequence <= highest);
         if newest_known {
             self.removed.lock().note(token, highest);
         }
