@@ -15,8 +15,10 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use super::error::{code, NatsError};
+use super::feed::Feed;
 use super::names::Names;
 use super::outbox::{Outbox, Sent};
+use super::wire::{self, Delivered};
 use crate::config::Config;
 
 /// The oldest nats-server the backend runs on: atomic batches, message counters and
@@ -185,7 +187,9 @@ impl Cluster {
             .reconnect_delay_callback(|attempts| {
                 Duration::from_millis((50 * attempts as u64).min(1_000))
             })
-            // Live messages wait here when the relay falls behind: room for bursts.
+            // Pub acks, and live messages where the servers use TLS (otherwise those come on
+            // the live feed's own connection), wait here when the relay falls behind: room for
+            // bursts.
             .subscription_capacity(65_536)
             // Every subject is made here from `nats_prefix` (checked by the config: letters,
             // digits, `_`, `-`), hex and numbers: checking each publish's subject again cost
@@ -354,11 +358,28 @@ impl Cluster {
         self.outbox.enqueue(subject, headers, body)
     }
 
-    /// Starts the outbox's tasks, until `stop`.
-    pub async fn run_outbox(&self, stop: CancellationToken) -> Result<(), NatsError> {
+    /// Starts the outbox's tasks, until `stop`; its acknowledgements come on `feed` when there
+    /// is one (handed to [`Cluster::publish_answered`]).
+    pub async fn run_outbox(
+        &self,
+        feed: Option<&Feed>,
+        stop: CancellationToken,
+    ) -> Result<(), NatsError> {
         self.outbox
-            .run(self.client.clone(), self.requests.publish.clone(), stop)
+            .run(
+                self.client.clone(),
+                feed,
+                self.requests.publish.clone(),
+                stop,
+            )
             .await
+    }
+
+    /// An acknowledgement of one of the outbox's publishes, from the live feed's connection.
+    pub fn publish_answered(&self, message: &Delivered) {
+        let status = wire::status(&message.headers).and_then(|s| StatusCode::from_u16(s).ok());
+        self.outbox
+            .answer(&message.subject, status, &message.payload);
     }
 
     /// Publishes and waits for the acknowledgement.

@@ -24,6 +24,7 @@
 mod accounts;
 mod client;
 pub mod error;
+mod feed;
 mod index;
 mod live;
 mod mailboxes;
@@ -33,6 +34,7 @@ mod prekeys;
 mod records;
 mod sequence;
 mod usage;
+mod wire;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -174,11 +176,12 @@ impl NatsStore {
         let cluster = Arc::new(Cluster::connect(&urls, config).await?);
         let live = Live::new();
         let stop = CancellationToken::new();
-        cluster.run_outbox(stop.clone()).await?;
-        spawn_traffic_metrics(&cluster, stop.clone());
         let (reconnected, on_reconnect) = tokio::sync::watch::channel(0u64);
+        let feed = start_feed(&cluster, &urls, config, &live, reconnected.clone(), &stop);
+        cluster.run_outbox(feed.as_deref(), stop.clone()).await?;
         live.start(cluster.clone(), on_reconnect, stop.clone());
         watch_reconnections(&cluster, reconnected, stop.clone());
+        spawn_traffic_metrics(&cluster, feed, stop.clone());
         let inner = Arc::new(Inner {
             cluster,
             limits: AccountLimits::from_config(config),
@@ -297,8 +300,58 @@ fn watch_reconnections(
     });
 }
 
-/// The connection's traffic as metrics (what the client counted), every second.
-fn spawn_traffic_metrics(cluster: &Arc<Cluster>, stop: CancellationToken) {
+/// Starts the feed connection ([`feed`]) where every server is plaintext: the live feed's
+/// subscriptions and the outbox's acknowledgements come on it. With TLS they stay on the
+/// client's connection.
+fn start_feed(
+    cluster: &Arc<Cluster>,
+    urls: &[String],
+    config: &Config,
+    live: &Arc<Live>,
+    reconnected: tokio::sync::watch::Sender<u64>,
+    stop: &CancellationToken,
+) -> Option<Arc<feed::Feed>> {
+    let servers: Vec<async_nats::ServerAddr> =
+        urls.iter().filter_map(|url| url.parse().ok()).collect();
+    let plaintext = !servers.is_empty()
+        && servers
+            .iter()
+            .all(|server| !server.tls_required() && !server.is_websocket())
+        && !cluster.client.server_info().tls_required;
+    if !plaintext {
+        tracing::info!("NATS with TLS: the live feed shares the client's connection");
+        return None;
+    }
+    let weak = Arc::downgrade(live);
+    let answers = Arc::downgrade(cluster);
+    let feed = feed::Feed::start(
+        servers,
+        config.nats_request_timeout,
+        Box::new(move |target, message| match target {
+            feed::Target::Acks => {
+                if let Some(cluster) = answers.upgrade() {
+                    cluster.publish_answered(&message);
+                }
+            }
+            _ => {
+                if let Some(live) = weak.upgrade() {
+                    live.delivered(target, message);
+                }
+            }
+        }),
+        reconnected,
+        stop.clone(),
+    );
+    live.use_feed(feed.clone());
+    Some(feed)
+}
+
+/// The connections' traffic as metrics (what the client and the feed counted), every second.
+fn spawn_traffic_metrics(
+    cluster: &Arc<Cluster>,
+    feed: Option<Arc<feed::Feed>>,
+    stop: CancellationToken,
+) {
     let client = cluster.client.clone();
     let received = metrics::counter!(crate::metrics::JETSTREAM_BYTES, "direction" => "in");
     let sent = metrics::counter!(crate::metrics::JETSTREAM_BYTES, "direction" => "out");
@@ -310,8 +363,9 @@ fn spawn_traffic_metrics(cluster: &Arc<Cluster>, stop: CancellationToken) {
                 _ = tick.tick() => {}
             }
             let statistics = client.statistics();
-            received.absolute(statistics.in_bytes.load(Ordering::Relaxed));
-            sent.absolute(statistics.out_bytes.load(Ordering::Relaxed));
+            let (feed_in, feed_out) = feed.as_ref().map_or((0, 0), |feed| feed.traffic());
+            received.absolute(statistics.in_bytes.load(Ordering::Relaxed) + feed_in);
+            sent.absolute(statistics.out_bytes.load(Ordering::Relaxed) + feed_out);
         }
     });
 }

@@ -22,6 +22,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::error::NatsError;
+use super::feed::{Feed, Target};
 
 /// What JetStream answered to a stored publish.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -191,29 +192,45 @@ impl Outbox {
         self.acks.lock().waiting
     }
 
-    /// Starts the task that sends what is queued and the one that reads the answers, until
-    /// `stop`. `published` counts each publish.
+    /// Starts the task that sends what is queued and the one that sweeps the table (and reads
+    /// the answers, unless they come on the live feed's connection, which hands each to
+    /// [`Outbox::answer`]), until `stop`. `published` counts each publish.
     pub async fn run(
         self: &Arc<Self>,
         client: async_nats::Client,
+        feed: Option<&Feed>,
         published: metrics::Counter,
         stop: CancellationToken,
     ) -> Result<(), NatsError> {
-        let mut answers = client
-            .subscribe(format!("{}*", self.inbox))
-            .await
-            .map_err(NatsError::request)?;
+        let inbox = format!("{}*", self.inbox);
+        let mut answers = match feed {
+            Some(feed) => {
+                feed.subscribe(inbox, Target::Acks).await?;
+                None
+            }
+            None => Some(client.subscribe(inbox).await.map_err(NatsError::request)?),
+        };
         let outbox = self.clone();
         let stop_answers = stop.clone();
         tokio::spawn(async move {
             let mut sweep = tokio::time::interval(SWEEP_EVERY);
             sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
+                let answer = async {
+                    match answers.as_mut() {
+                        Some(answers) => answers.next().await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     _ = stop_answers.cancelled() => return,
                     _ = sweep.tick() => outbox.sweep(Instant::now()),
-                    answer = answers.next() => match answer {
-                        Some(answer) => outbox.answer(&answer),
+                    answer = answer => match answer {
+                        Some(answer) => outbox.answer(
+                            answer.subject.as_bytes(),
+                            answer.status,
+                            &answer.payload,
+                        ),
                         None => return,
                     },
                 }
@@ -272,16 +289,16 @@ impl Outbox {
         }
     }
 
-    fn answer(&self, message: &async_nats::Message) {
-        let Some(number) = message
-            .subject
-            .as_str()
-            .strip_prefix(self.inbox.as_str())
+    /// An answer to the publish its subject names (`<inbox>.<number>`).
+    pub fn answer(&self, subject: &[u8], status: Option<StatusCode>, payload: &[u8]) {
+        let Some(number) = subject
+            .strip_prefix(self.inbox.as_bytes())
+            .and_then(|n| std::str::from_utf8(n).ok())
             .and_then(|n| n.parse::<u64>().ok())
         else {
             return;
         };
-        self.settle(number, read_ack(message.status, &message.payload));
+        self.settle(number, read_ack(status, payload));
     }
 
     fn settle(&self, number: u64, outcome: Result<Ack, NatsError>) {
