@@ -353,16 +353,16 @@ impl Cluster {
         }
     }
 
-    /// Queues a publish of a new message (in call order, without waiting).
-    pub fn enqueue(&self, subject: async_nats::Subject, headers: HeaderMap, body: Bytes) -> Sent {
-        self.outbox.enqueue(subject, headers, body)
+    /// Queues a publish of a new message with its message id (in call order, without waiting).
+    pub fn enqueue(&self, subject: async_nats::Subject, message_id: String, body: Bytes) -> Sent {
+        self.outbox.enqueue(subject, message_id, body)
     }
 
     /// Starts the outbox's tasks, until `stop`; its acknowledgements come on `feed` when there
     /// is one (handed to [`Cluster::publish_answered`]).
     pub async fn run_outbox(
         &self,
-        feed: Option<&Feed>,
+        feed: Option<Arc<Feed>>,
         stop: CancellationToken,
     ) -> Result<(), NatsError> {
         self.outbox

@@ -90,6 +90,8 @@ struct State {
     next_sid: u64,
     subscriptions: AHashMap<u64, (String, Target)>,
     connected: bool,
+    /// The current server's limit on a message (header block and body).
+    max_payload: usize,
     /// Bytes to write on the current connection.
     out: Vec<u8>,
     pongs: VecDeque<PongWaiter>,
@@ -169,6 +171,44 @@ impl Feed {
                 )))
             }
         }
+    }
+
+    /// Publishes a new message with its message id and a reply subject (`reply_prefix` and
+    /// `number`), to be written with what else is queued. Refused at once while the connection
+    /// is down (the caller answers `INTERNAL`; a retry is recognised by the message id) and for
+    /// a message the server would refuse for its size (which would close the connection).
+    pub fn publish(
+        &self,
+        subject: &str,
+        reply_prefix: &str,
+        number: u64,
+        message_id: &str,
+        body: &[u8],
+    ) -> Result<(), NatsError> {
+        {
+            let mut state = self.state.lock();
+            if !state.connected {
+                return Err(NatsError::request("the feed connection is down"));
+            }
+            let mark = state.out.len();
+            let size = wire::publish_with_id(
+                &mut state.out,
+                subject,
+                reply_prefix,
+                number,
+                message_id,
+                body,
+            );
+            if size > state.max_payload {
+                state.out.truncate(mark);
+                return Err(NatsError::request(format!(
+                    "a message of {size} bytes is over the server's max_payload of {}",
+                    state.max_payload
+                )));
+            }
+        }
+        self.wake_writer.notify_one();
+        Ok(())
     }
 
     pub fn unsubscribe(&self, sid: u64) {
@@ -264,20 +304,20 @@ impl Feed {
         let _ = stream.set_nodelay(true);
         let (mut reader, mut writer) = stream.into_split();
         let mut buf = BytesMut::with_capacity(READ_BUFFER);
-        let max_message = match self
+        let info = match self
             .handshake(server, &mut reader, &mut writer, &mut buf)
             .await
         {
-            Ok(info) => {
-                learn_servers(servers, &info.connect_urls);
-                info.max_payload.max(1 << 20) + 64 * 1024
-            }
+            Ok(info) => info,
             Err(err) => return err,
         };
+        learn_servers(servers, &info.connect_urls);
+        let max_message = info.max_payload.max(1 << 20) + 64 * 1024;
         *attempt = 0;
         {
             let mut state = self.state.lock();
             state.connected = true;
+            state.max_payload = info.max_payload;
             let mut out = std::mem::take(&mut state.out);
             for (sid, (subject, _)) in &state.subscriptions {
                 wire::subscribe(&mut out, subject, *sid);

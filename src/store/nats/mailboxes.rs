@@ -512,7 +512,7 @@ impl Inner {
     fn enqueue_new(&self, mailbox: &MailboxNaming, message: &NewMessage) -> Sent {
         self.cluster.enqueue(
             mailbox.subject.clone(),
-            new_message_headers(&mailbox.token, message, 0),
+            message_id(&mailbox.token, message, 0),
             encode(&StoredMessage::of(message)),
         )
     }

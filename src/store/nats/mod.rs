@@ -178,7 +178,7 @@ impl NatsStore {
         let stop = CancellationToken::new();
         let (reconnected, on_reconnect) = tokio::sync::watch::channel(0u64);
         let feed = start_feed(&cluster, &urls, config, &live, reconnected.clone(), &stop);
-        cluster.run_outbox(feed.as_deref(), stop.clone()).await?;
+        cluster.run_outbox(feed.clone(), stop.clone()).await?;
         live.start(cluster.clone(), on_reconnect, stop.clone());
         watch_reconnections(&cluster, reconnected, stop.clone());
         spawn_traffic_metrics(&cluster, feed, stop.clone());

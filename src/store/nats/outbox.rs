@@ -13,6 +13,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_nats::header::NATS_MESSAGE_ID;
 use async_nats::{HeaderMap, StatusCode, Subject};
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -42,7 +43,8 @@ const SWEEP_EVERY: Duration = Duration::from_millis(100);
 /// A publish waiting for the outbox's task.
 struct Queued {
     subject: Subject,
-    headers: HeaderMap,
+    /// Its `Nats-Msg-Id`.
+    message_id: String,
     body: Bytes,
     sent: oneshot::Sender<Result<Ack, NatsError>>,
 }
@@ -173,12 +175,12 @@ impl Outbox {
         }
     }
 
-    /// Queues a publish (in call order, without waiting).
-    pub fn enqueue(&self, subject: Subject, headers: HeaderMap, body: Bytes) -> Sent {
+    /// Queues a publish with its message id (in call order, without waiting).
+    pub fn enqueue(&self, subject: Subject, message_id: String, body: Bytes) -> Sent {
         let (sent, receiver) = oneshot::channel();
         self.queue.lock().push(Queued {
             subject,
-            headers,
+            message_id,
             body,
             sent,
         });
@@ -198,12 +200,12 @@ impl Outbox {
     pub async fn run(
         self: &Arc<Self>,
         client: async_nats::Client,
-        feed: Option<&Feed>,
+        feed: Option<Arc<Feed>>,
         published: metrics::Counter,
         stop: CancellationToken,
     ) -> Result<(), NatsError> {
         let inbox = format!("{}*", self.inbox);
-        let mut answers = match feed {
+        let mut answers = match &feed {
             Some(feed) => {
                 feed.subscribe(inbox, Target::Acks).await?;
                 None
@@ -249,7 +251,9 @@ impl Outbox {
                         break;
                     }
                     for publish in queued {
-                        outbox.send(&client, publish, &published, &stop).await;
+                        outbox
+                            .send(&client, feed.as_deref(), publish, &published, &stop)
+                            .await;
                     }
                 }
             }
@@ -257,9 +261,12 @@ impl Outbox {
         Ok(())
     }
 
+    /// Sends one publish: on the feed's connection where there is one (its acknowledgement
+    /// comes there too), else on the client's.
     async fn send(
         &self,
         client: &async_nats::Client,
+        feed: Option<&Feed>,
         publish: Queued,
         published: &metrics::Counter,
         stop: &CancellationToken,
@@ -280,9 +287,24 @@ impl Outbox {
             .lock()
             .register(publish.sent, Instant::now() + self.timeout);
         published.increment(1);
+        if let Some(feed) = feed {
+            let sent = feed.publish(
+                publish.subject.as_str(),
+                &self.inbox,
+                number,
+                &publish.message_id,
+                &publish.body,
+            );
+            if let Err(err) = sent {
+                self.settle(number, Err(err));
+            }
+            return;
+        }
         let reply = format!("{}{number}", self.inbox);
+        let mut headers = HeaderMap::new();
+        headers.insert(NATS_MESSAGE_ID, publish.message_id);
         if let Err(err) = client
-            .publish_with_reply_and_headers(publish.subject, reply, publish.headers, publish.body)
+            .publish_with_reply_and_headers(publish.subject, reply, headers, publish.body)
             .await
         {
             self.settle(number, Err(NatsError::request(err)));

@@ -217,6 +217,40 @@ pub fn connect(out: &mut Vec<u8>, options_json: &str) {
     out.extend_from_slice(b"\r\nPING\r\n");
 }
 
+/// A publish with a reply subject (`reply_prefix` and `number`) and one header, `Nats-Msg-Id`.
+/// Returns the size the server counts against its `max_payload` (header block and body).
+pub fn publish_with_id(
+    out: &mut Vec<u8>,
+    subject: &str,
+    reply_prefix: &str,
+    number: u64,
+    message_id: &str,
+    body: &[u8],
+) -> usize {
+    const BEFORE_ID: &[u8] = b"NATS/1.0\r\nNats-Msg-Id: ";
+    const AFTER_ID: &[u8] = b"\r\n\r\n";
+    let header_len = BEFORE_ID.len() + message_id.len() + AFTER_ID.len();
+    let total = header_len + body.len();
+    let mut digits = itoa::Buffer::new();
+    out.reserve(subject.len() + reply_prefix.len() + 48 + total);
+    out.extend_from_slice(b"HPUB ");
+    out.extend_from_slice(subject.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(reply_prefix.as_bytes());
+    out.extend_from_slice(digits.format(number).as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(digits.format(header_len).as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(digits.format(total).as_bytes());
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(BEFORE_ID);
+    out.extend_from_slice(message_id.as_bytes());
+    out.extend_from_slice(AFTER_ID);
+    out.extend_from_slice(body);
+    out.extend_from_slice(b"\r\n");
+    total
+}
+
 pub fn subscribe(out: &mut Vec<u8>, subject: &str, sid: u64) {
     out.extend_from_slice(format!("SUB {subject} {sid}\r\n").as_bytes());
 }
@@ -362,6 +396,28 @@ mod tests {
         assert_eq!(header_numbers(b"", ["Nats-Sequence"]), [None]);
         let unterminated = b"NATS/1.0\r\nNats-Sequence: 9";
         assert_eq!(header_numbers(unterminated, ["Nats-Sequence"]), [Some(9)]);
+    }
+
+    /// A publish as this module frames it is what the server reads: its control line names the
+    /// header and total lengths of what follows (checked by reading it back as an `HMSG`).
+    #[test]
+    fn a_publish_carries_its_message_id_and_reply_subject() {
+        let mut out = Vec::new();
+        let total = publish_with_id(&mut out, "botd.m1.ab", "_INBOX.x.", 42, "c0ffee", b"body");
+        let text = String::from_utf8(out.clone()).unwrap();
+        assert_eq!(
+            text,
+            "HPUB botd.m1.ab _INBOX.x.42 33 37\r\nNATS/1.0\r\nNats-Msg-Id: c0ffee\r\n\r\nbody\r\n"
+        );
+        assert_eq!(total, 37);
+        let mut echoed = BytesMut::from(&b"HMSG botd.m1.ab 1 _INBOX.x.42"[..]);
+        echoed.extend_from_slice(&out[text.find(" 33 ").unwrap()..]);
+        let Some(ServerOp::Message(m)) = parse(&mut echoed, LIMIT).unwrap() else {
+            panic!()
+        };
+        assert_eq!(&m.payload[..], b"body");
+        assert!(m.headers.ends_with(b"Nats-Msg-Id: c0ffee\r\n\r\n"));
+        assert!(echoed.is_empty());
     }
 
     #[test]
