@@ -1,12 +1,16 @@
-//! The live feed's own connection: the per-mailbox subscriptions of [`super::live`] on a
-//! plain NATS connection of their own, read with [`super::wire`] and handed to the live feed
-//! in the task that reads them.
+//! The relay's own connection for the traffic of every message (where the servers are
+//! plaintext): the publishes of new messages ([`super::outbox`]) go out on it, framed by
+//! [`super::wire`]; their acknowledgements, the per-mailbox subscriptions of [`super::live`]
+//! and the removal notices come in on it, and each is handed on in the task that read it. The
+//! client's connection keeps the requests (reads, purges, records).
 //!
 //! Why not the client's connection: every message the client receives becomes a map of
-//! `String` headers and travels through a channel to a task per subscription; a republished
-//! message carries six headers, so that was about a third of the relay's CPU per message on
-//! the JetStream store (docs/BENCHMARKS.md). Here a message costs a parse of its control line,
-//! two numbers read from its header block, and a lookup of its subscription.
+//! `String` headers and travels through a channel to a task per subscription (a republished
+//! message carries six headers), and every publish a header map and a hop through the client's
+//! command channel: about a third of the relay's CPU per message on the JetStream store
+//! (docs/BENCHMARKS.md). Here a message in costs a parse of its control line, two numbers read
+//! from its header block and a lookup of its subscription; a message out is its bytes appended
+//! to what the next write sends.
 //!
 //! Core NATS is at most once, and so is this connection: what was published while it was down
 //! is not received. After every (re)connection it subscribes again to everything, and once the

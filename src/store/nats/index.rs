@@ -301,6 +301,13 @@ impl Indexes {
         }
     }
 
+    /// The newest message the index knows stored in the mailbox (told by a live message or a
+    /// read, and not removed since).
+    pub fn newest_stored(&self, mailbox: &MailboxId) -> Option<u64> {
+        let all = self.mailboxes.lock();
+        all.get(mailbox)?.stored.keys().next_back().copied()
+    }
+
     /// Whether the index knows the mailbox holds nothing (after an ack emptied it).
     pub fn known_empty(&self, mailbox: &MailboxId) -> bool {
         self.mailboxes
@@ -405,6 +412,18 @@ mod tests {
         id: MAILBOX,
         generation: 0,
     };
+
+    #[test]
+    fn the_newest_stored_message_is_what_was_announced_and_not_removed() {
+        let indexes = Indexes::default();
+        assert_eq!(indexes.newest_stored(&MAILBOX), None, "not watched");
+        indexes.watch(KEY);
+        indexes.read(&MAILBOX, &[(3, 10)], 0);
+        indexes.stored(&MAILBOX, 9, 5, Some(3));
+        assert_eq!(indexes.newest_stored(&MAILBOX), Some(9));
+        indexes.removed(&MAILBOX, &[9]);
+        assert_eq!(indexes.newest_stored(&MAILBOX), Some(3));
+    }
 
     #[test]
     fn acks_of_the_oldest_messages_are_one_purge() {

@@ -34,6 +34,18 @@ use crate::store::{
 };
 use botd_protocol::proto::Accept;
 
+/// How a read that a lagging replica answered short is repeated: after 1, 2, 4, 8 and 16 ms
+/// (31 ms in all, far beyond a healthy cluster's replication lag), then it is taken as it is.
+const READ_LAG_FIRST_PAUSE: std::time::Duration = std::time::Duration::from_millis(1);
+const READ_LAG_LAST_PAUSE: std::time::Duration = std::time::Duration::from_millis(16);
+
+/// Whether a read of up to `batch` messages that returned `got`, the last of them `reached`
+/// (or its start), stopped before `announced`, a message a live message said is stored: the
+/// replica that answered has not applied it yet. A full batch did not stop at the end.
+fn answered_short(got: usize, batch: usize, reached: u64, announced: Option<u64>) -> bool {
+    got < batch && announced.is_some_and(|id| id > reached)
+}
+
 /// Publishes of one send before it gives up (duplicates of acknowledged messages, a first
 /// copy still being applied).
 const MAX_PUBLISH_ATTEMPTS: u32 = 16;
@@ -684,15 +696,31 @@ impl Inner {
     ) -> StoreResult<Vec<Arc<Message>>> {
         let key = self.mailbox_key(&mailbox).await?;
         let naming = self.cluster.names.of_mailbox(&key);
-        let stored = self
-            .cluster
-            .batch(
-                &naming.stream,
-                naming.subject.as_str(),
-                after + 1,
-                max_count.min(super::client::MAX_GET_BATCH),
-            )
-            .await?;
+        let batch = max_count.min(super::client::MAX_GET_BATCH);
+        // A direct get may be answered by a replica that has not applied the newest messages
+        // yet (R3), though a live message already announced them: then the read is repeated,
+        // briefly, instead of telling the delivery that nothing more is stored (which it
+        // would believe until the next message or resync).
+        let announced = self
+            .live
+            .indexes
+            .newest_stored(&mailbox)
+            .filter(|&id| id > after);
+        let mut pause = READ_LAG_FIRST_PAUSE;
+        let stored = loop {
+            let stored = self
+                .cluster
+                .batch(&naming.stream, naming.subject.as_str(), after + 1, batch)
+                .await?;
+            let reached = stored.last().map_or(after, |m| m.sequence);
+            if !answered_short(stored.len(), batch, reached, announced)
+                || pause > READ_LAG_LAST_PAUSE
+            {
+                break stored;
+            }
+            tokio::time::sleep(pause).await;
+            pause *= 2;
+        };
         let mut out = Vec::with_capacity(stored.len());
         let mut seen = Vec::with_capacity(stored.len());
         let mut bytes = 0;
@@ -905,6 +933,20 @@ impl Inner {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_read_is_short_only_when_it_ended_before_an_announced_message() {
+        // Nothing announced, or the read reached it: as it is.
+        assert!(!answered_short(0, 64, 10, None));
+        assert!(!answered_short(3, 64, 13, Some(13)));
+        assert!(!answered_short(0, 64, 10, Some(9)));
+        // Ended (fewer than asked) before message 14 that a live message announced.
+        assert!(answered_short(3, 64, 13, Some(14)));
+        assert!(answered_short(0, 64, 10, Some(11)));
+        // A full batch may end before it: the next read goes on from there.
+        assert!(!answered_short(64, 64, 80, Some(200)));
+    }
+
     use super::*;
 
     #[test]

@@ -7,7 +7,8 @@
 //! number order. A publish costs one table slot and one channel to its caller, instead of the
 //! client's per-request inbox, routing entry, two timers and a boxed future; the table is
 //! swept for publishes left unanswered past `nats_request_timeout` (a lost connection, a
-//! stream without a leader), which fail as timed out.
+//! stream without a leader), which fail as timed out. Publishes and acknowledgements travel on
+//! the feed's connection ([`super::feed`]) where there is one, else on the client's.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
