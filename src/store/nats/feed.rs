@@ -587,11 +587,38 @@ mod tests {
         assert_eq!(servers.len(), MAX_SERVERS);
     }
 
+    type ServerLines = tokio::io::Lines<tokio::io::BufReader<tokio::net::tcp::OwnedReadHalf>>;
+
+    /// Accepts the feed's next connection as a server: `INFO`, then the feed's `CONNECT` and
+    /// `PING`, answered `PONG`.
+    async fn accept_feed(
+        listener: &tokio::net::TcpListener,
+    ) -> (ServerLines, tokio::net::tcp::OwnedWriteHalf) {
+        use tokio::io::AsyncBufReadExt;
+        let (socket, _) = listener.accept().await.unwrap();
+        let (read, mut write) = socket.into_split();
+        let mut lines = tokio::io::BufReader::new(read).lines();
+        write
+            .write_all(b"INFO {\"server_id\":\"x\",\"max_payload\":1048576,\"headers\":true}\r\n")
+            .await
+            .unwrap();
+        let connect = lines.next_line().await.unwrap().unwrap();
+        assert!(connect.starts_with("CONNECT {"), "{connect}");
+        assert_eq!(lines.next_line().await.unwrap().unwrap(), "PING");
+        write.write_all(b"PONG\r\n").await.unwrap();
+        (lines, write)
+    }
+
     /// A scripted server on loopback: the feed connects, subscribes, receives, is disconnected
     /// and subscribes again on the next connection, counting the reconnection.
     #[tokio::test]
     async fn subscriptions_survive_a_lost_connection() {
-        use tokio::io::{AsyncBufReadExt, BufReader};
+        tokio::time::timeout(Duration::from_secs(20), lost_connection_script())
+            .await
+            .expect("the script ran to its end within 20 s");
+    }
+
+    async fn lost_connection_script() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let (got, mut received) = tokio::sync::mpsc::unbounded_channel();
@@ -619,20 +646,12 @@ mod tests {
             })
         };
 
-        // Connection 1: INFO, CONNECT + PING, then the SUB and its PING.
-        let (socket, _) = listener.accept().await.unwrap();
-        let (read, mut write) = socket.into_split();
-        let mut lines = BufReader::new(read).lines();
-        write
-            .write_all(b"INFO {\"server_id\":\"x\",\"max_payload\":1048576,\"headers\":true}\r\n")
-            .await
-            .unwrap();
-        let connect = lines.next_line().await.unwrap().unwrap();
-        assert!(connect.starts_with("CONNECT {"), "{connect}");
-        assert_eq!(lines.next_line().await.unwrap().unwrap(), "PING");
-        write.write_all(b"PONG\r\n").await.unwrap();
+        // Connection 1: after the handshake, the SUB with the PINGs that confirm it (the
+        // resubscription's and the waiting caller's, in either order).
+        let (mut lines, mut write) = accept_feed(&listener).await;
         let mut seen = Vec::new();
         while seen.iter().filter(|l: &&String| *l == "PING").count() < 2 {
+            assert!(seen.len() < 8, "unexpected lines: {seen:?}");
             seen.push(lines.next_line().await.unwrap().unwrap());
         }
         let sub = seen
@@ -661,16 +680,7 @@ mod tests {
         drop(lines);
 
         // Connection 2: the subscription is sent again and the reconnection counted.
-        let (socket, _) = listener.accept().await.unwrap();
-        let (read, mut write) = socket.into_split();
-        let mut lines = BufReader::new(read).lines();
-        write
-            .write_all(b"INFO {\"server_id\":\"x\",\"max_payload\":1048576}\r\n")
-            .await
-            .unwrap();
-        lines.next_line().await.unwrap().unwrap();
-        assert_eq!(lines.next_line().await.unwrap().unwrap(), "PING");
-        write.write_all(b"PONG\r\n").await.unwrap();
+        let (mut lines, mut write) = accept_feed(&listener).await;
         assert_eq!(
             lines.next_line().await.unwrap().unwrap(),
             format!("SUB live.a {sid}")
@@ -681,12 +691,37 @@ mod tests {
         reconnections.changed().await.unwrap();
         assert_eq!(*reconnections.borrow(), before + 1);
 
+        // A publish goes out framed on the connection; an unsubscription too.
+        feed.publish("botd.m0.ab", "_INBOX.x.", 7, "id1", b"body")
+            .unwrap();
+        assert_eq!(
+            lines.next_line().await.unwrap().unwrap(),
+            "HPUB botd.m0.ab _INBOX.x.7 30 34"
+        );
+        assert_eq!(lines.next_line().await.unwrap().unwrap(), "NATS/1.0");
+        assert_eq!(
+            lines.next_line().await.unwrap().unwrap(),
+            "Nats-Msg-Id: id1"
+        );
+        assert_eq!(lines.next_line().await.unwrap().unwrap(), "");
+        assert_eq!(lines.next_line().await.unwrap().unwrap(), "body");
+        let too_large = vec![0u8; 1 << 20];
+        assert!(feed.publish("s", "r.", 8, "id2", &too_large).is_err());
         feed.unsubscribe(sid);
         assert_eq!(
             lines.next_line().await.unwrap().unwrap(),
             format!("UNSUB {sid}")
         );
         assert_eq!(feed.subscriptions(), 0);
+
+        // Without a connection a publish is refused at once.
+        drop(write);
+        drop(lines);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while feed.publish("s", "r.", 9, "id3", b"x").is_ok() {
+            assert!(tokio::time::Instant::now() < deadline, "still connected");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         stop.cancel();
     }
 }
