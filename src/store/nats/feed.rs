@@ -159,6 +159,9 @@ impl Feed {
                 wire::ping(&mut state.out);
                 state.pongs.push_back(PongWaiter::Confirm(vec![confirmed]));
             } else {
+                // Callers that gave up waiting (timed out) leave nothing behind: a long
+                // outage with many subscriptions tried keeps only those still waiting.
+                state.after_connect.retain(|caller| !caller.is_closed());
                 state.after_connect.push(confirmed);
             }
             state.subscriptions.insert(sid, (subject, target));
@@ -228,7 +231,7 @@ impl Feed {
         self.wake_writer.notify_one();
     }
 
-    /// Subscriptions in effect (for tests and the metrics of a later change).
+    /// Subscriptions in effect.
     #[cfg(test)]
     fn subscriptions(&self) -> usize {
         self.state.lock().subscriptions.len()
@@ -585,6 +588,37 @@ mod tests {
             .collect();
         learn_servers(&mut servers, &many);
         assert_eq!(servers.len(), MAX_SERVERS);
+    }
+
+    /// While no server answers, each subscription fails after the timeout and what it left
+    /// waiting is dropped by the next one: the waiting list does not grow with the attempts.
+    #[tokio::test]
+    async fn subscriptions_tried_during_an_outage_leave_nothing_behind() {
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = closed.local_addr().unwrap().port();
+        drop(closed);
+        let (reconnected, _reconnections) = tokio::sync::watch::channel(0u64);
+        let stop = CancellationToken::new();
+        let feed = Feed::start(
+            vec![format!("nats://127.0.0.1:{port}").parse().unwrap()],
+            Duration::from_millis(50),
+            Box::new(|_, _| {}),
+            reconnected,
+            stop.clone(),
+        );
+        let mailbox = MailboxId {
+            identity: [2; 33],
+            device: 1,
+        };
+        for _ in 0..5 {
+            let tried = feed
+                .subscribe("live.a".into(), Target::Stored(mailbox))
+                .await;
+            assert!(tried.is_err());
+        }
+        assert_eq!(feed.subscriptions(), 0);
+        assert!(feed.state.lock().after_connect.len() <= 1);
+        stop.cancel();
     }
 
     type ServerLines = tokio::io::Lines<tokio::io::BufReader<tokio::net::tcp::OwnedReadHalf>>;

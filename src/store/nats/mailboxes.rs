@@ -16,14 +16,13 @@
 use std::sync::Arc;
 
 use ahash::AHashMap;
-use async_nats::header::NATS_MESSAGE_ID;
 use async_nats::HeaderMap;
 use botd_protocol::keys::sha256;
 
 use super::error::{code, NatsError};
 use super::index::Settled;
 use super::names::{MailboxKey, MailboxNaming};
-use super::outbox::Sent;
+use super::outbox::{message_id_headers, Sent};
 use super::records::{decode, encode, GoneNotice, LastRemoved, StoredMessage};
 use super::sequence::Ticket;
 use super::usage::StoredBytes;
@@ -62,12 +61,9 @@ fn message_id(token: &str, message: &NewMessage, after: u64) -> String {
     hex::encode(&digest[..11])
 }
 
-/// The headers of a new message's publish: its message id, by which the stream recognises a
-/// retry (see [`message_id`]).
+/// The headers of a new message's publish (see [`message_id`]).
 fn new_message_headers(token: &str, message: &NewMessage, after: u64) -> HeaderMap {
-    let mut headers = HeaderMap::new();
-    headers.insert(NATS_MESSAGE_ID, message_id(token, message, after));
-    headers
+    message_id_headers(message_id(token, message, after))
 }
 
 /// The headers of a publish that only asks whether a message id is known: an answer
@@ -933,6 +929,7 @@ impl Inner {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     #[test]
     fn a_read_is_short_only_when_it_ended_before_an_announced_message() {
@@ -946,8 +943,6 @@ mod tests {
         // A full batch may end before it: the next read goes on from there.
         assert!(!answered_short(64, 64, 80, Some(200)));
     }
-
-    use super::*;
 
     #[test]
     fn a_removed_id_stays_unwritten_until_its_record_holds_it() {

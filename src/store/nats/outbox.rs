@@ -111,6 +111,14 @@ impl AckTable {
     }
 }
 
+/// The headers of a new message's publish on the client's connection: its message id, by which
+/// the stream recognises a retry (the feed writes the same header as bytes).
+pub fn message_id_headers(message_id: String) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert(NATS_MESSAGE_ID, message_id);
+    headers
+}
+
 /// Reads an acknowledgement's body: `{"stream":…,"seq":N,"duplicate":true}` or
 /// `{"error":{"code":…,"err_code":N,"description":…}}`.
 pub fn read_ack(status: Option<StatusCode>, body: &[u8]) -> Result<Ack, NatsError> {
@@ -302,8 +310,7 @@ impl Outbox {
             return;
         }
         let reply = format!("{}{number}", self.inbox);
-        let mut headers = HeaderMap::new();
-        headers.insert(NATS_MESSAGE_ID, publish.message_id);
+        let headers = message_id_headers(publish.message_id);
         if let Err(err) = client
             .publish_with_reply_and_headers(publish.subject, reply, headers, publish.body)
             .await
