@@ -16,11 +16,13 @@
 //! [`seeds`] builds the seed inputs (valid and near-valid ones per target).
 
 mod input;
+mod nats;
 mod relay;
 pub mod seeds;
 mod storage;
 mod transport;
 
+pub use nats::nats_wire;
 pub use relay::relay_requests;
 pub use storage::{data_dir, journal_segment, snapshot_file};
 pub use transport::{frame_codec, handshake_ack, handshake_init, sealed_open, session_plaintext};
@@ -44,6 +46,7 @@ pub const TARGETS: &[(&str, Harness)] = &[
     ("journal_segment", journal_segment),
     ("snapshot_file", snapshot_file),
     ("data_dir", data_dir),
+    ("nats_wire", nats_wire),
 ];
 
 /// The harness of target `name`.

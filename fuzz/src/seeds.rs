@@ -1,6 +1,6 @@
 //! Seed inputs for every target: a handful of valid and near-valid inputs each, in the input
-//! formats the harnesses document. `tests/fuzz_corpus.rs` writes them to `fuzz/seeds/<target>/`
-//! (`cargo test --test fuzz_corpus -- --ignored write_seeds`) and replays every committed file.
+//! formats the harnesses document. `tests/seeds.rs` writes them to `fuzz/seeds/<target>/`
+//! (`cargo test --test seeds -- --ignored write_seeds`) and replays every committed file.
 //!
 //! Every seed is the same bytes on every run: keys, ids and clocks are fixed, and the seeds
 //! that come from the store's own writers hold nothing whose order depends on a hash map.
@@ -9,6 +9,7 @@ use bytes::Bytes;
 use prost::Message;
 
 use super::input::push_chunk;
+use super::nats::{step, BUILT, HANDSHAKE_LIMIT};
 use super::storage::{journal_bytes, journal_header, snapshot_bytes};
 use super::transport::{
     initiator_ephemeral, keys, node_keys, relay_keys, responder_ephemeral, ACK_ID, INIT_ID,
@@ -47,6 +48,7 @@ pub fn seeds() -> Vec<Seed> {
     add("journal_segment", journal_segment());
     add("snapshot_file", snapshot_file());
     add("data_dir", data_dir());
+    add("nats_wire", nats_wire());
     all
 }
 
@@ -1166,6 +1168,225 @@ fn data_dir() -> Seeds {
                 Some((1, 0, snapshot_bytes(3, &snapshot_steps(&[1], 0, first)))),
                 false,
             ),
+        ),
+    ]
+}
+
+// ---------------------------------------------------------------------------------------------
+// JetStream store
+// ---------------------------------------------------------------------------------------------
+
+/// A `nats_wire` input: flags, message limit, piece lengths, then the stream or the program.
+fn nats_input(flags: u8, max_message: u16, pieces: &[u16], content: &[u8]) -> Vec<u8> {
+    let mut out = vec![flags];
+    out.extend_from_slice(&max_message.to_be_bytes());
+    out.push(pieces.len() as u8);
+    for piece in pieces {
+        out.extend_from_slice(&piece.to_be_bytes());
+    }
+    out.extend_from_slice(content);
+    out
+}
+
+/// A `nats_wire` program, step by step (`nats::step`).
+#[derive(Default)]
+struct Program(Vec<u8>);
+
+impl Program {
+    fn step(&mut self, step: u8, variant: u8) -> &mut Self {
+        self.0.push(step | variant << 3);
+        self
+    }
+
+    fn chunk(&mut self, bytes: &[u8]) -> &mut Self {
+        push_chunk(&mut self.0, bytes);
+        self
+    }
+
+    fn raw(&mut self, bytes: &[u8]) -> &mut Self {
+        self.step(step::RAW, 0).chunk(bytes)
+    }
+
+    fn msg(&mut self, variant: u8, sid: u8, payload: &[u8]) -> &mut Self {
+        self.step(step::MSG, variant).0.push(sid);
+        self.chunk(payload)
+    }
+
+    fn hmsg(&mut self, variant: u8, sid: u8, shape: u8, seq: u32, payload: &[u8]) -> &mut Self {
+        self.step(step::HMSG, variant).0.push(sid);
+        self.0.push(shape);
+        self.0.extend_from_slice(&seq.to_be_bytes());
+        self.chunk(payload)
+    }
+
+    fn info(&mut self, variant: u8, json: &[u8]) -> &mut Self {
+        self.step(step::INFO, variant).chunk(json)
+    }
+
+    fn control(&mut self, variant: u8) -> &mut Self {
+        self.step(step::CONTROL, variant)
+    }
+
+    fn err(&mut self, variant: u8, text: &[u8]) -> &mut Self {
+        self.step(step::ERR, variant).chunk(text)
+    }
+
+    fn long_line(&mut self, start: u8, end: u8, change: i8) -> &mut Self {
+        self.step(step::LONG_LINE, start | end << 2)
+            .0
+            .push(change as u8);
+        self
+    }
+
+    fn cut(&mut self) -> &mut Self {
+        self.step(step::CUT, 0)
+    }
+
+    fn input(&self, max_message: u16, pieces: &[u16]) -> Vec<u8> {
+        nats_input(BUILT, max_message, pieces, &self.0)
+    }
+}
+
+/// An `HMSG` as a server frames it.
+fn hmsg_bytes(subject: &str, sid: u64, headers: &str, payload: &str) -> Vec<u8> {
+    let total = headers.len() + payload.len();
+    format!(
+        "HMSG {subject} {sid} {} {total}\r\n{headers}{payload}\r\n",
+        headers.len()
+    )
+    .into_bytes()
+}
+
+fn nats_wire() -> Seeds {
+    const INFO: &[u8] = b"INFO {\"server_id\":\"NDQ2XH7C\",\"server_name\":\"n1\",\"version\":\"2.12.1\",\
+        \"proto\":1,\"headers\":true,\"max_payload\":1048576,\"jetstream\":true,\"client_id\":7}\r\n";
+    const JSON: &[u8] = b"{\"max_payload\":1048576,\"headers\":true}";
+    let mut handshake = INFO.to_vec();
+    handshake.extend_from_slice(b"+OK\r\nPONG\r\n");
+
+    let mut republished = hmsg_bytes(
+        "botd.live.m0.ab",
+        7,
+        "NATS/1.0\r\nNats-Stream: botd-m0\r\nNats-Subject: botd.m0.ab\r\nNats-Sequence: 42\r\n\
+         Nats-Last-Sequence: 40\r\n\r\n",
+        "hello",
+    );
+    republished.extend_from_slice(b"MSG botd.gone.ab 9 reply.x 3\r\nabc\r\nPING\r\n");
+    republished.extend_from_slice(&hmsg_bytes(
+        "_INBOX.x.1",
+        3,
+        "NATS/1.0 404 No Messages\r\n\r\n",
+        "",
+    ));
+    republished.extend_from_slice(&hmsg_bytes("_INBOX.x.2", 3, "NATS/1.0\r\n\r\n", "sealed"));
+
+    let mut every_step = Program::default();
+    every_step.info(0, JSON);
+    for variant in 0..8 {
+        every_step.control(variant);
+    }
+    every_step
+        .msg(0, 1, b"abc")
+        .msg(4, 2, b"")
+        .hmsg(1, 3, 4, 42, b"hello")
+        .cut()
+        .hmsg(0, 4, 1, 0, b"")
+        .err(0, b"Authorization Violation")
+        .raw(b"PONG\r\n");
+    let mut statuses = Program::default();
+    for shape in 0..4 {
+        statuses.hmsg(2, 5, shape, 0, b"");
+    }
+    let mut spellings = Program::default();
+    spellings
+        .msg(3 << 3, 6, b"xyz")
+        .hmsg(3 << 3 | 4, 7, 4, 9, b"p")
+        .info(1, b"{}")
+        .err(1, b" unquoted ");
+
+    vec![
+        (
+            "handshake",
+            nats_input(HANDSHAKE_LIMIT, 0, &[7, 100], &handshake),
+        ),
+        (
+            "republished-and-replies",
+            nats_input(0, 4096, &[3, 40, 60, 1, 59], &republished),
+        ),
+        (
+            "byte-by-byte",
+            nats_input(0, 64, &[1; 15], b"PING\r\nMSG s 1 2\r\nhi\r\n+OK\r\n"),
+        ),
+        ("every-step", every_step.input(4096, &[1, 2, 30])),
+        ("status-lines", statuses.input(4096, &[])),
+        ("lower-case-and-tabs", spellings.input(4096, &[5])),
+        (
+            "message-over-the-limit",
+            nats_input(0, 16, &[], b"MSG s 1 17\r\n01234567890123456\r\n"),
+        ),
+        (
+            "header-length-over-total",
+            Program::default()
+                .hmsg(0, 1, 4 | 2 << 3, 1, b"body")
+                .input(4096, &[]),
+        ),
+        (
+            "header-length-one-over",
+            Program::default()
+                .hmsg(0, 1, 4 | 1 << 3, 42, b"hello")
+                .input(4096, &[]),
+        ),
+        (
+            "total-one-short",
+            Program::default().msg(2 << 3, 1, b"abc").input(4096, &[]),
+        ),
+        (
+            "total-one-over-at-the-end",
+            Program::default()
+                .control(0)
+                .msg(1 << 3, 1, b"abc")
+                .input(4096, &[]),
+        ),
+        (
+            "missing-line-end",
+            nats_input(0, 4096, &[2], b"PING\r\nPONG\n+OK"),
+        ),
+        (
+            "number-too-long",
+            nats_input(0, 4096, &[], b"MSG s 1 99999999999999999999\r\n"),
+        ),
+        (
+            "unknown-after-err",
+            nats_input(
+                0,
+                4096,
+                &[],
+                b"-ERR 'Stale Connection'\r\nHPUB s 1 2 2\r\nhi\r\n",
+            ),
+        ),
+        (
+            "info-at-the-line-limit",
+            Program::default()
+                .long_line(0, 0, 0)
+                .control(0)
+                .input(4096, &[]),
+        ),
+        (
+            "info-at-the-line-limit-cut-before-lf",
+            Program::default()
+                .long_line(0, 1, 0)
+                .cut()
+                .raw(b"\n")
+                .control(0)
+                .input(4096, &[]),
+        ),
+        (
+            "line-a-byte-over-the-limit",
+            Program::default().long_line(2, 2, 1).input(4096, &[]),
+        ),
+        (
+            "line-over-the-limit",
+            Program::default().long_line(2, 2, 2).input(4096, &[]),
         ),
     ]
 }

@@ -166,6 +166,82 @@ const EXPECTED: &[(&str, &str, &str)] = &[
         "refused: journal-00000000000000000263.log at 56: lsn 7 is below the segment's first \
          lsn 263",
     ),
+    (
+        "nats_wire",
+        "handshake",
+        "INFO, +OK, PONG; waiting with 0 bytes",
+    ),
+    (
+        "nats_wire",
+        "republished-and-replies",
+        "HMSG 5 B seq 42, MSG 3 B, PING, HMSG 0 B status 404, HMSG 6 B; waiting with 0 bytes",
+    ),
+    (
+        "nats_wire",
+        "status-lines",
+        "HMSG 0 B, HMSG 0 B status 404, HMSG 0 B status 408, HMSG 0 B status 503; \
+         waiting with 0 bytes",
+    ),
+    (
+        "nats_wire",
+        "lower-case-and-tabs",
+        "MSG 3 B, HMSG 1 B seq 9, INFO, -ERR \"unquoted\"; waiting with 0 bytes",
+    ),
+    (
+        "nats_wire",
+        "header-length-one-over",
+        "HMSG 4 B seq 42; waiting with 0 bytes",
+    ),
+    (
+        "nats_wire",
+        "header-length-over-total",
+        "refused at 0: malformed HMSG line",
+    ),
+    (
+        "nats_wire",
+        "message-over-the-limit",
+        "refused at 0: message of 17 bytes is larger than the limit of 16",
+    ),
+    (
+        "nats_wire",
+        "total-one-short",
+        "refused at 0: malformed MSG line",
+    ),
+    (
+        "nats_wire",
+        "total-one-over-at-the-end",
+        "PING; waiting with 30 bytes",
+    ),
+    (
+        "nats_wire",
+        "missing-line-end",
+        "PING; waiting with 8 bytes",
+    ),
+    (
+        "nats_wire",
+        "unknown-after-err",
+        "-ERR \"Stale Connection\"; refused at 25: unknown operation \"HPUB\"",
+    ),
+    (
+        "nats_wire",
+        "info-at-the-line-limit-cut-before-lf",
+        "INFO, PING; waiting with 0 bytes",
+    ),
+    (
+        "nats_wire",
+        "line-a-byte-over-the-limit",
+        "refused at 0: protocol line longer than 65536 bytes",
+    ),
+    (
+        "nats_wire",
+        "regression-line-at-the-limit-before-its-lf",
+        "waiting with 65537 bytes",
+    ),
+    (
+        "nats_wire",
+        "regression-refused-a-byte-over-the-line-limit",
+        "MSG 0 B, PONG; refused at 35: protocol line longer than 65536 bytes",
+    ),
 ];
 
 fn seed_dir() -> PathBuf {

@@ -52,6 +52,10 @@ pub use self::error::NatsError;
 use self::live::Live;
 use self::sequence::{Sequencer, Ticket};
 use self::usage::Usage;
+/// The reading half of the NATS protocol, public only for the fuzz target `nats_wire`
+/// (fuzz/src/nats.rs): bytes from the NATS servers reach it. Not part of the relay's API.
+#[doc(hidden)]
+pub use self::wire::{header_numbers, parse, status, Delivered, ServerOp, WireError, MAX_LINE};
 use super::{
     AccountLimits, Appended, Expiry, Fetched, Identity, Listener, MailboxId, Message, NewMessage,
     Registration, Store, StoreError, StoreResult, StoreStats, TICKET_LEN,

@@ -52,7 +52,10 @@ pub enum ServerOp {
 /// complete. `max_message` bounds a message's header and payload together.
 pub fn parse(buf: &mut BytesMut, max_message: usize) -> Result<Option<ServerOp>, WireError> {
     let Some(end) = find_crlf(buf) else {
-        return if buf.len() > MAX_LINE {
+        // A line of exactly `MAX_LINE` bytes may have only the CR of its line end in so far:
+        // refusing it would make the outcome depend on where a read happened to end.
+        let may_end = buf.len() == MAX_LINE + 1 && buf[MAX_LINE] == b'\r';
+        return if buf.len() > MAX_LINE && !may_end {
             Err(WireError::LineTooLong)
         } else {
             Ok(None)
@@ -373,6 +376,25 @@ mod tests {
         assert_eq!(all(b"HELLO\r\n"), Err(WireError::Unknown("HELLO".into())));
         let long = vec![b'I'; MAX_LINE + 3];
         assert_eq!(all(&long), Err(WireError::LineTooLong));
+    }
+
+    /// Found by the fuzz target `nats_wire`: the line was refused when a read ended between
+    /// its CR and LF.
+    #[test]
+    fn a_line_of_the_limit_is_read_whatever_the_cut_before_its_lf() {
+        let mut line = b"INFO ".to_vec();
+        line.resize(MAX_LINE, b'x');
+        line.extend_from_slice(b"\r\n");
+        let mut buf = BytesMut::from(&line[..MAX_LINE + 1]);
+        assert_eq!(parse(&mut buf, LIMIT), Ok(None));
+        buf.extend_from_slice(b"\n");
+        assert!(matches!(
+            parse(&mut buf, LIMIT),
+            Ok(Some(ServerOp::Info(_)))
+        ));
+        let mut over = BytesMut::from(&line[..MAX_LINE]);
+        over.extend_from_slice(b"x");
+        assert_eq!(parse(&mut over, LIMIT), Err(WireError::LineTooLong));
     }
 
     #[test]
