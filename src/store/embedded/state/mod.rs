@@ -29,7 +29,7 @@ use ahash::{AHashMap, AHashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
 
 use super::journal::{Journal, Progress, MAX_SEQUENCE};
@@ -172,14 +172,18 @@ impl State {
 
     /// Applies an event and records it while the shard is still locked; returns its lsn.
     fn commit(&self, shard: &mut ShardData, kind: Kind) -> Result<u64, StoreError> {
-        let event = Event { kind: Some(kind) };
-        if let Err(err) = apply(shard, &event, &self.counters) {
+        self.commit_event(shard, &Event { kind: Some(kind) })
+    }
+
+    /// [`State::commit`] of an event the caller keeps (to take its values back after).
+    fn commit_event(&self, shard: &mut ShardData, event: &Event) -> Result<u64, StoreError> {
+        if let Err(err) = apply(shard, event, &self.counters) {
             tracing::error!(error = %err, "live event could not be applied");
             return Err(StoreError::Unavailable(err.to_string()));
         }
         match &self.journal {
             None => Ok(0),
-            Some(journal) => journal.record(&event).map_err(|err| {
+            Some(journal) => journal.record(event).map_err(|err| {
                 tracing::error!(error = %err, "change applied in memory but not journaled");
                 unavailable()
             }),

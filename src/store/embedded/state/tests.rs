@@ -252,3 +252,14 @@ fn relay_wide_quotas_refuse_with_quota_exceeded() {
         Err(StoreError::QuotaExceeded { .. })
     ));
 }
+
+#[test]
+fn shared_fields_are_the_parts_in_order_over_one_buffer() {
+    let [a, b, c] = mailboxes::shared_fields([&[1u8, 2][..], &[][..], &[3, 4, 5][..]]);
+    assert_eq!(
+        (&a[..], &b[..], &c[..]),
+        (&[1, 2][..], &[][..], &[3, 4, 5][..])
+    );
+    // One buffer: each part starts where the one before it ends.
+    assert_eq!(c.as_ptr(), a.as_ptr().wrapping_add(2));
+}
