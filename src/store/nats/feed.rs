@@ -108,6 +108,8 @@ struct State {
 pub struct Feed {
     state: Mutex<State>,
     wake_writer: Notify,
+    /// Woken each time a connection is up (after the server's handshake).
+    link_up: Notify,
     deliver: Deliver,
     timeout: Duration,
     bytes_in: AtomicU64,
@@ -128,6 +130,7 @@ impl Feed {
         let feed = Arc::new(Self {
             state: Mutex::new(State::default()),
             wake_writer: Notify::new(),
+            link_up: Notify::new(),
             deliver,
             timeout,
             bytes_in: AtomicU64::new(0),
@@ -180,10 +183,27 @@ impl Feed {
         }
     }
 
+    /// Waits until a connection is up, at most until `deadline`; whether one is.
+    pub async fn until_connected(&self, deadline: tokio::time::Instant) -> bool {
+        loop {
+            // Registered before the look, so a connection made in between is not missed.
+            let up = self.link_up.notified();
+            let mut up = std::pin::pin!(up);
+            up.as_mut().enable();
+            if self.state.lock().connected {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, up).await.is_err() {
+                return self.state.lock().connected;
+            }
+        }
+    }
+
     /// Publishes a new message with its message id and a reply subject (`reply_prefix` and
     /// `number`), to be written with what else is queued. Refused at once while the connection
-    /// is down (the caller answers `INTERNAL`; a retry is recognised by the message id) and for
-    /// a message the server would refuse for its size (which would close the connection).
+    /// is down (the caller waits for it first, see [`Feed::until_connected`]; a retry is
+    /// recognised by the message id) and for a message the server would refuse for its size
+    /// (which would close the connection).
     pub fn publish(
         &self,
         subject: &str,
@@ -338,6 +358,7 @@ impl Feed {
                 wire::ping(&mut state.out);
             }
         }
+        self.link_up.notify_waiters();
         let mut pings = tokio::time::interval(PING_INTERVAL);
         pings.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         pings.tick().await;
@@ -748,7 +769,7 @@ mod tests {
         );
         assert_eq!(feed.subscriptions(), 0);
 
-        // Without a connection a publish is refused at once.
+        // Without a connection a publish is refused at once (the outbox waits before it).
         drop(write);
         drop(lines);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
@@ -757,5 +778,50 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         stop.cancel();
+    }
+
+    /// A publish that meets the connection down waits for the next one: not past its deadline
+    /// while none comes, and no longer than the handshake once one does.
+    #[tokio::test]
+    async fn a_wait_for_the_connection_ends_with_the_handshake_or_the_deadline() {
+        tokio::time::timeout(Duration::from_secs(20), async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let (reconnected, _reconnections) = tokio::sync::watch::channel(0u64);
+            let stop = CancellationToken::new();
+            let feed = Feed::start(
+                vec![format!("nats://127.0.0.1:{port}").parse().unwrap()],
+                Duration::from_secs(5),
+                Box::new(|_, _| {}),
+                reconnected,
+                stop.clone(),
+            );
+            // Connected at the TCP level, but the server has not sent its INFO yet.
+            let soon = tokio::time::Instant::now() + Duration::from_millis(50);
+            assert!(!feed.until_connected(soon).await);
+            assert!(feed.publish("s", "r.", 1, "id1", b"x").is_err());
+            // A deadline past the test's own bound: only the handshake can end this wait.
+            let waiting = {
+                let feed = feed.clone();
+                let later = tokio::time::Instant::now() + Duration::from_secs(60);
+                tokio::spawn(async move { feed.until_connected(later).await })
+            };
+            let (mut lines, _write) = accept_feed(&listener).await;
+            assert!(waiting.await.unwrap());
+            feed.publish("s", "r.", 2, "id2", b"x").unwrap();
+            let mut seen = Vec::new();
+            loop {
+                assert!(seen.len() < 8, "unexpected lines: {seen:?}");
+                let line = lines.next_line().await.unwrap().unwrap();
+                if line.starts_with("HPUB ") {
+                    assert_eq!(line, "HPUB s r.2 30 31");
+                    break;
+                }
+                seen.push(line);
+            }
+            stop.cancel();
+        })
+        .await
+        .expect("the wait ended with the handshake, within 20 s");
     }
 }

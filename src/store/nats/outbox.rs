@@ -48,6 +48,8 @@ struct Queued {
     message_id: String,
     body: Bytes,
     sent: oneshot::Sender<Result<Ack, NatsError>>,
+    /// When its caller handed it over: the wait for a lost connection counts from here.
+    queued_at: Instant,
 }
 
 /// A sent publish waiting for its acknowledgement.
@@ -192,6 +194,7 @@ impl Outbox {
             message_id,
             body,
             sent,
+            queued_at: Instant::now(),
         });
         self.wake.notify_one();
         receiver
@@ -297,6 +300,14 @@ impl Outbox {
             .register(publish.sent, Instant::now() + self.timeout);
         published.increment(1);
         if let Some(feed) = feed {
+            // A publish that meets the connection down (a node lost, 50 ms to a second before
+            // the feed is on another) waits for the next one, as long as a request waits out a
+            // lost node elsewhere, counted from when it was handed over: publishes queued
+            // behind it do not wait in turn.
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = feed.until_connected(publish.queued_at + self.timeout) => {}
+            }
             let sent = feed.publish(
                 publish.subject.as_str(),
                 &self.inbox,
