@@ -183,6 +183,11 @@ impl Feed {
         }
     }
 
+    /// Whether a connection is up (its handshake done).
+    pub fn connected(&self) -> bool {
+        self.state.lock().connected
+    }
+
     /// Waits until a connection is up, at most until `deadline`; whether one is.
     pub async fn until_connected(&self, deadline: tokio::time::Instant) -> bool {
         loop {
@@ -190,11 +195,11 @@ impl Feed {
             let up = self.link_up.notified();
             let mut up = std::pin::pin!(up);
             up.as_mut().enable();
-            if self.state.lock().connected {
+            if self.connected() {
                 return true;
             }
             if tokio::time::timeout_at(deadline, up).await.is_err() {
-                return self.state.lock().connected;
+                return self.connected();
             }
         }
     }
@@ -611,6 +616,29 @@ mod tests {
         assert_eq!(servers.len(), MAX_SERVERS);
     }
 
+    /// A feed for the one server at `127.0.0.1:port`, with its reconnection count and what
+    /// stops it.
+    fn feed_on(
+        port: u16,
+        timeout: Duration,
+        deliver: Deliver,
+    ) -> (
+        Arc<Feed>,
+        tokio::sync::watch::Receiver<u64>,
+        CancellationToken,
+    ) {
+        let (reconnected, reconnections) = tokio::sync::watch::channel(0u64);
+        let stop = CancellationToken::new();
+        let feed = Feed::start(
+            vec![format!("nats://127.0.0.1:{port}").parse().unwrap()],
+            timeout,
+            deliver,
+            reconnected,
+            stop.clone(),
+        );
+        (feed, reconnections, stop)
+    }
+
     /// While no server answers, each subscription fails after the timeout and what it left
     /// waiting is dropped by the next one: the waiting list does not grow with the attempts.
     #[tokio::test]
@@ -618,15 +646,8 @@ mod tests {
         let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = closed.local_addr().unwrap().port();
         drop(closed);
-        let (reconnected, _reconnections) = tokio::sync::watch::channel(0u64);
-        let stop = CancellationToken::new();
-        let feed = Feed::start(
-            vec![format!("nats://127.0.0.1:{port}").parse().unwrap()],
-            Duration::from_millis(50),
-            Box::new(|_, _| {}),
-            reconnected,
-            stop.clone(),
-        );
+        let (feed, _reconnections, stop) =
+            feed_on(port, Duration::from_millis(50), Box::new(|_, _| {}));
         let mailbox = MailboxId {
             identity: [2; 33],
             device: 1,
@@ -680,15 +701,7 @@ mod tests {
         let deliver: Deliver = Box::new(move |target, message| {
             let _ = got.send((target, message.payload));
         });
-        let (reconnected, mut reconnections) = tokio::sync::watch::channel(0u64);
-        let stop = CancellationToken::new();
-        let feed = Feed::start(
-            vec![format!("nats://127.0.0.1:{port}").parse().unwrap()],
-            Duration::from_secs(5),
-            deliver,
-            reconnected,
-            stop.clone(),
-        );
+        let (feed, mut reconnections, stop) = feed_on(port, Duration::from_secs(5), deliver);
         let mailbox = MailboxId {
             identity: [2; 33],
             device: 1,
@@ -787,15 +800,8 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(20), async {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let port = listener.local_addr().unwrap().port();
-            let (reconnected, _reconnections) = tokio::sync::watch::channel(0u64);
-            let stop = CancellationToken::new();
-            let feed = Feed::start(
-                vec![format!("nats://127.0.0.1:{port}").parse().unwrap()],
-                Duration::from_secs(5),
-                Box::new(|_, _| {}),
-                reconnected,
-                stop.clone(),
-            );
+            let (feed, _reconnections, stop) =
+                feed_on(port, Duration::from_secs(5), Box::new(|_, _| {}));
             // Connected at the TCP level, but the server has not sent its INFO yet.
             let soon = tokio::time::Instant::now() + Duration::from_millis(50);
             assert!(!feed.until_connected(soon).await);

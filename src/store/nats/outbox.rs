@@ -303,10 +303,13 @@ impl Outbox {
             // A publish that meets the connection down (a node lost, 50 ms to a second before
             // the feed is on another) waits for the next one, as long as a request waits out a
             // lost node elsewhere, counted from when it was handed over: publishes queued
-            // behind it do not wait in turn.
-            tokio::select! {
-                _ = stop.cancelled() => {}
-                _ = feed.until_connected(publish.queued_at + self.timeout) => {}
+            // behind it do not wait in turn. Connected (the usual case), nothing is set up
+            // to wait: no waiter is registered per publish.
+            if !feed.connected() {
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = feed.until_connected(publish.queued_at + self.timeout) => {}
+                }
             }
             let sent = feed.publish(
                 publish.subject.as_str(),

@@ -51,19 +51,9 @@ pub enum ServerOp {
 /// Takes the next complete operation off the front of `buf`; `Ok(None)` until one is
 /// complete. `max_message` bounds a message's header and payload together.
 pub fn parse(buf: &mut BytesMut, max_message: usize) -> Result<Option<ServerOp>, WireError> {
-    let Some(end) = find_crlf(buf) else {
-        // A line of exactly `MAX_LINE` bytes may have only the CR of its line end in so far:
-        // refusing it would make the outcome depend on where a read happened to end.
-        let may_end = buf.len() == MAX_LINE + 1 && buf[MAX_LINE] == b'\r';
-        return if buf.len() > MAX_LINE && !may_end {
-            Err(WireError::LineTooLong)
-        } else {
-            Ok(None)
-        };
+    let Some(end) = line_end(buf)? else {
+        return Ok(None);
     };
-    if end > MAX_LINE {
-        return Err(WireError::LineTooLong);
-    }
     let line = &buf[..end];
     let (op, args) = match line.iter().position(|&b| b == b' ' || b == b'\t') {
         Some(at) => (&line[..at], &line[at + 1..]),
@@ -156,9 +146,25 @@ fn consume(buf: &mut BytesMut, end: usize, op: ServerOp) -> ServerOp {
     op
 }
 
-fn find_crlf(buf: &[u8]) -> Option<usize> {
-    let limit = buf.len().min(MAX_LINE + 2);
-    memchr::memmem::find(&buf[..limit], b"\r\n")
+/// Where the first line ends (the offset of its CRLF), or `Ok(None)` while what came so far
+/// can still become a line of at most `MAX_LINE` bytes and its CRLF, wherever a read ended
+/// (between the CR and the LF too).
+fn line_end(buf: &[u8]) -> Result<Option<usize>, WireError> {
+    // A CRLF within the first `MAX_LINE + 2` bytes starts at `MAX_LINE` at the latest.
+    let window = &buf[..buf.len().min(MAX_LINE + 2)];
+    if let Some(end) = memchr::memmem::find(window, b"\r\n") {
+        return Ok(Some(end));
+    }
+    let may_end = match buf.len() {
+        len if len <= MAX_LINE => true,
+        len if len == MAX_LINE + 1 => buf[MAX_LINE] == b'\r',
+        _ => false,
+    };
+    if may_end {
+        Ok(None)
+    } else {
+        Err(WireError::LineTooLong)
+    }
 }
 
 fn number(field: &[u8]) -> Option<u64> {
