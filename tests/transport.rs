@@ -14,7 +14,7 @@ use botd_relay::config::Config;
 use bytes::Bytes;
 use common::*;
 use prost::Message;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const CLOSE_WITHIN: Duration = Duration::from_secs(5);
@@ -218,6 +218,27 @@ async fn unknown_bodies_get_unsupported_and_the_session_goes_on() {
         .await;
     let pong = peer.recv().await.unwrap();
     assert!(matches!((pong.id, pong.body), (7, Some(Body::Pong(_)))));
+    relay.stop().await;
+}
+
+/// A peer that sends its last request and closes its side at once still gets the answer, then
+/// a clean end of stream (a FIN, not a reset): once the relay has read the peer's end, it flushes
+/// and closes without the linger, and nothing unread is left to turn the close into a reset.
+#[tokio::test]
+async fn a_peer_that_closes_after_its_last_request_gets_the_answer_then_a_clean_end() {
+    let relay = start(test_config()).await;
+    let mut peer = RawPeer::connect(&relay).await;
+    peer.send(&Frame::new(1, Body::Ping(Ping { id: "last".into() })))
+        .await;
+    peer.stream.shutdown().await.unwrap();
+    let pong = peer.recv().await.expect("the answer comes before the end");
+    assert!(matches!(pong.body, Some(Body::Pong(ref p)) if p.ping_id == "last"));
+    let mut rest = [0u8; 64];
+    let read = tokio::time::timeout(CLOSE_WITHIN, peer.stream.read(&mut rest))
+        .await
+        .expect("the relay closes in time");
+    assert_eq!(read.expect("an end of stream, not a reset"), 0);
+    relay.assert_serving().await;
     relay.stop().await;
 }
 

@@ -7,14 +7,15 @@
 //! per pass, with the clock read once per round, so that one wake-up does all the work that is
 //! ready (answers, pushes, every request readable) and then writes everything sealed at once.
 //! When the session ends, what was sealed still goes out (bounded by the write timeout), and a
-//! short linger keeps the last frame from being reset away.
+//! short linger keeps the last frame from being reset away, unless the peer's end of the stream
+//! has been read already (nothing can arrive any more to cause a reset).
 
 use std::future::Future;
 use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -52,6 +53,9 @@ pub(super) async fn serve<H: Handler>(
         // Boxed: its state is dropped once the session runs, so a task holds only the session's.
         outcome = Box::pin(handshake(&shared, &mut stream, &mut inbound, peer, ticket, started)) => outcome.map(Some),
     };
+    // Whether the peer's end of the stream has been read: then nothing more can arrive to
+    // reset the last frame away, and closing at once sends the same FIN the linger would.
+    let mut peer_closed = false;
     match handshake {
         Ok(Some(established)) => {
             shared.metrics.handshakes_ok.increment(1);
@@ -71,6 +75,7 @@ pub(super) async fn serve<H: Handler>(
                 &mut traffic,
             ))
             .await;
+            peer_closed = matches!(result, Ok(End::PeerClosed));
             let reason = match &result {
                 Ok(end) => end.reason(),
                 Err(err) => err.reason(),
@@ -84,6 +89,7 @@ pub(super) async fn serve<H: Handler>(
         }
         Ok(None) => {}
         Err(err) => {
+            peer_closed = matches!(err, NetError::PeerClosed);
             metrics::counter!(crate::metrics::HANDSHAKES, "outcome" => "failed", "reason" => err.reason())
                 .increment(1);
             metrics::counter!(crate::metrics::SESSIONS_CLOSED, "reason" => err.reason())
@@ -91,8 +97,10 @@ pub(super) async fn serve<H: Handler>(
             info!(%peer, reason = err.reason(), error = %err, "handshake failed");
         }
     }
-    // Boxed: its read buffer exists only while a connection closes, not in every task.
-    Box::pin(linger_close(&mut stream)).await;
+    if !peer_closed {
+        // Boxed: its read buffer exists only while a connection closes, not in every task.
+        Box::pin(linger_close(&mut stream)).await;
+    }
 }
 
 /// Reads the whole `Init` (before any slot is taken), waits its turn for crypto, answers it
@@ -136,7 +144,7 @@ async fn handshake<H: Handler>(
 }
 
 /// Reads one whole frame (the `Init`).
-async fn read_frame(stream: &TcpStream, inbound: &mut Inbound) -> Result<BytesMut, NetError> {
+async fn read_frame(stream: &mut TcpStream, inbound: &mut Inbound) -> Result<BytesMut, NetError> {
     loop {
         if let Some(frame) = inbound.next_frame(Instant::now().into_std())? {
             return Ok(frame);
@@ -145,27 +153,19 @@ async fn read_frame(stream: &TcpStream, inbound: &mut Inbound) -> Result<BytesMu
             tokio::time::sleep(BUDGET_RETRY).await;
             continue;
         };
-        if std::future::poll_fn(|cx| poll_read_buf(stream, buf, cx)).await? == 0 {
+        // Through `AsyncRead`, as the session reads: a read that leaves room in `buf` makes
+        // tokio forget the socket's readiness, so the session's first read waits for the next
+        // event (`try_read_buf` would keep it, and ask the kernel once more for nothing).
+        let read = std::future::poll_fn(|cx| {
+            tokio_util::io::poll_read_buf(Pin::new(&mut *stream), cx, &mut *buf)
+        });
+        if read.await? == 0 {
             inbound.on_peer_closed()?;
             return Err(NetError::PeerClosed);
         }
     }
 }
 
-/// Appends what the socket has to `buf`; `Ok(0)` at the end of the stream.
-fn poll_read_buf(
-    stream: &TcpStream,
-    buf: &mut BytesMut,
-    cx: &mut Context<'_>,
-) -> Poll<std::io::Result<usize>> {
-    loop {
-        ready!(stream.poll_read_ready(cx))?;
-        match stream.try_read_buf(buf) {
-            Err(err) if err.kind() == ErrorKind::WouldBlock => continue,
-            result => return Poll::Ready(result),
-        }
-    }
-}
 
 async fn session<H: Handler>(
     shared: &Shared<H>,

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -107,6 +107,10 @@ fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
     // As `TcpListener::bind` does: a restarted relay can listen while old connections linger.
     #[cfg(unix)]
     socket.set_reuseaddr(true)?;
+    // Latency matters more than packet count for small request/response frames. Linux copies
+    // the option into every accepted socket, which saves a system call per connection.
+    #[cfg(target_os = "linux")]
+    socket.set_nodelay(true)?;
     socket.bind(addr)?;
     socket.listen(backlog)
 }
@@ -190,7 +194,10 @@ impl<H: Handler> Server<H> {
                     continue;
                 }
             };
-            if let Some((permit, ticket)) = self.admit(&stream, peer) {
+            if let Some((permit, ticket)) = self.admit(peer) {
+                // Elsewhere an accepted socket does not inherit the listener's `TCP_NODELAY`.
+                #[cfg(not(target_os = "linux"))]
+                let _ = stream.set_nodelay(true);
                 let shared = self.shared.clone();
                 shared.metrics.open.increment(1.0);
                 tracker.spawn(async move {
@@ -227,7 +234,6 @@ impl<H: Handler> Server<H> {
     /// unauthenticated connections; `None` closes the stream.
     fn admit(
         &self,
-        stream: &TcpStream,
         peer: SocketAddr,
     ) -> Option<(tokio::sync::OwnedSemaphorePermit, super::admission::Ticket)> {
         let refuse = |reason: &'static str| {
@@ -255,8 +261,6 @@ impl<H: Handler> Server<H> {
                 return None;
             }
         };
-        // Latency matters more than packet count for small request/response frames.
-        let _ = stream.set_nodelay(true);
         Some((permit, ticket))
     }
 }
@@ -264,6 +268,7 @@ impl<H: Handler> Server<H> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::net::TcpStream;
 
     #[tokio::test]
     async fn listens_with_the_configured_backlog() {
@@ -279,5 +284,15 @@ mod tests {
             let (_, peer) = listener.accept().await.unwrap();
             assert_eq!(peer, client.local_addr().unwrap());
         }
+    }
+
+    /// The listener's `TCP_NODELAY` is what turns Nagle's delay off for every session on Linux.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn accepted_sockets_send_small_frames_at_once() {
+        let listener = listen("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (stream, _) = listener.accept().await.unwrap();
+        assert!(stream.nodelay().unwrap(), "Nagle's delay is off on every session");
     }
 }
