@@ -117,9 +117,15 @@ pub fn frame_len_at_front(src: &[u8]) -> Option<usize> {
 /// Prefixes a body with its length, for the two cleartext handshake frames.
 pub fn encode_frame(body: &[u8]) -> Bytes {
     let mut buf = BytesMut::with_capacity(LEN_PREFIX + body.len());
-    buf.put_u32(body.len() as u32);
-    buf.extend_from_slice(body);
+    put_frame(&mut buf, body);
     buf.freeze()
+}
+
+/// Appends `body` prefixed with its length to `out`.
+pub fn put_frame(out: &mut BytesMut, body: &[u8]) {
+    out.reserve(LEN_PREFIX + body.len());
+    out.put_u32(body.len() as u32);
+    out.extend_from_slice(body);
 }
 
 #[cfg(test)]

@@ -484,6 +484,20 @@ impl Session {
     pub fn send_welcome(&mut self, welcome: Welcome) -> Result<(), SessionError> {
         self.send(&Frame::new(0, Body::Welcome(welcome)))
     }
+
+    /// The responder's first output: the handshake's cleartext `Ack` frame, then `Welcome`
+    /// sealed behind it, so that one write carries both (the initiator reads them in this
+    /// order either way, and a separate write for each costs the relay a system call and the
+    /// node a wake-up per connection).
+    pub fn send_ack_and_welcome(
+        &mut self,
+        ack_body: &[u8],
+        welcome: Welcome,
+    ) -> Result<(), SessionError> {
+        debug_assert!(self.outbox.is_empty(), "the Ack goes before anything else");
+        crate::codec::put_frame(&mut self.outbox, ack_body);
+        self.send_welcome(welcome)
+    }
 }
 
 #[cfg(test)]
@@ -567,6 +581,34 @@ mod tests {
             Some(Body::Error(ErrorBody { code, .. })) => ErrorCode::try_from(*code).unwrap(),
             other => panic!("expected an error, got {other:?}"),
         }
+    }
+
+    /// The responder's first output is the cleartext `Ack` frame and the sealed `Welcome`
+    /// behind it: the initiator takes its keys from the first and opens the second.
+    #[test]
+    fn ack_and_welcome_leave_together() {
+        let now = Instant::now();
+        let (client_key, server_key) = (KeyPair::generate(), KeyPair::generate());
+        let (waiting, init) = AwaitingAck::start(&client_key, *server_key.public());
+        let response = respond(&server_key, &init, |_| true).unwrap();
+        let mut server =
+            Session::responder(response.established.keys, server_timers(), 1 << 20, now);
+        server
+            .send_ack_and_welcome(&response.ack_body, Welcome::default())
+            .unwrap();
+        let bodies = wire_bodies(&server.poll_transmit().unwrap());
+        assert_eq!(bodies.len(), 2);
+        assert_eq!(&bodies[0][..], &response.ack_body[..]);
+        let keys = waiting.on_ack(&client_key, &bodies[0]).unwrap().keys;
+        let mut client = Session::initiator(keys, client_timers(), 1 << 20, now);
+        let opened = client.on_frame(bodies[1].clone(), now).unwrap();
+        assert!(matches!(
+            opened,
+            Received::Frame(Frame {
+                body: Some(Body::Welcome(_)),
+                ..
+            })
+        ));
     }
 
     #[test]

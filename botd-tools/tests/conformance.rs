@@ -634,6 +634,7 @@ fn node_corpus() -> Vec<Planted> {
         node("node-takes-ack-with-bad-ephemeral", &["4.5/ack-bad-ephemeral"], Node::Credulous),
         node("node-ignores-welcome-tag", &["6.2/client-welcome-bad-tag"], Node::Credulous),
         node("node-takes-any-first-frame", &["7.2/client-first-frame-not-welcome"], Node::Credulous),
+        node("node-drops-bytes-after-ack", &["4.4/client-ack-and-welcome-together"], Node::Raw(|t| Box::pin(drops_bytes_after_ack(t)))),
         node("node-request-id-0", &["7.1/client-request-ids"], Node::Raw(|t| Box::pin(request_id_zero(t)))),
         node("node-keeps-no-frame-limit", &["3/client-frame-over-limit"], Node::Raw(|t| Box::pin(no_frame_limit(t)))),
         node("node-limit-below-announced", &["3/client-frame-at-limit"], Node::Raw(|t| Box::pin(limit_below_announced(t)))),
@@ -1023,6 +1024,36 @@ async fn scripted(script: Script) -> Target {
 
 async fn probe(t: &Target) -> Option<Probe> {
     Probe::connect(t, &Log::new(), "node").await.ok()
+}
+
+/// Reads the `Ack` with a reader of its own and throws away what came with it: a `Welcome`
+/// written in the same write as the `Ack` is lost, and the node waits for it in vain.
+async fn drops_bytes_after_ack(t: Target) {
+    let Ok(mut stream) = TcpStream::connect(t.addr).await else {
+        return;
+    };
+    let (me, eph) = (KeyPair::generate(), KeyPair::generate());
+    let parts = botd_tools::conformance::wire::InitParts::new(&me, &eph, &t.key);
+    let _ = stream.write_all(&encode_frame(&parts.encode())).await;
+    let mut codec = FrameCodec::new(1 << 20);
+    let mut handshake_buf = BytesMut::new();
+    loop {
+        match codec.decode(&mut handshake_buf) {
+            Ok(Some(_ack)) => break,
+            Ok(None) => {}
+            Err(_) => return,
+        }
+        if stream.read_buf(&mut handshake_buf).await.unwrap_or(0) == 0 {
+            return;
+        }
+    }
+    drop(handshake_buf);
+    let mut session_buf = BytesMut::new();
+    while stream.read_buf(&mut session_buf).await.unwrap_or(0) > 0 {
+        if let Ok(Some(_welcome)) = codec.decode(&mut session_buf) {
+            return;
+        }
+    }
 }
 
 /// Registers with frame id 0.

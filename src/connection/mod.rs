@@ -46,7 +46,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use botd_protocol::codec::CodecError;
-use botd_protocol::handshake::Established;
+use botd_protocol::handshake::Response;
 use botd_protocol::keys::PublicKeyBytes;
 use botd_protocol::proto::{ErrorCode, Frame, Welcome, PROTOCOL_NAME};
 use botd_protocol::session::{Received, Session, SessionError, Timers};
@@ -140,7 +140,9 @@ pub struct Traffic {
 
 /// What a connection starts from once its handshake completed.
 pub struct Start {
-    pub established: Established,
+    /// The handshake's outcome: the `Ack` still to be written (it leaves with `Welcome`, in
+    /// the connection's first write) and the session keys.
+    pub handshake: Response,
     /// The peer's address, for the application.
     pub addr: SocketAddr,
     /// What the handshake left unread, and the connection's claim on the budget.
@@ -205,7 +207,11 @@ impl<'a, H: Handler> Connection<'a, H> {
         now: Instant,
     ) -> Result<Self, ConnectionError> {
         let Start {
-            established,
+            handshake:
+                Response {
+                    ack_body,
+                    established,
+                },
             addr,
             mut inbound,
             relay_key,
@@ -221,17 +227,20 @@ impl<'a, H: Handler> Connection<'a, H> {
         };
         // Peers accept frames up to the relay's own announced limit (docs/PROTOCOL.md).
         let mut session = Session::responder(established.keys, timers, config.max_frame_len, now);
-        session.send_welcome(Welcome {
-            protocol: PROTOCOL_NAME.to_owned(),
-            server_version: env!("CARGO_PKG_VERSION").to_owned(),
-            max_frame_len: config.max_frame_len,
-            max_payload_len: config.max_payload_len,
-            ping_interval_ms: config.ping_interval.as_millis() as u64,
-            server_time_ms,
-            idle_timeout_ms: config.idle_timeout.as_millis() as u64,
-            relay_pubkey: bytes::Bytes::copy_from_slice(relay_key.as_bytes()),
-            ping_min_interval_ms: config.ping_min_interval.as_millis() as u64,
-        })?;
+        session.send_ack_and_welcome(
+            &ack_body,
+            Welcome {
+                protocol: PROTOCOL_NAME.to_owned(),
+                server_version: env!("CARGO_PKG_VERSION").to_owned(),
+                max_frame_len: config.max_frame_len,
+                max_payload_len: config.max_payload_len,
+                ping_interval_ms: config.ping_interval.as_millis() as u64,
+                server_time_ms,
+                idle_timeout_ms: config.idle_timeout.as_millis() as u64,
+                relay_pubkey: bytes::Bytes::copy_from_slice(relay_key.as_bytes()),
+                ping_min_interval_ms: config.ping_min_interval.as_millis() as u64,
+            },
+        )?;
         let (push, pushes) = crate::app::push_channel(config.max_outbound_bytes);
         let app = handler.connect(established.remote, addr, push);
         Ok(Self {

@@ -190,7 +190,8 @@ fn ids(frames: &[Frame]) -> Vec<u64> {
     frames.iter().map(|frame| frame.id).collect()
 }
 
-/// A connection after its handshake with a node, `Welcome` already read by the node.
+/// A connection after its handshake with a node, the `Ack` and `Welcome` already read by the
+/// node from the connection's first output.
 fn connect<'a>(
     handler: &'a TestHandler,
     config: &'a Config,
@@ -199,16 +200,23 @@ fn connect<'a>(
 ) -> (Connection<'a, TestHandler>, Peer) {
     let (node, relay) = (KeyPair::generate(), KeyPair::generate());
     let (waiting, init) = AwaitingAck::start(&node, *relay.public());
-    let response = respond(&relay, &init, |_ephemeral| true).unwrap();
-    let node_keys = waiting.on_ack(&node, &response.ack_body).unwrap();
     let start = Start {
-        established: response.established,
+        handshake: respond(&relay, &init, |_ephemeral| true).unwrap(),
         addr: "127.0.0.1:9".parse().unwrap(),
         inbound: Inbound::new(MAX_HANDSHAKE_FRAME_LEN, budget),
         relay_key: *relay.public(),
         server_time_ms: 0,
     };
     let mut conn = Connection::new(handler, config, start, now).unwrap();
+    let mut wire = BytesMut::from(conn.poll_transmit().expect("Ack and Welcome"));
+    let n = wire.len();
+    conn.advance_transmit(n, now);
+    let mut codec = FrameCodec::new(config.max_frame_len);
+    let ack = codec
+        .decode(&mut wire)
+        .unwrap()
+        .expect("the Ack comes first");
+    let node_keys = waiting.on_ack(&node, &ack).unwrap();
     let mut peer = Peer {
         session: Session::initiator(
             node_keys.keys,
@@ -216,9 +224,9 @@ fn connect<'a>(
             config.max_frame_len,
             now,
         ),
-        codec: FrameCodec::new(config.max_frame_len),
+        codec,
         unsent: BytesMut::new(),
-        wire: BytesMut::new(),
+        wire,
     };
     let welcome = peer.receive(&mut conn, now);
     assert!(matches!(

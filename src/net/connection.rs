@@ -32,8 +32,7 @@ use crate::app::Handler;
 use crate::connection::{
     Connection, End, Inbound, Polled, Start, Traffic, BUDGET_RETRY, MAX_HANDSHAKE_FRAME_LEN,
 };
-use botd_protocol::codec::encode_frame;
-use botd_protocol::handshake::{respond, Established};
+use botd_protocol::handshake::{respond, Response};
 use botd_protocol::session::Session;
 
 /// How long, and how much, a closing connection still reads so its last frame is not reset away.
@@ -57,20 +56,20 @@ pub(super) async fn serve<H: Handler>(
     // reset the last frame away, and closing at once sends the same FIN the linger would.
     let mut peer_closed = false;
     match handshake {
-        Ok(Some(established)) => {
+        Ok(Some(handshake)) => {
             shared.metrics.handshakes_ok.increment(1);
             shared
                 .metrics
                 .handshake_seconds
                 .record(started.elapsed().as_secs_f64());
-            let remote = established.remote;
+            let remote = handshake.established.remote;
             let mut traffic = Traffic::default();
             // Boxed, like the handshake: the task itself stays small for the whole session.
             let result = Box::pin(session(
                 &shared,
                 &mut stream,
                 inbound,
-                established,
+                handshake,
                 peer,
                 &mut traffic,
             ))
@@ -103,8 +102,9 @@ pub(super) async fn serve<H: Handler>(
     }
 }
 
-/// Reads the whole `Init` (before any slot is taken), waits its turn for crypto, answers it
-/// and returns the keys; any failure closes without a reply.
+/// Reads the whole `Init` (before any slot is taken), waits its turn for crypto and answers
+/// it; any failure closes without a reply. The `Ack` is not written here: it leaves with
+/// `Welcome`, in the session's first write.
 async fn handshake<H: Handler>(
     shared: &Shared<H>,
     stream: &mut TcpStream,
@@ -112,7 +112,7 @@ async fn handshake<H: Handler>(
     peer: SocketAddr,
     ticket: Ticket,
     accepted: Instant,
-) -> Result<Established, NetError> {
+) -> Result<Response, NetError> {
     let config = &shared.config;
     let init_deadline = accepted + config.init_timeout.min(config.handshake_timeout);
     let deadline = accepted + config.handshake_timeout;
@@ -133,14 +133,8 @@ async fn handshake<H: Handler>(
         shared.replay.lock().insert(key)
     })?;
     drop(slot);
-    timeout_at(
-        deadline,
-        stream.write_all(&encode_frame(&response.ack_body)),
-    )
-    .await
-    .map_err(|_| NetError::HandshakeTimeout(config.handshake_timeout))??;
     ticket.authenticated();
-    Ok(response.established)
+    Ok(response)
 }
 
 /// Reads one whole frame (the `Init`).
@@ -166,16 +160,15 @@ async fn read_frame(stream: &mut TcpStream, inbound: &mut Inbound) -> Result<Byt
     }
 }
 
-
 async fn session<H: Handler>(
     shared: &Shared<H>,
     stream: &mut TcpStream,
     inbound: Inbound,
-    established: Established,
+    handshake: Response,
     peer: SocketAddr,
     traffic: &mut Traffic,
 ) -> Result<End, NetError> {
-    let mut live = Live::start(shared, stream, inbound, established, peer)?;
+    let mut live = Live::start(shared, stream, inbound, handshake, peer)?;
     let result = std::future::poll_fn(|cx| live.poll_session(cx)).await;
     *traffic = live.conn.traffic();
     let (stream, mut output) = live.close();
@@ -199,18 +192,18 @@ struct Live<'a, H: Handler> {
 }
 
 impl<'a, H: Handler> Live<'a, H> {
-    /// Starts the state machine (it seals `Welcome` and connects the application). A plain
+    /// Starts the state machine (it queues the `Ack` and `Welcome` and connects the application). A plain
     /// function, so that nothing of this size stays in the connection task's state (an idle
     /// session's memory is mostly what this box holds).
     fn start(
         shared: &'a Shared<H>,
         stream: &'a mut TcpStream,
         inbound: Inbound,
-        established: Established,
+        handshake: Response,
         peer: SocketAddr,
     ) -> Result<Box<Self>, NetError> {
         let start = Start {
-            established,
+            handshake,
             addr: peer,
             inbound,
             relay_key: *shared.identity.public(),

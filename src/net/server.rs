@@ -291,8 +291,13 @@ mod tests {
     #[tokio::test]
     async fn accepted_sockets_send_small_frames_at_once() {
         let listener = listen("127.0.0.1:0".parse().unwrap(), 16).unwrap();
-        let _client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
         let (stream, _) = listener.accept().await.unwrap();
-        assert!(stream.nodelay().unwrap(), "Nagle's delay is off on every session");
+        assert!(
+            stream.nodelay().unwrap(),
+            "Nagle's delay is off on every session"
+        );
     }
 }

@@ -117,6 +117,9 @@ pub struct Script {
     pub rotate_open_shift: Option<u64>,
     /// Pads the `Ack` with an unknown field to this many bytes.
     pub ack_len: Option<usize>,
+    /// Holds the `Ack` back and writes it and `Welcome` with one write, as the relay does, so
+    /// the node's first read after its `Init` brings both.
+    pub ack_with_welcome: bool,
     /// `Welcome.protocol`, when not "botd/1".
     pub welcome_protocol: Option<&'static str>,
     /// Sends an `Error` before closing on a frame that fails (framing, tag, end of stream).
@@ -478,7 +481,13 @@ pub async fn serve(
         ack_body.extend(pad);
     }
     log.add("relay", Dir::Out, super::wire::describe_ack(&ack_body));
-    if stream.write_all(&encode_frame(&ack_body)).await.is_err() {
+    let ack_wire = encode_frame(&ack_body);
+    // Only a `Welcome` can carry the Ack: every other script writes it alone, at once.
+    let held_ack = (script.ack_with_welcome
+        && script.first == First::Welcome
+        && script.ack != AckFault::BadEphemeral)
+        .then_some(ack_wire.clone());
+    if held_ack.is_none() && stream.write_all(&ack_wire).await.is_err() {
         return trace;
     }
     let ee = eph.ecdh(&remote_eph);
@@ -531,7 +540,19 @@ pub async fn serve(
     };
     let welcome_frame = Frame::new(0, Body::Welcome(welcome));
     let ok = match script.first {
-        First::Welcome => c.send(&welcome_frame).await,
+        First::Welcome => match held_ack {
+            Some(ack_wire) => {
+                c.log.add(
+                    "relay",
+                    Dir::Out,
+                    format!("{} in the Ack's write", describe(&welcome_frame)),
+                );
+                let mut wire = ack_wire.to_vec();
+                wire.extend_from_slice(&c.seal.seal(&welcome_frame.encode_to_vec()));
+                c.write(&wire).await
+            }
+            None => c.send(&welcome_frame).await,
+        },
         First::ErrorFrame => {
             c.send(&Frame::error(0, ErrorCode::Internal, "not a Welcome"))
                 .await
