@@ -529,18 +529,27 @@ mod tests {
         }
     }
 
-    /// A connected pair after a real handshake, with `Welcome` already exchanged.
-    fn pair(now: Instant) -> (Session, Session) {
+    /// A real handshake up to the `Ack`: the node's key and waiting state, the `Ack` body and
+    /// the relay's session, which has sent nothing yet.
+    fn answered(now: Instant) -> (KeyPair, AwaitingAck, Bytes, Session) {
         let (client_key, server_key) = (KeyPair::generate(), KeyPair::generate());
         let (waiting, init) = AwaitingAck::start(&client_key, *server_key.public());
         let response = respond(&server_key, &init, |_| true).unwrap();
-        let client_keys = waiting
-            .on_ack(&client_key, &response.ack_body)
-            .unwrap()
-            .keys;
-        let mut server =
-            Session::responder(response.established.keys, server_timers(), 1 << 20, now);
-        let mut client = Session::initiator(client_keys, client_timers(), 1 << 20, now);
+        let server = Session::responder(response.established.keys, server_timers(), 1 << 20, now);
+        (client_key, waiting, response.ack_body, server)
+    }
+
+    /// Both sides after a real handshake, before `Welcome`.
+    fn keyed_pair(now: Instant) -> (Session, Session) {
+        let (client_key, waiting, ack_body, server) = answered(now);
+        let keys = waiting.on_ack(&client_key, &ack_body).unwrap().keys;
+        let client = Session::initiator(keys, client_timers(), 1 << 20, now);
+        (server, client)
+    }
+
+    /// A connected pair after a real handshake, with `Welcome` already exchanged.
+    fn pair(now: Instant) -> (Session, Session) {
+        let (mut server, mut client) = keyed_pair(now);
         server.send_welcome(Welcome::default()).unwrap();
         let welcome = deliver(&mut server, &mut client, now).unwrap();
         assert!(matches!(welcome[0].body, Some(Body::Welcome(_))));
@@ -588,17 +597,13 @@ mod tests {
     #[test]
     fn ack_and_welcome_leave_together() {
         let now = Instant::now();
-        let (client_key, server_key) = (KeyPair::generate(), KeyPair::generate());
-        let (waiting, init) = AwaitingAck::start(&client_key, *server_key.public());
-        let response = respond(&server_key, &init, |_| true).unwrap();
-        let mut server =
-            Session::responder(response.established.keys, server_timers(), 1 << 20, now);
+        let (client_key, waiting, ack_body, mut server) = answered(now);
         server
-            .send_ack_and_welcome(&response.ack_body, Welcome::default())
+            .send_ack_and_welcome(&ack_body, Welcome::default())
             .unwrap();
         let bodies = wire_bodies(&server.poll_transmit().unwrap());
         assert_eq!(bodies.len(), 2);
-        assert_eq!(&bodies[0][..], &response.ack_body[..]);
+        assert_eq!(&bodies[0][..], &ack_body[..]);
         let keys = waiting.on_ack(&client_key, &bodies[0]).unwrap().keys;
         let mut client = Session::initiator(keys, client_timers(), 1 << 20, now);
         let opened = client.on_frame(bodies[1].clone(), now).unwrap();
@@ -614,16 +619,7 @@ mod tests {
     #[test]
     fn initiator_requires_welcome_first() {
         let now = Instant::now();
-        let (client_key, server_key) = (KeyPair::generate(), KeyPair::generate());
-        let (waiting, init) = AwaitingAck::start(&client_key, *server_key.public());
-        let response = respond(&server_key, &init, |_| true).unwrap();
-        let keys = waiting
-            .on_ack(&client_key, &response.ack_body)
-            .unwrap()
-            .keys;
-        let mut server =
-            Session::responder(response.established.keys, server_timers(), 1 << 20, now);
-        let mut client = Session::initiator(keys, client_timers(), 1 << 20, now);
+        let (mut server, mut client) = keyed_pair(now);
         server
             .send(&Frame::error(0, ErrorCode::Internal, "x"))
             .unwrap();
