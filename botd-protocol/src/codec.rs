@@ -116,7 +116,7 @@ pub fn frame_len_at_front(src: &[u8]) -> Option<usize> {
 
 /// Prefixes a body with its length, for the two cleartext handshake frames.
 pub fn encode_frame(body: &[u8]) -> Bytes {
-    let mut buf = BytesMut::with_capacity(LEN_PREFIX + body.len());
+    let mut buf = BytesMut::new();
     put_frame(&mut buf, body);
     buf.freeze()
 }

@@ -1029,28 +1029,13 @@ async fn probe(t: &Target) -> Option<Probe> {
 /// Reads the `Ack` with a reader of its own and throws away what came with it: a `Welcome`
 /// written in the same write as the `Ack` is lost, and the node waits for it in vain.
 async fn drops_bytes_after_ack(t: Target) {
-    let Ok(mut stream) = TcpStream::connect(t.addr).await else {
+    let Some((mut stream, _with_the_ack)) = init_and_ack(t.addr, t.key).await else {
         return;
     };
-    let (me, eph) = (KeyPair::generate(), KeyPair::generate());
-    let parts = botd_tools::conformance::wire::InitParts::new(&me, &eph, &t.key);
-    let _ = stream.write_all(&encode_frame(&parts.encode())).await;
-    let mut codec = FrameCodec::new(1 << 20);
-    let mut handshake_buf = BytesMut::new();
-    loop {
-        match codec.decode(&mut handshake_buf) {
-            Ok(Some(_ack)) => break,
-            Ok(None) => {}
-            Err(_) => return,
-        }
-        if stream.read_buf(&mut handshake_buf).await.unwrap_or(0) == 0 {
-            return;
-        }
-    }
-    drop(handshake_buf);
+    let mut codec = FrameCodec::new(1024);
     let mut session_buf = BytesMut::new();
     while stream.read_buf(&mut session_buf).await.unwrap_or(0) > 0 {
-        if let Ok(Some(_welcome)) = codec.decode(&mut session_buf) {
+        if !matches!(codec.decode(&mut session_buf), Ok(None)) {
             return;
         }
     }
@@ -1147,24 +1132,10 @@ async fn answers_error_push(t: Target) {
 
 /// A node that takes any `Ack` (no init_id, key or signature check) and goes on.
 async fn credulous_node(addr: std::net::SocketAddr, relay: PublicKeyBytes) {
-    let Ok(mut stream) = TcpStream::connect(addr).await else {
-        return;
-    };
-    let me = KeyPair::generate();
-    let eph = KeyPair::generate();
-    let parts = botd_tools::conformance::wire::InitParts::new(&me, &eph, &relay);
-    let _ = stream.write_all(&encode_frame(&parts.encode())).await;
-    let mut buf = BytesMut::new();
-    let mut codec = FrameCodec::new(1024);
     let _ = tokio::time::timeout(Duration::from_secs(3), async {
-        loop {
-            if let Ok(Some(_ack)) = codec.decode(&mut buf) {
-                break;
-            }
-            if stream.read_buf(&mut buf).await.unwrap_or(0) == 0 {
-                return;
-            }
-        }
+        let Some((mut stream, mut buf)) = init_and_ack(addr, relay).await else {
+            return;
+        };
         // Sends a "request" without checking anything: 40 bytes of noise as a frame, and
         // stays until the listener has judged it and closes (closing first could turn the
         // close into a reset that loses the noise).
@@ -1177,4 +1148,29 @@ async fn credulous_node(addr: std::net::SocketAddr, relay: PublicKeyBytes) {
         }
     })
     .await;
+}
+
+/// Connects, sends a hand-made `Init` and reads until the first frame (taken as the `Ack`,
+/// unchecked) is whole; the stream and what arrived after that frame.
+async fn init_and_ack(
+    addr: std::net::SocketAddr,
+    relay: PublicKeyBytes,
+) -> Option<(TcpStream, BytesMut)> {
+    let mut stream = TcpStream::connect(addr).await.ok()?;
+    let (me, eph) = (KeyPair::generate(), KeyPair::generate());
+    let parts = botd_tools::conformance::wire::InitParts::new(&me, &eph, &relay);
+    stream
+        .write_all(&encode_frame(&parts.encode()))
+        .await
+        .ok()?;
+    let mut buf = BytesMut::new();
+    let mut codec = FrameCodec::new(1024);
+    loop {
+        if let Ok(Some(_ack)) = codec.decode(&mut buf) {
+            return Some((stream, buf));
+        }
+        if stream.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+            return None;
+        }
+    }
 }

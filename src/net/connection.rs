@@ -19,7 +19,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{sleep_until, timeout_at, Instant, Sleep};
 use tokio_util::sync::WaitForCancellationFutureOwned;
@@ -54,8 +54,7 @@ pub(super) async fn serve<H: Handler>(
     };
     // Whether the peer's end of the stream has been read: then nothing more can arrive to
     // reset the last frame away, and closing at once sends the same FIN the linger would.
-    let mut peer_closed = false;
-    match handshake {
+    let peer_closed = match handshake {
         Ok(Some(handshake)) => {
             shared.metrics.handshakes_ok.increment(1);
             shared
@@ -74,7 +73,6 @@ pub(super) async fn serve<H: Handler>(
                 &mut traffic,
             ))
             .await;
-            peer_closed = matches!(result, Ok(End::PeerClosed));
             let reason = match &result {
                 Ok(end) => end.reason(),
                 Err(err) => err.reason(),
@@ -85,17 +83,18 @@ pub(super) async fn serve<H: Handler>(
             info!(%peer, identity = %remote, reason, error, frames_in = t.frames_in, frames_out = t.frames_out,
                 bytes_in = t.bytes_in, bytes_out = t.bytes_out, duration_ms = started.elapsed().as_millis() as u64,
                 "session closed");
+            matches!(result, Ok(End::PeerClosed))
         }
-        Ok(None) => {}
+        Ok(None) => false,
         Err(err) => {
-            peer_closed = matches!(err, NetError::PeerClosed);
             metrics::counter!(crate::metrics::HANDSHAKES, "outcome" => "failed", "reason" => err.reason())
                 .increment(1);
             metrics::counter!(crate::metrics::SESSIONS_CLOSED, "reason" => err.reason())
                 .increment(1);
             info!(%peer, reason = err.reason(), error = %err, "handshake failed");
+            matches!(err, NetError::PeerClosed)
         }
-    }
+    };
     if !peer_closed {
         // Boxed: its read buffer exists only while a connection closes, not in every task.
         Box::pin(linger_close(&mut stream)).await;
@@ -150,10 +149,7 @@ async fn read_frame(stream: &mut TcpStream, inbound: &mut Inbound) -> Result<Byt
         // Through `AsyncRead`, as the session reads: a read that leaves room in `buf` makes
         // tokio forget the socket's readiness, so the session's first read waits for the next
         // event (`try_read_buf` would keep it, and ask the kernel once more for nothing).
-        let read = std::future::poll_fn(|cx| {
-            tokio_util::io::poll_read_buf(Pin::new(&mut *stream), cx, &mut *buf)
-        });
-        if read.await? == 0 {
+        if stream.read_buf(buf).await? == 0 {
             inbound.on_peer_closed()?;
             return Err(NetError::PeerClosed);
         }
@@ -192,9 +188,9 @@ struct Live<'a, H: Handler> {
 }
 
 impl<'a, H: Handler> Live<'a, H> {
-    /// Starts the state machine (it queues the `Ack` and `Welcome` and connects the application). A plain
-    /// function, so that nothing of this size stays in the connection task's state (an idle
-    /// session's memory is mostly what this box holds).
+    /// Starts the state machine (it queues the `Ack` and `Welcome` and connects the
+    /// application). A plain function, so that nothing of this size stays in the connection
+    /// task's state (an idle session's memory is mostly what this box holds).
     fn start(
         shared: &'a Shared<H>,
         stream: &'a mut TcpStream,

@@ -251,8 +251,19 @@ impl Conn<'_> {
     }
 
     async fn send(&mut self, frame: &Frame) -> bool {
+        self.send_after(&[], frame).await
+    }
+
+    /// Writes `before` (bytes already framed, e.g. a held `Ack`) and the sealed `frame` with
+    /// one write.
+    async fn send_after(&mut self, before: &[u8], frame: &Frame) -> bool {
         self.log.add("relay", Dir::Out, describe(frame));
-        let wire = self.seal.seal(&frame.encode_to_vec());
+        let sealed = self.seal.seal(&frame.encode_to_vec());
+        if before.is_empty() {
+            return self.write(&sealed).await;
+        }
+        let mut wire = before.to_vec();
+        wire.extend_from_slice(&sealed);
         self.write(&wire).await
     }
 
@@ -483,13 +494,17 @@ pub async fn serve(
     log.add("relay", Dir::Out, super::wire::describe_ack(&ack_body));
     let ack_wire = encode_frame(&ack_body);
     // Only a `Welcome` can carry the Ack: every other script writes it alone, at once.
-    let held_ack = (script.ack_with_welcome
+    let held_ack = if script.ack_with_welcome
         && script.first == First::Welcome
-        && script.ack != AckFault::BadEphemeral)
-        .then_some(ack_wire.clone());
-    if held_ack.is_none() && stream.write_all(&ack_wire).await.is_err() {
-        return trace;
-    }
+        && script.ack != AckFault::BadEphemeral
+    {
+        Some(ack_wire)
+    } else {
+        if stream.write_all(&ack_wire).await.is_err() {
+            return trace;
+        }
+        None
+    };
     let ee = eph.ecdh(&remote_eph);
     let es = identity.ecdh(&remote_eph);
     let se = eph.ecdh(&sender);
@@ -540,19 +555,10 @@ pub async fn serve(
     };
     let welcome_frame = Frame::new(0, Body::Welcome(welcome));
     let ok = match script.first {
-        First::Welcome => match held_ack {
-            Some(ack_wire) => {
-                c.log.add(
-                    "relay",
-                    Dir::Out,
-                    format!("{} in the Ack's write", describe(&welcome_frame)),
-                );
-                let mut wire = ack_wire.to_vec();
-                wire.extend_from_slice(&c.seal.seal(&welcome_frame.encode_to_vec()));
-                c.write(&wire).await
-            }
-            None => c.send(&welcome_frame).await,
-        },
+        First::Welcome => {
+            c.send_after(held_ack.as_deref().unwrap_or_default(), &welcome_frame)
+                .await
+        }
         First::ErrorFrame => {
             c.send(&Frame::error(0, ErrorCode::Internal, "not a Welcome"))
                 .await
